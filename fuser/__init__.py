@@ -1,0 +1,13 @@
+"""fuser: a torch.compile backend that rewrites naive attention, norms, softmax and MoE into fused Triton kernels.
+
+    fast = torch.compile(model, backend="fuser")   # or options={"codegen": "eager", "verify": True}
+    report = fuser.explain(model, *inputs)         # what matched where, near misses and why
+"""
+from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
+from fuser.backend import Options, fuser_backend, last_report, reset_reports
+from fuser.explain import explain
+from fuser.report import MatchRecord, NearMiss, Report
+from fuser.rewriter import RewriteError
+
+__all__ = ["Options", "fuser_backend", "last_report", "reset_reports", "explain", "Report", "MatchRecord",
+           "NearMiss", "RewriteError"]

@@ -1,0 +1,91 @@
+"""The `torch.compile(model, backend="fuser")` entry point (entry point group `torch_dynamo_backends`).
+
+Dynamo hands over each captured torch-level graph; it is rewritten (fused ops in place of
+the naive code) and the rest of the graph goes to Inductor (default) or runs eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from torch import fx
+
+from fuser.patterns import BY_NAME, PATTERNS
+from fuser.report import Report
+from fuser.rewriter import prepare, rewrite
+from fuser.verify import capture_values
+
+CODEGENS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Options:
+    """`torch.compile(..., backend="fuser", options={...})`.
+
+    codegen: what runs the rest of the graph, "inductor" (default) or "eager";
+    patterns: names of the patterns to use (default: all);
+    strict: raise where a site fails instead of keeping the original there;
+    verify: on the first call, compare each rewritten site with its original on the real inputs;
+        a mismatch keeps the original and is reported.
+    """
+    codegen: str = "inductor"
+    patterns: tuple[str, ...] | None = None
+    strict: bool = False
+    verify: bool = False
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> "Options":
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"fuser: unknown option(s) {', '.join(map(repr, unknown))}; "
+                             f"valid options are {', '.join(valid)}")
+        if options.get("codegen", "inductor") not in CODEGENS:
+            raise ValueError(f"fuser: codegen must be one of {', '.join(CODEGENS)}, not {options['codegen']!r}")
+        if options.get("patterns") is not None:
+            names = (options["patterns"],) if isinstance(options["patterns"], str) else tuple(options["patterns"])
+            unknown = [n for n in names if n not in BY_NAME]
+            if unknown:
+                raise ValueError(f"fuser: unknown pattern(s) {', '.join(map(repr, unknown))}; "
+                                 f"known patterns are {', '.join(BY_NAME)}")
+            options["patterns"] = names
+        return cls(**options)
+
+    def selected_patterns(self):
+        return PATTERNS if self.patterns is None else tuple(p for p in PATTERNS if p.name in self.patterns)
+
+
+_reports: list[Report] = []
+
+
+def last_report() -> Report:
+    """Everything the backend rewrote (and did not) in the graphs of the latest compilation(s)."""
+    merged = Report()
+    for report in _reports:
+        merged.extend(report)
+    return merged
+
+
+def reset_reports() -> None:
+    _reports.clear()
+
+
+def transform(gm: fx.GraphModule, example_inputs: list, options: Options) -> Report:
+    """Canonicalize and rewrite `gm` in place; return the report."""
+    prepare(gm)
+    values = capture_values(gm, example_inputs) if options.verify else None
+    return rewrite(gm, options.selected_patterns(), strict=options.strict, verify_values=values)
+
+
+def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
+                  mode: str | None = None, **_: Any) -> Callable:
+    """Dynamo backend: rewrite, then compile the rest with Inductor (honouring `mode`) or run it eagerly."""
+    opts = Options.parse(options)
+    _reports.append(transform(gm, example_inputs, opts))
+    if opts.codegen == "eager":
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+

@@ -1,0 +1,287 @@
+"""Canonicalization of torch-level FX graphs, and what the rest of the engine reads off nodes.
+
+Dynamo records code as written: `x.softmax(-1)`, `F.softmax(x, dim=-1)` and
+`torch.softmax(x, -1)` are three node forms of one function. Patterns are plain functions
+traced the same way, so both graphs are brought to one spelling here before matching:
+a pattern then covers every spelling of the code it reads like.
+
+Canonical forms (all value-preserving):
+- casts are `call_method to(x, dtype)`; `.float()`, `.half()`, `.bfloat16()`, `.double()`,
+  `.type(dtype)`, `.type_as(y)`, `.to(dtype=...)` become that; a cast to the dtype x
+  already has disappears;
+- `torch.matmul` for `@`, `bmm`, `x.matmul`; `operator.mul/add/sub` for their torch and
+  method spellings; `x / c` (c a number) is `x * (1 / c)`; `a / sqrt(b)` is `a * rsqrt(b)`;
+- `torch.softmax(x, dim)`, with its `dtype=` argument turned into a cast before it;
+- `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
+  `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
+- identities vanish: `contiguous()`, dropout with p=0 or training=False.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+_FLOAT_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+
+# canonical target -> (spellings as (op, target), parameter names for argument normalization)
+_SPELLINGS: dict[Any, tuple[list[tuple[str, Any]], list[str]]] = {
+    torch.matmul: ([("call_function", operator.matmul), ("call_function", torch.matmul),
+                    ("call_function", torch.bmm), ("call_method", "matmul"), ("call_method", "bmm")],
+                   ["input", "other"]),
+    operator.mul: ([("call_function", operator.mul), ("call_function", torch.mul), ("call_method", "mul")],
+                   ["input", "other"]),
+    operator.add: ([("call_function", operator.add), ("call_function", torch.add), ("call_method", "add")],
+                   ["input", "other", "alpha"]),
+    operator.sub: ([("call_function", operator.sub), ("call_function", torch.sub), ("call_method", "sub")],
+                   ["input", "other", "alpha"]),
+    operator.truediv: ([("call_function", operator.truediv), ("call_function", torch.div),
+                        ("call_method", "div"), ("call_function", torch.true_divide)],
+                       ["input", "other", "rounding_mode"]),
+    torch.softmax: ([("call_function", torch.softmax), ("call_function", F.softmax), ("call_method", "softmax")],
+                    ["input", "dim", "_stacklevel", "dtype"]),
+    torch.pow: ([("call_function", torch.pow), ("call_method", "pow"), ("call_function", operator.pow)],
+                ["input", "exponent"]),
+    torch.mean: ([("call_function", torch.mean), ("call_method", "mean")], ["input", "dim", "keepdim", "dtype"]),
+    torch.rsqrt: ([("call_function", torch.rsqrt), ("call_method", "rsqrt")], ["input"]),
+    torch.sqrt: ([("call_function", torch.sqrt), ("call_method", "sqrt")], ["input"]),
+    torch.transpose: ([("call_function", torch.transpose), ("call_method", "transpose")], ["input", "dim0", "dim1"]),
+    torch.tanh: ([("call_function", torch.tanh), ("call_method", "tanh"), ("call_function", F.tanh)], ["input"]),
+    torch.square: ([("call_function", torch.square), ("call_method", "square")], ["input"]),
+}
+_CANONICAL_OF = {spelling: canon for canon, (spellings, _) in _SPELLINGS.items() for spelling in spellings}
+# F.softmax's _stacklevel and the like carry no meaning for the value
+_DROPPED_DEFAULTS = {"_stacklevel", "alpha", "rounding_mode", "dtype"}
+
+
+def value(node: Any) -> Any:
+    """The example value Dynamo recorded for a node (a FakeTensor, SymInt, ...), or None."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    v = value(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    t = tensor_meta(node)
+    return t.dtype if t is not None else None
+
+
+def rank_of(node: Any) -> int | None:
+    t = tensor_meta(node)
+    return t.dim() if t is not None else None
+
+
+def is_cast(node: fx.Node) -> bool:
+    """The canonical cast: `x.to(dtype)` with nothing else."""
+    return (node.op == "call_method" and node.target == "to" and len(node.args) == 2
+            and not node.kwargs and isinstance(node.args[1], torch.dtype))
+
+
+def where(node: fx.Node) -> tuple[str, str]:
+    """(module path, 'file:line' of the user's code) for a node, as Dynamo recorded them."""
+    stack = node.meta.get("nn_module_stack") or {}
+    module = ""
+    if stack:
+        module = _clean_module_path(list(stack.values())[-1][0])
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    location = f"{frames[-1][0]}:{frames[-1][1]}" if frames else "?"
+    return module, location
+
+
+def _clean_module_path(path: str) -> str:
+    """`L['self'].model.layers[0].mlp` (and its inlined-module spelling) → `model.layers.0.mlp`."""
+    path = re.sub(r"^L\['[^']+'\](\[\d+\])?\.?", "", str(path))
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def _normalized_args(node: fx.Node, params: list[str]) -> dict[str, Any] | None:
+    """Positional and keyword arguments of a spelling, by parameter name; None if unknown kwargs."""
+    bound = dict(zip(params, node.args))
+    for key, arg in node.kwargs.items():
+        if key not in params:
+            return None
+        bound[key] = arg
+    return bound
+
+
+def _replace(node: fx.Node, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.create_node(op, target, args, kwargs or {})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _cast(node: fx.Node, source: Any, dtype: torch.dtype) -> fx.Node:
+    return _replace(node, "call_method", "to", (source, dtype))
+
+
+def _drop_identity(node: fx.Node, source: fx.Node) -> None:
+    node.replace_all_uses_with(source)
+    node.graph.erase_node(node)
+
+
+def _insert_cast_before(node: fx.Node, source: Any, dtype: torch.dtype) -> fx.Node:
+    graph = node.graph
+    with graph.inserting_before(node):
+        cast = graph.call_method("to", (source, dtype))
+    src = tensor_meta(source)
+    if src is not None:
+        cast.meta["example_value"] = src.to(dtype) if not _is_fake(src) else _fake_to(src, dtype)
+    return cast
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor)
+
+
+def _fake_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with t.fake_mode:
+        return t.to(dtype)
+
+
+def _canonical_cast(node: fx.Node) -> fx.Node | None:
+    """Rewrite any dtype-only conversion to `to(x, dtype)`; None when the node is no such cast."""
+    if node.op != "call_method" or not node.args:
+        return None
+    source, method = node.args[0], node.target
+    if method in _FLOAT_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _cast(node, source, _FLOAT_METHODS[method])
+    if method == "type_as" and len(node.args) == 2 and dtype_of(node.args[1]) is not None:
+        return _cast(node, source, dtype_of(node.args[1]))
+    if method in ("to", "type"):
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) == 2 else None)
+        device = node.kwargs.get("device")
+        src = tensor_meta(source)
+        same_device = device is None or (src is not None and torch.device(device) == src.device)
+        harmless = set(node.kwargs) <= {"dtype", "device", "non_blocking"} and not node.kwargs.get("copy")
+        if isinstance(dtype, torch.dtype) and same_device and harmless:
+            return node if is_cast(node) else _cast(node, source, dtype)
+    return None
+
+
+def _is_identity(node: fx.Node) -> fx.Node | None:
+    """The input a value-preserving node passes on, or None."""
+    if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1:
+        return node.args[0]
+    if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
+        bound = _normalized_args(node, ["input", "p", "training", "inplace"])
+        if bound is not None and (bound.get("p", 0.5) == 0 or bound.get("training", True) is False):
+            return bound["input"]
+    if is_cast(node):
+        src = dtype_of(node.args[0])
+        if src is not None and src == node.args[1]:
+            return node.args[0]
+    return None
+
+
+def _negative_dim(dim: Any, rank: int | None) -> Any:
+    if isinstance(dim, int) and rank is not None and dim >= 0:
+        return dim - rank
+    return dim
+
+
+def _canonicalize_node(node: fx.Node) -> None:
+    if node.op not in ("call_function", "call_method"):
+        return
+    cast = _canonical_cast(node)
+    if cast is not None:
+        node = cast
+    source = _is_identity(node)
+    if source is not None:
+        _drop_identity(node, source)
+        return
+    canon = _CANONICAL_OF.get((node.op, node.target))
+    if canon is None:
+        return
+    bound = _normalized_args(node, _SPELLINGS[canon][1])
+    if bound is None or bound.get("alpha", 1) != 1 or bound.get("rounding_mode") is not None:
+        return
+    args = [bound[p] for p in _SPELLINGS[canon][1] if p in bound and p not in _DROPPED_DEFAULTS]
+    rewrite = _REWRITES.get(canon)
+    if rewrite is not None:
+        rewrite(node, args, bound)
+    elif (node.op, node.target) != ("call_function", canon) or node.kwargs or tuple(args) != node.args:
+        _replace(node, "call_function", canon, tuple(args))
+
+
+def _rewrite_softmax(node: fx.Node, args: list, bound: dict) -> None:
+    source, dim = args[0], _negative_dim(args[1] if len(args) > 1 else None, rank_of(args[0]))
+    dtype = bound.get("dtype")
+    if isinstance(dtype, torch.dtype) and dtype != dtype_of(source):
+        source = _insert_cast_before(node, source, dtype)
+    _replace(node, "call_function", torch.softmax, (source, dim))
+
+
+def _rewrite_div(node: fx.Node, args: list, bound: dict) -> None:
+    numerator, denominator = args
+    if isinstance(denominator, (int, float)) and not isinstance(denominator, bool) and denominator != 0:
+        _replace(node, "call_function", operator.mul, (numerator, 1.0 / denominator))
+    elif isinstance(denominator, fx.Node) and denominator.op == "call_function" and denominator.target == torch.sqrt \
+            and len(denominator.users) == 1:
+        radicand = denominator.args[0]
+        rsqrt = _replace(denominator, "call_function", torch.rsqrt, (radicand,))
+        if numerator == 1 or numerator == 1.0:
+            _drop_identity(node, rsqrt)
+        else:
+            _replace(node, "call_function", operator.mul, (numerator, rsqrt))
+    else:
+        _replace(node, "call_function", operator.truediv, tuple(args))
+
+
+def _rewrite_mul(node: fx.Node, args: list, bound: dict) -> None:
+    if len(args) == 2 and isinstance(args[0], fx.Node) and args[0] is args[1]:
+        _replace(node, "call_function", torch.pow, (args[0], 2))
+    else:
+        _replace(node, "call_function", operator.mul, tuple(args))
+
+
+def _rewrite_mean(node: fx.Node, args: list, bound: dict) -> None:
+    source = args[0]
+    if isinstance(bound.get("dtype"), torch.dtype):
+        source = _insert_cast_before(node, source, bound["dtype"])
+    dim = bound.get("dim")
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    rank = rank_of(source)
+    dim = tuple(_negative_dim(d, rank) for d in dim) if isinstance(dim, (list, tuple)) else _negative_dim(dim, rank)
+    _replace(node, "call_function", torch.mean, (source, dim, bool(bound.get("keepdim", False))))
+
+
+def _rewrite_transpose(node: fx.Node, args: list, bound: dict) -> None:
+    rank = rank_of(args[0])
+    d0, d1 = (_negative_dim(d, rank) for d in args[1:3])
+    if isinstance(d0, int) and isinstance(d1, int):
+        d0, d1 = min(d0, d1), max(d0, d1)
+    _replace(node, "call_function", torch.transpose, (args[0], d0, d1))
+
+
+_REWRITES: dict[Any, Callable[[fx.Node, list, dict], None]] = {
+    torch.softmax: _rewrite_softmax,
+    operator.truediv: _rewrite_div,
+    operator.mul: _rewrite_mul,
+    torch.mean: _rewrite_mean,
+    torch.transpose: _rewrite_transpose,
+    torch.square: lambda node, args, bound: _replace(node, "call_function", torch.pow, (args[0], 2)),
+}
+
+
+def canonicalize(graph: fx.Graph) -> None:
+    """Bring every node of `graph` to its canonical spelling, in place (values unchanged)."""
+    for node in list(graph.nodes):
+        if node.graph is graph:  # an earlier rewrite may have erased it
+            _canonicalize_node(node)

@@ -1,0 +1,196 @@
+"""Matching search functions against a canonical torch-level graph.
+
+A search function is traced once with torch.fx and canonicalized; matching starts at its
+output and walks the inputs, so a site is found by its last node. Placeholders of the
+search bind anything (a node of the model's graph or a literal) and must bind the same
+thing wherever they recur; commutative ops try both operand orders; `cast(x, dtype)`
+matches a cast or nothing. Matching is a search with backtracking over those choices.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from torch import fx
+
+from fuser.graph import canonicalize, is_cast, value, where
+from fuser.patterns.base import Pattern, cast
+
+COMMUTATIVE = {operator.mul, operator.add}
+
+
+@dataclass
+class Match:
+    """One site: the pattern, the search that matched, what its placeholders bound, the nodes it covers."""
+    pattern: Pattern
+    search: Callable
+    bindings: dict[str, Any]
+    nodes: list[fx.Node]  # the model's nodes the match covers, in graph order; the last is its output
+    values: dict[str, Any] = field(default_factory=dict)  # proxies (rewriting) or tensors (verify)
+
+    @property
+    def output(self) -> fx.Node:
+        return self.nodes[-1]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name] if name in self.values else self.bindings[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self.bindings else default
+
+    def meta(self, name: str) -> Any:
+        """The example value (a FakeTensor for a tensor) or the literal bound to `name`."""
+        return value(self.bindings.get(name))
+
+    def inputs(self) -> dict[str, fx.Node]:
+        return {k: v for k, v in self.bindings.items() if isinstance(v, fx.Node)}
+
+    def where(self) -> tuple[str, str]:
+        return where(self.output)
+
+
+@dataclass(frozen=True)
+class _State:
+    bindings: dict
+    mapped: dict  # pattern node -> model node
+
+    def bind(self, name: str, target: Any) -> "_State":
+        return _State({**self.bindings, name: target}, self.mapped)
+
+    def map(self, p: fx.Node, t: fx.Node) -> "_State":
+        return _State(self.bindings, {**self.mapped, p: t})
+
+
+class _Failure:
+    """The deepest point a failed attempt reached: what a near miss reports."""
+
+    def __init__(self):
+        self.depth, self.reason = -1, "no node of this shape"
+
+    def note(self, depth: int, reason: str) -> None:
+        if depth > self.depth:
+            self.depth, self.reason = depth, reason
+
+
+def _describe(node: Any) -> str:
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target}({node.name})" if node.op != "placeholder" else node.name
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a is b
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _literal_equal(pattern_literal: Any, target: Any) -> bool:
+    if isinstance(target, fx.Node):
+        return False
+    if isinstance(pattern_literal, bool) or isinstance(target, bool):
+        return pattern_literal is target
+    try:
+        return bool(pattern_literal == target)
+    except Exception:
+        return False
+
+
+class SearchGraph:
+    """A search function traced and canonicalized, ready to match at any node."""
+
+    def __init__(self, search: Callable):
+        self.search = search
+        self.graph = fx.symbolic_trace(search).graph
+        canonicalize(self.graph)
+        (output,) = [n for n in self.graph.nodes if n.op == "output"]
+        self.output = output.args[0]
+        self.size = sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output") and n.target is not cast)
+
+    def match(self, node: fx.Node, failure: _Failure | None = None) -> tuple[dict, list[fx.Node]] | None:
+        """(bindings, covered nodes) for the first way the search matches with `node` as its output."""
+        failure = failure or _Failure()
+        for state in self._node(self.output, node, _State({}, {}), failure):
+            names = {n.target for n in self.graph.nodes if n.op == "placeholder"}
+            bindings = {name: state.bindings.get(name) for name in names}
+            covered = set(state.mapped.values())
+            order = {n: i for i, n in enumerate(node.graph.nodes)}
+            return bindings, sorted(covered, key=order.__getitem__)
+        return None
+
+    def _node(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
+        if p.op == "placeholder":
+            bound = state.bindings.get(p.target, _State)
+            if bound is _State:
+                yield state.bind(p.target, t)
+            elif _same(bound, t):
+                yield state
+            else:
+                failure.note(len(state.mapped), f"{p.target} bound to {_describe(bound)} and {_describe(t)}")
+            return
+        if p.target is cast:
+            yield from self._optional_cast(p, t, state, failure)
+            return
+        if p in state.mapped:
+            if state.mapped[p] is t:
+                yield state
+            return
+        if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
+            failure.note(len(state.mapped), f"expected {_describe(p)}, found {_describe(t)}")
+            return
+        if t in state.mapped.values() or len(t.args) != len(p.args) or set(t.kwargs) != set(p.kwargs):
+            failure.note(len(state.mapped), f"{_describe(t)} has other arguments than {_describe(p)}")
+            return
+        state = state.map(p, t)
+        orders = [p.args]
+        if p.target in COMMUTATIVE and len(p.args) == 2:
+            orders.append(p.args[::-1])
+        for p_args in orders:
+            pairs = list(zip(p_args, t.args)) + [(p.kwargs[k], t.kwargs[k]) for k in p.kwargs]
+            yield from self._sequence(pairs, state, failure)
+
+    def _optional_cast(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
+        source, dtype = p.args
+        if isinstance(t, fx.Node) and is_cast(t):
+            yield from self._sequence([(source, t.args[0]), (dtype, t.args[1])], state.map(p, t), failure)
+        yield from self._sequence([(source, t), (dtype, None)], state, failure)
+
+    def _sequence(self, pairs: list, state: _State, failure: _Failure) -> Iterator[_State]:
+        if not pairs:
+            yield state
+            return
+        (p, t), rest = pairs[0], pairs[1:]
+        for after_first in self._arg(p, t, state, failure):
+            yield from self._sequence(rest, after_first, failure)
+
+    def _arg(self, p: Any, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
+        if isinstance(p, fx.Node):
+            yield from self._node(p, t, state, failure)
+        elif isinstance(p, (list, tuple)):
+            if isinstance(t, (list, tuple)) and len(t) == len(p):
+                yield from self._sequence(list(zip(p, t)), state, failure)
+            else:
+                failure.note(len(state.mapped), f"expected {p!r}, found {_describe(t)}")
+        elif _literal_equal(p, t):
+            yield state
+        else:
+            failure.note(len(state.mapped), f"expected {p!r}, found {_describe(t)}")
+
+
+@functools.lru_cache(maxsize=None)
+def search_graph(search: Callable) -> SearchGraph:
+    """Each search function is traced once per process."""
+    return SearchGraph(search)
+
+
+def find(pattern: Pattern, search: Callable, node: fx.Node, failure: _Failure | None = None) -> Match | None:
+    found = search_graph(search).match(node, failure)
+    if found is None:
+        return None
+    bindings, nodes = found
+    return Match(pattern, search, bindings, nodes)

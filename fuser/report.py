@@ -1,0 +1,70 @@
+"""What a rewrite did, for people and for tests: matches, near misses and why, counts."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Where:
+    """A site in the user's model: module path and the `file:line` of the code Dynamo traced."""
+    module: str
+    location: str
+
+    def __str__(self) -> str:
+        file_line = self.location.rsplit("/", 1)[-1]
+        return f"{self.module or '<top>'} ({file_line})"
+
+
+@dataclass(frozen=True)
+class MatchRecord:
+    pattern: str
+    where: Where
+    op: str          # e.g. "fuser::rms_norm"
+    mode: str        # the kernel mode chosen, e.g. "weight after cast, eps=1e-06, bfloat16"
+    nodes: tuple[str, ...]  # names of the replaced nodes of the original graph
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    pattern: str
+    where: Where
+    reason: str
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass
+class Report:
+    matches: list[MatchRecord] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    graphs: list[tuple[Any, Any]] = field(default_factory=list)  # (before, after) networkx graphs per FX graph
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(m.pattern for m in self.matches))
+
+    def extend(self, other: "Report") -> None:
+        self.matches += other.matches
+        self.near_misses += other.near_misses
+        self.graphs += other.graphs
+
+    def __str__(self) -> str:
+        lines = [f"fuser: {len(self.matches)} rewrite(s), {len(self.near_misses)} near miss(es)"]
+        if self.matches:
+            lines.append(_table(["pattern", "where", "op", "mode"],
+                                [[m.pattern, str(m.where), m.op, m.mode] for m in self.matches]))
+        if self.near_misses:
+            lines.append("near misses (left as they were):")
+            lines.append(_table(["pattern", "where", "reason"],
+                                [[n.pattern, str(n.where), n.reason] for n in self.near_misses]))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*row) for row in rows]
+    return "\n".join("  " + line.rstrip() for line in out)

@@ -1,0 +1,165 @@
+"""The rewrite pass: canonicalize, match each pattern, check, replace each site by one fused op.
+
+Never crash, never silently wrong: a site is rewritten only when the match is convex (no
+value made inside it is used outside, nothing inside has side effects, no input is modified
+while the match reads it), the pattern's check accepts it, its replacement builds, and, with
+verification on, the replacement computes the same values as the original on real inputs.
+Every site turned down becomes a near miss with its reason; `strict` raises instead.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+
+from fuser.graph import canonicalize, value, where
+from fuser.matcher import Match, _Failure, find
+from fuser.patterns.base import Pattern
+from fuser.report import MatchRecord, NearMiss, Report, Where
+from fuser.verify import compare_site
+
+
+class RewriteError(RuntimeError):
+    """Raised in strict mode when a site that matched cannot be rewritten."""
+
+
+_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _MUTATING_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+    return False
+
+
+def convexity_problem(m: Match) -> str | None:
+    """Why the matched nodes cannot be replaced as one unit, or None."""
+    inside = set(m.nodes)
+    for node in m.nodes:
+        if _mutates(node):
+            return f"{node.name} inside the match modifies a tensor in place"
+    for node in m.nodes[:-1]:
+        outside = [u for u in node.users if u not in inside]
+        if outside:
+            return f"a value inside the match ({node.name}) is also used outside it (by {outside[0].name})"
+    order = {n: i for i, n in enumerate(m.output.graph.nodes)}
+    start, end = order[m.nodes[0]], order[m.output]
+    for name, node in m.inputs().items():
+        for user in node.users:
+            if user not in inside and _mutates(user) and start < order[user] < end:
+                return f"input {name} ({node.name}) is modified in place ({user.name}) while the match reads it"
+    return None
+
+
+def _record_where(node: fx.Node) -> Where:
+    return Where(*where(node))
+
+
+def _propagate_meta(new_nodes: Iterable[fx.Node], like: fx.Node) -> None:
+    """Give the nodes a replacement created the example values and source info the graph's others have."""
+    for node in new_nodes:
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        fakes = _fakes(args, kwargs)
+        if not fakes:
+            continue
+        with fakes[0].fake_mode:
+            if node.op == "call_function":
+                node.meta["example_value"] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
+def _fakes(args: Any, kwargs: Any) -> list:
+    found: list = []
+    fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, torch._subclasses.FakeTensor) else a)
+    return found
+
+
+def apply(m: Match) -> fx.Node:
+    """Replace the match's nodes by what its pattern's replace builds; returns the new output node."""
+    graph = m.output.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    m.values = {name: fx.Proxy(node, tracer) for name, node in m.inputs().items()}
+    existing = set(graph.nodes)
+    with graph.inserting_before(m.output):
+        result = m.pattern.replace(m)
+    m.values = {}
+    new_nodes = [n for n in graph.nodes if n not in existing]
+    _propagate_meta(new_nodes, m.output)
+    m.output.replace_all_uses_with(result.node)
+    for node in reversed(m.nodes):
+        graph.erase_node(node)
+    return result.node
+
+
+def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False,
+            verify_values: dict | None = None) -> Report:
+    """Rewrite the canonicalized `gm` in place (see `prepare`). `verify_values` (node → real value,
+    from `verify.capture_values`) turns on verification of each site. Strict mode raises where a
+    site fails (an exception in a pattern, a verification mismatch) instead of keeping it.
+    Returns what was rewritten and what was not, and why."""
+    graph = gm.graph
+    report = Report()
+    claimed: set[fx.Node] = set()
+    erased: set[fx.Node] = set()
+    for pattern in patterns:
+        for search in pattern.searches:
+            for node in list(graph.nodes):
+                if node in erased or node in claimed or node.op in ("placeholder", "output", "get_attr"):
+                    continue
+                m = find(pattern, search, node, _Failure())
+                if m is None or claimed.intersection(m.nodes):
+                    continue
+                names = tuple(n.name for n in m.nodes)
+                site = _record_where(m.output)
+                try:
+                    problem = convexity_problem(m) or pattern.check(m)
+                    if problem is None and verify_values is not None:
+                        problem = compare_site(m, verify_values)
+                        if problem is not None and strict:
+                            raise RewriteError(f"{pattern.name} at {site}: {problem}")
+                    if problem is None:
+                        mode = pattern.describe(m)
+                        new = apply(m)
+                        erased.update(m.nodes)
+                        claimed.add(new)
+                        report.matches.append(MatchRecord(pattern.name, site, _op_name(new), mode, names))
+                        continue
+                except RewriteError:
+                    raise
+                except Exception as error:  # a pattern bug must not break the user's model
+                    if strict:
+                        raise RewriteError(f"{pattern.name} at {site}: {type(error).__name__}: {error}") from error
+                    problem = f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
+                _add_near_miss(report, NearMiss(pattern.name, site, problem, names))
+    graph.lint()
+    gm.recompile()
+    return report
+
+
+def _op_name(node: fx.Node) -> str:
+    """`fuser::rms_norm` for the node of `torch.ops.fuser.rms_norm.default`."""
+    target = node.target
+    return getattr(target, "_qualified_op_name", None) or getattr(target, "name", lambda: str(target))()
+
+
+def _add_near_miss(report: Report, miss: NearMiss) -> None:
+    """One near miss per site: a smaller variant of an already reported site is not news."""
+    nodes = set(miss.nodes)
+    for seen in report.near_misses:
+        if seen.pattern == miss.pattern and (nodes <= set(seen.nodes) or nodes >= set(seen.nodes)):
+            return
+    report.near_misses.append(miss)
+
+
+def prepare(gm: fx.GraphModule) -> None:
+    """Canonicalize before matching (separate so verification can read values of the canonical graph)."""
+    canonicalize(gm.graph)

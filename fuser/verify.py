@@ -1,0 +1,97 @@
+"""Numerical proof of a rewrite: the replacement against the original code run in float64.
+
+The numerics contract (DESIGN.md): relative L2 error ‖out − ref‖/‖ref‖ within a tolerance
+set by the output dtype, and NaN/±inf exactly where the original has them. The reference is
+the original nodes evaluated with every floating value in float64 (casts to lower precision
+become casts to float64), so it measures the replacement's error, not the original's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}
+TF32_TOLERANCE = 5e-4
+
+
+def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
+    return TF32_TOLERANCE if tf32 and dtype == torch.float32 else TOLERANCE.get(dtype, 2e-2)
+
+
+def numerics_problem(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str | None:
+    """None if `out` meets the contract against the float64 `ref`, else what is wrong."""
+    if out.shape != ref.shape:
+        return f"shape {tuple(out.shape)} where the original gives {tuple(ref.shape)}"
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.equal(out.isnan(), ref.isnan()):
+        return f"NaN at {int((out.isnan() != ref.isnan()).sum())} position(s) where the original differs"
+    if not torch.equal(out.isinf(), ref.isinf()) or not torch.equal(out[out.isinf()], ref[ref.isinf()]):
+        return "±inf where the original differs"
+    finite = out.isfinite() & ref.isfinite()
+    diff, base = (out - ref)[finite].norm(), ref[finite].norm()
+    error = (diff / base).item() if base > 0 else diff.item()
+    return None if error <= tol else f"relative L2 error {error:.2e} above the tolerance {tol:.0e}"
+
+
+def _to64(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.double()
+    if isinstance(x, torch.dtype) and x.is_floating_point:
+        return torch.float64
+    return x
+
+
+def run_nodes_float64(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
+    """Evaluate `nodes` (in graph order) from `inputs` with all floating math in float64."""
+    env = {node: _to64(v) for node, v in inputs.items()}
+    for node in nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _to64)
+        if node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            raise ValueError(f"cannot evaluate {node.op} node {node.name}")
+    return env[nodes[-1]]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps every node's value."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.values[n] = result = super().run_node(n)
+        return result
+
+
+def capture_values(gm: fx.GraphModule, inputs: list) -> dict[fx.Node, Any]:
+    """Every node's value on real inputs (cloned: the graph may modify its inputs in place)."""
+    cloned = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*cloned)
+    return recorder.values
+
+
+def compare_site(m, values: dict[fx.Node, Any]) -> str | None:
+    """Run a match's replacement and its original on the recorded values; None if they agree."""
+    inputs = {node: values[node] for node in m.inputs().values()}
+    expected = values.get(m.output)
+    if not isinstance(expected, torch.Tensor):
+        return None
+    m.values = {name: values[node] for name, node in m.inputs().items()}
+    try:
+        with torch.no_grad():
+            ours = m.pattern.replace(m)
+    finally:
+        m.values = {}
+    with torch.no_grad():
+        ref = run_nodes_float64(m.nodes, inputs)
+    problem = numerics_problem(ours, ref, tolerance(expected.dtype))
+    return f"verification failed: {problem}; kept the original" if problem else None

@@ -1,0 +1,7 @@
+"""The pattern library, in match order: attention (it contains a softmax) → MoE → norms → softmax."""
+from fuser.patterns.base import Pattern
+from fuser.patterns.norms import RMS_NORM
+from fuser.patterns.softmax import SOFTMAX
+
+PATTERNS: tuple[Pattern, ...] = (RMS_NORM, SOFTMAX)
+BY_NAME = {p.name: p for p in PATTERNS}

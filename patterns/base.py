@@ -1,0 +1,55 @@
+"""The vocabulary of a pattern: what to find (search functions), what it accepts (check),
+what to put instead (replace), and the inputs to prove it on (examples).
+
+Search functions are plain Python written like the code they match; the engine traces
+them with torch.fx and brings them to the same canonical spelling as the model's graph.
+Every parameter of a search function is a wildcard: it binds a value of the model's graph
+(a tensor) or a literal (eps, a dim, a dtype), which `check` and `replace` read back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+
+def cast(x, dtype):
+    """In a search function: an optional cast. Matches `x.to(dtype)` (any spelling) or `x`
+    itself, in which case `dtype` binds to None. Run eagerly it casts when dtype is given."""
+    if isinstance(x, fx.Proxy):
+        return x.tracer.create_proxy("call_function", cast, (x, dtype), {})
+    return x if dtype is None else x.to(dtype)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One drawn input for a pattern: which search function, its arguments, and what to expect."""
+    search: Callable
+    kwargs: dict[str, Any]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A family of code shapes and the fused op that replaces them.
+
+    - searches: plain functions, most specific first (a node belongs to one match only);
+    - check(match) -> None, or the reason this site is not rewritten (kernel limits);
+    - replace(match) -> the fused op's value; `match[name]` gives each bound value;
+    - describe(match) -> a short note of the kernel mode chosen, for reports;
+    - examples: () -> a hypothesis strategy of `Example`s (shared by tests and `fuser.fuzz`);
+    - anchors: canonical targets that mark a site (for near-miss notes).
+    """
+    name: str
+    searches: tuple[Callable, ...]
+    check: Callable[[Any], str | None]
+    replace: Callable[[Any], Any]
+    examples: Callable[[], Any]
+    describe: Callable[[Any], str] = lambda match: ""
+    anchors: tuple[Any, ...] = field(default_factory=tuple)
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).replace("torch.", "") if dtype is not None else "-"

@@ -1,0 +1,103 @@
+"""RMSNorm in every form transformers 5.x decoders write it → `fuser::rms_norm`."""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from fuser.kernels import rms_norm as _kernel  # noqa: F401  (registers torch.ops.fuser.rms_norm)
+from fuser.patterns.base import Example, Pattern, cast, dtype_name
+from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
+
+
+def normalized(x, compute_dtype, dim, eps):
+    xf = cast(x, compute_dtype)
+    return xf * torch.rsqrt(xf.pow(2).mean(dim, keepdim=True) + eps)
+
+
+def rms_norm_offset_weight(x, compute_dtype, dim, eps, weight, weight_dtype, offset, out_dtype):
+    """Gemma: `(x * rsqrt(...)) * (1.0 + self.weight.float())`, then `.type_as(x)`."""
+    return cast(normalized(x, compute_dtype, dim, eps) * (offset + cast(weight, weight_dtype)), out_dtype)
+
+
+def rms_norm_weight_before_cast(x, compute_dtype, dim, eps, weight, out_dtype):
+    """Olmo2: `(self.weight * hidden_states).to(input_dtype)`."""
+    return cast(weight * normalized(x, compute_dtype, dim, eps), out_dtype)
+
+
+def rms_norm_weight_after_cast(x, compute_dtype, dim, eps, weight, out_dtype):
+    """Llama, Mistral, Qwen2/3, Mixtral, OLMoE, DeepSeek-V3: `self.weight * hidden_states.to(input_dtype)`."""
+    return weight * cast(normalized(x, compute_dtype, dim, eps), out_dtype)
+
+
+def rms_norm_no_weight(x, compute_dtype, dim, eps, out_dtype):
+    return cast(normalized(x, compute_dtype, dim, eps), out_dtype)
+
+
+SEARCHES = (rms_norm_offset_weight, rms_norm_weight_before_cast, rms_norm_weight_after_cast, rms_norm_no_weight)
+
+
+def _normalized_dtype(m) -> torch.dtype:
+    """The dtype of the normalized value before the weight multiplies it, in the original code."""
+    x = m.meta("x")
+    inner = m.get("compute_dtype") or x.dtype
+    if m.search is rms_norm_weight_after_cast:
+        return m.get("out_dtype") or inner
+    return inner
+
+
+def check(m) -> str | None:
+    x, eps, dim = m.meta("x"), m.meta("eps"), m.meta("dim")
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        return f"input is not a float16/bfloat16/float32 tensor ({getattr(x, 'dtype', x)})"
+    if dim not in (-1, x.dim() - 1):
+        return f"mean over dim {dim}, not over the last dim only"
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return "eps is not a constant number"
+    if m.get("compute_dtype") not in (None, torch.float32):
+        return f"computes in {dtype_name(m.get('compute_dtype'))}; the kernel computes in float32"
+    if "weight" in m.bindings:
+        weight = m.meta("weight")
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],):
+            return f"the multiplier ({getattr(weight, 'shape', weight)}) is not a weight of shape [{x.shape[-1]}]"
+        if weight.dtype not in FLOAT_DTYPES or m.get("weight_dtype") not in (None, torch.float32):
+            return f"weight dtype {dtype_name(weight.dtype)} is not supported"
+        offset = m.get("offset", 0.0)
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+            return "the weight offset is not a constant number"
+        if _normalized_dtype(m) not in (x.dtype, torch.float32):
+            return f"the normalized value is cast to {dtype_name(_normalized_dtype(m))} before the weight"
+    return None
+
+
+def _weight_before_cast(m) -> bool:
+    """Whether the weight multiplies in float32 (Gemma, Olmo2) or after rounding to x's dtype (Llama)."""
+    return m.search is not rms_norm_weight_after_cast or _normalized_dtype(m) != m.meta("x").dtype
+
+
+def replace(m):
+    return torch.ops.fuser.rms_norm(m["x"], m.get("weight"), float(m["eps"]), float(m.get("offset", 0.0)),
+                                    _weight_before_cast(m), m.output.meta["example_value"].dtype)
+
+
+def describe(m) -> str:
+    weight = "no weight" if "weight" not in m.bindings else (
+        f"weight {'in fp32' if _weight_before_cast(m) else 'after cast'}"
+        + (f", offset {m['offset']:g}" if m.get("offset") else ""))
+    return f"{weight}, eps={m['eps']:g}, {dtype_name(m.meta('x').dtype)}"
+
+
+@st.composite
+def _examples(draw) -> Example:
+    search = draw(st.sampled_from(SEARCHES))
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    shape = tuple(draw(sizes(5)) for _ in range(draw(st.integers(1, 2)))) + (draw(sizes(300)),)
+    kwargs = {"x": draw(tensors(shape, dtype)), "compute_dtype": torch.float32, "dim": -1,
+              "eps": draw(st.sampled_from([1e-6, 1e-5, 0.1])), "out_dtype": dtype}
+    if search is not rms_norm_no_weight:
+        kwargs["weight"] = draw(tensors((shape[-1],), dtype, layout="contiguous"))
+    if search is rms_norm_offset_weight:
+        kwargs.update(weight_dtype=torch.float32, offset=1.0)
+    return Example(search, kwargs)
+
+
+RMS_NORM = Pattern("rms_norm", SEARCHES, check, replace, _examples, describe, anchors=(torch.rsqrt,))

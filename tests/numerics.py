@@ -1,0 +1,17 @@
+"""The numerics contract of DESIGN.md for tests: relative L2 error against float64 (fuser.verify)."""
+import torch
+
+from fuser.verify import TF32_TOLERANCE, TOLERANCE, numerics_problem, tolerance  # noqa: F401
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ over the finite positions, in float64."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    finite = out.isfinite() & ref.isfinite()
+    return ((out - ref)[finite].norm() / ref[finite].norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: float | None = None):
+    """Assert the contract: error within the dtype's tolerance (or `tol`), NaN/inf where ref has them."""
+    problem = numerics_problem(out, ref, tol if tol is not None else tolerance(dtype))
+    assert problem is None, f"{problem} ({dtype})"
