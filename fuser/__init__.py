@@ -5,9 +5,10 @@
 """
 from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
 from fuser.backend import Options, fuser_backend, last_report, reset_reports
-from fuser.explain import explain
+from fuser.explaining import explain
+from fuser.fuzzing import FuzzResult, fuzz
 from fuser.report import MatchRecord, NearMiss, Report
 from fuser.rewriter import RewriteError
 
 __all__ = ["Options", "fuser_backend", "last_report", "reset_reports", "explain", "Report", "MatchRecord",
-           "NearMiss", "RewriteError"]
+           "NearMiss", "RewriteError", "fuzz", "FuzzResult"]

@@ -14,7 +14,8 @@ Canonical forms (all value-preserving):
 - `torch.softmax(x, dim)`, with its `dtype=` argument turned into a cast before it;
 - `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
   `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
-- identities vanish: `contiguous()`, dropout with p=0 or training=False.
+- identities vanish: dropout with p=0 or training=False. (`contiguous()` stays: a later `view`
+  may need its layout.)
 """
 from __future__ import annotations
 
@@ -176,8 +177,6 @@ def _canonical_cast(node: fx.Node) -> fx.Node | None:
 
 def _is_identity(node: fx.Node) -> fx.Node | None:
     """The input a value-preserving node passes on, or None."""
-    if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1:
-        return node.args[0]
     if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
         bound = _normalized_args(node, ["input", "p", "training", "inplace"])
         if bound is not None and (bound.get("p", 0.5) == 0 or bound.get("training", True) is False):

@@ -112,7 +112,7 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
     erased: set[fx.Node] = set()
     for pattern in patterns:
         for search in pattern.searches:
-            for node in list(graph.nodes):
+            for node in reversed(list(graph.nodes)):  # outermost first: the largest match wins
                 if node in erased or node in claimed or node.op in ("placeholder", "output", "get_attr"):
                     continue
                 m = find(pattern, search, node, _Failure())

@@ -28,7 +28,14 @@ class Example:
     """One drawn input for a pattern: which search function, its arguments, and what to expect."""
     search: Callable
     kwargs: dict[str, Any]
-    note: str = ""
+
+    def __repr__(self) -> str:
+        def show(v: Any) -> str:
+            if isinstance(v, torch.Tensor):
+                return f"tensor({list(v.shape)}, {dtype_name(v.dtype)}, stride={list(v.stride())})"
+            return dtype_name(v) if isinstance(v, torch.dtype) else repr(v)
+        args = ", ".join(f"{k}={show(v)}" for k, v in self.kwargs.items())
+        return f"{self.search.__name__}({args})"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""Tiny transformers models built from their configs (no hub): for the demo, the CLI and the tests.
+
+Each entry keeps the architecture's real code paths (GQA, sliding window, q/k norms, MoE
+routers, MLA) at sizes a CPU runs in milliseconds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": dict(sliding_window=5),
+    "qwen2": {},
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                        kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1),
+    "gemma": dict(head_dim=16),
+    "olmo2": {},
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "bert": dict(num_key_value_heads=None),
+}
+
+
+def tiny_config(arch: str, layers: int = 2, attn_implementation: str = "eager", **overrides: Any):
+    """The config of a tiny `arch` model; `overrides` win over the defaults."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    settings = {**_COMMON, "num_hidden_layers": layers, **ARCHITECTURES[arch], **overrides}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    config = AutoConfig.for_model(arch, **settings)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_model(arch: str, layers: int = 2, attn_implementation: str = "eager", dtype: torch.dtype = torch.float32,
+               seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A randomly initialized tiny `arch` model (causal LM, or masked LM for encoders), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = tiny_config(arch, layers, attn_implementation, **overrides)
+    torch.manual_seed(seed)
+    factory = AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM
+    return factory.from_config(config).to(dtype).eval()
+
+
+def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
+    """Random token ids for `model`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
