@@ -110,6 +110,7 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
     report = Report()
     claimed: set[fx.Node] = set()
     erased: set[fx.Node] = set()
+    position = {n: i for i, n in enumerate(graph.nodes)}
     for pattern in patterns:
         for search in pattern.searches:
             for node in reversed(list(graph.nodes)):  # outermost first: the largest match wins
@@ -142,6 +143,9 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
                 _add_near_miss(report, NearMiss(pattern.name, site, problem, names))
     graph.lint()
     gm.recompile()
+    by_name = {n.name: i for n, i in position.items()}
+    report.matches.sort(key=lambda m: by_name[m.nodes[-1]])
+    report.near_misses.sort(key=lambda m: by_name[m.nodes[-1]])
     return report
 
 
