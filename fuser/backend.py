@@ -5,13 +5,14 @@ the naive code) and the rest of the graph goes to Inductor (default) or runs eag
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from torch import fx
 
 from fuser.patterns import BY_NAME, PATTERNS
-from fuser.report import Report
+from fuser.report import Report, graph_to_networkx
 from fuser.rewriter import prepare, rewrite
 from fuser.verify import capture_values
 
@@ -57,6 +58,7 @@ class Options:
 
 
 _reports: list[Report] = []
+_graph_ids = itertools.count()
 
 
 def last_report() -> Report:
@@ -75,7 +77,14 @@ def transform(gm: fx.GraphModule, example_inputs: list, options: Options) -> Rep
     """Canonicalize and rewrite `gm` in place; return the report."""
     prepare(gm)
     values = capture_values(gm, example_inputs) if options.verify else None
-    return rewrite(gm, options.selected_patterns(), strict=options.strict, verify_values=values)
+    tag = f"g{next(_graph_ids)}."
+    before = graph_to_networkx(gm.graph, tag)
+    report = rewrite(gm, options.selected_patterns(), strict=options.strict, verify_values=values, tag=tag)
+    for match in report.matches:
+        for name in match.nodes:
+            before.nodes[tag + name]["match"] = match.id
+    report.graphs.append((before, graph_to_networkx(gm.graph, tag)))
+    return report
 
 
 def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from fuser.patterns.base import is_cast
+
 _FLOAT_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 
 # canonical target -> (spellings as (op, target), parameter names for argument normalization)
@@ -79,12 +81,6 @@ def dtype_of(node: Any) -> torch.dtype | None:
 def rank_of(node: Any) -> int | None:
     t = tensor_meta(node)
     return t.dim() if t is not None else None
-
-
-def is_cast(node: fx.Node) -> bool:
-    """The canonical cast: `x.to(dtype)` with nothing else."""
-    return (node.op == "call_method" and node.target == "to" and len(node.args) == 2
-            and not node.kwargs and isinstance(node.args[1], torch.dtype))
 
 
 def where(node: fx.Node) -> tuple[str, str]:

@@ -3,8 +3,8 @@
 A search function is traced once with torch.fx and canonicalized; matching starts at its
 output and walks the inputs, so a site is found by its last node. Placeholders of the
 search bind anything (a node of the model's graph or a literal) and must bind the same
-thing wherever they recur; commutative ops try both operand orders; `cast(x, dtype)`
-matches a cast or nothing. Matching is a search with backtracking over those choices.
+thing wherever they recur; commutative ops try both operand orders; structural pieces
+(`cast(x, dtype)`: a cast or nothing) try each node shape they allow. Matching is a search with backtracking over those choices.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 
 from torch import fx
 
-from fuser.graph import canonicalize, is_cast, value, where
-from fuser.patterns.base import Pattern, cast
+from fuser.graph import canonicalize, value, where
+from fuser.patterns.base import Pattern, Structural
 
 COMMUTATIVE = {operator.mul, operator.add}
 
@@ -54,12 +54,12 @@ class Match:
 @dataclass(frozen=True)
 class _State:
     bindings: dict
-    mapped: dict  # pattern node -> model node
+    mapped: dict  # pattern node (or (structural node, i)) -> model node
 
     def bind(self, name: str, target: Any) -> "_State":
         return _State({**self.bindings, name: target}, self.mapped)
 
-    def map(self, p: fx.Node, t: fx.Node) -> "_State":
+    def map(self, p: Any, t: fx.Node) -> "_State":
         return _State(self.bindings, {**self.mapped, p: t})
 
 
@@ -110,7 +110,6 @@ class SearchGraph:
         canonicalize(self.graph)
         (output,) = [n for n in self.graph.nodes if n.op == "output"]
         self.output = output.args[0]
-        self.size = sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output") and n.target is not cast)
 
     def match(self, node: fx.Node, failure: _Failure | None = None) -> tuple[dict, list[fx.Node]] | None:
         """(bindings, covered nodes) for the first way the search matches with `node` as its output."""
@@ -133,8 +132,15 @@ class SearchGraph:
             else:
                 failure.note(len(state.mapped), f"{p.target} bound to {_describe(bound)} and {_describe(t)}")
             return
-        if p.target is cast:
-            yield from self._optional_cast(p, t, state, failure)
+        if isinstance(p.target, Structural):
+            for inner, params, covered in p.target.alternatives(t):
+                if any(c in state.mapped.values() for c in covered):
+                    continue
+                grown = state
+                for i, node in enumerate(covered):
+                    grown = grown.map((p, i), node)
+                pairs = [(p.args[0], inner)] + list(zip(p.args[1:], params))
+                yield from self._sequence(pairs, grown, failure)
             return
         if p in state.mapped:
             if state.mapped[p] is t:
@@ -153,12 +159,6 @@ class SearchGraph:
         for p_args in orders:
             pairs = list(zip(p_args, t.args)) + [(p.kwargs[k], t.kwargs[k]) for k in p.kwargs]
             yield from self._sequence(pairs, state, failure)
-
-    def _optional_cast(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
-        source, dtype = p.args
-        if isinstance(t, fx.Node) and is_cast(t):
-            yield from self._sequence([(source, t.args[0]), (dtype, t.args[1])], state.map(p, t), failure)
-        yield from self._sequence([(source, t), (dtype, None)], state, failure)
 
     def _sequence(self, pairs: list, state: _State, failure: _Failure) -> Iterator[_State]:
         if not pairs:

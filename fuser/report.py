@@ -24,6 +24,8 @@ class MatchRecord:
     op: str          # e.g. "fuser::rms_norm"
     mode: str        # the kernel mode chosen, e.g. "weight after cast, eps=1e-06, bfloat16"
     nodes: tuple[str, ...]  # names of the replaced nodes of the original graph
+    replacement: str = ""   # name of the fused op's node in the rewritten graph
+    id: str = ""            # the `match` attribute of its nodes in `Report.graph_before/after`
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,15 @@ class Report:
     matches: list[MatchRecord] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
     graphs: list[tuple[Any, Any]] = field(default_factory=list)  # (before, after) networkx graphs per FX graph
+
+    @property
+    def graph_before(self):
+        """The canonical torch-level graph(s) before rewriting, as one networkx.DiGraph."""
+        return _union([before for before, _ in self.graphs])
+
+    @property
+    def graph_after(self):
+        return _union([after for _, after in self.graphs])
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(m.pattern for m in self.matches))
@@ -60,6 +71,31 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def graph_to_networkx(graph, prefix: str = ""):
+    """An FX graph as a networkx.DiGraph: node attributes op, target, shape, dtype, match (id or None)."""
+    import networkx as nx
+
+    from fuser.graph import tensor_meta
+
+    out = nx.DiGraph()
+    for node in graph.nodes:
+        meta = tensor_meta(node)
+        target = node.target if isinstance(node.target, str) else getattr(
+            node.target, "_qualified_op_name", getattr(node.target, "__name__", str(node.target)))
+        out.add_node(prefix + node.name, op=node.op, target=str(target),
+                     shape=tuple(meta.shape) if meta is not None else None,
+                     dtype=str(meta.dtype).replace("torch.", "") if meta is not None else None,
+                     match=node.meta.get("fuser_match"))
+        for source in node.all_input_nodes:
+            out.add_edge(prefix + source.name, prefix + node.name)
+    return out
+
+
+def _union(graphs):
+    import networkx as nx
+    return nx.union_all(graphs) if graphs else nx.DiGraph()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -101,11 +101,11 @@ def apply(m: Match) -> fx.Node:
 
 
 def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False,
-            verify_values: dict | None = None) -> Report:
+            verify_values: dict | None = None, tag: str = "") -> Report:
     """Rewrite the canonicalized `gm` in place (see `prepare`). `verify_values` (node → real value,
     from `verify.capture_values`) turns on verification of each site. Strict mode raises where a
     site fails (an exception in a pattern, a verification mismatch) instead of keeping it.
-    Returns what was rewritten and what was not, and why."""
+    Returns what was rewritten and what was not, and why; `tag` prefixes the match ids."""
     graph = gm.graph
     report = Report()
     claimed: set[fx.Node] = set()
@@ -129,10 +129,13 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
                             raise RewriteError(f"{pattern.name} at {site}: {problem}")
                     if problem is None:
                         mode = pattern.describe(m)
+                        match_id = f"{tag}m{len(report.matches)}"
                         new = apply(m)
+                        new.meta["fuser_match"] = match_id
                         erased.update(m.nodes)
                         claimed.add(new)
-                        report.matches.append(MatchRecord(pattern.name, site, _op_name(new), mode, names))
+                        report.matches.append(
+                            MatchRecord(pattern.name, site, _op_name(new), mode, names, new.name, match_id))
                         continue
                 except RewriteError:
                     raise

@@ -15,11 +15,45 @@ import torch
 from torch import fx
 
 
+class Structural:
+    """A piece of a search function that one traced node shape cannot express: it matches any
+    of the node shapes `alternatives(node)` lists, each as (the node its input binds to, the
+    values its other parameters bind to, the nodes of the model it covers). Run eagerly (on
+    example inputs, in float64 references) it is the plain function it wraps."""
+
+    def __init__(self, eager: Callable, alternatives: Callable):
+        self.eager, self.alternatives = eager, alternatives
+        self.__name__ = eager.__name__
+        self.__doc__ = eager.__doc__
+
+    def __call__(self, x, *params):
+        if isinstance(x, fx.Proxy):
+            return x.tracer.create_proxy("call_function", self, (x, *params), {})
+        return self.eager(x, *params)
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def structural(alternatives: Callable) -> Callable[[Callable], Structural]:
+    return lambda eager: Structural(eager, alternatives)
+
+
+def is_cast(node: Any) -> bool:
+    """The canonical cast of a graph: `x.to(dtype)` with nothing else."""
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to"
+            and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.dtype))
+
+
+def _cast_shapes(node: Any):
+    if is_cast(node):
+        yield node.args[0], (node.args[1],), (node,)
+    yield node, (None,), ()
+
+
+@structural(_cast_shapes)
 def cast(x, dtype):
-    """In a search function: an optional cast. Matches `x.to(dtype)` (any spelling) or `x`
-    itself, in which case `dtype` binds to None. Run eagerly it casts when dtype is given."""
-    if isinstance(x, fx.Proxy):
-        return x.tracer.create_proxy("call_function", cast, (x, dtype), {})
+    """An optional cast: matches `x.to(dtype)` (any spelling) or `x` itself, `dtype` then None."""
     return x if dtype is None else x.to(dtype)
 
 
