@@ -12,6 +12,9 @@ Canonical forms (all value-preserving):
 - `torch.matmul` for `@`, `bmm`, `x.matmul`; `operator.mul/add/sub` for their torch and
   method spellings; `x / c` (c a number) is `x * (1 / c)`; `a / sqrt(b)` is `a * rsqrt(b)`;
 - `torch.softmax(x, dim)`, with its `dtype=` argument turned into a cast before it;
+- `F.scaled_dot_product_attention` with all eight arguments given (`scale`, `enable_gqa` by keyword); two-operand einsums
+  that are batched matrix products as `torch.matmul`; a permute of the last two dims as a transpose;
+  a full slice `x[:, :, :, :n]` (n the whole dim) disappears;
 - `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
   `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
 - identities vanish: dropout with p=0 or training=False. (`contiguous()` stays: a later `view`
@@ -30,6 +33,9 @@ from torch import fx
 from fuser.patterns.base import is_cast
 
 _FLOAT_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+
+_SDPA_DEFAULTS = {"query": None, "key": None, "value": None, "attn_mask": None, "dropout_p": 0.0,
+                  "is_causal": False, "scale": None, "enable_gqa": False}
 
 # canonical target -> (spellings as (op, target), parameter names for argument normalization)
 _SPELLINGS: dict[Any, tuple[list[tuple[str, Any]], list[str]]] = {
@@ -55,6 +61,9 @@ _SPELLINGS: dict[Any, tuple[list[tuple[str, Any]], list[str]]] = {
     torch.transpose: ([("call_function", torch.transpose), ("call_method", "transpose")], ["input", "dim0", "dim1"]),
     torch.tanh: ([("call_function", torch.tanh), ("call_method", "tanh"), ("call_function", F.tanh)], ["input"]),
     torch.square: ([("call_function", torch.square), ("call_method", "square")], ["input"]),
+    F.scaled_dot_product_attention: ([("call_function", F.scaled_dot_product_attention)], list(_SDPA_DEFAULTS)),
+    torch.einsum: ([("call_function", torch.einsum)], ["equation", "a", "b"]),
+    torch.permute: ([("call_function", torch.permute), ("call_method", "permute")], ["input", "dims"]),
 }
 _CANONICAL_OF = {spelling: canon for canon, (spellings, _) in _SPELLINGS.items() for spelling in spellings}
 # F.softmax's _stacklevel and the like carry no meaning for the value
@@ -190,8 +199,29 @@ def _negative_dim(dim: Any, rank: int | None) -> Any:
     return dim
 
 
+def _known_same_sizes(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    ta, tb = tensor_meta(a), tensor_meta(b)
+    if ta is None or tb is None or ta.dim() != tb.dim():
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(ta.shape, tb.shape)) and \
+        all(statically_known_true(x == y) for x, y in zip(ta.stride(), tb.stride()))
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    """`mask[:, :, :, :L]` where L covers the whole dim: the same tensor."""
+    if node.op != "call_function" or node.target != operator.getitem or len(node.args) != 2:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(isinstance(i, slice) and i.step is None or i is Ellipsis for i in index) and \
+        _known_same_sizes(node.args[0], node)
+
+
 def _canonicalize_node(node: fx.Node) -> None:
     if node.op not in ("call_function", "call_method"):
+        return
+    if _is_full_slice(node):
+        _drop_identity(node, node.args[0])
         return
     cast = _canonical_cast(node)
     if cast is not None:
@@ -204,6 +234,10 @@ def _canonicalize_node(node: fx.Node) -> None:
     if canon is None:
         return
     bound = _normalized_args(node, _SPELLINGS[canon][1])
+    if canon is torch.permute and len(node.args) > 2:  # x.permute(0, 2, 1, 3)
+        bound = {"input": node.args[0], "dims": tuple(node.args[1:])}
+    if canon is torch.einsum and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        bound = {"equation": node.args[0], **dict(zip(("a", "b"), node.args[1]))}
     if bound is None or bound.get("alpha", 1) != 1 or bound.get("rounding_mode") is not None:
         return
     args = [bound[p] for p in _SPELLINGS[canon][1] if p in bound and p not in _DROPPED_DEFAULTS]
@@ -265,7 +299,54 @@ def _rewrite_transpose(node: fx.Node, args: list, bound: dict) -> None:
     _replace(node, "call_function", torch.transpose, (args[0], d0, d1))
 
 
+def _rewrite_sdpa(node: fx.Node, args: list, bound: dict) -> None:
+    """All eight arguments, defaults filled, the six positional ones positional: one form for every call."""
+    values = [bound.get(name, default) for name, default in _SDPA_DEFAULTS.items()]
+    args, kwargs = tuple(values[:6]), {"scale": values[6], "enable_gqa": values[7]}
+    if args != node.args or kwargs != node.kwargs:
+        _replace(node, "call_function", F.scaled_dot_product_attention, args, kwargs)
+
+
+def _transposed(node: fx.Node, source: fx.Node) -> fx.Node:
+    graph = node.graph
+    with graph.inserting_before(node):
+        transpose = graph.call_function(torch.transpose, (source, -2, -1))
+    src = tensor_meta(source)
+    if src is not None:
+        transpose.meta["example_value"] = src.transpose(-2, -1)
+    return transpose
+
+
+def _rewrite_einsum(node: fx.Node, args: list, bound: dict) -> None:
+    """Two-operand einsums that are batched matrix products: `bhqd,bhkd->bhqk` → q @ kᵀ."""
+    equation, a, b = bound.get("equation"), bound.get("a"), bound.get("b")
+    if not isinstance(equation, str) or "->" not in equation or not isinstance(b, fx.Node):
+        return
+    inputs, out = equation.replace(" ", "").split("->")
+    if inputs.count(",") != 1 or "." in equation:
+        return
+    left, right = inputs.split(",")
+    if not (len(left) == len(right) == len(out) >= 2 and left[:-2] == right[:-2] == out[:-2]):
+        return
+    (i, j), (k, l) = left[-2:], right[-2:]
+    if out[-2:] == i + k and j == l and len({i, j, k}) == 3:
+        _replace(node, "call_function", torch.matmul, (a, _transposed(node, b)))
+    elif out[-2:] == i + l and j == k and len({i, j, l}) == 3:
+        _replace(node, "call_function", torch.matmul, (a, b))
+
+
+def _rewrite_permute(node: fx.Node, args: list, bound: dict) -> None:
+    """A permutation that swaps only the last two dims is `transpose(-2, -1)`."""
+    dims, rank = tuple(bound.get("dims") or ()), rank_of(bound["input"])
+    if rank is not None and len(dims) == rank >= 2 and \
+            tuple(_negative_dim(d, rank) for d in dims) == tuple(range(-rank, -2)) + (-1, -2):
+        _replace(node, "call_function", torch.transpose, (bound["input"], -2, -1))
+
+
 _REWRITES: dict[Any, Callable[[fx.Node, list, dict], None]] = {
+    F.scaled_dot_product_attention: _rewrite_sdpa,
+    torch.einsum: _rewrite_einsum,
+    torch.permute: _rewrite_permute,
     torch.softmax: _rewrite_softmax,
     operator.truediv: _rewrite_div,
     operator.mul: _rewrite_mul,

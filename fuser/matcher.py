@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from torch import fx
@@ -23,22 +23,31 @@ COMMUTATIVE = {operator.mul, operator.add}
 
 @dataclass
 class Match:
-    """One site: the pattern, the search that matched, what its placeholders bound, the nodes it covers."""
+    """One site: the pattern, the search that matched, what its placeholders bound, the nodes it covers.
+
+    While the site is replaced (or verified), `resolve` turns a node of the graph into the value
+    the replacement computes with: an fx.Proxy when building the new graph, a real tensor when
+    verifying; `match[name]` applies it to node bindings, literals come back as they are."""
     pattern: Pattern
     search: Callable
     bindings: dict[str, Any]
     nodes: list[fx.Node]  # the model's nodes the match covers, in graph order; the last is its output
-    values: dict[str, Any] = field(default_factory=dict)  # proxies (rewriting) or tensors (verify)
+    resolve: Callable[[fx.Node], Any] | None = None
 
     @property
     def output(self) -> fx.Node:
         return self.nodes[-1]
 
     def __getitem__(self, name: str) -> Any:
-        return self.values[name] if name in self.values else self.bindings[name]
+        bound = self.bindings[name]
+        return self.resolve(bound) if self.resolve is not None and isinstance(bound, fx.Node) else bound
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self.bindings else default
+
+    def value_of(self, node: fx.Node) -> Any:
+        """Any node that comes before the match (a mask's padding tensor, say), as `match[name]` gives."""
+        return self.resolve(node) if self.resolve is not None else node
 
     def meta(self, name: str) -> Any:
         """The example value (a FakeTensor for a tensor) or the literal bound to `name`."""

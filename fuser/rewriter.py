@@ -87,11 +87,11 @@ def apply(m: Match) -> fx.Node:
     """Replace the match's nodes by what its pattern's replace builds; returns the new output node."""
     graph = m.output.graph
     tracer = fx.proxy.GraphAppendingTracer(graph)
-    m.values = {name: fx.Proxy(node, tracer) for name, node in m.inputs().items()}
+    m.resolve = lambda node: fx.Proxy(node, tracer)
     existing = set(graph.nodes)
     with graph.inserting_before(m.output):
         result = m.pattern.replace(m)
-    m.values = {}
+    m.resolve = None
     new_nodes = [n for n in graph.nodes if n not in existing]
     _propagate_meta(new_nodes, m.output)
     m.output.replace_all_uses_with(result.node)

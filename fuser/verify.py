@@ -85,12 +85,12 @@ def compare_site(m, values: dict[fx.Node, Any]) -> str | None:
     expected = values.get(m.output)
     if not isinstance(expected, torch.Tensor):
         return None
-    m.values = {name: values[node] for name, node in m.inputs().items()}
+    m.resolve = values.__getitem__
     try:
         with torch.no_grad():
             ours = m.pattern.replace(m)
     finally:
-        m.values = {}
+        m.resolve = None
     with torch.no_grad():
         ref = run_nodes_float64(m.nodes, inputs)
     problem = numerics_problem(ours, ref, tolerance(expected.dtype))

@@ -1,0 +1,130 @@
+"""`torch.ops.fuser.attention`: naive attention as one fused flash-attention op.
+
+    attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window,
+              bool bottom_right, float softcap, float dropout_p, float mask_value) -> Tensor
+
+q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], any strides; query head h reads KV head
+h // (Hq // Hkv). Output [B, Hq, Lq, Dv] in q's dtype (laid out [B, Lq, Hq, Dv] in memory when q
+is a transposed view of that layout). It computes, in float32:
+    s = q·k·scale; s = softcap·tanh(s/softcap) if softcap > 0; s += mask if float;
+    s = mask_value where excluded (bool mask False, causal: key after query, window: query − key ≥ window,
+    query i at position i + (Lk − Lq if bottom_right else 0)); p = softmax(s); dropout(p); out = p·v.
+Fully masked rows follow the naive formula: NaN with mask_value −inf, the average of V over all
+keys with a finite fill (and their gradients: see backward.py). Gradients flow to q, k, v, not to
+the mask. The kernels take scale > 0, head dims ≤ 256 and fp16/bf16/fp32; anything else (and CPU
+without TRITON_INTERPRET=1) runs `attention_reference`.
+
+Ops: `attention` is CompositeImplicitAutograd: it draws the dropout seed on the CPU generator (no
+device sync) and calls `attention_forward` -> (out, row statistics, tile classes), whose autograd calls
+`attention_backward`. Both are custom ops with fake functions and a reference path.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import launch
+from .forward import output_like
+from .launch import kernels_support
+from .reference import LOG2E, attention_reference, reference_forward
+from .tiles import class_map_shape
+
+__all__ = ["attention_reference", "attention_forward", "attention_backward"]
+
+_LIBRARY = torch.library.Library("fuser", "FRAGMENT")
+_LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
+                "bool bottom_right, float softcap, float dropout_p, float mask_value) -> Tensor")
+
+
+def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value):
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
+    return torch.ops.fuser.attention_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap,
+                                             dropout_p, mask_value, seed)[0]
+
+
+_LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
+
+
+def _check(q, k, v, mask):
+    """The shapes the op is defined for (the patterns' checks keep everything else out)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention takes q, k, v as [B, H, L, D]")
+    b, hq, lq, d = q.shape
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hq % max(k.shape[1], 1) != 0:
+        raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if mask is not None:
+        if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+            raise ValueError(f"attention mask must be bool or floating, not {mask.dtype}")
+        torch.broadcast_shapes(mask.shape, (b, hq, lq, k.shape[2]))
+
+
+def _generator(seed: torch.Tensor | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed.item()))
+
+
+@torch.library.custom_op("fuser::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
+                      mask_value: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores,
+    tile classes of the mask)."""
+    _check(q, k, v, mask)
+    if kernels_support(q, k, v, mask, scale, softcap, dropout_p):
+        return launch.forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
+                              seed)
+    ref, lse = reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
+                                 _generator(seed, q.device))
+    out = output_like(q, v.shape[3])
+    out.copy_(ref)
+    stats = torch.stack([lse * LOG2E, torch.zeros_like(lse)], dim=-1).float()
+    return out, stats, q.new_empty(0, dtype=torch.int8)
+
+
+@attention_forward.register_fake
+def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed):
+    _check(q, k, v, mask)
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    triton_mask = mask.expand(b, hq, lq, lk) if mask is not None and kernels_support(
+        q, k, v, mask, scale, softcap, dropout_p) else None
+    classes = q.new_empty(class_map_shape(triton_mask, lq, lk), dtype=torch.int8)
+    return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
+
+
+@torch.library.custom_op("fuser::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
+                       seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
+                       softcap: float, dropout_p: float, mask_value: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), laid out like q, k, v."""
+    if kernels_support(q, k, v, mask, scale, softcap, dropout_p):
+        return launch.backward(grad_out, q, k, v, mask, out, stats, classes, scale, causal, window, bottom_right,
+                               softcap, dropout_p, mask_value, seed)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        ref = attention_reference(*leaves, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
+                                  generator=_generator(seed, q.device))
+        grads = torch.autograd.grad(ref, leaves, grad_out)
+    return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, mask, out, stats, classes, seed, scale, causal, window, bottom_right, softcap, dropout_p,
+      mask_value):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed = inputs
+    out, stats, classes = output
+    ctx.save_for_backward(q, k, v, mask, out, stats, classes, seed)
+    ctx.literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value)
+
+
+def _backward(ctx, grad_out, _grad_stats, _grad_classes):
+    q, k, v, mask, out, stats, classes, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fuser.attention_backward(grad_out, q, k, v, mask, out, stats, classes, seed, *ctx.literals)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)

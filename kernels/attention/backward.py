@@ -1,0 +1,341 @@
+"""Backward: FlashAttention-2's recomputation from the saved log-sum-exp, in three kernels.
+
+1. preprocess: Δ = rowsum(dO ∘ O) per query row, and a per-head flag for rows whose lse is low
+   enough that skipped tiles carry weight (fully masked rows, see tiles.py).
+2. dK/dV: one program per key block and KV head; it loops over the group's query heads and
+   their query tiles and accumulates dK, dV in registers (no atomics, K/V read once). With
+   ATOMIC_DQ it also adds each tile's dQ share into a float32 buffer (measured against 3.).
+3. dQ: one program per query block, looping over key tiles like the forward.
+
+Tiles that the forward skipped are skipped here too, except for flagged heads, where the
+skipped query tiles holding flagged rows are visited with full masking. That reproduces the
+naive formula's gradients for fully masked rows: with a finite fill, dV gets the uniform
+weights over all keys, and dQ/dK get nothing from excluded scores (masked_fill cuts their
+gradient; a float mask is added, so its scores do pass gradient, as in the naive code).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting
+from .forward import load_tile, mma_operand
+from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, probabilities, query_tiles, rows_saturated,
+                    tile_scores)
+
+
+@triton.jit
+def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, sob, soh, sol, sod, sgb, sgh, sgl, sgd,
+                                Hq, Lq, Dv, saturation_lse, CAN_SKIP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_DV: tl.constexpr):
+    bh = tl.program_id(1)
+    batch = (bh // Hq).to(tl.int64)
+    head = (bh % Hq).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    dv = tl.arange(0, BLOCK_DV)
+    o = load_tile(Out + batch * sob + head * soh + rows[:, None] * sol + dv[None, :] * sod, row_ok, dv < Dv,
+                  True, True).to(tl.float32)
+    do = load_tile(dOut + batch * sgb + head * sgh + rows[:, None] * sgl + dv[None, :] * sgd, row_ok, dv < Dv,
+                   True, True).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * Lq + rows, tl.sum(o * do, 1), mask=row_ok)
+    if CAN_SKIP:
+        stats = Stats + (bh.to(tl.int64) * Lq + rows) * 2
+        lse = tl.load(stats, mask=row_ok, other=0.0) + tl.load(stats + 1, mask=row_ok, other=0.0)
+        tl.atomic_max(HeadFlags + bh, rows_saturated(lse, row_ok, saturation_lse).to(tl.int32))
+
+
+@triton.jit
+def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head, stream,
+              sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale, softcap,
+              mask_value_log2, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+              MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query tile's share of dK and dV (and of dQ with ATOMIC_DQ), in the transposed orientation
+    (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q."""
+    q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = q_idx < Lq
+    d = tl.arange(0, BLOCK_D)
+    dvi = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q_head + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D, MASKED, BLOCK_D != D)
+    do = load_tile(dO_head + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok, dvi < Dv, MASKED, BLOCK_DV != Dv)
+    if MASKED:  # rows past Lq get p = 0 and Δ = 0
+        shift = tl.load(Stats_head + 2 * q_idx, mask=q_ok, other=float("inf"))
+        log2_sum = tl.load(Stats_head + 2 * q_idx + 1, mask=q_ok, other=0.0)
+        delta = tl.load(Delta_head + q_idx, mask=q_ok, other=0.0)
+    else:
+        shift = tl.load(Stats_head + 2 * q_idx)
+        log2_sum = tl.load(Stats_head + 2 * q_idx + 1)
+        delta = tl.load(Delta_head + q_idx)
+    q = mma_operand(q, UPCAST)
+    do = mma_operand(do, UPCAST)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    scores_t, keep_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_ok[None, :], k_idx[:, None],
+                                   mask_head + q_idx[None, :].to(tl.int64) * sml + k_idx[:, None] * smk, Lk,
+                                   pos_offset, window, scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED,
+                                   MASK_KIND, SOFTCAP)
+    p_t = probabilities(scores_t, shift[None, :], log2_sum[None, :], MASKED)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep_t = dropout_keep(seed, stream, q_idx[None, :], k_idx[:, None], dropout_p)
+        dropped_t = tl.where(keep_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+    else:
+        dropped_t = p_t
+    dv = tl.dot(mma_operand(dropped_t.to(Q_head.dtype.element_ty), UPCAST), do, dv, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * softcap_grad_t
+    if MASKED:  # excluded scores were replaced, they pass no gradient (not even NaN)
+        ds_t = tl.where(keep_t, ds_t, 0.0)
+    ds_t = mma_operand(ds_t.to(Q_head.dtype.element_ty), UPCAST)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+        tl.atomic_add(DQ_head + q_idx[:, None] * sdql + d[None, :] * sdqd, dq, mask=q_ok[:, None] & (d < D)[None, :])
+    return dk, dv
+
+
+@triton.jit
+def tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M: tl.constexpr):
+    q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse = (tl.load(Stats_head + 2 * q_idx, mask=q_idx < Lq, other=float("inf"))
+           + tl.load(Stats_head + 2 * q_idx + 1, mask=q_idx < Lq, other=0.0))
+    return rows_saturated(lse, q_idx < Lq, saturation_lse)
+
+
+@triton.jit
+def _attention_dkdv_kernel(
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, DQ,
+        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
+        sgb, sgh, sgl, sgd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, sdqb, sdqh, sdql, sdqd,
+        Hkv, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
+        dropout_p, seed, LQ_KEY, LK_KEY,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (key blocks, batch × KV heads)."""
+    n_block = tl.program_id(0)
+    batch = (tl.program_id(1) // Hkv).to(tl.int64)
+    kv_head = (tl.program_id(1) % Hkv).to(tl.int64)
+    k_idx = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k_idx < Lk
+    d = tl.arange(0, BLOCK_D)
+    dvi = tl.arange(0, BLOCK_DV)
+    k = load_tile(K + batch * skb + kv_head * skh + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, True,
+                  BLOCK_D != D)
+    v = load_tile(V + batch * svb + kv_head * svh + k_idx[:, None] * svl + dvi[None, :] * svd, k_ok, dvi < Dv, True,
+                  BLOCK_DV != Dv)
+    k = mma_operand(k, UPCAST)
+    v = mma_operand(v, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    t_lo, f_lo, f_hi, t_hi = query_tiles(n_block * BLOCK_N, tl.minimum(n_block * BLOCK_N + BLOCK_N, Lk) - 1, Lq,
+                                         pos_offset, window, CAUSAL, WINDOWED, BLOCK_M)
+    n_q_tiles = tl.cdiv(Lq, BLOCK_M)
+    for g in range(group):
+        head = kv_head * group + g
+        Q_head = Q + batch * sqb + head * sqh
+        dO_head = dOut + batch * sgb + head * sgh
+        Stats_head = Stats + (batch * Hq + head) * Lq * 2
+        Delta_head = Delta + (batch * Hq + head) * Lq
+        DQ_head = DQ + batch * sdqb + head * sdqh
+        mask_head = Mask + batch * smb + head * smh
+        class_col = Classes + batch * scb + head * sch + (n_block * BLOCK_N // CELL) * scn
+        stream = (batch * Hq + head).to(tl.int32)
+        if MASK_KIND != 0:
+            for m in range(t_lo, t_hi):
+                cls = tl.load(class_col + (m * BLOCK_M // CELL) * scm)
+                if cls == FULL:
+                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head,
+                                       mask_head, stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv,
+                                       pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
+                                       BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                                       ATOMIC_DQ, UPCAST, DOT_PRECISION)
+                elif cls == PARTIAL:
+                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head,
+                                       mask_head, stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv,
+                                       pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
+                                       BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                                       ATOMIC_DQ, UPCAST, DOT_PRECISION)
+        else:
+            for m in range(t_lo, f_lo):
+                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head,
+                                   stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset,
+                                   window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
+                                   BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST,
+                                   DOT_PRECISION)
+            for m in range(f_lo, f_hi):
+                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head,
+                                   stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset,
+                                   window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
+                                   BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST,
+                                   DOT_PRECISION)
+            for m in range(f_hi, t_hi):
+                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head,
+                                   stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset,
+                                   window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
+                                   BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST,
+                                   DOT_PRECISION)
+        if CAN_SKIP:  # flagged heads: the skipped tiles holding rows that skipping would change
+            if tl.load(HeadFlags + batch * Hq + head) != 0:
+                for m in range(0, n_q_tiles):
+                    skipped = (m < t_lo) | (m >= t_hi)
+                    if MASK_KIND != 0:
+                        skipped = skipped | (tl.load(class_col + (m * BLOCK_M // CELL) * scm) == SKIP)
+                    if skipped:
+                        if tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M):
+                            dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
+                                               DQ_head, mask_head, stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk,
+                                               Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                                               dropout_p, seed, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED,
+                                               MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST, DOT_PRECISION)
+    tl.store(dK + batch * sdkb + kv_head * sdkh + k_idx[:, None] * sdkl + d[None, :] * sdkd,
+             (dk * scale).to(dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
+    tl.store(dV + batch * sdvb + kv_head * sdvh + k_idx[:, None] * sdvl + dvi[None, :] * sdvd,
+             dv.to(dV.dtype.element_ty), mask=k_ok[:, None] & (dvi < Dv)[None, :])
+
+
+@triton.jit
+def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
+            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+            WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end)."""
+    k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k_idx < Lk
+    d = tl.arange(0, BLOCK_D)
+    dvi = tl.arange(0, BLOCK_DV)
+    k = mma_operand(load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, BLOCK_D != D),
+                    UPCAST)
+    v = mma_operand(load_tile(v_base + k_idx[:, None] * svl + dvi[None, :] * svd, k_ok, dvi < Dv, MASKED,
+                              BLOCK_DV != Dv), UPCAST)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores, keep, softcap_grad = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
+                               mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window, scale, softcap,
+                               mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP)
+    p = probabilities(scores, shift[:, None], log2_sum[:, None], MASKED)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * softcap_grad
+    if MASKED:
+        ds = tl.where(keep, ds, 0.0)
+    return tl.dot(mma_operand(ds.to(k_base.dtype.element_ty), UPCAST), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attention_dq_kernel(
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ,
+        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
+        sgb, sgh, sgl, sgd, sdqb, sdqh, sdql, sdqd,
+        Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p,
+        seed, LQ_KEY, LK_KEY,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (query blocks, batch × query heads). A block with rows that skipping would change
+    visits every key tile with full masking."""
+    m_block = tl.program_id(0)
+    batch = (tl.program_id(1) // Hq).to(tl.int64)
+    head = (tl.program_id(1) % Hq).to(tl.int64)
+    kv_head = head // group
+    q_idx = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = q_idx < Lq
+    d = tl.arange(0, BLOCK_D)
+    dvi = tl.arange(0, BLOCK_DV)
+    q = mma_operand(load_tile(Q + batch * sqb + head * sqh + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D,
+                              True, BLOCK_D != D), UPCAST)
+    do = mma_operand(load_tile(dOut + batch * sgb + head * sgh + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok,
+                               dvi < Dv, True, BLOCK_DV != Dv), UPCAST)
+    stats = Stats + ((batch * Hq + head) * Lq + q_idx) * 2
+    shift = tl.load(stats, mask=q_ok, other=0.0)
+    log2_sum = tl.load(stats + 1, mask=q_ok, other=0.0)
+    delta = tl.load(Delta + (batch * Hq + head) * Lq + q_idx, mask=q_ok, other=0.0)
+    k_base = K + batch * skb + kv_head * skh
+    v_base = V + batch * svb + kv_head * svh
+    mask_row_ptrs = Mask + batch * smb + head * smh + q_idx.to(tl.int64) * sml
+    class_row = Classes + batch * scb + head * sch + (m_block * BLOCK_M // CELL) * scm
+    stream = (batch * Hq + head).to(tl.int32) + q_idx * 0
+    q_pos_lo = m_block * BLOCK_M + pos_offset
+    q_pos_hi = tl.minimum(m_block * BLOCK_M + BLOCK_M, Lq) - 1 + pos_offset
+    t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, CAUSAL, WINDOWED, BLOCK_N)
+    respect_classes = t_lo == t_lo
+    if CAN_SKIP:
+        exact = rows_saturated(shift + log2_sum, q_ok, saturation_lse)
+        respect_classes = ~exact
+        t_lo = tl.where(exact, 0, t_lo)
+        f_lo = tl.where(exact, 0, f_lo)
+        f_hi = tl.where(exact, 0, f_hi)
+        t_hi = tl.where(exact, tl.cdiv(Lk, BLOCK_N), t_hi)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if MASK_KIND != 0:
+        for n in range(t_lo, t_hi):
+            cls = tl.load(class_row + (n * BLOCK_N // CELL) * scn, mask=respect_classes, other=PARTIAL)
+            if cls == FULL:
+                dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                             dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
+                             DROPOUT, UPCAST, DOT_PRECISION)
+            elif cls == PARTIAL:
+                dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                             dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
+                             DROPOUT, UPCAST, DOT_PRECISION)
+    else:
+        for n in range(t_lo, f_lo):
+            dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                         mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
+                         seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                         UPCAST, DOT_PRECISION)
+        for n in range(f_lo, f_hi):
+            dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                         mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
+                         seed, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                         UPCAST, DOT_PRECISION)
+        for n in range(f_hi, t_hi):
+            dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                         mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
+                         seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                         UPCAST, DOT_PRECISION)
+    tl.store(dQ + batch * sdqb + head * sdqh + q_idx[:, None] * sdql + d[None, :] * sdqd,
+             (dq * scale).to(dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
+
+
+def _prune_backward_configs(configs, named_args, **kwargs):
+    """Keep configs that fit shared memory (K/V block resident, query tiles pipelined) and the lengths."""
+    block_d, block_dv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+    element = named_args["Q"].element_size()
+    kept = []
+    for config in configs:
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        shared = element * (n * (block_d + block_dv) + config.num_stages * m * (block_d + block_dv))
+        if shared <= 200 * 1024 and (block_d + block_dv <= 256 or max(m, n) <= 64):
+            kept.append(config)
+    return kept or configs[-1:]
+
+
+def _configs(shapes):
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_BACKWARD_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOWED", "MASK_KIND", "SOFTCAP", "DROPOUT"]
+# (query rows, key rows, warps, stages) per program
+attention_dkdv_kernel = triton.autotune(
+    _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]),
+    key=_BACKWARD_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
+    prune_configs_by={"early_config_prune": _prune_backward_configs})(_attention_dkdv_kernel)
+attention_dq_kernel = triton.autotune(
+    _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
+    key=_BACKWARD_KEY, prune_configs_by={"early_config_prune": _prune_backward_configs})(_attention_dq_kernel)
+backward_preprocess_kernel = _backward_preprocess_kernel

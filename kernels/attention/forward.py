@@ -1,0 +1,346 @@
+"""Forward: tiled flash attention, one pass over K/V per block of query rows.
+
+Each program holds BLOCK_M query rows in registers and walks the key tiles that may be
+visible to them, with an online softmax in float32 on exp2 (scale·log2 e folded into one
+multiply). Tiles fully visible run without any masking; tiles on a causal diagonal, a window
+edge, the end of the keys or a PARTIAL mask cell apply masks elementwise; SKIP tiles are not
+read. Rows that skipping could change (see tiles.py) are recomputed in the same program without
+skipping, which keeps fully masked rows exactly as the naive formula gives them.
+
+GQA: a query head reads KV head h // group through strides, K/V are never repeated. For short
+query blocks (decode), the group's query heads are packed into the rows of one program
+(PACK_GQA), so K/V are read once per KV head. When there are too few programs to fill the GPU,
+the keys are split across programs (flash-decoding); a second kernel merges their partial
+softmaxes (and does the exact recompute for rows that need it).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting
+from .tiles import (FULL, LOG2E, PARTIAL, SKIP, class_cell, dropout_keep, key_tiles, rows_saturated, tile_scores)
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A 2-D tile, zero outside; the bounds checks that cannot fail are left out at compile time."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def mma_operand(x, UPCAST: tl.constexpr):
+    """The interpreter's bf16/fp16 arithmetic is wrong: it multiplies float32 copies instead."""
+    if UPCAST:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M: tl.constexpr, PACK_GQA: tl.constexpr):
+    """Batch, per-row query head and index, row validity and the KV head of one program's rows.
+
+    Packed, rows run over (head in group, query index); otherwise over the query index.
+    """
+    batch = bh // heads_in_grid
+    grid_head = bh % heads_in_grid
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        q_head = grid_head * group + rows // Lq
+        q_idx = rows % Lq
+        q_ok = rows < group * Lq
+        kv_head = grid_head
+    else:
+        q_head = grid_head + rows * 0
+        q_idx = rows
+        q_ok = rows < Lq
+        kv_head = grid_head // group
+    return batch, grid_head, q_head, q_idx, q_ok, kv_head
+
+
+@triton.jit
+def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
+                Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile into the running (acc, max, sum) of the online softmax."""
+    k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k_ok = k_idx < Lk
+    k = load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, BLOCK_D != D)
+    qk = tl.dot(q, tl.trans(mma_operand(k, UPCAST)), input_precision=DOT_PRECISION)
+    if MASKED or SOFTCAP:
+        scores, _, _ = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
+                                mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window,
+                                scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        if MASKED:  # a row may have seen only −inf so far
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(scores - m_use[:, None])
+    else:  # scale > 0 is required, so max(qk)·c is the max of the scaled scores
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * (scale * LOG2E))
+        m_use = m_new
+        p = tl.exp2(qk * (scale * LOG2E) - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    v = load_tile(v_base + k_idx[:, None] * svl + dv[None, :] * svd, k_ok, dv < Dv, MASKED, BLOCK_DV != Dv)
+    acc = tl.dot(mma_operand(p.to(v.dtype), UPCAST), mma_operand(v, UPCAST), acc * alpha[:, None],
+                 input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, CELL: tl.constexpr, RESPECT_CLASSES: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(acc, max, sum) of the rows over key tiles [t_lo, t_hi); [f_lo, f_hi) are known fully visible.
+
+    With a mask tensor every tile's class decides (with RESPECT_CLASSES; without, every tile is masked).
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if MASK_KIND != 0:
+        for n in range(t_lo, t_hi):
+            if RESPECT_CLASSES and USE_CLASSES:
+                cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * scn)
+            else:
+                cls = PARTIAL
+            if cls == FULL:
+                acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                                            stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale,
+                                            softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                            False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST,
+                                            DOT_PRECISION)
+            elif cls != SKIP:
+                acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                                            stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale,
+                                            softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                            True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST,
+                                            DOT_PRECISION)
+    else:
+        for n in range(t_lo, f_lo):
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                                        mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                        mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL,
+                                        WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        for n in range(f_lo, f_hi):
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                                        mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                        mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL,
+                                        WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        for n in range(f_hi, t_hi):
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                                        mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                        mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL,
+                                        WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_splits,
+                        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk,
+                        scb, sch, scm, scn, heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale,
+                        softcap, mask_value_log2, saturation_lse, dropout_p, seed,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+                        USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                        PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Attention of one block of rows: (rows' head and index, acc, max, sum).
+
+    `exact` visits every key tile without skipping; otherwise the rows' visible tiles (their
+    `split`-th share), followed by an exact recompute when skipping may have changed a row
+    (only when not split: then the merge decides).
+    """
+    batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M,
+                                                                 PACK_GQA)
+    batch = batch.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    q_rows = Q + batch * sqb + q_head.to(tl.int64) * sqh + q_idx.to(tl.int64) * sql
+    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sqd, q_ok, d < D, True, BLOCK_D != D), UPCAST)
+    k_base = K + batch * skb + kv_head.to(tl.int64) * skh
+    v_base = V + batch * svb + kv_head.to(tl.int64) * svh
+    mask_row_ptrs = Mask + batch * smb + q_head.to(tl.int64) * smh + q_idx.to(tl.int64) * sml
+    class_ptr = Classes + batch * scb + grid_head * sch + (m_block * BLOCK_M // CELL) * scm
+    stream = batch.to(tl.int32) * Hq + q_head
+    n_tiles = tl.cdiv(Lk, BLOCK_N)
+    if exact:
+        t_lo, f_lo, f_hi, t_hi = 0, 0, 0, n_tiles
+    else:
+        q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
+        q_pos_hi = tl.max(tl.where(q_ok, q_idx, 0), 0) + pos_offset
+        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, CAUSAL, WINDOWED, BLOCK_N)
+        share = tl.cdiv(t_hi - t_lo, num_splits)
+        s_lo = tl.minimum(t_lo + split * share, t_hi)
+        s_hi = tl.minimum(s_lo + share, t_hi)
+        t_lo, t_hi = s_lo, s_hi
+        f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
+        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
+    acc, m_i, l_i = attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                                stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale,
+                                softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CELL,
+                                not exact, CAUSAL, WINDOWED, MASK_KIND, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+    if CAN_SKIP and not exact:
+        if num_splits == 1:
+            if rows_saturated(m_i + tl.log2(l_i), q_ok, saturation_lse):
+                acc, m_i, l_i = attend_rows(q, 0, 0, 0, n_tiles, k_base, v_base, skl, skd, svl, svd, q_idx,
+                                            q_ok, stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset,
+                                            window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
+                                            BLOCK_N, BLOCK_D, BLOCK_DV, CELL, False, CAUSAL, WINDOWED, MASK_KIND,
+                                            USE_CLASSES, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+    return batch, q_head, q_idx, q_ok, acc, m_i, l_i
+
+
+@triton.jit
+def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, sob, soh, sol, sod, ssb, ssh, ssl, Dv,
+               BLOCK_DV: tl.constexpr):
+    """Write a block of output rows (rounded to Out's dtype) and their softmax statistics.
+
+    The log-sum-exp of a row is kept as two floats, shift + log2(sum): for a fully masked row with a
+    finfo.min fill the shift is ≈ −FLT_MAX, and their float32 sum would lose the log2(sum) part.
+    """
+    dv = tl.arange(0, BLOCK_DV)
+    rows = batch * sob + q_head.to(tl.int64) * soh + q_idx.to(tl.int64) * sol
+    tl.store(Out + rows[:, None] + dv[None, :] * sod, out.to(Out.dtype.element_ty),
+             mask=q_ok[:, None] & (dv < Dv)[None, :])
+    stats = Stats + batch * ssb + q_head.to(tl.int64) * ssh + q_idx.to(tl.int64) * ssl
+    tl.store(stats, shift, mask=q_ok)
+    tl.store(stats + 1, log2_sum, mask=q_ok)
+
+
+@triton.jit
+def _attention_forward_kernel(
+        Q, K, V, Mask, Classes, Out, Stats,
+        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
+        sos, sob, soh, sol, sod, sss, ssb, ssh, ssl,
+        heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+        saturation_lse, dropout_p, seed, ROWS_KEY, LK_KEY,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+        USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr,
+        CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (row blocks, batch × heads in grid, splits). With splits, Out/Stats are the float32
+    partial buffers (normalized partial output, 0 where a split saw nothing, and its statistics)."""
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
+        Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), False, split, num_splits,
+        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
+        heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
+        dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CELL, CAUSAL, WINDOWED, MASK_KIND, USE_CLASSES,
+        SOFTCAP, DROPOUT, PACK_GQA, CAN_SKIP, UPCAST, DOT_PRECISION)
+    out = acc / l_i[:, None]
+    if num_splits > 1:
+        out = tl.where(l_i[:, None] > 0, out, 0.0)
+    store_rows(Out + split * sos, Stats + split * sss, batch, q_head, q_idx, q_ok, out, m_i, tl.log2(l_i),
+               sob, soh, sol, sod, ssb, ssh, ssl, Dv, BLOCK_DV)
+
+
+@triton.jit
+def _merge_splits_kernel(
+        Q, K, V, Mask, Classes, Out, Stats, PartOut, PartStats,
+        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
+        sob, soh, sol, sod, ssb, ssh, ssl, sps, spb, sph, spl, spd, sts, stb, sth, stl,
+        num_splits, heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+        saturation_lse, dropout_p, seed,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Merge the splits' partial softmaxes; rows that skipping may have changed are recomputed exactly."""
+    batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
+                                                                 group, Lq, BLOCK_M, PACK_GQA)
+    batch = batch.to(tl.int64)
+    dv = tl.arange(0, BLOCK_DV)
+    part_rows = batch * spb + q_head.to(tl.int64) * sph + q_idx.to(tl.int64) * spl
+    stat_rows = PartStats + batch * stb + q_head.to(tl.int64) * sth + q_idx.to(tl.int64) * stl
+    lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        lse = tl.maximum(lse, tl.load(stat_rows + s * sts, mask=q_ok, other=0.0)
+                         + tl.load(stat_rows + s * sts + 1, mask=q_ok, other=0.0))
+    if rows_saturated(lse, q_ok, saturation_lse):
+        _, _, _, _, acc, m_i, l_i = attend_program_rows(
+            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, 0, 1,
+            sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
+            heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+            saturation_lse, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CELL, CAUSAL, WINDOWED, MASK_KIND,
+            False, SOFTCAP, DROPOUT, PACK_GQA, True, UPCAST, DOT_PRECISION)
+        out = acc / l_i[:, None]
+        shift = m_i
+        log2_sum = tl.log2(l_i)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s in range(num_splits):
+            weight = tl.exp2(tl.load(stat_rows + s * sts, mask=q_ok, other=0.0)
+                             + tl.load(stat_rows + s * sts + 1, mask=q_ok, other=0.0) - lse)
+            part = tl.load(PartOut + s * sps + part_rows[:, None] + dv[None, :] * spd,
+                           mask=q_ok[:, None] & (dv < Dv)[None, :], other=0.0)
+            acc += weight[:, None] * part
+            total += weight
+        out = acc / total[:, None]
+        shift = lse
+        log2_sum = tl.log2(total)
+    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, sob, soh, sol, sod, ssb, ssh, ssl, Dv,
+               BLOCK_DV)
+
+
+def _forward_configs():
+    """Hopper candidates (block rows × keys, warps, pipeline depth); one small fixed config when interpreting."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+              (128, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune_forward_configs(configs, named_args, **kwargs):
+    """Keep configs whose K/V pipeline fits in shared memory and whose rows suit the row count."""
+    rows, block_d, block_dv = named_args["ROWS_KEY"], kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+    element = named_args["Q"].element_size()
+    kept = []
+    for config in configs:
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        shared = element * (m * block_d + config.num_stages * n * (block_d + block_dv))
+        row_fit = m <= max(16, rows) and (m >= 64 or rows <= 64)
+        big_head = block_d + block_dv > 256
+        if shared <= 200 * 1024 and row_fit and (not big_head or n <= 64):
+            kept.append(config)
+    return kept or configs[-1:]
+
+
+_FORWARD_KEY = ["ROWS_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOWED", "MASK_KIND", "SOFTCAP", "DROPOUT",
+                "PACK_GQA"]
+attention_forward_kernel = triton.autotune(_forward_configs(), key=_FORWARD_KEY,
+                                           prune_configs_by={"early_config_prune": _prune_forward_configs})(
+    _attention_forward_kernel)
+
+
+def output_like(q: torch.Tensor, last_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty [B, H, L, last_dim] tensor laid out like q: [B, L, H, ·] memory when q is a transposed
+    view of that layout (then the caller's transpose back is free), else contiguous."""
+    b, h, length, _ = q.shape
+    dtype = dtype or q.dtype
+    if q.stride(1) < q.stride(2) and h > 1 and length > 1:
+        return q.new_empty(b, length, h, last_dim, dtype=dtype).transpose(1, 2)
+    return q.new_empty(b, h, length, last_dim, dtype=dtype)

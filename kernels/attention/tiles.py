@@ -1,0 +1,230 @@
+"""What the forward and backward kernels share: which tiles to visit, and one tile's scores.
+
+Scores are kept in log2 units (natural score · log2 e) so the softmax runs on exp2. A value
+below −FLT_MAX/log2 e (finfo.min fills) would overflow there; it is clamped to −FLT_MAX, so
+all such fills compare equal (as they do in float64, where adding a score to them is lost).
+
+Tile classes (per 128×128 cell of the score matrix on the GPU, 32×32 under the interpreter):
+SKIP (every score is excluded by position, a False bool or a float ≤ −FLT_MAX/log2 e),
+FULL (every score visible, mask zero, cell inside the matrix) or PARTIAL. A skipped score
+is at most `skipped_bound` = max(mask_value, −FLT_MAX) in log2 units, so skipping cannot change a row
+whose log-sum-exp is above skipped_bound + 160 (2^−160 is zero in float32). Rows at or below
+it (fully masked rows and their kin) are recomputed without skipping: that keeps the naive
+formula's answer for them — NaN for a −inf fill, the average of V over all keys for a finite one.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting
+
+LOG2E = tl.constexpr(1.4426950408889634)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+SKIP = tl.constexpr(0)
+PARTIAL = tl.constexpr(1)
+FULL = tl.constexpr(2)
+NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
+SATURATION_MARGIN = 160.0
+
+
+def class_cell() -> int:
+    """Side of a tile-class cell; every kernel block divides it (blocks are powers of two ≤ 128)."""
+    return 32 if interpreting() else 128
+
+
+@triton.jit
+def tile_ranges(lo_any, hi_any, lo_full, hi_full, length, BLOCK: tl.constexpr):
+    """Tiles [t_lo, t_hi) touch [lo_any, hi_any); tiles [f_lo, f_hi) ⊆ them lie inside [lo_full, hi_full)
+    and inside [0, length). The tiles between need elementwise masking."""
+    lo_any = tl.maximum(lo_any, 0)
+    hi_any = tl.minimum(hi_any, length)
+    t_lo = lo_any // BLOCK
+    t_hi = tl.where(hi_any > lo_any, tl.cdiv(hi_any, BLOCK), t_lo)
+    f_lo = tl.cdiv(tl.maximum(lo_full, 0), BLOCK)
+    f_hi = tl.minimum(hi_full, length) // BLOCK
+    f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
+@triton.jit
+def key_tiles(q_pos_lo, q_pos_hi, Lk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles for queries at positions [q_pos_lo, q_pos_hi]: causal keeps k ≤ pos, a window pos − k < window."""
+    lo_any = 0
+    hi_any = Lk
+    lo_full = 0
+    hi_full = Lk
+    if CAUSAL:
+        hi_any = q_pos_hi + 1
+        hi_full = q_pos_lo + 1
+    if WINDOWED:
+        lo_any = q_pos_lo - window + 1
+        lo_full = q_pos_hi - window + 1
+    return tile_ranges(lo_any, hi_any, lo_full, hi_full, Lk, BLOCK_N)
+
+
+@triton.jit
+def query_tiles(k_lo, k_hi, Lq, pos_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Query tiles that see keys [k_lo, k_hi] (query i sits at position i + pos_offset)."""
+    lo_any = 0
+    hi_any = Lq
+    lo_full = 0
+    hi_full = Lq
+    if CAUSAL:
+        lo_any = k_lo - pos_offset
+        lo_full = k_hi - pos_offset
+    if WINDOWED:
+        hi_any = k_hi + window - pos_offset
+        hi_full = k_lo + window - pos_offset
+    return tile_ranges(lo_any, hi_any, lo_full, hi_full, Lq, BLOCK_M)
+
+
+@triton.jit
+def mask_to_log2(x):
+    """A float mask value in log2 units, finite values clamped at −FLT_MAX (−inf stays −inf)."""
+    return tl.where(x == float("-inf"), x, tl.maximum(x * LOG2E, -FLT_MAX, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2 (portable between the compiler and the interpreter; saturates to ±1)."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, pos_offset, window, scale, softcap, mask_value_log2,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """(scores in log2 units, kept, d(softcapped score)/d(scaled score)) of one tile.
+
+    q_idx/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
+    (position, False in a bool mask; `kept` False) become mask_value, keys past Lk −inf. With MASKED
+    False the tile is known fully visible and inside the matrix (`kept` is then a constant True).
+    """
+    if SOFTCAP:
+        t = tanh(qk * (scale / softcap))
+        scores = t * (softcap * LOG2E)
+        softcap_grad = 1.0 - t * t
+    else:
+        scores = qk * (scale * LOG2E)
+        softcap_grad = 1.0
+    keep = True
+    if MASKED:
+        in_range = k_idx < Lk
+        keep = in_range
+        q_pos = q_idx + pos_offset
+        if CAUSAL:
+            keep = keep & (k_idx <= q_pos)
+        if WINDOWED:
+            keep = keep & (q_pos - k_idx < window)
+        if MASK_KIND == 1:
+            keep = keep & (tl.load(mask_ptrs, mask=in_range & q_ok, other=1) != 0)
+        if MASK_KIND == 2:
+            added = tl.load(mask_ptrs, mask=in_range & q_ok, other=0.0).to(tl.float32)
+            scores = scores + mask_to_log2(added)
+        scores = tl.where(keep, scores, mask_value_log2)
+        scores = tl.where(in_range, scores, float("-inf"))
+    return scores, keep, softcap_grad
+
+
+@triton.jit
+def probabilities(scores, shift, log2_sum, MASKED: tl.constexpr):
+    """Softmax probabilities from the forward's statistics (rows along dim 0 of shift/log2_sum
+    broadcast against scores). Masked tiles subtract the shift first, exact for ≈ −FLT_MAX rows."""
+    if MASKED:
+        return tl.exp2((scores - shift) - log2_sum)
+    else:
+        return tl.exp2(scores - (shift + log2_sum))
+
+
+@triton.jit
+def dropout_keep(seed, stream, q_idx, k_idx, dropout_p):
+    """Philox keep-mask of one tile: the same (seed, batch·head, query, key) always draws the same number."""
+    zero = (q_idx * 0 + k_idx * 0 + stream * 0).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, k_idx.to(tl.uint32) + zero, q_idx.to(tl.uint32) + zero,
+                              stream.to(tl.uint32) + zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def rows_saturated(lse, row_ok, saturation_lse):
+    """True if some row's log-sum-exp is not above the bound (or NaN): skipping tiles may change it."""
+    return tl.max((row_ok & ~(lse > saturation_lse)).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _classify_tiles_kernel(Mask, Classes, smb, smh, sml, smk, scb, sch, scm, scn, heads_in_map, Lq, Lk,
+                           pos_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                           IS_BOOL: tl.constexpr, CELL: tl.constexpr):
+    n_cell = tl.program_id(0)
+    m_cell = tl.program_id(1)
+    batch = tl.program_id(2) // heads_in_map
+    head = tl.program_id(2) % heads_in_map
+    rows = m_cell * CELL + tl.arange(0, CELL)
+    cols = n_cell * CELL + tl.arange(0, CELL)
+    # a broadcast dimension (stride 0) is read once
+    row_ok = (rows < Lq) & ((rows * 0 + sml != 0) | (rows == m_cell * CELL))
+    col_ok = (cols < Lk) & ((cols * 0 + smk != 0) | (cols == n_cell * CELL))
+    inside = row_ok[:, None] & col_ok[None, :]
+    ptrs = Mask + batch.to(tl.int64) * smb + head.to(tl.int64) * smh + rows[:, None].to(tl.int64) * sml \
+        + cols[None, :].to(tl.int64) * smk
+    values = tl.load(ptrs, mask=inside, other=0)
+    if IS_BOOL:
+        hidden = values == 0
+        shown = values != 0
+    else:
+        values = values.to(tl.float32)
+        hidden = mask_to_log2(values) <= -FLT_MAX
+        shown = values == 0.0
+    mask_skips = tl.sum((inside & ~hidden).to(tl.int32)) == 0
+    mask_shows = tl.sum((inside & ~shown).to(tl.int32)) == 0
+    q_lo = m_cell * CELL + pos_offset
+    q_hi = tl.minimum(m_cell * CELL + CELL, Lq) - 1 + pos_offset
+    k_lo = n_cell * CELL
+    k_hi = tl.minimum(n_cell * CELL + CELL, Lk) - 1
+    position_skips = False
+    position_shows = ((m_cell + 1) * CELL <= Lq) & ((n_cell + 1) * CELL <= Lk)
+    if CAUSAL:
+        position_skips = position_skips | (k_lo > q_hi)
+        position_shows = position_shows & (k_hi <= q_lo)
+    if WINDOWED:
+        position_skips = position_skips | (q_lo - k_hi >= window)
+        position_shows = position_shows & (q_hi - k_lo < window)
+    cls = tl.where(mask_skips | position_skips, SKIP, tl.where(mask_shows & position_shows, FULL, PARTIAL))
+    tl.store(Classes + batch * scb + head * sch + m_cell * scm + n_cell * scn, cls.to(tl.int8))
+
+
+def classify_tiles(mask: torch.Tensor, is_bool: bool, lq: int, lk: int, pos_offset: int, causal: bool, window: int) -> torch.Tensor:
+    """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of an expanded [B, H, Lq, Lk] mask
+    (B', H' are 1 where the mask broadcasts), positions folded in."""
+    cell = class_cell()
+    batches = mask.shape[0] if mask.stride(0) != 0 else 1
+    heads = mask.shape[1] if mask.stride(1) != 0 else 1
+    classes = torch.empty(batches, heads, triton.cdiv(lq, cell), triton.cdiv(lk, cell), dtype=torch.int8,
+                          device=mask.device)
+    if classes.numel() == 0:
+        return classes
+    grid = (classes.shape[3], classes.shape[2], batches * heads)
+    _classify_tiles_kernel[grid](mask, classes, *mask.stride(), *classes.stride(), heads, lq, lk, pos_offset,
+                                 max(window, 0), CAUSAL=causal, WINDOWED=window > 0,
+                                 IS_BOOL=is_bool, CELL=cell, num_warps=4)
+    return classes
+
+
+def class_map_shape(mask: torch.Tensor | None, lq: int, lk: int) -> tuple[int, ...]:
+    """Shape `classify_tiles` returns for an expanded mask ((0,) without a mask): for fake tensors."""
+    if mask is None:
+        return (0,)
+    cell = class_cell()
+    return (mask.shape[0] if mask.stride(0) != 0 else 1, mask.shape[1] if mask.stride(1) != 0 else 1,
+            (lq + cell - 1) // cell, (lk + cell - 1) // cell)
+
+
+def class_strides(classes: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of the class map for kernels (0 along broadcast batch/head dims)."""
+    if classes.dim() != 4:
+        return (0, 0, 0, 0)
+    return tuple(0 if classes.shape[i] == 1 else classes.stride(i) for i in range(2)) + tuple(classes.stride()[2:])

@@ -1,0 +1,331 @@
+"""RMSNorm in one pass over the input: `torch.ops.fuser.rms_norm`, its Triton backward, its reference.
+
+One op covers transformers' RMSNorm forms, told apart by two literals:
+- `weight_before_cast=True`: the weight multiplies in float32, then one cast (Gemma with
+  `weight_offset=1.0`, Olmo2 with 0);
+- `weight_before_cast=False`: the normalized value is rounded to the input dtype first and
+  multiplied by `weight_offset + weight` in the promoted dtype (Llama: `weight * h.to(input_dtype)`).
+The kernels round where that code rounds, so they agree with it, not only with float64.
+
+Rows longer than one block loop over column blocks (two passes over x); shorter rows are held
+in registers, several rows per program when rows are short. The weight gradient is reduced
+without atomics: each program of the backward keeps its rows' partial sums and writes one row of
+a [programs, N] float32 buffer, which a second small kernel sums column block by column block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TORCH_TO_TRITON_SUPPORTED, use_triton
+
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@dataclass(frozen=True)
+class RowTiling:
+    """How a row kernel covers a [rows, N] matrix: `block_m` rows × `block_n` columns at a time.
+
+    A row longer than `block_n` is walked block by block; `block_m` > 1 gives short rows
+    enough work per program.
+    """
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    @staticmethod
+    def for_rows(n_rows: int, n_cols: int, max_block_n: int, min_tile: int = 2048,
+                 elements_per_thread: int = 16) -> "RowTiling":
+        """A tile of about `min_tile` or more elements, `elements_per_thread` of them per thread."""
+        block_n = min(triton.next_power_of_2(n_cols), max_block_n)
+        block_m = min(triton.next_power_of_2(n_rows), max(1, min_tile // block_n))
+        num_warps = min(16, max(1, block_m * block_n // (32 * elements_per_thread)))
+        return RowTiling(block_m, block_n, num_warps)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a [rows, N] matrix whose last dim is contiguous (a view when strides allow)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def program_slots(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: the multiprocessor count (4 when interpreting)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def load_rows(row_ptrs, row_ok, cols, n_cols, other, EVICTION: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] block as float32 (`other` outside the matrix)."""
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    return tl.load(row_ptrs + cols[None, :], mask=mask, other=other, eviction_policy=EVICTION).to(tl.float32)
+
+
+@triton.jit
+def store_rows(row_ptrs, row_ok, cols, n_cols, value):
+    """Store a float32 block, rounded to the destination's dtype."""
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    tl.store(row_ptrs + cols[None, :], value.to(row_ptrs.dtype.element_ty), mask=mask)
+
+
+def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+    """Rows up to 16K elements stay in registers (measured on H100: benchmarks/RESULTS.md)."""
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384)
+
+
+def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+    """x, dy and the weight-gradient accumulator live together: blocks of at most 8K columns."""
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _normalize_and_store(x, rstd, out_rows, row_ok, cols, n_cols, w_ptr, weight_offset, HAS_WEIGHT: tl.constexpr,
+                         WEIGHT_BEFORE_CAST: tl.constexpr, INPUT_DTYPE: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
+    """Write one block of the output, rounding where the mirrored code rounds."""
+    y = x * rstd[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if WEIGHT_BEFORE_CAST:
+            y = y * (weight_offset + w)[None, :]
+        else:
+            scale = (weight_offset + w).to(w_ptr.dtype.element_ty).to(tl.float32)
+            y = (y.to(INPUT_DTYPE).to(tl.float32) * scale[None, :]).to(PRODUCT_DTYPE)
+    store_rows(out_rows, row_ok, cols, n_cols, y)
+
+
+@triton.jit
+def _rms_norm_forward_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_row_stride, eps,
+                             weight_offset, HAS_WEIGHT: tl.constexpr, WEIGHT_BEFORE_CAST: tl.constexpr,
+                             INPUT_DTYPE: tl.constexpr, PRODUCT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride
+    block = tl.arange(0, BLOCK_N)
+    if ROW_FITS:
+        x = load_rows(x_rows, row_ok, block, n_cols, 0.0, "")
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        _normalize_and_store(x, rstd, out_rows, row_ok, block, n_cols, w_ptr, weight_offset, HAS_WEIGHT,
+                             WEIGHT_BEFORE_CAST, INPUT_DTYPE, PRODUCT_DTYPE)
+    else:  # two passes; the first keeps x in L2 for the second
+        sum_sq = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            x = load_rows(x_rows, row_ok, start + block, n_cols, 0.0, "evict_last")
+            sum_sq += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(sum_sq / n_cols + eps)
+        for start in range(0, n_cols, BLOCK_N):
+            x = load_rows(x_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
+            _normalize_and_store(x, rstd, out_rows, row_ok, start + block, n_cols, w_ptr, weight_offset, HAS_WEIGHT,
+                                 WEIGHT_BEFORE_CAST, INPUT_DTYPE, PRODUCT_DTYPE)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
+                     weight_before_cast: bool, out_dtype: torch.dtype, tiling: RowTiling | None = None) -> torch.Tensor:
+    """Launch the forward kernel (`tiling` defaults to the tuned heuristic; tests and sweeps pass their own)."""
+    rows = as_rows(x)
+    n_rows, n_cols = rows.shape
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    tiling = tiling or forward_tiling(n_rows, n_cols)
+    product_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    _rms_norm_forward_kernel[(triton.cdiv(n_rows, tiling.block_m),)](
+        rows, weight, out, n_rows, n_cols, rows.stride(0), out.stride(0), eps, weight_offset,
+        HAS_WEIGHT=weight is not None, WEIGHT_BEFORE_CAST=weight_before_cast,
+        INPUT_DTYPE=TRITON_DTYPES[x.dtype], PRODUCT_DTYPE=TRITON_DTYPES[product_dtype], BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+        ROW_FITS=n_cols <= tiling.block_n, num_warps=tiling.num_warps)
+    return out.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dx = rstd * (g - y * mean(g * y)) with g = dy * (offset + w), y = x * rstd; dw = Σ_rows dy * y
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grad_block(dy_rows, x_rows, row_ok, cols, n_cols, w_ptr, weight_offset, HAS_WEIGHT: tl.constexpr):
+    """(x, dy, g) of one block in float32, g being the gradient reaching the normalized value."""
+    x = load_rows(x_rows, row_ok, cols, n_cols, 0.0, "")
+    dy = load_rows(dy_rows, row_ok, cols, n_cols, 0.0, "")
+    g = dy
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        g = dy * (weight_offset + w)[None, :]
+    return x, dy, g
+
+
+@triton.jit
+def _store_grad_input(dx_rows, row_ok, cols, n_cols, x, g, rstd, mean_gx):
+    store_rows(dx_rows, row_ok, cols, n_cols, rstd[:, None] * (g - x * (rstd * rstd * mean_gx)[:, None]))
+
+
+@triton.jit
+def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, dy_row_stride,
+                              x_row_stride, dx_row_stride, eps, weight_offset, HAS_WEIGHT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+    """Persistent: program p takes row tiles p, p + programs, ... and owns row p of the partial buffer."""
+    program = tl.program_id(0)
+    block = tl.arange(0, BLOCK_N)
+    dw_partial_row = dw_partial_ptr + program * n_cols
+    dw_sum = tl.zeros([BLOCK_N], tl.float32)
+    for tile in range(program, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
+        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * dy_row_stride
+        dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * dx_row_stride
+        if ROW_FITS:
+            x, dy, g = _grad_block(dy_rows, x_rows, row_ok, block, n_cols, w_ptr, weight_offset, HAS_WEIGHT)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+            _store_grad_input(dx_rows, row_ok, block, n_cols, x, g, rstd, tl.sum(g * x, axis=1) / n_cols)
+            dw_sum += tl.sum(dy * x * rstd[:, None], axis=0)
+        else:
+            sum_sq = tl.zeros([BLOCK_M], tl.float32)
+            sum_gx = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                x, dy, g = _grad_block(dy_rows, x_rows, row_ok, start + block, n_cols, w_ptr, weight_offset,
+                                       HAS_WEIGHT)
+                sum_sq += tl.sum(x * x, axis=1)
+                sum_gx += tl.sum(g * x, axis=1)
+            rstd = tl.rsqrt(sum_sq / n_cols + eps)
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + block
+                x, dy, g = _grad_block(dy_rows, x_rows, row_ok, cols, n_cols, w_ptr, weight_offset, HAS_WEIGHT)
+                _store_grad_input(dx_rows, row_ok, cols, n_cols, x, g, rstd, sum_gx / n_cols)
+                if HAS_WEIGHT:  # this program's own row of the buffer: no other program touches it
+                    partial = tl.load(dw_partial_row + cols, mask=cols < n_cols, other=0.0)
+                    tl.store(dw_partial_row + cols, partial + tl.sum(dy * x * rstd[:, None], axis=0),
+                             mask=cols < n_cols)
+    if ROW_FITS and HAS_WEIGHT:
+        tl.store(dw_partial_row + block, dw_sum, mask=block < n_cols)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[c] = Σ_p partial[p, c], one column block per program."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        mask = (parts < n_partials)[:, None] & (cols < n_cols)[None, :]
+        acc += tl.sum(tl.load(partial_ptr + parts[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                             weight_offset: float, tiling: RowTiling | None = None,
+                             programs_per_slot: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels; `tiling` and `programs_per_slot` default to the tuned heuristic."""
+    rows, grad_rows = as_rows(x), as_rows(grad_out)
+    n_rows, n_cols = rows.shape
+    tiling = tiling or backward_tiling(n_rows, n_cols)
+    row_fits = n_cols <= tiling.block_n
+    n_programs = max(1, min(triton.cdiv(n_rows, tiling.block_m), programs_per_slot * program_slots(x.device)))
+    dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if weight is None:
+        dw_partial = dw = torch.empty(0, dtype=torch.float32, device=x.device)
+    else:  # the looping kernel adds into its row of the buffer, so that one starts at zero
+        dw_partial = (torch.empty if row_fits else torch.zeros)((n_programs, n_cols), dtype=torch.float32,
+                                                               device=x.device)
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    _rms_norm_backward_kernel[(n_programs,)](
+        grad_rows, rows, weight, dx, dw_partial, n_rows, n_cols, grad_rows.stride(0), rows.stride(0), dx.stride(0),
+        eps, weight_offset, HAS_WEIGHT=weight is not None, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+        ROW_FITS=row_fits, num_warps=tiling.num_warps)
+    if weight is not None:
+        _sum_partials_kernel[(triton.cdiv(n_cols, 128),)](dw_partial, dw, n_programs, n_cols, BLOCK_P=32,
+                                                           BLOCK_N=128, num_warps=4)
+    return dx.view(x.shape), dw
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-torch references (CPU without the interpreter, float64 inputs, and the tests' oracle)
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
+                       weight_before_cast: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The transformers formulas the op stands for, written the way they are written there."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return y.to(out_dtype)
+    if weight_before_cast:
+        return (y * (weight_offset + weight.to(xf.dtype))).to(out_dtype)
+    return ((weight_offset + weight) * y.to(x.dtype)).to(out_dtype)
+
+
+def rms_norm_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                                weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernel's formulas in plain torch (float32, or float64 for float64 inputs)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, dy = x.to(compute), grad_out.to(compute)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    g = dy if weight is None else dy * (weight_offset + weight.to(compute))
+    dx = rstd * (g - xf * rstd.pow(2) * (g * xf).mean(-1, keepdim=True))
+    if weight is None:
+        return dx.to(x.dtype), x.new_empty(0, dtype=torch.float32)
+    dw = (dy * xf * rstd).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------
+
+def _kernels_apply(*tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
+    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
+    dtypes = [t.dtype for t in tensors if t is not None] + ([out_dtype] if out_dtype is not None else [])
+    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in dtypes)
+
+
+@torch.library.custom_op("fuser::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
+             weight_before_cast: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm over the last dim; see the module docstring for the two weight forms."""
+    if _kernels_apply(x, weight, out_dtype=out_dtype):
+        return rms_norm_forward(x, weight, eps, weight_offset, weight_before_cast, out_dtype)
+    return rms_norm_reference(x, weight, eps, weight_offset, weight_before_cast, out_dtype).contiguous()
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, weight_offset, weight_before_cast, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fuser::rms_norm_backward", mutates_args=())
+def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                      weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight); dweight is empty when there is no weight."""
+    if _kernels_apply(grad_out, x, weight):
+        return rms_norm_backward_launch(grad_out, x, weight, eps, weight_offset)
+    dx, dw = rms_norm_backward_reference(grad_out, x, weight, eps, weight_offset)
+    return dx.contiguous(), dw
+
+
+@rms_norm_backward.register_fake
+def _(grad_out, x, weight, eps, weight_offset):
+    dw = x.new_empty(0, dtype=torch.float32) if weight is None else weight.new_empty(weight.shape)
+    return x.new_empty(x.shape), dw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, weight_offset, _, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.weight_offset = eps, weight_offset
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    dx, dw = torch.ops.fuser.rms_norm_backward(grad_out, x, weight, ctx.eps, ctx.weight_offset)
+    return dx, (dw if weight is not None else None), None, None, None, None
+
+
+rms_norm.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,170 @@
+"""Softmax over the last dim in float32: `torch.ops.fuser.softmax`, its Triton backward, its reference.
+
+Stands for `F.softmax(x, -1)` and `F.softmax(x.float(), -1).to(dtype)` alike: float32 inside,
+one rounding to `out_dtype`. A row that fits one block is read once; a longer row gets one
+online pass (running max and running sum, block by block) and one pass that writes. -inf
+entries behave as in torch: a row of only -inf gives NaN.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TORCH_TO_TRITON_SUPPORTED, use_triton
+from .rms_norm import RowTiling, as_rows, load_rows, store_rows
+
+
+def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+    """Rows up to 8K elements stay in registers, longer ones loop (measured on H100: benchmarks/RESULTS.md)."""
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
+
+
+def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
+
+
+@triton.jit
+def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_row_stride, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride
+    block = tl.arange(0, BLOCK_N)
+    if ROW_FITS:
+        x = load_rows(x_rows, row_ok, block, n_cols, -float("inf"), "")
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        store_rows(out_rows, row_ok, block, n_cols, e * (1.0 / tl.sum(e, axis=1))[:, None])
+    else:
+        row_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_last")
+            new_max = tl.maximum(row_max, tl.max(x, axis=1))
+            # Subtract 0 while everything so far is -inf, so the sum stays 0 instead of NaN (-inf - -inf).
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+            row_max = new_max
+        inverse_sum = 1.0 / row_sum
+        for start in range(0, n_cols, BLOCK_N):
+            x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_first")
+            store_rows(out_rows, row_ok, start + block, n_cols,
+                        tl.exp(x - row_max[:, None]) * inverse_sum[:, None])
+
+
+@triton.jit
+def _softmax_backward_kernel(dy_ptr, y_ptr, dx_ptr, n_rows, n_cols, dy_row_stride, y_row_stride, dx_row_stride,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+    """dx = y * (dy - Σ dy·y)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * dy_row_stride
+    y_rows = y_ptr + rows.to(tl.int64)[:, None] * y_row_stride
+    dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * dx_row_stride
+    block = tl.arange(0, BLOCK_N)
+    if ROW_FITS:
+        dy = load_rows(dy_rows, row_ok, block, n_cols, 0.0, "")
+        y = load_rows(y_rows, row_ok, block, n_cols, 0.0, "")
+        store_rows(dx_rows, row_ok, block, n_cols, y * (dy - tl.sum(dy * y, axis=1)[:, None]))
+    else:
+        dot = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            dy = load_rows(dy_rows, row_ok, start + block, n_cols, 0.0, "evict_last")
+            y = load_rows(y_rows, row_ok, start + block, n_cols, 0.0, "evict_last")
+            dot += tl.sum(dy * y, axis=1)
+        for start in range(0, n_cols, BLOCK_N):
+            dy = load_rows(dy_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
+            y = load_rows(y_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
+            store_rows(dx_rows, row_ok, start + block, n_cols, y * (dy - dot[:, None]))
+
+
+def softmax_forward(x: torch.Tensor, out_dtype: torch.dtype, tiling: RowTiling | None = None) -> torch.Tensor:
+    """Launch the forward kernel (`tiling` defaults to the tuned heuristic; tests and sweeps pass their own)."""
+    rows = as_rows(x)
+    n_rows, n_cols = rows.shape
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    tiling = tiling or forward_tiling(n_rows, n_cols)
+    _softmax_forward_kernel[(triton.cdiv(n_rows, tiling.block_m),)](
+        rows, out, n_rows, n_cols, rows.stride(0), out.stride(0), BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+        ROW_FITS=n_cols <= tiling.block_n, num_warps=tiling.num_warps)
+    return out.view(x.shape)
+
+
+def softmax_backward_launch(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype,
+                            tiling: RowTiling | None = None) -> torch.Tensor:
+    """Launch the backward kernel; dx comes back in `x_dtype`."""
+    grad_rows, out_rows = as_rows(grad_out), as_rows(out)
+    n_rows, n_cols = out_rows.shape
+    dx = torch.empty(out_rows.shape, dtype=x_dtype, device=out.device)
+    tiling = tiling or backward_tiling(n_rows, n_cols)
+    _softmax_backward_kernel[(triton.cdiv(n_rows, tiling.block_m),)](
+        grad_rows, out_rows, dx, n_rows, n_cols, grad_rows.stride(0), out_rows.stride(0), dx.stride(0),
+        BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, ROW_FITS=n_cols <= tiling.block_n,
+        num_warps=tiling.num_warps)
+    return dx.view(out.shape)
+
+
+def softmax_reference(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """What the op stands for: softmax in float32 (float64 for float64 inputs), one cast."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.softmax(x.to(compute), -1).to(out_dtype)
+
+
+def softmax_backward_reference(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    compute = torch.float64 if torch.float64 in (out.dtype, x_dtype) else torch.float32
+    y, dy = out.to(compute), grad_out.to(compute)
+    return (y * (dy - (dy * y).sum(-1, keepdim=True))).to(x_dtype)
+
+
+def _kernels_apply(*tensors: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
+    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in [out_dtype, *(t.dtype for t in tensors)])
+
+
+@torch.library.custom_op("fuser::softmax", mutates_args=())
+def softmax(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim, float32 inside, result in `out_dtype`."""
+    if _kernels_apply(x, out_dtype=out_dtype):
+        return softmax_forward(x, out_dtype)
+    return softmax_reference(x, out_dtype).contiguous()
+
+
+@softmax.register_fake
+def _(x, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fuser::softmax_backward", mutates_args=())
+def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """dx = out * (grad_out - Σ grad_out·out), in `x_dtype`."""
+    if _kernels_apply(grad_out, out, out_dtype=x_dtype):
+        return softmax_backward_launch(grad_out, out, x_dtype)
+    return softmax_backward_reference(grad_out, out, x_dtype).contiguous()
+
+
+@softmax_backward.register_fake
+def _(grad_out, out, x_dtype):
+    return out.new_empty(out.shape, dtype=x_dtype)
+
+
+def keeps_precision(out_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """Whether the output is as precise as x, so the backward can use it as saved."""
+    return out_dtype in (x_dtype, torch.float32, torch.float64)
+
+
+def _setup_context(ctx, inputs, output):
+    x, out_dtype = inputs
+    ctx.x_dtype = x.dtype
+    # The backward needs y at x's precision: a rounded-down output (fp32 x, bf16 out) is recomputed.
+    ctx.save_for_backward(output if keeps_precision(out_dtype, x.dtype) else x)
+    ctx.recompute = not keeps_precision(out_dtype, x.dtype)
+
+
+def _backward(ctx, grad_out):
+    (saved,) = ctx.saved_tensors
+    out = torch.ops.fuser.softmax(saved, torch.float32) if ctx.recompute else saved
+    return torch.ops.fuser.softmax_backward(grad_out, out, ctx.x_dtype), None
+
+
+softmax.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,287 @@
+"""Attention → `fuser::attention` (flash attention: tiled, online softmax, GQA without repeated K/V).
+
+Two families of code:
+- the naive form `softmax(q @ kᵀ · scale + mask) @ v` in every spelling transformers and
+  research code use (scale on the scores or on q/k, mask added / `masked_fill` / `where`,
+  softcapping, fp32 softmax and cast back, dropout, `repeat_kv` in front);
+- `F.scaled_dot_product_attention` calls that are slower than they need be: `repeat_kv` in
+  front (SDPA then reads repeated K/V), or a mask tensor that is really causal / sliding /
+  key padding (a mask tensor drives SDPA off its flash path).
+Masks are recognized from how they are built (patterns/masks.py): the kernel then runs its
+native mode and reads no L×L mask; a mask it does not understand is read as a tensor.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import fx
+
+from fuser.kernels import attention as _kernel  # noqa: F401  (registers torch.ops.fuser.attention)
+from fuser.patterns.base import Example, Pattern, cast, dtype_name, structural
+from fuser.patterns.masks import MaskPlan, recognize
+from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
+
+
+def _meta(node):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def _sole_user(node) -> bool:
+    return isinstance(node, fx.Node) and len(node.users) == 1
+
+
+def _literal(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _repeat_kv_shapes(node):
+    """transformers' `repeat_kv`: x[:, :, None].expand(b, h, n, s, d).reshape(b, h·n, s, d), or
+    `repeat_interleave(n, dim=1)`; or no repeat (n = 1)."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape":
+        expand = node.args[0]
+        if _sole_user(expand) and expand.op == "call_method" and expand.target == "expand":
+            index = expand.args[0]
+            full = slice(None)
+            if _sole_user(index) and index.op == "call_function" and index.target == operator.getitem \
+                    and index.args[1] == (full, full, None, full, full) and _meta(expand) is not None:
+                yield index.args[0], (_meta(expand).shape[2],), (index, expand, node)
+    if isinstance(node, fx.Node) and node.target in ("repeat_interleave", torch.repeat_interleave) \
+            and len(node.args) >= 2 and _literal(node.args[1]) \
+            and (node.args[2:3] == (1,) or node.kwargs.get("dim") == 1) and _meta(node) is not None:
+        yield node.args[0], (node.args[1],), (node,)
+    yield node, (1,), ()
+
+
+@structural(_repeat_kv_shapes)
+def repeat_kv(x, n_rep):
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _scaled_shapes(node):
+    """`x * c` with c a number (also `x / c`, canonicalized to a product), or x itself (c = 1)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.mul:
+        for x, c in (node.args, node.args[::-1]):
+            if isinstance(x, fx.Node) and _literal(c):
+                yield x, (float(c),), (node,)
+    yield node, (1.0,), ()
+
+
+@structural(_scaled_shapes)
+def scaled(x, scale):
+    return x * scale
+
+
+def _softcapped_shapes(node):
+    """Gemma-2's `tanh(s / cap) * cap`, or no softcapping (cap = 0)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.mul:
+        for tanh, cap in (node.args, node.args[::-1]):
+            if _sole_user(tanh) and tanh.target == torch.tanh and _literal(cap) and cap > 0:
+                inner = tanh.args[0]
+                if _sole_user(inner) and inner.target == operator.mul and inner.args[1:] and _literal(inner.args[1]) \
+                        and math.isclose(inner.args[1] * cap, 1.0, rel_tol=1e-6):
+                    yield inner.args[0], (float(cap),), (inner, tanh, node)
+    yield node, (0.0,), ()
+
+
+@structural(_softcapped_shapes)
+def softcapped(scores, cap):
+    return scores if cap == 0 else torch.tanh(scores / cap) * cap
+
+
+def _masked_shapes(node):
+    """`s + mask` (additive), `s.masked_fill(mask, fill)` (True = masked), `torch.where(mask, s, fill)`
+    (True = kept), or no mask."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.add:
+        for scores, mask in (node.args, node.args[::-1]):
+            if isinstance(mask, fx.Node) and _meta(mask) is not None and _meta(mask).dim() == 4 \
+                    and isinstance(scores, fx.Node):
+                yield scores, (mask, 0.0, "add"), (node,)
+    if isinstance(node, fx.Node) and node.target in ("masked_fill", torch.masked_fill) and _literal(node.args[2]):
+        yield node.args[0], (node.args[1], float(node.args[2]), "drop"), (node,)
+    if isinstance(node, fx.Node) and node.target == torch.where and len(node.args) == 3 and _literal(node.args[2]):
+        yield node.args[1], (node.args[0], float(node.args[2]), "keep"), (node,)
+    yield node, (None, 0.0, "none"), ()
+
+
+@structural(_masked_shapes)
+def masked(scores, mask, fill, how):
+    if how == "add":
+        return scores + mask
+    if how == "drop":
+        return scores.masked_fill(mask, fill)
+    return scores if how == "none" else torch.where(mask, scores, fill)
+
+
+def _dropout_shapes(node):
+    if isinstance(node, fx.Node) and node.target in (F.dropout, torch.dropout):
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if _literal(p) and training is True and not node.kwargs.get("inplace"):
+            yield node.args[0], (float(p),), (node,)
+    yield node, (0.0,), ()
+
+
+@structural(_dropout_shapes)
+def dropout(probs, p):
+    return F.dropout(probs, p, training=p > 0)
+
+
+def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, mask, fill, how, dim, compute_dtype, out_dtype,
+              dropout_p):
+    """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it."""
+    keys = repeat_kv(scaled(k, k_scale), n_rep)
+    scores = softcapped(scaled(torch.matmul(scaled(q, q_scale), keys.transpose(-2, -1)), scale), softcap)
+    probs = cast(torch.softmax(cast(masked(scores, mask, fill, how), compute_dtype), dim), out_dtype)
+    return torch.matmul(dropout(probs, dropout_p), repeat_kv(v, n_rep))
+
+
+def sdpa(q, k, v, n_rep, mask, dropout_p, is_causal, scale, enable_gqa):
+    """`F.scaled_dot_product_attention` (arguments canonicalized to this form)."""
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+SEARCHES = (attention, sdpa)
+
+
+def _shapes(m):
+    """(q, k, v) example values, k and v before any repeat."""
+    return m.meta("q"), m.meta("k"), m.meta("v")
+
+
+def _head_ratio(m) -> int:
+    q, k, _ = _shapes(m)
+    return q.shape[1] // k.shape[1]
+
+
+def _mask_plan(m) -> MaskPlan | None:
+    """The recognized mask (positional modes + key padding), or None: read the mask as a tensor."""
+    q, k, _ = _shapes(m)
+    mask = m.bindings["mask"]
+    if m.search is sdpa:
+        if m["is_causal"]:
+            return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
+        return recognize(mask, "keep", float("-inf"), q.shape[2], k.shape[2])
+    return recognize(mask, m["how"], m["fill"], q.shape[2], k.shape[2])
+
+
+def _scale(m) -> float:
+    if m.search is sdpa:
+        return m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(m.meta("q").shape[-1])
+    return m["q_scale"] * m["k_scale"] * m["scale"]
+
+
+def check(m) -> str | None:
+    q, k, v = _shapes(m)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "q, k and v are not all 4-D [batch, heads, length, head_dim] tensors"
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in FLOAT_DTYPES:
+        return f"q/k/v dtypes {dtype_name(q.dtype)}/{dtype_name(k.dtype)}/{dtype_name(v.dtype)} not supported"
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not form an attention"
+    gqa_native = m.search is sdpa and m["enable_gqa"]  # SDPA maps query head h to key head h // group
+    if (q.shape[1] % (k.shape[1] * m["n_rep"]) if gqa_native else k.shape[1] * m["n_rep"] != q.shape[1]):
+        return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {m['n_rep']} times"
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > 256 (kernel limit)"
+    if _scale(m) <= 0:
+        return f"scale {_scale(m)} is not positive"
+    if m.search is attention:
+        if m["dim"] not in (-1, 3):
+            return f"softmax over dim {m['dim']}, not over the keys"
+        if m["compute_dtype"] not in (None, torch.float32):
+            return f"softmax computed in {dtype_name(m['compute_dtype'])}"
+        if m["how"] != "add" and m["how"] != "none" and not (m["fill"] == float("-inf") or m["fill"] <= -1e4):
+            return f"masked scores are set to {m['fill']}, not a large negative number"
+    mask = m.meta("mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+            return "the mask is not a bool or float tensor"
+        try:
+            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError:
+            return f"mask of shape {tuple(mask.shape)} does not broadcast to the scores"
+    if m.search is sdpa:
+        return _sdpa_worth_it(m)
+    return None
+
+
+def _sdpa_worth_it(m) -> str | None:
+    """An SDPA call is rewritten only where the kernel removes work SDPA does, and only where
+    no row can be fully masked (SDPA returns zeros there, the kernel's −inf mode NaN)."""
+    q, k, _ = _shapes(m)
+    plan = _mask_plan(m)
+    if m.bindings["mask"] is not None and (plan is None or plan.padding is not None):
+        return "left to SDPA: its mask may hide whole rows (SDPA gives zeros there)"
+    if plan is not None and plan.bottom_right and q.shape[2] > k.shape[2]:
+        return "left to SDPA: bottom-right causal with more queries than keys hides whole rows"
+    if m["n_rep"] == 1 and m.bindings["mask"] is None:
+        return "left to SDPA: no repeat_kv and no mask tensor, its flash path applies"
+    return None
+
+
+def replace(m):
+    plan = _mask_plan(m)
+    if plan is not None:
+        causal, window, bottom_right, fill = plan.causal, plan.window, plan.bottom_right, plan.fill
+        mask = None if plan.padding is None else m.value_of(plan.padding)[:, None, None, :]
+    else:  # a mask the kernel reads as a tensor, with the polarity and fill of the original
+        causal, window, bottom_right = False, 0, False
+        how = m["how"] if m.search is attention else "keep"
+        mask = torch.logical_not(m["mask"]) if how == "drop" else m["mask"]
+        fill = m["fill"] if how in ("keep", "drop") and m.search is attention else float("-inf")
+    softcap = m["softcap"] if m.search is attention else 0.0
+    return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, _scale(m), causal, window, bottom_right, softcap,
+                                     m["dropout_p"], fill)
+
+
+def describe(m) -> str:
+    q, k, v = _shapes(m)
+    plan = _mask_plan(m)
+    parts = [plan.describe() + ", no mask read" if plan is not None and plan.padding is None else
+             plan.describe() if plan is not None else "mask read as a tensor"]
+    ratio = _head_ratio(m)
+    if ratio > 1:
+        parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")
+    if m.search is attention and m["softcap"]:
+        parts.append(f"softcap {m['softcap']:g}")
+    if m["dropout_p"]:
+        parts.append(f"dropout {m['dropout_p']:g}")
+    parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))
+    parts.append(dtype_name(q.dtype))
+    return ", ".join(parts)
+
+
+@st.composite
+def _examples(draw) -> Example:
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    batch, kv_heads, n_rep = draw(sizes(2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 4]))
+    lq = draw(st.one_of(st.just(1), st.integers(1, 40)))
+    lk = draw(st.one_of(st.just(lq), st.integers(1, 40)))
+    d = draw(st.sampled_from([8, 16, 24]))
+    dv = draw(st.sampled_from([d, 8]))
+    q = draw(tensors((batch, kv_heads * n_rep, lq, d), dtype))
+    k = draw(tensors((batch, kv_heads, lk, d), dtype))
+    v = draw(tensors((batch, kv_heads, lk, dv), dtype))
+    mask_kind = draw(st.sampled_from(["none", "additive", "keep", "drop"]))
+    mask, how, fill = None, "none", 0.0
+    if mask_kind == "additive":
+        mask = draw(tensors((batch, 1, lq, lk), torch.float32, layout="contiguous"))
+        mask, how = torch.where(mask > -0.5, 0.0, torch.finfo(torch.float32).min), "add"
+    elif mask_kind in ("keep", "drop"):
+        keep = draw(tensors((1, 1, lq, lk), torch.float32, layout="contiguous")) > -0.3
+        keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
+        mask, how, fill = (keep if mask_kind == "keep" else ~keep), mask_kind, float("-inf")
+    upcast = draw(st.booleans())
+    return Example(attention, dict(
+        q=q, k=k, v=v, mask=mask, n_rep=n_rep, q_scale=1.0, k_scale=1.0, scale=1.0 / math.sqrt(d),
+        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), fill=fill, how=how, dim=-1,
+        compute_dtype=torch.float32 if upcast else None, out_dtype=dtype if upcast else None, dropout_p=0.0))
+
+
+ATTENTION = Pattern("attention", SEARCHES, check, replace, _examples, describe, anchors=(torch.softmax,))
