@@ -1,22 +1,46 @@
-"""`fuser.fuzz(pattern_name)`: hypothesis draws inputs from a pattern's strategy, the search
-function is compiled through the whole backend (Dynamo capture, canonicalization, match,
-check, replace), and the rewrite must meet the numerics contract against the search
-function run in float64, for values and gradients.
+"""`fuser.fuzz(target, ...)`: hypothesis hunts for inputs on which a rewrite breaks the numerics contract.
+
+- A pattern name: hypothesis draws examples from the pattern's strategy, the search function
+  is compiled through the whole backend (Dynamo capture, canonicalization, match, check,
+  replace), and the result is compared with the search function run in float64.
+- A model (any callable) with its inputs, `fuser.fuzz(model, input_ids)`: Dynamo captures the
+  model once with the sizes of its tensor inputs dynamic, and the sites the backend rewrites are
+  found as it finds them. Hypothesis then draws new inputs for the model (each dynamic size
+  between the graph's lower bound and the example's size, new values, parameters kept), the
+  captured graph runs on them, and at every site the rewrite runs on the values that reach it
+  and is compared with the site's original nodes run in float64. Drawing the model's inputs,
+  rather than each site's inputs on their own, keeps every site's inputs consistent with what
+  the pattern read off the graph (a causal mask built from `arange` is still causal).
+
+Both check values and gradients, and return a `FuzzResult`: `.ok`, the worst error per site
+and, on failure, hypothesis' shrunk example and the seed that reproduces it.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from hypothesis import given, seed as hypothesis_seed, settings
-from hypothesis.errors import HypothesisException
+from hypothesis import HealthCheck, assume, given, seed as hypothesis_seed, settings, strategies as st
+from torch import fx
 
 from fuser.backend import Options, transform
+from fuser.graph import value
+from fuser.matcher import Match, find
 from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
-from fuser.verify import numerics_problem, tolerance
+from fuser.report import MatchRecord
+from fuser.rewriter import prepare, rewrite
+from fuser.verify import capture_values, numerics_problem, run_nodes_float64, tolerance
+
+log = logging.getLogger("fuser.fuzz")
+
+SETTINGS = dict(deadline=None, database=None, derandomize=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much, HealthCheck.large_base_example])
 
 
 @dataclass
@@ -27,11 +51,16 @@ class FuzzResult:
     worst_error: dict[str, float] = field(default_factory=dict)  # per site: worst relative L2 error seen
     failure: str | None = None    # the shrunk failing example and what went wrong
     seed: int | None = None
+    sites: list[str] = field(default_factory=list)  # the sites fuzzed (for a model)
 
     def __str__(self) -> str:
         status = "ok" if self.ok else "FAILED"
-        worst = ", ".join(f"{k}: {v:.1e}" for k, v in self.worst_error.items())
-        text = f"fuzz {self.target}: {status} after {self.examples} example(s); worst error {worst or '-'}"
+        text = f"fuzz {self.target}: {status} after {self.examples} example(s)"
+        if self.sites or not self.worst_error:
+            text += f", {len(self.sites)} site(s)" if self.sites else " (nothing to fuzz: no site is rewritten)"
+        errors = [f"{k}: {v:.1e}" for k, v in self.worst_error.items()]
+        text += "; worst error " + (", ".join(errors) if len(errors) <= 4 else "".join(f"\n  {e}" for e in errors)) \
+            if errors else ""
         return text + (f"\n{self.failure}\nreproduce with seed={self.seed}" if self.failure else "")
 
 
@@ -59,6 +88,46 @@ def _assert_contract(what: str, out: torch.Tensor, ref: torch.Tensor, original: 
     assert problem is None, f"{what}: {problem}"
 
 
+@dataclass(frozen=True)
+class Leaf:
+    """One differentiable input, as each side sees it: the rewrite, the float64 reference, the original."""
+    name: str
+    ours: torch.Tensor
+    ref: torch.Tensor
+    plain: torch.Tensor
+
+
+def _leaves(named: dict[str, torch.Tensor], grads: bool, constants: tuple[str, ...] = ()) -> list[Leaf]:
+    """Fresh copies of each tensor for the three runs; floating ones not named in `constants`
+    require grad when `grads`."""
+    out = []
+    for name, t in named.items():
+        wants = grads and t.is_floating_point() and name not in constants
+        out.append(Leaf(name, t.detach().clone().requires_grad_(wants), _to64(t).requires_grad_(wants),
+                        t.detach().clone().requires_grad_(wants)))
+    return out
+
+
+def _contract_errors(out: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor, leaves: list[Leaf],
+                     prefix: str = "") -> dict[str, float]:
+    """Relative errors of the output and of each input's gradient; AssertionError where the contract fails."""
+    errors = {"out": _rel_error(out, ref)}
+    _assert_contract(f"{prefix}output", out, ref, plain)
+    leaves = [leaf for leaf in leaves if leaf.ours.requires_grad]
+    if leaves and out.requires_grad and ref.requires_grad:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        got = torch.autograd.grad(out, [x.ours for x in leaves], grad_out.to(out.dtype), allow_unused=True)
+        want = torch.autograd.grad(ref, [x.ref for x in leaves], grad_out, allow_unused=True)
+        baseline = torch.autograd.grad(plain, [x.plain for x in leaves], grad_out.to(plain.dtype), allow_unused=True)
+        for leaf, g, w, b in zip(leaves, got, want, baseline):
+            if g is None or w is None:
+                assert g is None and w is None, f"{prefix}gradient of {leaf.name}: one side has none"
+                continue
+            errors[f"d{leaf.name}"] = _rel_error(g, w)
+            _assert_contract(f"{prefix}gradient of {leaf.name}", g, w, b)
+    return errors
+
+
 def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> dict[str, float]:
     """Compile the example's search function with only `pattern` enabled and compare with float64.
 
@@ -66,7 +135,7 @@ def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> di
     reason when the site is not rewritten exactly once or the numerics contract fails."""
     tensors = {k: v for k, v in example.kwargs.items() if isinstance(v, torch.Tensor)}
     literals = {k: v for k, v in example.kwargs.items() if not isinstance(v, torch.Tensor)}
-    with_grad = {k for k, v in tensors.items() if grads and v.is_floating_point()}
+    leaves = _leaves(tensors, grads, example.constants)
     reports = []
 
     def backend(gm, example_inputs, **_):
@@ -77,54 +146,243 @@ def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> di
         return example.search(**kw, **literals)
 
     torch._dynamo.reset()  # each example specializes on its literals: start from a clean cache
-    inputs = {k: v.detach().clone().requires_grad_(k in with_grad) for k, v in tensors.items()}
-    out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(**inputs)
+    out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(**{x.name: x.ours for x in leaves})
     counts = [r.counts().get(pattern.name, 0) for r in reports]
     misses = [n.reason for r in reports for n in r.near_misses]
     assert sum(counts) == 1, f"expected one {pattern.name} rewrite, got {sum(counts)}; near misses: {misses}"
-
-    ref_inputs = {k: _to64(v).requires_grad_(k in with_grad) for k, v in tensors.items()}
-    ref = example.search(**ref_inputs, **{k: _to64(v) for k, v in literals.items()})
-    plain_inputs = {k: v.detach().clone().requires_grad_(k in with_grad) for k, v in tensors.items()}
-    plain = example.search(**plain_inputs, **literals)
-    errors = {"out": _rel_error(out, ref)}
-    _assert_contract("output", out, ref, plain)
-    if with_grad and out.requires_grad:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        names = sorted(with_grad)
-        got = torch.autograd.grad(out, [inputs[k] for k in names], grad_out.to(out.dtype), allow_unused=True)
-        want = torch.autograd.grad(ref, [ref_inputs[k] for k in names], grad_out, allow_unused=True)
-        baseline = torch.autograd.grad(plain, [plain_inputs[k] for k in names], grad_out.to(plain.dtype),
-                                       allow_unused=True)
-        for name, g, w, b in zip(names, got, want, baseline):
-            if g is None or w is None:
-                assert g is None and w is None, f"gradient of {name}: one side has none"
-                continue
-            errors[f"d{name}"] = _rel_error(g, w)
-            _assert_contract(f"gradient of {name}", g, w, b)
-    return errors
+    ref = example.search(**{x.name: x.ref for x in leaves}, **{k: _to64(v) for k, v in literals.items()})
+    plain = example.search(**{x.name: x.plain for x in leaves}, **literals)
+    return _contract_errors(out, ref, plain, leaves)
 
 
-def fuzz(target: str, *, max_examples: int = 100, seed: int | None = None, grads: bool = True) -> FuzzResult:
-    """Fuzz one pattern of the library by name (see `fuser.patterns.BY_NAME`)."""
-    if target not in BY_NAME:
-        raise ValueError(f"fuser.fuzz: unknown pattern {target!r}; known patterns are {', '.join(BY_NAME)}")
-    pattern = BY_NAME[target]
-    seed = seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item()
-    result = FuzzResult(target, ok=True, seed=seed)
+def fuzz(target: str | Callable, *args: Any, max_examples: int = 100, seed: int | None = None, grads: bool = True,
+         **kwargs: Any) -> FuzzResult:
+    """Fuzz a pattern of the library by name (see `fuser.patterns.BY_NAME`), or every site the
+    backend rewrites in `target(*args, **kwargs)` (a model or any function of tensors)."""
+    seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(target, str):
+        if args or kwargs:
+            raise TypeError(f"fuser.fuzz({target!r}): a pattern draws its own inputs; pass inputs only with a model")
+        if target not in BY_NAME:
+            raise ValueError(f"fuser.fuzz: unknown pattern {target!r}; known patterns are {', '.join(BY_NAME)}")
+        return _fuzz_pattern(BY_NAME[target], max_examples, seed, grads)
+    if not callable(target):
+        raise TypeError(f"fuser.fuzz: the target is a pattern name or a model to call, not {type(target).__name__}")
+    return _fuzz_model(target, args, kwargs, max_examples, seed, grads)
 
-    @hypothesis_seed(seed)
-    @settings(max_examples=max_examples, deadline=None, database=None)
-    @given(pattern.examples())
-    def check(example: Example) -> None:
+
+def _record(result: FuzzResult, site: str, errors: dict[str, float]) -> None:
+    for key, error in errors.items():
+        name = f"{site}.{key}"
+        result.worst_error[name] = max(result.worst_error.get(name, 0.0), error if math.isfinite(error) else 0.0)
+
+
+def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[Any], None],
+          max_examples: int) -> FuzzResult:
+    """Run hypothesis over `strategy`; a failure is kept with hypothesis' shrunk example."""
+    @hypothesis_seed(result.seed)
+    @settings(max_examples=max_examples, **SETTINGS)
+    @given(strategy)
+    def check(example: Any) -> None:
         result.examples += 1
-        for key, error in run_example(pattern, example, grads=grads).items():
-            site = f"{target}.{key}"
-            result.worst_error[site] = max(result.worst_error.get(site, 0.0), error if math.isfinite(error) else 0.0)
+        log.info("fuzz %s: example %d/%d: %r", result.target, result.examples, max_examples, example)
+        check_one(example)
 
     try:
         check()
-    except (AssertionError, HypothesisException, RuntimeError) as error:
+    except Exception as error:  # a pattern raising is as much a finding as a wrong number
         notes = "\n".join(getattr(error, "__notes__", []))
         result.ok, result.failure = False, f"{type(error).__name__}: {error}\n{notes}".strip()
     return result
+
+
+def _fuzz_pattern(pattern: Pattern, max_examples: int, seed: int, grads: bool) -> FuzzResult:
+    result = FuzzResult(pattern.name, ok=True, seed=seed)
+    return _hunt(result, pattern.examples(),
+                 lambda example: _record(result, pattern.name, run_example(pattern, example, grads=grads)),
+                 max_examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelExample:
+    """New inputs for a captured model: a size for each dynamic dim, and the seed of the values."""
+    sizes: dict[str, int]
+    values_seed: int
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"ModelExample(sizes: {sizes or 'none dynamic'}; values from seed {self.values_seed})"
+
+
+@dataclass
+class Site:
+    """A rewritten site of a captured graph: a name for people and the match in the (unrewritten) graph."""
+    name: str
+    match: Match
+    outside: list[fx.Node]  # the nodes before the match whose values its nodes read
+
+
+class CapturedGraph:
+    """One Dynamo graph of the model (canonicalized, not rewritten), its sites, and how to make new inputs."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, kept: set[int], patterns: tuple[Pattern, ...]):
+        prepare(gm)
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.fakes = [value(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        self.drawn = {i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and id(x) not in kept}
+        self.shape_env = next((f.fake_mode.shape_env for f in self.fakes if isinstance(f, torch._subclasses.FakeTensor)
+                               and f.fake_mode.shape_env is not None), None)
+        self.symbols = self._symbols()
+        self.sites = self._sites(patterns)
+
+    def _sites(self, patterns: tuple[Pattern, ...]) -> list[Site]:
+        """The sites `rewrite` rewrites (on a copy), found again in this graph."""
+        report = rewrite(copy.deepcopy(self.gm), patterns)
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        by_pattern = {p.name: p for p in patterns}
+        sites = []
+        for record in report.matches:
+            name = f"{record.pattern}@{record.where.module or '<top>'}"
+            repeats = sum(s.name.split("#")[0] == name for s in sites)
+            sites.append(self._site(record, by_pattern[record.pattern], nodes, name + (f"#{repeats}" if repeats else "")))
+        return sites
+
+    @staticmethod
+    def _site(record: MatchRecord, pattern: Pattern, nodes: dict[str, fx.Node], name: str) -> Site:
+        for search in pattern.searches:
+            m = find(pattern, search, nodes[record.nodes[-1]])
+            if m is not None and tuple(n.name for n in m.nodes) == record.nodes:
+                inside = set(m.nodes)
+                outside = list(dict.fromkeys(a for n in m.nodes for a in n.all_input_nodes if a not in inside))
+                return Site(name, m, outside)
+        raise RuntimeError(f"fuser.fuzz: the {record.pattern} match at {record.where} was not found again "
+                           "in the graph (a matcher that is not deterministic?)")
+
+    def _symbols(self) -> dict[Any, tuple[int, int]]:
+        """Each dynamic size of the graph's inputs: (lower bound, size in the example)."""
+        found = {}
+        for fake in self.fakes:
+            dims = fake.shape if isinstance(fake, torch.Tensor) else [fake] if isinstance(fake, torch.SymInt) else []
+            for dim in dims:
+                if isinstance(dim, torch.SymInt):
+                    for symbol in dim.node.expr.free_symbols:
+                        hint = int(self.shape_env.backed_var_to_val[symbol])
+                        lower = self.shape_env.var_to_range[symbol].lower
+                        found[symbol] = (max(2, int(lower)) if math.isfinite(lower) else 2, hint)
+        return found
+
+    def inputs(self, example: ModelExample) -> list | None:
+        """The graph's inputs for `example` (None where its sizes break the graph's guards)."""
+        generator = torch.Generator().manual_seed(example.values_seed)
+        substitution = {symbol: example.sizes[str(symbol)] for symbol in self.symbols}
+
+        def size(dim: Any) -> int:
+            return int(dim.node.expr.xreplace(substitution)) if isinstance(dim, torch.SymInt) else int(dim)
+
+        inputs = list(self.example_inputs)
+        for i, fake in enumerate(self.fakes):
+            if isinstance(fake, torch.SymInt):
+                inputs[i] = size(fake)
+            elif i in self.drawn:
+                inputs[i] = _random_like(self.example_inputs[i], [size(d) for d in fake.shape], generator)
+        if self.shape_env is not None and not self.shape_env.evaluate_guards_for_args(self.fakes, inputs):
+            return None
+        return inputs
+
+
+def _random_like(real: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    """New values of `shape` in the range the real input has (token ids stay token ids, a mask of
+    ones stays ones), at its scale for floats."""
+    if real.dtype == torch.bool:
+        return torch.rand(shape, generator=generator) < 0.5
+    if real.is_floating_point():
+        scale = real.float().std().item() if real.numel() > 1 else 1.0
+        scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+        return (torch.randn(shape, generator=generator) * scale).to(real.dtype).to(real.device)
+    low, high = (int(real.min()), int(real.max())) if real.numel() else (0, 1)
+    return torch.randint(low, high + 1, shape, generator=generator, dtype=real.dtype).to(real.device)
+
+
+def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pattern, ...]) -> list[CapturedGraph]:
+    """Dynamo's graphs of `model(*args, **kwargs)` with every size of the tensor inputs dynamic where
+    the model allows it (sizes the code fixes stay fixed). Parameters and buffers keep their values;
+    every other tensor a graph takes (the model's inputs, activations after a graph break) is drawn."""
+    def dynamic(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        x = x.detach().clone()
+        for dim in range(x.dim()):
+            torch._dynamo.maybe_mark_dynamic(x, dim)
+        return x
+
+    kept = {id(t) for t in (*model.parameters(), *model.buffers())} if isinstance(model, torch.nn.Module) else set()
+    captured = []
+
+    def backend(gm: fx.GraphModule, example_inputs: list, **_: Any):
+        captured.append((copy.deepcopy(gm), list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*map(dynamic, args), **{k: dynamic(v) for k, v in kwargs.items()})
+    return [CapturedGraph(gm, inputs, kept, patterns) for gm, inputs in captured]
+
+
+def check_site(site: Site, values: dict[fx.Node, Any], grads: bool) -> dict[str, float]:
+    """The rewrite of one site against its original nodes in float64, on the values that reach it."""
+    m = site.match
+    bound_names = {node: name for name, node in m.inputs().items()}
+    label = {node: bound_names.get(node, node.name) for node in site.outside}
+    leaves = {leaf.name: leaf for leaf in _leaves({label[node]: values[node] for node in site.outside
+                                                   if isinstance(values[node], torch.Tensor)}, grads)}
+
+    def inputs_for(side: str) -> dict[fx.Node, Any]:
+        return {node: getattr(leaves[label[node]], side) if label[node] in leaves else values[node]
+                for node in site.outside}
+
+    ours = inputs_for("ours")
+    m.resolve = lambda node: ours[node] if node in ours else values[node]
+    try:
+        out = m.pattern.replace(m)
+    finally:
+        m.resolve = None
+    ref = run_nodes_float64(m.nodes, inputs_for("ref"))
+    plain = _run_nodes(m.nodes, inputs_for("plain"))
+    return _contract_errors(out, ref, plain, list(leaves.values()), prefix=f"{site.name}: ")
+
+
+def _run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
+    """The original code of a site, as written (in its own precision)."""
+    env = dict(inputs)
+    for node in nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        env[node] = node.target(*args, **kwargs) if node.op == "call_function" else \
+            getattr(args[0], node.target)(*args[1:], **kwargs)
+    return env[nodes[-1]]
+
+
+def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, seed: int, grads: bool) -> FuzzResult:
+    graphs = capture_model(model, args, kwargs, Options().selected_patterns())
+    name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
+    result = FuzzResult(name, ok=True, seed=seed, sites=[s.name for g in graphs for s in g.sites])
+    log.info("fuzz %s: %d graph(s), sites: %s", name, len(graphs), ", ".join(result.sites) or "none")
+    if not result.sites:
+        return result
+    symbols = {str(s): bounds for g in graphs for s, bounds in g.symbols.items()}
+    strategy = st.builds(ModelExample, st.fixed_dictionaries({s: st.integers(lo, max(lo, hint))
+                                                              for s, (lo, hint) in symbols.items()}),
+                         st.integers(0, 2**31 - 1))
+
+    def check_one(example: ModelExample) -> None:
+        for graph in graphs:
+            inputs = graph.inputs(example)
+            assume(inputs is not None)
+            values = capture_values(graph.gm, inputs)
+            for site in graph.sites:
+                _record(result, site.name, check_site(site, values, grads))
+
+    return _hunt(result, strategy, check_one, max_examples)

@@ -111,6 +111,7 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
     claimed: set[fx.Node] = set()
     erased: set[fx.Node] = set()
     position = {n: i for i, n in enumerate(graph.nodes)}
+    inputs_of_rewrites: set[fx.Node] = set()
     for pattern in patterns:
         for search in pattern.searches:
             for node in reversed(list(graph.nodes)):  # outermost first: the largest match wins
@@ -130,6 +131,7 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
                     if problem is None:
                         mode = pattern.describe(m)
                         match_id = f"{tag}m{len(report.matches)}"
+                        inputs_of_rewrites.update(m.inputs().values())
                         new = apply(m)
                         new.meta["fuser_match"] = match_id
                         erased.update(m.nodes)
@@ -144,12 +146,27 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
                         raise RewriteError(f"{pattern.name} at {site}: {type(error).__name__}: {error}") from error
                     problem = f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
                 _add_near_miss(report, NearMiss(pattern.name, site, problem, names))
+    _erase_dead_inputs(graph, inputs_of_rewrites)
     graph.lint()
     gm.recompile()
     by_name = {n.name: i for n, i in position.items()}
     report.matches.sort(key=lambda m: by_name[m.nodes[-1]])
     report.near_misses.sort(key=lambda m: by_name[m.nodes[-1]])
     return report
+
+
+def _erase_dead_inputs(graph: fx.Graph, candidates: set[fx.Node]) -> None:
+    """Erase what only the replaced code used (a causal mask the kernel now computes itself), and
+    what only that used, and so on; nothing that has side effects. No global dead-code removal:
+    the torch-level graph is not functional, so only nodes our rewrites left unused are removed."""
+    pending, erased = list(candidates), set()
+    while pending:
+        node = pending.pop()
+        if node in erased or node.users or node.op not in ("call_function", "call_method") or _mutates(node):
+            continue
+        pending.extend(node.all_input_nodes)
+        graph.erase_node(node)
+        erased.add(node)
 
 
 def _op_name(node: fx.Node) -> str:

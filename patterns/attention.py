@@ -202,6 +202,8 @@ def check(m) -> str | None:
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
             return "the mask is not a bool or float tensor"
+        if mask.requires_grad:
+            return "the additive mask takes a gradient (a learned bias); the kernel gives none"
         try:
             torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         except RuntimeError:
@@ -271,8 +273,8 @@ def _examples(draw) -> Example:
     mask_kind = draw(st.sampled_from(["none", "additive", "keep", "drop"]))
     mask, how, fill = None, "none", 0.0
     if mask_kind == "additive":
-        mask = draw(tensors((batch, 1, lq, lk), torch.float32, layout="contiguous"))
-        mask, how = torch.where(mask > -0.5, 0.0, torch.finfo(torch.float32).min), "add"
+        keep = draw(tensors((batch, 1, lq, lk), torch.float32, layout="contiguous")) > -0.5
+        mask, how = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype), "add"
     elif mask_kind in ("keep", "drop"):
         keep = draw(tensors((1, 1, lq, lk), torch.float32, layout="contiguous")) > -0.3
         keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
@@ -281,7 +283,8 @@ def _examples(draw) -> Example:
     return Example(attention, dict(
         q=q, k=k, v=v, mask=mask, n_rep=n_rep, q_scale=1.0, k_scale=1.0, scale=1.0 / math.sqrt(d),
         softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), fill=fill, how=how, dim=-1,
-        compute_dtype=torch.float32 if upcast else None, out_dtype=dtype if upcast else None, dropout_p=0.0))
+        compute_dtype=torch.float32 if upcast else None, out_dtype=dtype if upcast else None, dropout_p=0.0),
+        constants=("mask",))
 
 
 ATTENTION = Pattern("attention", SEARCHES, check, replace, _examples, describe, anchors=(torch.softmax,))

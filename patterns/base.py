@@ -62,6 +62,7 @@ class Example:
     """One drawn input for a pattern: which search function, its arguments, and what to expect."""
     search: Callable
     kwargs: dict[str, Any]
+    constants: tuple[str, ...] = ()  # tensor inputs that take no gradient (masks, say)
 
     def __repr__(self) -> str:
         def show(v: Any) -> str:
