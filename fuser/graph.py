@@ -13,7 +13,7 @@ Canonical forms (all value-preserving):
   method spellings; `x / c` (c a number) is `x * (1 / c)`; `a / sqrt(b)` is `a * rsqrt(b)`;
 - `torch.softmax(x, dim)`, with its `dtype=` argument turned into a cast before it;
 - `F.scaled_dot_product_attention` with all eight arguments given (`scale`, `enable_gqa` by keyword); two-operand einsums
-  that are batched matrix products as `torch.matmul`; a permute of the last two dims as a transpose;
+  that are batched matrix products as `torch.matmul`; a permute of the last two dims and `.mT` as a transpose;
   a full slice `x[:, :, :, :n]` (n the whole dim) disappears;
 - `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
   `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
@@ -219,6 +219,10 @@ def _is_full_slice(node: fx.Node) -> bool:
 
 def _canonicalize_node(node: fx.Node) -> None:
     if node.op not in ("call_function", "call_method"):
+        return
+    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("mT",), ("mH",)) \
+            and tensor_meta(node.args[0]) is not None and not tensor_meta(node.args[0]).is_complex():
+        _replace(node, "call_function", torch.transpose, (node.args[0], -2, -1))
         return
     if _is_full_slice(node):
         _drop_identity(node, node.args[0])

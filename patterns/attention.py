@@ -245,8 +245,10 @@ def replace(m):
 def describe(m) -> str:
     q, k, v = _shapes(m)
     plan = _mask_plan(m)
-    parts = [plan.describe() + ", no mask read" if plan is not None and plan.padding is None else
-             plan.describe() if plan is not None else "mask read as a tensor"]
+    if plan is None:
+        parts = ["mask read as a tensor"]
+    else:
+        parts = [plan.describe() + (", no mask read" if m.bindings["mask"] is not None and plan.padding is None else "")]
     ratio = _head_ratio(m)
     if ratio > 1:
         parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")

@@ -9,7 +9,6 @@ the additive form. Anything else is not recognized, and the mask is then read as
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +16,6 @@ import torch
 from torch import fx
 
 _AXES = {0: "batch", 1: "head", 2: "q", 3: "kv"}
-_COMPARISONS = {operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt",
-                torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt"}
-_ANDS = {operator.and_, torch.logical_and, torch.bitwise_and}
 _FLIPPED = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}
 
 
@@ -140,51 +136,63 @@ def _negate(keep: Keep) -> Keep | None:
     return Keep(hi=keep.lo - 1) if keep.lo is not None else Keep(lo=keep.hi + 1)
 
 
+def _name(node: fx.Node) -> str | None:
+    """One name for an op's function and method spellings (`torch.le`, `operator.le`, `x.le`)."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None)
+    return None
+
+
+_COMPARISONS = {"le", "lt", "ge", "gt"}
+_ANDS = {"and_", "logical_and", "bitwise_and", "__and__"}
+_NOTS = {"invert", "logical_not", "bitwise_not", "__invert__"}
+_PASS_THROUGH = {"to", "expand", "bool", "broadcast_to", "contiguous"}
+_ONES = {"ones", "ones_like", "new_ones"}
+
+
 def _evaluate(node: Any, depth: int = 0) -> Any:
     """The abstract value of a mask-building node: Index, Keep, True, or None (not understood)."""
     if not isinstance(node, fx.Node) or depth > 64:
         return True if node is True else None
-    target, args = node.target, node.args
-    if node.op == "call_function" and target == torch.arange:
+    name, args = _name(node), node.args
+    if name == "arange":
         bounds = [a for a in args if not isinstance(a, torch.dtype)]
         return Index(None, _offset(bounds[0]) if len(bounds) >= 2 else 0)
-    if node.op == "call_function" and target in (operator.add, operator.sub):
+    if name in ("add", "sub") and len(args) == 2:
         base, other = _evaluate(args[0], depth + 1), _offset(args[1])
         if isinstance(base, Index) and other is not None:
-            return Index(base.axis, base.offset + other if target == operator.add else base.offset - other)
+            return Index(base.axis, base.offset + other if name == "add" else base.offset - other)
         return None
-    if node.op == "call_function" and target == operator.getitem:
+    if name == "getitem":
         base = _evaluate(args[0], depth + 1)
         if isinstance(base, Index) and base.axis is None:
             return _placed(base, args[1])
-        if isinstance(args[1], tuple) and len(args[1]) == 2 and _meta(args[0]) is not None \
-                and getattr(_meta(args[0]), "dtype", None) == torch.bool and _meta(args[0]).dim() == 2:
+        table = _meta(args[0])
+        if isinstance(args[1], tuple) and len(args[1]) == 2 and isinstance(table, torch.Tensor) \
+                and table.dtype == torch.bool and table.dim() == 2:
             rows, cols = (_evaluate(a, depth + 1) for a in args[1])
             if rows == Index("batch", 0) and cols == Index("kv", 0):
                 return Keep(padding=args[0])
         return None
-    if node.op == "call_function" and target in _COMPARISONS:
-        return _compare(_COMPARISONS[target], _evaluate(args[0], depth + 1), args[1] if not isinstance(
-            args[1], fx.Node) or _offset(args[1]) is not None else _evaluate(args[1], depth + 1))
-    if node.op == "call_function" and target in _ANDS:
-        parts = [_evaluate(a, depth + 1) for a in args]
-        parts = [Keep() if p is True else p for p in parts]
-        if all(isinstance(p, Keep) for p in parts):
-            return _intersect(*parts)
-        return None
-    if node.op == "call_method" and target in ("new_ones",) or (
-            node.op == "call_function" and target in (torch.ones, torch.ones_like)):
+    if name in _COMPARISONS:
+        right = args[1] if _offset(args[1]) is not None else _evaluate(args[1], depth + 1)
+        return _compare(name, _evaluate(args[0], depth + 1), right)
+    if name in _ANDS:
+        parts = [Keep() if p is True else p for p in (_evaluate(a, depth + 1) for a in args)]
+        return _intersect(*parts) if len(parts) == 2 and all(isinstance(p, Keep) for p in parts) else None
+    if name in _ONES:
         return True
-    if node.op == "call_method" and target in ("to", "expand", "bool") or (
-            node.op == "call_function" and target == torch.broadcast_to):
+    if name in _PASS_THROUGH:
         return _evaluate(args[0], depth + 1)
-    if node.op == "call_function" and target in (torch.triu, torch.tril):
+    if name in ("triu", "tril"):
         base = _evaluate(args[0], depth + 1)
         diagonal = args[1] if len(args) > 1 else node.kwargs.get("diagonal", 0)
         if base is True and isinstance(diagonal, int):  # triu: j − i ≥ d; tril: j − i ≤ d
-            return Keep(hi=-diagonal) if target == torch.triu else Keep(lo=-diagonal)
+            return Keep(hi=-diagonal) if name == "triu" else Keep(lo=-diagonal)
         return None
-    if node.op == "call_function" and target in (operator.invert, torch.logical_not, torch.bitwise_not):
+    if name in _NOTS:
         inner = _evaluate(args[0], depth + 1)
         return _negate(inner) if isinstance(inner, Keep) else None
     return None
@@ -202,7 +210,9 @@ def recognize(mask: Any, how: str, fill: Any, lq: Any, lk: Any) -> MaskPlan | No
     "drop": scores.masked_fill(mask, fill)), or None when its construction is not understood."""
     if mask is None:
         return MaskPlan(False, 0, False, None, float("-inf"))
-    if how == "add":  # additive masks of transformers: where(keep, 0, finfo.min)
+    if how == "add":  # additive masks of transformers: where(keep, 0, finfo.min), perhaps cast or expanded
+        while isinstance(mask, fx.Node) and _name(mask) in _PASS_THROUGH:
+            mask = mask.args[0]
         if not (isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target == torch.where):
             return None
         condition, kept_value, fill = mask.args

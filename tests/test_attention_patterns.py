@@ -1,0 +1,177 @@
+"""The attention pattern: every spelling of naive attention and every HF architecture's
+attention becomes one fused op with the right kernel mode; near misses are left alone."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fuser
+from fuser.models import tiny_inputs, tiny_model
+from helpers import compile_and_run, float64_reference
+from numerics import assert_close
+
+B, H, KV, L, D = 2, 4, 2, 13, 16
+
+
+def _qkv(dtype=torch.float32, lq=L, lk=L, kv_heads=H, dv=D):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, lq, D, generator=g).to(dtype)
+    k = torch.randn(B, kv_heads, lk, D, generator=g).to(dtype)
+    v = torch.randn(B, kv_heads, lk, dv, generator=g).to(dtype)
+    return q, k, v
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+CAUSAL = torch.ones(L, L, dtype=torch.bool).tril()
+
+SPELLINGS = {
+    # name: (function of q, k, v, the mode the report must name)
+    "matmul, mul scale": (lambda q, k, v: torch.matmul(torch.softmax(torch.matmul(q, k.transpose(2, 3)) * D ** -0.5,
+                                                                     dim=-1), v), "no mask"),
+    "@ and div": (lambda q, k, v: (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v, "no mask"),
+    "einsum": (lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd", F.softmax(
+        torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.25, dim=-1), v), "no mask"),
+    "scale on q": (lambda q, k, v: torch.softmax((q * 0.25) @ k.transpose(-2, -1), -1) @ v, "no mask"),
+    "fp32 softmax, cast back": (lambda q, k, v: F.softmax(q @ k.mT * 0.25, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+                                "no mask"),
+    "triu masked_fill -inf": (lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1) * 0.25).masked_fill(
+        torch.triu(torch.ones(L, L, dtype=torch.bool), diagonal=1), float("-inf")), -1) @ v, "causal, no mask read"),
+    "tril where finfo.min": (lambda q, k, v: torch.softmax(torch.where(
+        torch.tril(torch.ones(L, L, dtype=torch.bool)), q @ k.transpose(-2, -1) * 0.25, torch.finfo(q.dtype).min), -1)
+        @ v, "causal, no mask read"),
+    "index comparison": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + torch.where(
+        torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None], 0.0, float("-inf")).to(q.dtype),
+        -1) @ v,
+        "causal, no mask read"),
+    "softcap": (lambda q, k, v: torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * 0.25 / 30.0) * 30.0, -1) @ v,
+                "softcap 30"),
+    "repeat_kv": (lambda q, k, v: torch.softmax(q @ repeat_kv(k[:, :KV], 2).transpose(-2, -1) * 0.25, -1)
+                  @ repeat_kv(v[:, :KV], 2), "GQA 2:1"),
+    "repeat_interleave": (lambda q, k, v: torch.softmax(q @ k[:, :1].repeat_interleave(H, dim=1).transpose(-2, -1)
+                                                        * 0.25, -1) @ v[:, :1].repeat_interleave(H, dim=1), "MQA 4:1"),
+    "sdpa after repeat_kv": (lambda q, k, v: F.scaled_dot_product_attention(
+        q, repeat_kv(k[:, :KV], 2), repeat_kv(v[:, :KV], 2), is_causal=True), "causal, GQA 2:1"),
+    "sdpa with a causal mask tensor": (lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool).tril()), "causal, no mask read"),
+}
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_attention_spelling_is_one_match(spelling, dtype):
+    fn, mode = SPELLINGS[spelling]
+    q, k, v = _qkv(dtype)
+    out, report = compile_and_run(fn, q, k, v, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    assert mode in report.matches[0].mode, report
+    assert_close(out, fn(q.double(), k.double(), v.double()), dtype)
+
+
+def test_gradients_through_the_rewrite():
+    fn = SPELLINGS["repeat_kv"][0]
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out, report = compile_and_run(fn, q, k, v, options={"strict": True})
+    assert report.counts() == {"attention": 1}
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(fn(q64, k64, v64).sum(), (q64, k64, v64))
+    for got, ref in zip(grads, want):
+        assert_close(got, ref, torch.float32)
+
+
+NEAR_MISSES = {
+    # name: (function, what the report must say, or None when no attention site should be seen at all)
+    "softmax over the queries": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-2) @ v,
+                                 "softmax over dim -2"),
+    "mask applied after softmax": (lambda q, k, v: (torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1)
+                                                    * CAUSAL) @ v, None),
+    "value matmul of another tensor": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1).exp() @ v,
+                                       None),
+    "probabilities used twice": (lambda q, k, v: (lambda p: (p @ v, p))(torch.softmax(q @ k.transpose(-2, -1), -1)),
+                                 "used outside"),
+}
+
+
+@pytest.mark.parametrize("case", NEAR_MISSES)
+def test_attention_near_misses_are_left_alone(case):
+    fn, reason = NEAR_MISSES[case]
+    q, k, v = _qkv()
+    out, report = compile_and_run(fn, q, k, v, options={"strict": True})
+    assert "attention" not in report.counts(), report
+    if reason is not None:
+        assert any(n.pattern == "attention" and reason in n.reason for n in report.near_misses), report
+    expected = fn(q.double(), k.double(), v.double())
+    for got, ref in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
+        assert_close(got, ref, torch.float32)
+
+
+def test_a_learned_additive_bias_keeps_its_gradient():
+    bias = torch.zeros(1, H, L, L, requires_grad=True)
+    q, k, v = _qkv()
+    out, report = compile_and_run(lambda q, k, v, b: torch.softmax(q @ k.transpose(-2, -1) + b, -1) @ v, q, k, v, bias)
+    assert "attention" not in report.counts()
+    assert any("learned bias" in n.reason for n in report.near_misses), report
+
+
+# attention sites of each tiny model (2 layers) and the mode the kernel runs
+MODELS = {
+    "llama": "causal", "mistral": "causal, window 5", "qwen2": "causal", "mixtral": "causal", "olmoe": "causal",
+    "deepseek_v3": "causal", "gpt2": "causal", "bert": "no mask",
+}
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("padding", [False, True])
+def test_every_layer_of_eager_attention_models_is_rewritten(arch, padding):
+    model = tiny_model(arch)
+    ids = tiny_inputs(model)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kwargs = {"attention_mask": mask} if padding else {}
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    with torch.no_grad():
+        logits = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
+            ids, **kwargs).logits
+        original = model(ids, **kwargs).logits
+        reference = float64_reference(model)(ids, **kwargs).logits
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 2, report
+    modes = {m.mode.split(", GQA")[0].split(", head dim")[0] for m in report.matches if m.pattern == "attention"}
+    expected = {("no mask", True): "key padding", ("no mask", False): "no mask"}.get(
+        (MODELS[arch], padding), MODELS[arch] + (", key padding" if padding else ", no mask read"))
+    assert modes == {expected}, modes
+    assert_close(logits, original, torch.float32)
+    if not padding:  # with padding, HF's float64 copy softmaxes in float32, where its finfo(float64).min
+        assert_close(logits, reference, torch.float32)  # fill is -inf: NaN rows that spread to every row
+
+
+@pytest.mark.parametrize("arch, expected", [("llama", 0), ("mistral", 2)])
+def test_sdpa_models_are_rewritten_only_where_it_pays(arch, expected):
+    """transformers 5 gives SDPA native GQA and is_causal where it can (left alone); a sliding
+    window arrives as a mask tensor, which the kernel runs natively."""
+    model = tiny_model(arch, attn_implementation="sdpa")
+    ids = tiny_inputs(model)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    with torch.no_grad():
+        logits = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(ids).logits
+        reference = float64_reference(model)(ids).logits
+    report = fuser.last_report()
+    assert report.counts().get("attention", 0) == expected, report
+    if expected == 0:
+        assert all("left to SDPA" in n.reason for n in report.near_misses if n.pattern == "attention")
+    assert_close(logits, reference, torch.float32)
+
+
+def test_training_with_attention_dropout_is_rewritten_with_dropout():
+    model = tiny_model("llama", attention_dropout=0.25).train()
+    ids = tiny_inputs(model)
+    report = fuser.explain(model, ids)
+    modes = [m.mode for m in report.matches if m.pattern == "attention"]
+    assert len(modes) == 2 and all("dropout 0.25" in mode for mode in modes), report
