@@ -232,3 +232,14 @@ def test_fuzz_the_library(name):
     result = fuser.fuzz(name, max_examples=8, seed=0)
     assert result.ok, str(result)
     assert result.examples >= 8 and all(math.isfinite(e) for e in result.worst_error.values())
+
+
+def test_backend_name_works_without_importing_fuser():
+    import subprocess
+    import sys
+    code = ("import torch; f = torch.compile(lambda x: torch.softmax(x, -1), backend='fuser');"
+            "print(f(torch.randn(3, 5)).sum().item());"
+            "import fuser; print(fuser.last_report().counts())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "{'softmax': 1}" in out.stdout
