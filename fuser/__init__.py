@@ -5,10 +5,11 @@
 """
 from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
 from fuser.backend import Options, fuser_backend, last_report, reset_reports
+from fuser.convert import convert
 from fuser.explaining import explain
 from fuser.fuzzing import FuzzResult, fuzz
 from fuser.report import MatchRecord, NearMiss, Report
 from fuser.rewriter import RewriteError
 
 __all__ = ["Options", "fuser_backend", "last_report", "reset_reports", "explain", "Report", "MatchRecord",
-           "NearMiss", "RewriteError", "fuzz", "FuzzResult"]
+           "NearMiss", "RewriteError", "fuzz", "FuzzResult", "convert"]

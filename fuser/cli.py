@@ -1,11 +1,33 @@
-"""The `fuser` command line: demo, explain, fuzz (same verbs as the Python API)."""
+"""fuser: rewrite naive attention, softmax, RMSNorm and MoE code into fused Triton kernels.
+
+The same verbs as the Python API, for people who do not want to write Python:
+
+  fuser demo llama                          compile a tiny model with backend="fuser", check it
+  fuser explain llama --html report.html    what would be rewritten, near misses and why, pictures
+  fuser explain my_model.py:make_model      the same for your own model
+  fuser fuzz rms_norm softmax               hypothesis against the numerics contract
+  fuser fuzz llama                          ... at every site the backend rewrites in a model
+  fuser bench                               the GPU benchmarks in benchmarks/
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+class UsageError(Exception):
+    """A mistake on the command line: the message says what is wrong and how to fix it."""
 
 
 def _device_and_dtype(args) -> tuple[str, torch.dtype]:
@@ -22,9 +44,9 @@ def demo(args) -> int:
     from fuser.verify import numerics_problem, tolerance
 
     device, dtype = _device_and_dtype(args)
-    model = tiny_model(args.arch, layers=args.layers, dtype=dtype).to(device)
+    model = tiny_model(_architecture(args.model), layers=args.layers, dtype=dtype).to(device)
     ids = tiny_inputs(model, batch=2, length=args.length).to(device)
-    print(f"fuser demo: {args.arch} ({args.layers} layers, {dtype}, {device}), torch {torch.__version__}")
+    print(f"fuser demo: {args.model} ({args.layers} layers, {dtype}, {device}), torch {torch.__version__}")
     print(fuser.explain(model, ids))
 
     torch._dynamo.reset()
@@ -50,60 +72,189 @@ def _float64_copy(model):
     return reference
 
 
-def explain(args) -> int:
-    """Print what fuser would rewrite in a tiny HF-architecture model."""
-    import fuser
+def _architecture(name: str) -> str:
+    from fuser.models import ARCHITECTURES
+
+    if name not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}; "
+                         "or give your own model as path/to/file.py:make_model")
+    return name
+
+
+def load_model(spec: str, args) -> tuple[torch.nn.Module, tuple, dict]:
+    """(model, args, kwargs) from an architecture name (a tiny model from its config, random token
+    ids) or from `path/to/file.py:factory`, a function returning a model or (model, inputs), where
+    inputs is a tensor, a tuple of arguments or a dict of keyword arguments."""
     from fuser.models import tiny_inputs, tiny_model
 
     device, dtype = _device_and_dtype(args)
-    model = tiny_model(args.arch, layers=args.layers, dtype=dtype).to(device)
-    print(fuser.explain(model, tiny_inputs(model, length=args.length).to(device)))
+    if ":" not in spec and not spec.endswith(".py"):
+        model = tiny_model(_architecture(spec), layers=args.layers, dtype=dtype).to(device)
+        return model, (tiny_inputs(model, length=args.length).to(device),), {}
+    path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if not name:
+        raise UsageError(f"name the function that builds the model: {spec}:make_model")
+    if not Path(path).is_file():
+        raise UsageError(f"no file {path!r} (from {spec!r}); give path/to/file.py:function")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(Path(path).resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        functions = [k for k, v in vars(module).items() if callable(v) and getattr(v, "__module__", "") == module.__name__]
+        raise UsageError(f"{path} has no function {name!r}; its functions: {', '.join(functions) or 'none'}")
+    return _model_and_inputs(factory(), spec)
+
+
+def _model_and_inputs(built: Any, spec: str) -> tuple[torch.nn.Module, tuple, dict]:
+    from fuser.models import tiny_inputs
+
+    model, inputs = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
+    if not callable(model):
+        raise UsageError(f"{spec} returned {type(model).__name__}; return a model, or (model, inputs)")
+    if inputs is None:
+        if getattr(getattr(model, "config", None), "vocab_size", None) is None:
+            raise UsageError(f"{spec} returned a model but no inputs to run it on; return (model, inputs), "
+                             "inputs a tensor, a tuple of arguments or a dict of keyword arguments")
+        inputs = tiny_inputs(model)
+    if isinstance(inputs, dict):
+        return model, (), inputs
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {}
+
+
+def explain(args) -> int:
+    """Print what fuser would rewrite in a model, the near misses and why; --html saves pictures."""
+    import fuser
+
+    model, model_args, model_kwargs = load_model(args.model, args)
+    report = fuser.explain(model, *model_args, **model_kwargs)
+    print(report)
+    if args.html:
+        report.save_html(args.html)
+        print(f"\nwrote {args.html}: the tables and a picture of each of the {len(report.matches)} rewritten "
+              "region(s) before and after")
     return 0
 
 
 def fuzz(args) -> int:
-    """Fuzz patterns of the library with hypothesis."""
+    """Fuzz patterns of the library, or every rewritten site of a model, with hypothesis."""
     import fuser
     from fuser.patterns import BY_NAME
 
-    names = args.patterns or list(BY_NAME)
+    progress = logging.StreamHandler(sys.stderr)  # one line per example
+    logger = logging.getLogger("fuser.fuzz")
+    logger.addHandler(progress)
+    logger.setLevel(logging.INFO)
     ok = True
-    for name in names:
-        result = fuser.fuzz(name, max_examples=args.max_examples, seed=args.seed)
-        print(result)
-        ok &= result.ok
+    try:
+        for target in args.targets or list(BY_NAME):
+            if target in BY_NAME:
+                result = fuser.fuzz(target, max_examples=args.max_examples, seed=args.seed, grads=not args.no_grads)
+            else:
+                model, model_args, model_kwargs = load_model(target, args)
+                result = fuser.fuzz(model, *model_args, max_examples=args.max_examples, seed=args.seed,
+                                    grads=not args.no_grads, **model_kwargs)
+            print(result)
+            ok &= result.ok
+    finally:
+        logger.removeHandler(progress)
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _benchmark_scripts() -> dict[str, Path]:
+    return {p.stem.removeprefix("bench_"): p for p in sorted(BENCHMARKS.glob("bench_*.py"))}
+
+
+def bench(args) -> int:
+    """Run the GPU benchmarks in benchmarks/ (all, or those named), each printing its table."""
+    scripts = _benchmark_scripts()
+    unknown = [n for n in args.names if n not in scripts]
+    if unknown:
+        raise UsageError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(scripts) or 'none'}")
+    if not torch.cuda.is_available():
+        print("fuser bench: the benchmarks time kernels on a GPU and torch sees none here "
+              "(torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU and a CUDA build "
+              "of torch", file=sys.stderr)
+        return 1
+    chosen = [scripts[n] for n in args.names] if args.names else list(scripts.values())
+    failed = []
+    for i, script in enumerate(chosen, 1):
+        print(f"[{i}/{len(chosen)}] {script.name} {' '.join(args.passthrough)}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, str(script), *args.passthrough],
+                               env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})
+        print(f"[{i}/{len(chosen)}] {script.name}: {'done' if code == 0 else f'FAILED (exit {code})'} "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
+        if code != 0:
+            failed.append(script.name)
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     from fuser.models import ARCHITECTURES
 
-    parser = argparse.ArgumentParser(prog="fuser", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = argparse.ArgumentParser(prog="fuser", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{demo,explain,fuzz,bench}")
+    model_help = (f"a transformers architecture, built tiny from its config ({', '.join(ARCHITECTURES)}), "
+                  "or path/to/file.py:make_model, a function returning a model or (model, inputs)")
 
-    def model_arguments(p):
-        p.add_argument("arch", nargs="?", default="llama", choices=list(ARCHITECTURES),
-                       help="transformers architecture to build from a tiny config (default: llama)")
-        p.add_argument("--layers", type=int, default=2)
-        p.add_argument("--length", type=int, default=16, help="sequence length of the random input")
+    def model_options(p, what_length: str = "sequence length of the random token ids"):
+        p.add_argument("--layers", type=int, default=2, help="layers of a tiny architecture model (default: 2)")
+        p.add_argument("--length", type=int, default=16, help=f"{what_length} (default: 16)")
         p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                       help="default: bfloat16 on cuda, float32 on cpu")
+                       help="of a tiny architecture model (default: bfloat16 on cuda, float32 on cpu)")
 
-    p = verbs.add_parser("demo", help=demo.__doc__)
-    model_arguments(p)
-    p.add_argument("--codegen", choices=["inductor", "eager"], default="inductor")
+    p = verbs.add_parser("demo", help=demo.__doc__, description=demo.__doc__)
+    p.add_argument("model", nargs="?", default="llama", metavar="ARCH",
+                   help=f"transformers architecture (default: llama): {', '.join(ARCHITECTURES)}")
+    model_options(p)
+    p.add_argument("--codegen", choices=["inductor", "eager"], default="inductor",
+                   help="what runs the rest of the graph (default: inductor)")
     p.set_defaults(run=demo)
-    p = verbs.add_parser("explain", help=explain.__doc__)
-    model_arguments(p)
+
+    p = verbs.add_parser("explain", help=explain.__doc__, description=explain.__doc__)
+    p.add_argument("model", nargs="?", default="llama", metavar="MODEL", help=model_help + " (default: llama)")
+    model_options(p)
+    p.add_argument("--html", metavar="PATH", help="also save the report as one self-contained HTML page")
     p.set_defaults(run=explain)
-    p = verbs.add_parser("fuzz", help=fuzz.__doc__)
-    p.add_argument("patterns", nargs="*", help="pattern names (default: all)")
-    p.add_argument("--max-examples", type=int, default=100)
-    p.add_argument("--seed", type=int)
+
+    p = verbs.add_parser("fuzz", help=fuzz.__doc__, description=fuzz.__doc__)
+    p.add_argument("targets", nargs="*", metavar="TARGET",
+                   help="pattern names (default: every pattern), or models: " + model_help)
+    p.add_argument("--max-examples", type=int, default=100, help="per target (default: 100)")
+    p.add_argument("--seed", type=int, help="hypothesis seed, to reproduce a failure (default: random)")
+    p.add_argument("--no-grads", action="store_true", help="check values only, not gradients")
+    model_options(p)
     p.set_defaults(run=fuzz)
+
+    p = verbs.add_parser("bench", help=bench.__doc__, description=bench.__doc__ +
+                         " Arguments after -- go to each script, e.g. fuser bench norm_softmax -- --sweep")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"benchmarks to run (default: all): {', '.join(_benchmark_scripts()) or 'none'}")
+    p.set_defaults(run=bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = _parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    if passthrough and args.verb != "bench":
+        parser.error(f"only `fuser bench` passes arguments after --, not `fuser {args.verb}`")
+    args.passthrough = passthrough
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"fuser {args.verb}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

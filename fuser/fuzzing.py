@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from hypothesis import HealthCheck, assume, given, seed as hypothesis_seed, settings, strategies as st
+from hypothesis import HealthCheck, Phase, assume, given, seed as hypothesis_seed, settings, strategies as st
 from torch import fx
 
 from fuser.backend import Options, transform
+from fuser.capture import capture
 from fuser.graph import value
 from fuser.matcher import Match, find
 from fuser.patterns import BY_NAME
@@ -38,7 +39,8 @@ from fuser.verify import capture_values, numerics_problem, run_nodes_float64, to
 
 log = logging.getLogger("fuser.fuzz")
 
-SETTINGS = dict(deadline=None, database=None, derandomize=False,
+# no `explain` phase: after shrinking it reruns the failing example many times (minutes for a model)
+SETTINGS = dict(deadline=None, database=None, derandomize=False, phases=[p for p in Phase if p != Phase.explain],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much, HealthCheck.large_base_example])
 
@@ -239,6 +241,7 @@ class CapturedGraph:
                                and f.fake_mode.shape_env is not None), None)
         self.symbols = self._symbols()
         self.sites = self._sites(patterns)
+        self.differentiable = self._differentiable()
 
     def _sites(self, patterns: tuple[Pattern, ...]) -> list[Site]:
         """The sites `rewrite` rewrites (on a copy), found again in this graph."""
@@ -262,6 +265,18 @@ class CapturedGraph:
                 return Site(name, m, outside)
         raise RuntimeError(f"fuser.fuzz: the {record.pattern} match at {record.where} was not found again "
                            "in the graph (a matcher that is not deterministic?)")
+
+    def _differentiable(self) -> set[fx.Node]:
+        """Floating values that depend on a floating input (parameters included) through floating
+        values: what a gradient reaches in the model. A mask built from token ids and `arange`
+        is not among them, so the rewrite need not give it a gradient."""
+        found: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            meta = value(node)
+            if isinstance(meta, torch.Tensor) and meta.is_floating_point() and (
+                    node.op == "placeholder" or any(n in found for n in node.all_input_nodes)):
+                found.add(node)
+        return found
 
     def _symbols(self) -> dict[Any, tuple[int, int]]:
         """Each dynamic size of the graph's inputs: (lower bound, size in the example)."""
@@ -321,24 +336,20 @@ def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pa
         return x
 
     kept = {id(t) for t in (*model.parameters(), *model.buffers())} if isinstance(model, torch.nn.Module) else set()
-    captured = []
-
-    def backend(gm: fx.GraphModule, example_inputs: list, **_: Any):
-        captured.append((copy.deepcopy(gm), list(example_inputs)))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(*map(dynamic, args), **{k: dynamic(v) for k, v in kwargs.items()})
+    captured = capture(model, tuple(map(dynamic, args)), {k: dynamic(v) for k, v in kwargs.items()}, dynamic=None)
     return [CapturedGraph(gm, inputs, kept, patterns) for gm, inputs in captured]
 
 
-def check_site(site: Site, values: dict[fx.Node, Any], grads: bool) -> dict[str, float]:
-    """The rewrite of one site against its original nodes in float64, on the values that reach it."""
+def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
+               differentiable: set[fx.Node] = frozenset()) -> dict[str, float]:
+    """The rewrite of one site against its original nodes in float64, on the values that reach it;
+    gradients with respect to the `differentiable` inputs when `grads`."""
     m = site.match
     bound_names = {node: name for name, node in m.inputs().items()}
     label = {node: bound_names.get(node, node.name) for node in site.outside}
-    leaves = {leaf.name: leaf for leaf in _leaves({label[node]: values[node] for node in site.outside
-                                                   if isinstance(values[node], torch.Tensor)}, grads)}
+    tensors = [node for node in site.outside if isinstance(values[node], torch.Tensor)]
+    constants = tuple(label[node] for node in tensors if node not in differentiable)
+    leaves = {leaf.name: leaf for leaf in _leaves({label[n]: values[n] for n in tensors}, grads, constants)}
 
     def inputs_for(side: str) -> dict[fx.Node, Any]:
         return {node: getattr(leaves[label[node]], side) if label[node] in leaves else values[node]
@@ -383,6 +394,6 @@ def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, s
             assume(inputs is not None)
             values = capture_values(graph.gm, inputs)
             for site in graph.sites:
-                _record(result, site.name, check_site(site, values, grads))
+                _record(result, site.name, check_site(site, values, grads, graph.differentiable))
 
     return _hunt(result, strategy, check_one, max_examples)

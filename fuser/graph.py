@@ -17,11 +17,13 @@ Canonical forms (all value-preserving):
   a full slice `x[:, :, :, :n]` (n the whole dim) disappears;
 - `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
   `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
+- keyword arguments equal to their default are dropped (`F.silu(x, inplace=False)`);
 - identities vanish: dropout with p=0 or training=False. (`contiguous()` stays: a later `view`
   may need its layout.)
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from typing import Any, Callable
@@ -32,7 +34,8 @@ from torch import fx
 
 from fuser.patterns.base import is_cast
 
-_FLOAT_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+_FLOAT_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64,
+                  "int": torch.int32, "long": torch.int64}
 
 _SDPA_DEFAULTS = {"query": None, "key": None, "value": None, "attn_mask": None, "dropout_p": 0.0,
                   "is_causal": False, "scale": None, "enable_gqa": False}
@@ -68,6 +71,35 @@ _SPELLINGS: dict[Any, tuple[list[tuple[str, Any]], list[str]]] = {
 _CANONICAL_OF = {spelling: canon for canon, (spellings, _) in _SPELLINGS.items() for spelling in spellings}
 # F.softmax's _stacklevel and the like carry no meaning for the value
 _DROPPED_DEFAULTS = {"_stacklevel", "alpha", "rounding_mode", "dtype"}
+
+
+_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether a node writes into its first argument (`x.add_(y)`, `x[i] = y`, `x /= 2`)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _MUTATING_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+    return False
+
+
+def target_key(target: Any) -> Any:
+    """What a node's target is, for matching: spellings of one function compare equal
+    (`torch._grouped_mm`, `F.grouped_mm` and transformers' `grouped_mm_fallback` op)."""
+    name = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", None)
+    if name is not None:
+        target = name
+    return _EQUIVALENT_TARGETS.get(target, target)
+
+
+_EQUIVALENT_TARGETS: dict[Any, str] = {
+    getattr(torch, "_grouped_mm", None): "grouped_mm", getattr(F, "grouped_mm", None): "grouped_mm",
+    "transformers::grouped_mm_fallback": "grouped_mm",
+}
+_EQUIVALENT_TARGETS.pop(None, None)
 
 
 def value(node: Any) -> Any:
@@ -217,9 +249,28 @@ def _is_full_slice(node: fx.Node) -> bool:
         _known_same_sizes(node.args[0], node)
 
 
+def _defaults(target: Any) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _drop_default_kwargs(node: fx.Node) -> None:
+    """`F.silu(x, inplace=False)` is `F.silu(x)`."""
+    defaults = _defaults(node.target)
+    kept = {k: v for k, v in node.kwargs.items()
+            if not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])}
+    if len(kept) != len(node.kwargs):
+        node.kwargs = kept
+
+
 def _canonicalize_node(node: fx.Node) -> None:
     if node.op not in ("call_function", "call_method"):
         return
+    if node.op == "call_function" and node.kwargs and inspect.isfunction(node.target):
+        _drop_default_kwargs(node)
     if node.op == "call_function" and node.target is getattr and node.args[1:] in (("mT",), ("mH",)) \
             and tensor_meta(node.args[0]) is not None and not tensor_meta(node.args[0]).is_complex():
         _replace(node, "call_function", torch.transpose, (node.args[0], -2, -1))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from torch import fx
 
-from fuser.graph import canonicalize, value, where
+from fuser.graph import canonicalize, mutates, target_key, value, where
 from fuser.patterns.base import Pattern, Structural
 
 COMMUTATIVE = {operator.mul, operator.add}
@@ -110,6 +110,13 @@ def _literal_equal(pattern_literal: Any, target: Any) -> bool:
         return False
 
 
+def _writes_into(covered: set[fx.Node], output: fx.Node, order: dict) -> set[fx.Node]:
+    """In-place writes into tensors the match creates (`inv[perm] = arange(n)` after `inv = empty_like(perm)`)
+    belong to the match: a search function can show them, but its walk from the output never meets them."""
+    return {user for node in covered for user in node.users
+            if user not in covered and mutates(user) and user.args[0] is node and order[user] < order[output]}
+
+
 class SearchGraph:
     """A search function traced and canonicalized, ready to match at any node."""
 
@@ -128,6 +135,7 @@ class SearchGraph:
             bindings = {name: state.bindings.get(name) for name in names}
             covered = set(state.mapped.values())
             order = {n: i for i, n in enumerate(node.graph.nodes)}
+            covered |= _writes_into(covered, node, order)
             return bindings, sorted(covered, key=order.__getitem__)
         return None
 
@@ -155,7 +163,7 @@ class SearchGraph:
             if state.mapped[p] is t:
                 yield state
             return
-        if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
+        if not isinstance(t, fx.Node) or t.op != p.op or target_key(t.target) != target_key(p.target):
             failure.note(len(state.mapped), f"expected {_describe(p)}, found {_describe(t)}")
             return
         if t in state.mapped.values() or len(t.args) != len(p.args) or set(t.kwargs) != set(p.kwargs):

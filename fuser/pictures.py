@@ -37,6 +37,7 @@ table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
 th, td { border: 1px solid #dee2e6; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f1f3f5; }
 code, .mono { font-family: ui-monospace, Menlo, Consolas, monospace; }
+td.mono, th { white-space: nowrap; } td.wide { min-width: 22em; }
 .region { border: 1px solid #dee2e6; border-radius: 6px; padding: 12px; margin: 16px 0; }
 .panels { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 .panel h3 { font-size: 14px; margin: 4px 0 8px; }
@@ -87,7 +88,7 @@ def _matches_table(matches: list[MatchRecord]) -> str:
         f"<tr><td><a href='#{_anchor(m)}'>{html.escape(m.id or '-')}</a></td><td>{html.escape(m.pattern)}</td>"
         f"<td class='mono'>{html.escape(m.where.module or '<top>')}</td>"
         f"<td class='mono'>{html.escape(_short_location(m.where.location))}</td>"
-        f"<td class='mono'>{html.escape(m.op)}</td><td>{html.escape(m.mode)}</td><td>{len(m.nodes)}</td></tr>"
+        f"<td class='mono'>{html.escape(m.op)}</td><td class='wide'>{html.escape(m.mode)}</td><td>{len(m.nodes)}</td></tr>"
         for m in matches)
     return ("<h2>Rewrites</h2><table><tr><th>id</th><th>pattern</th><th>module</th><th>code</th><th>op</th>"
             f"<th>kernel mode</th><th>nodes replaced</th></tr>{rows}</table>")
@@ -98,7 +99,7 @@ def _near_misses_table(report: Report) -> str:
         return "<p class='note'>No near misses.</p>"
     rows = "".join(
         f"<tr><td>{html.escape(n.pattern)}</td><td class='mono'>{html.escape(n.where.module or '<top>')}</td>"
-        f"<td class='mono'>{html.escape(_short_location(n.where.location))}</td><td>{html.escape(n.reason)}</td></tr>"
+        f"<td class='mono'>{html.escape(_short_location(n.where.location))}</td><td class='wide'>{html.escape(n.reason)}</td></tr>"
         for n in report.near_misses)
     return ("<h2>Near misses (left as they were)</h2><table><tr><th>pattern</th><th>module</th><th>code</th>"
             f"<th>why it was not rewritten</th></tr>{rows}</table>")

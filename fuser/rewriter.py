@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-from fuser.graph import canonicalize, value, where
+from fuser.graph import mutates, value, where
 from fuser.matcher import Match, _Failure, find
 from fuser.patterns.base import Pattern
 from fuser.report import MatchRecord, NearMiss, Report, Where
@@ -25,24 +25,12 @@ class RewriteError(RuntimeError):
     """Raised in strict mode when a site that matched cannot be rewritten."""
 
 
-_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _mutates(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _MUTATING_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
-    return False
-
-
 def convexity_problem(m: Match) -> str | None:
     """Why the matched nodes cannot be replaced as one unit, or None."""
     inside = set(m.nodes)
     for node in m.nodes:
-        if _mutates(node):
-            return f"{node.name} inside the match modifies a tensor in place"
+        if mutates(node) and node.args[0] not in inside:
+            return f"{node.name} inside the match modifies a tensor it did not create"
     for node in m.nodes[:-1]:
         outside = [u for u in node.users if u not in inside]
         if outside:
@@ -51,7 +39,7 @@ def convexity_problem(m: Match) -> str | None:
     start, end = order[m.nodes[0]], order[m.output]
     for name, node in m.inputs().items():
         for user in node.users:
-            if user not in inside and _mutates(user) and start < order[user] < end:
+            if user not in inside and mutates(user) and start < order[user] < end:
                 return f"input {name} ({node.name}) is modified in place ({user.name}) while the match reads it"
     return None
 
@@ -131,7 +119,7 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
                     if problem is None:
                         mode = pattern.describe(m)
                         match_id = f"{tag}m{len(report.matches)}"
-                        inputs_of_rewrites.update(m.inputs().values())
+                        inputs_of_rewrites.update(i for n in m.nodes for i in n.all_input_nodes)
                         new = apply(m)
                         new.meta["fuser_match"] = match_id
                         erased.update(m.nodes)
@@ -162,7 +150,7 @@ def _erase_dead_inputs(graph: fx.Graph, candidates: set[fx.Node]) -> None:
     pending, erased = list(candidates), set()
     while pending:
         node = pending.pop()
-        if node in erased or node.users or node.op not in ("call_function", "call_method") or _mutates(node):
+        if node in erased or node.users or node.op not in ("call_function", "call_method") or mutates(node):
             continue
         pending.extend(node.all_input_nodes)
         graph.erase_node(node)
@@ -186,4 +174,5 @@ def _add_near_miss(report: Report, miss: NearMiss) -> None:
 
 def prepare(gm: fx.GraphModule) -> None:
     """Canonicalize before matching (separate so verification can read values of the canonical graph)."""
+    from fuser.graph import canonicalize
     canonicalize(gm.graph)

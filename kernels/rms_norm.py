@@ -14,6 +14,8 @@ a [programs, N] float32 buffer, which a second small kernel sums column block by
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ from ._common import TORCH_TO_TRITON_SUPPORTED, use_triton
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+
+# Row machinery shared with softmax.py: tiling, the [rows, N] view, when to launch, block loads and stores.
 
 @dataclass(frozen=True)
 class RowTiling:
@@ -37,12 +41,12 @@ class RowTiling:
     num_warps: int
 
     @staticmethod
-    def for_rows(n_rows: int, n_cols: int, max_block_n: int, min_tile: int = 2048,
-                 elements_per_thread: int = 16) -> "RowTiling":
+    def for_rows(n_rows: int, n_cols: int, max_block_n: int, min_tile: int = 2048, elements_per_thread: int = 16,
+                 max_warps: int = 16) -> "RowTiling":
         """A tile of about `min_tile` or more elements, `elements_per_thread` of them per thread."""
-        block_n = min(triton.next_power_of_2(n_cols), max_block_n)
-        block_m = min(triton.next_power_of_2(n_rows), max(1, min_tile // block_n))
-        num_warps = min(16, max(1, block_m * block_n // (32 * elements_per_thread)))
+        block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block_n)
+        block_m = min(triton.next_power_of_2(max(n_rows, 1)), max(1, min_tile // block_n))
+        num_warps = min(max_warps, max(1, block_m * block_n // (32 * elements_per_thread)))
         return RowTiling(block_m, block_n, num_warps)
 
 
@@ -50,9 +54,16 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """`x` as a [rows, N] matrix whose last dim is contiguous (a view when strides allow)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def kernels_apply(*tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
+    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
+    dtypes = [t.dtype for t in tensors if t is not None] + ([out_dtype] if out_dtype is not None else [])
+    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in dtypes)
+
+
+@functools.lru_cache
 def program_slots(device: torch.device) -> int:
     """How many programs a persistent kernel launches: the multiprocessor count (4 when interpreting)."""
     if device.type == "cuda":
@@ -74,14 +85,22 @@ def store_rows(row_ptrs, row_ok, cols, n_cols, value):
     tl.store(row_ptrs + cols[None, :], value.to(row_ptrs.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
 def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
-    """Rows up to 16K elements stay in registers (measured on H100: benchmarks/RESULTS.md)."""
-    return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384)
+    """Rows up to 16K elements stay in registers, 32 elements per thread; up to 8K columns two rows
+    (or more, for 4K elements) share a program and its load of the weight (H100 sweep, RESULTS.md)."""
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), 16384)
+    min_tile = max(4096, 2 * block_n) if block_n <= 8192 else block_n
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384, min_tile=min_tile, elements_per_thread=32)
 
 
+@functools.lru_cache(maxsize=4096)
 def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
-    """x, dy and the weight-gradient accumulator live together: blocks of at most 8K columns."""
-    return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
+    """x, dy, g and the weight-gradient sums live together. Up to 4K columns, 64 elements per thread
+    (two programs per SM, ~250 registers) measured fastest on H100; wider rows take 32 so as not to spill."""
+    if n_cols <= 4096:
+        return RowTiling.for_rows(n_rows, n_cols, max_block_n=4096, min_tile=8192, elements_per_thread=64)
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192, elements_per_thread=32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +159,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, w
     product_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
     _rms_norm_forward_kernel[(triton.cdiv(n_rows, tiling.block_m),)](
         rows, weight, out, n_rows, n_cols, rows.stride(0), out.stride(0), eps, weight_offset,
-        HAS_WEIGHT=weight is not None, WEIGHT_BEFORE_CAST=weight_before_cast,
-        INPUT_DTYPE=TRITON_DTYPES[x.dtype], PRODUCT_DTYPE=TRITON_DTYPES[product_dtype], BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+        HAS_WEIGHT=weight is not None, WEIGHT_BEFORE_CAST=weight_before_cast, INPUT_DTYPE=TRITON_DTYPES[x.dtype],
+        PRODUCT_DTYPE=TRITON_DTYPES[product_dtype], BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
         ROW_FITS=n_cols <= tiling.block_n, num_warps=tiling.num_warps)
     return out.view(x.shape)
 
@@ -170,13 +189,14 @@ def _store_grad_input(dx_rows, row_ok, cols, n_cols, x, g, rstd, mean_gx):
 @triton.jit
 def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, dy_row_stride,
                               x_row_stride, dx_row_stride, eps, weight_offset, HAS_WEIGHT: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr,
+                              NUM_STAGES: tl.constexpr):
     """Persistent: program p takes row tiles p, p + programs, ... and owns row p of the partial buffer."""
     program = tl.program_id(0)
     block = tl.arange(0, BLOCK_N)
     dw_partial_row = dw_partial_ptr + program * n_cols
     dw_sum = tl.zeros([BLOCK_N], tl.float32)
-    for tile in range(program, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+    for tile in tl.range(program, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0), num_stages=NUM_STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
@@ -221,9 +241,12 @@ def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.c
 
 
 def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                             weight_offset: float, tiling: RowTiling | None = None,
-                             programs_per_slot: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels; `tiling` and `programs_per_slot` default to the tuned heuristic."""
+                             weight_offset: float, tiling: RowTiling | None = None, programs_per_slot: int = 2,
+                             num_stages: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels. `tiling` and `programs_per_slot` (persistent programs per SM) default
+    to what measured best on H100. `num_stages` pipelines the row-tile loop: 3 stages with one program
+    per SM measured 5% faster in bf16 at 4K columns, but its shared memory grows with dtype and tile
+    (fp32 at 4K columns would not fit), so it stays off until a guard is written (RESULTS.md)."""
     rows, grad_rows = as_rows(x), as_rows(grad_out)
     n_rows, n_cols = rows.shape
     tiling = tiling or backward_tiling(n_rows, n_cols)
@@ -239,7 +262,7 @@ def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     _rms_norm_backward_kernel[(n_programs,)](
         grad_rows, rows, weight, dx, dw_partial, n_rows, n_cols, grad_rows.stride(0), rows.stride(0), dx.stride(0),
         eps, weight_offset, HAS_WEIGHT=weight is not None, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-        ROW_FITS=row_fits, num_warps=tiling.num_warps)
+        ROW_FITS=row_fits, NUM_STAGES=num_stages, num_warps=tiling.num_warps)
     if weight is not None:
         _sum_partials_kernel[(triton.cdiv(n_cols, 128),)](dw_partial, dw, n_programs, n_cols, BLOCK_P=32,
                                                            BLOCK_N=128, num_warps=4)
@@ -280,17 +303,11 @@ def rms_norm_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight:
 # The ops
 # ---------------------------------------------------------------------------------------------
 
-def _kernels_apply(*tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
-    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
-    dtypes = [t.dtype for t in tensors if t is not None] + ([out_dtype] if out_dtype is not None else [])
-    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in dtypes)
-
-
 @torch.library.custom_op("fuser::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
              weight_before_cast: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """RMSNorm over the last dim; see the module docstring for the two weight forms."""
-    if _kernels_apply(x, weight, out_dtype=out_dtype):
+    if kernels_apply(x, weight, out_dtype=out_dtype):
         return rms_norm_forward(x, weight, eps, weight_offset, weight_before_cast, out_dtype)
     return rms_norm_reference(x, weight, eps, weight_offset, weight_before_cast, out_dtype).contiguous()
 
@@ -304,7 +321,7 @@ def _(x, weight, eps, weight_offset, weight_before_cast, out_dtype):
 def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                       weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is empty when there is no weight."""
-    if _kernels_apply(grad_out, x, weight):
+    if kernels_apply(grad_out, x, weight):
         return rms_norm_backward_launch(grad_out, x, weight, eps, weight_offset)
     dx, dw = rms_norm_backward_reference(grad_out, x, weight, eps, weight_offset)
     return dx.contiguous(), dw
@@ -324,7 +341,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
-    dx, dw = torch.ops.fuser.rms_norm_backward(grad_out, x, weight, ctx.eps, ctx.weight_offset)
+    dx, dw = torch.ops.fuser.rms_norm_backward.default(grad_out, x, weight, ctx.eps, ctx.weight_offset)
     return dx, (dw if weight is not None else None), None, None, None, None
 
 

@@ -7,20 +7,25 @@ entries behave as in torch: a row of only -inf gives NaN.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TORCH_TO_TRITON_SUPPORTED, use_triton
-from .rms_norm import RowTiling, as_rows, load_rows, store_rows
+from .rms_norm import RowTiling, as_rows, kernels_apply, load_rows, store_rows
 
 
+@functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
 def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
-    """Rows up to 8K elements stay in registers, longer ones loop (measured on H100: benchmarks/RESULTS.md)."""
-    return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
+    """Rows up to 16K elements stay in registers, longer ones loop over 16K blocks with 8 warps
+    (H100 sweep at 32000 columns, RESULTS.md)."""
+    return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384, max_warps=8)
 
 
+@functools.lru_cache(maxsize=4096)
 def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+    """Two tensors in, one out, not timed on its own yet: up to 8K columns in registers."""
     return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
 
 
@@ -117,15 +122,10 @@ def softmax_backward_reference(grad_out: torch.Tensor, out: torch.Tensor, x_dtyp
     return (y * (dy - (dy * y).sum(-1, keepdim=True))).to(x_dtype)
 
 
-def _kernels_apply(*tensors: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
-    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in [out_dtype, *(t.dtype for t in tensors)])
-
-
 @torch.library.custom_op("fuser::softmax", mutates_args=())
 def softmax(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Softmax over the last dim, float32 inside, result in `out_dtype`."""
-    if _kernels_apply(x, out_dtype=out_dtype):
+    if kernels_apply(x, out_dtype=out_dtype):
         return softmax_forward(x, out_dtype)
     return softmax_reference(x, out_dtype).contiguous()
 
@@ -138,7 +138,7 @@ def _(x, out_dtype):
 @torch.library.custom_op("fuser::softmax_backward", mutates_args=())
 def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
     """dx = out * (grad_out - Σ grad_out·out), in `x_dtype`."""
-    if _kernels_apply(grad_out, out, out_dtype=x_dtype):
+    if kernels_apply(grad_out, out, out_dtype=x_dtype):
         return softmax_backward_launch(grad_out, out, x_dtype)
     return softmax_backward_reference(grad_out, out, x_dtype).contiguous()
 
@@ -163,8 +163,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     (saved,) = ctx.saved_tensors
-    out = torch.ops.fuser.softmax(saved, torch.float32) if ctx.recompute else saved
-    return torch.ops.fuser.softmax_backward(grad_out, out, ctx.x_dtype), None
+    out = torch.ops.fuser.softmax.default(saved, torch.float32) if ctx.recompute else saved
+    return torch.ops.fuser.softmax_backward.default(grad_out, out, ctx.x_dtype), None
 
 
 softmax.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,332 @@
+"""`fuser.convert(model)`: the same model object, running the fused kernels without torch.compile.
+
+- Modules, by the module-level matcher: a module whose whole forward the backend's patterns
+  turn into one fused op (an RMSNorm into `fuser::rms_norm`) is captured by Dynamo on a small
+  random input, checked on random inputs of other shapes against its own code run in float64,
+  and only then switched to a subclass of its class whose forward calls the op: the same
+  parameters (state_dict keys and tensors unchanged), `isinstance` still true.
+  `MODULE_CONVERTERS` lists the converters; a family adds its own there (MoE blocks, say).
+- Attention, in transformers models: their attention layers call whatever the model's
+  `config._attn_implementation` names in transformers' `AttentionInterface`; convert registers
+  `"fuser"` there (and in `AttentionMaskInterface`, so masks come as SDPA's boolean masks or
+  none at all for plain causal attention) and sets the model's implementation to it.
+
+`convert(model, dry_run=True)` makes every check and returns the report without changing anything.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from fuser.backend import Options
+from fuser.capture import capture
+from fuser.report import MatchRecord, NearMiss, Report, Where
+from fuser.rewriter import prepare, rewrite
+from fuser.verify import numerics_problem, run_nodes_float64, tolerance
+
+ATTENTION_IMPLEMENTATION = "fuser"
+
+
+@dataclass(frozen=True)
+class Swap:
+    """A checked conversion of one module, applied only when `convert` is not a dry run."""
+    record: MatchRecord
+    apply: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class ModuleConverter:
+    """Converts modules of one kind. `candidate(module)` is a cheap test of whether to try;
+    `prepare(name, module, memo)` returns a checked `Swap`, the reason the module is left as it
+    was (a near miss), or None when the module is not of this kind at all. `memo` is a dict the
+    converter keeps for one `convert` call: work shared by the modules of one model."""
+    pattern: str
+    candidate: Callable[[nn.Module], bool]
+    prepare: Callable[[str, nn.Module, dict], "Swap | str | None"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules whose forward is one fused op
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusedCall:
+    """The op a module's forward became, with its arguments: the module's input, one of its
+    parameters by name, or a literal read off the graph (eps, say). Valid for the dtypes it was
+    checked with; other dtypes run the module's own forward."""
+    op_name: str                 # "fuser::rms_norm" (the op itself does not pickle)
+    arguments: tuple[Any, ...]   # ("input",), ("parameter", name) or ("literal", value)
+    input_dtype: torch.dtype
+    parameter_dtypes: tuple[tuple[str, torch.dtype], ...]
+
+    def accepts(self, module: nn.Module, x: torch.Tensor) -> bool:
+        return x.dtype == self.input_dtype and all(
+            getattr(module, name).dtype == dtype for name, dtype in self.parameter_dtypes)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def argument(arg: tuple) -> Any:
+            kind = arg[0]
+            return x if kind == "input" else getattr(module, arg[1]) if kind == "parameter" else arg[1]
+        namespace, op = self.op_name.split("::")
+        return getattr(getattr(torch.ops, namespace), op)(*map(argument, self.arguments))
+
+
+class FusedModule(nn.Module):
+    """Mixed into a converted module's class: its forward calls the fused op."""
+    fuser_call: FusedCall
+
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or not isinstance(x, torch.Tensor) or not self.fuser_call.accepts(self, x):
+            return super().forward(x, *args, **kwargs)
+        return self.fuser_call(self, x)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (and deepcopy) as the original class, converted again when loaded."""
+        return _rebuild_fused, (type(self).__mro__[2],), self.__getstate__()
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fused_class(cls: type) -> type:
+    """`Fused<cls>`: a subclass of `cls` whose forward calls the fused op."""
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedModule, cls), {"__module__": __name__})
+    return _FUSED_CLASSES[cls]
+
+
+def _rebuild_fused(cls: type) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__class__ = fused_class(cls)
+    return module
+
+
+def _capture(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list]:
+    """Dynamo's graph of `module(x)` (one graph, sizes fixed)."""
+    captured = capture(module, (x,), fullgraph=True)
+    if not captured:
+        raise RuntimeError("Dynamo captured no graph")
+    return captured[0]
+
+
+@dataclass(frozen=True)
+class OneOpForward:
+    """What a module's forward is, read off its captured graph: the original graph (canonical,
+    for the float64 reference) and the one op it was rewritten into, with its arguments."""
+    graph: fx.GraphModule
+    inputs: tuple[tuple, ...]        # per placeholder: ("input",) or ("parameter", name)
+    arguments: tuple[tuple, ...]     # of the op, as `FusedCall.arguments`
+    record: MatchRecord              # the rewrite: its op's name, mode, the nodes it replaced
+
+
+def _one_op_forward(module: nn.Module, x: torch.Tensor, pattern: str) -> OneOpForward | str | None:
+    """Capture `module(x)` and rewrite it with `pattern`: the result when the forward became one op;
+    else the near miss reason, or None when the pattern found nothing like itself there."""
+    try:
+        gm, example_inputs = _capture(module, x)
+    except Exception as error:  # a forward Dynamo cannot capture whole is not one op
+        return f"its forward cannot be captured as one graph ({type(error).__name__}: {error})"
+    prepare(gm)
+    original = copy.deepcopy(gm)
+    report = rewrite(gm, [p for p in Options().selected_patterns() if p.name == pattern])
+    if not report.matches:
+        return report.near_misses[0].reason if report.near_misses else None
+    parameters = {id(p): name for name, p in module.named_parameters(recurse=False)}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    role = {node: ("input",) if example is x else ("parameter", parameters.get(id(example), None))
+            for node, example in zip(placeholders, example_inputs)}
+    if any(r == ("parameter", None) for r in role.values()):
+        return "the forward reads a tensor that is neither its input nor one of its parameters"
+    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    result = output.args[0]
+    result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
+    if len(calls) != 1 or result is not calls[0]:
+        names = [n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)) for n in calls]
+        return f"its forward is more than the {pattern} (it computes {', '.join(names)})"
+    arguments = tuple(role[a] if isinstance(a, fx.Node) else ("literal", a) for a in calls[0].args)
+    return OneOpForward(original, tuple(role[n] for n in placeholders), arguments, report.matches[0])
+
+
+def _check_fused_call(call: FusedCall, module: nn.Module, forward: OneOpForward) -> str | None:
+    """The fused call against the module's captured graph run in float64, on random inputs of
+    several shapes and scales. The module's own forward must agree with that graph too: the
+    graph may have been captured on another module of the same class and settings."""
+    generator = torch.Generator().manual_seed(0)
+    graph = forward.graph.graph
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    hidden = next(module.parameters()).shape[-1]
+    for shape, scale in (((1, 1, hidden), 1.0), ((3, 7, hidden), 1.0), ((2, 5, hidden), 50.0)):
+        x = (torch.randn(shape, generator=generator) * scale).to(call.input_dtype).to(_device(module))
+        inputs = {node: x if role == ("input",) else getattr(module, role[1])
+                  for node, role in zip(placeholders, forward.inputs)}
+        with torch.no_grad():
+            ref = run_nodes_float64(nodes, inputs)
+            for what, out in (("the fused op", call(module, x)), ("the module's own forward", module(x))):
+                problem = numerics_problem(out, ref, tolerance(out.dtype))
+                if problem is not None:
+                    return f"{what} on a random input of shape {list(shape)}: {problem}; kept the original"
+    return None
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _settings(module: nn.Module) -> tuple:
+    """What makes two modules of one class capture the same graph: their parameters' shapes and
+    dtypes, and their plain attributes (eps, say); Dynamo specializes on exactly these."""
+    parameters = tuple((n, tuple(p.shape), p.dtype, p.device.type) for n, p in module.named_parameters(recurse=False))
+    plain = tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None)))))
+    return type(module), parameters, plain
+
+
+def single_op_converter(pattern: str, candidate: Callable[[nn.Module], bool]) -> ModuleConverter:
+    """A converter for modules whose whole forward `pattern` rewrites into one op. Modules of the
+    same class and settings share one capture (a model has dozens of identical norms)."""
+
+    def prepare_swap(name: str, module: nn.Module, captures: dict) -> Swap | str | None:
+        weight = next(module.parameters())
+        x = torch.randn(2, 3, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(weight)
+        key = _settings(module)
+        if key not in captures:
+            captures[key] = _one_op_forward(module, x, pattern)
+        forward = captures[key]
+        if not isinstance(forward, OneOpForward):
+            return forward
+        parameter_dtypes = tuple((n, p.dtype) for n, p in module.named_parameters(recurse=False))
+        call = FusedCall(forward.record.op, forward.arguments, x.dtype, parameter_dtypes)
+        problem = _check_fused_call(call, module, forward)
+        if problem is not None:
+            return problem
+        found = forward.record
+        record = MatchRecord(pattern, Where(name, found.where.location), found.op, found.mode, found.nodes)
+
+        def apply() -> None:
+            module.__class__ = fused_class(type(module))
+            module.fuser_call = call
+
+        return Swap(record, apply)
+
+    return ModuleConverter(pattern, candidate, prepare_swap)
+
+
+def _looks_like_a_norm(module: nn.Module) -> bool:
+    """A leaf module whose only parameter is a 1-D floating `weight` (LayerNorm has a bias too)."""
+    parameters = dict(module.named_parameters(recurse=False))
+    return (not isinstance(module, FusedModule) and not list(module.children()) and list(parameters) == ["weight"]
+            and parameters["weight"].dim() == 1 and parameters["weight"].is_floating_point())
+
+
+RMS_NORM_CONVERTER = single_op_converter("rms_norm", _looks_like_a_norm)
+
+MODULE_CONVERTERS: list[ModuleConverter] = [RMS_NORM_CONVERTER]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention through transformers' attention interface
+# ---------------------------------------------------------------------------------------------
+
+def fuser_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    is_causal: bool | None = None, softcap: float | None = None, **kwargs: Any):
+    """transformers' attention interface on `fuser::attention`: q, k, v are [batch, heads, length,
+    head_dim] (fewer k/v heads for GQA, read as they are); returns ([batch, length, heads, head_dim], None).
+
+    The mask is SDPA's (True = attend) or None; None means causal for a causal layer, as in SDPA.
+    What the kernel does not cover (position biases, attention sinks, float64) runs through SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    unsupported = any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "sinks"))
+    if unsupported or query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, softcap=softcap, **kwargs)
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_length > 1 and attention_mask is None and is_causal)
+    if causal and key.shape[2] > q_length:  # an empty static cache: SDPA reads the first q_length keys too
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[2]]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.ops.fuser.attention(query, key, value, attention_mask, float(scale), causal, 0, False,
+                                    float(softcap or 0.0), float(dropout), torch.finfo(torch.float32).min)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Make `"fuser"` an attention implementation transformers knows (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, fuser_attention)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+def _dispatches_attention(module: nn.Module) -> bool:
+    """A transformers attention layer: its forward looks its function up in ALL_ATTENTION_FUNCTIONS."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))  # under its decorators
+    return "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(forward, "__code__", None), "co_names", ())
+
+
+def _source_line(module: nn.Module) -> str:
+    forward = inspect.unwrap(type(module).forward)
+    try:
+        return f"{inspect.getsourcefile(forward)}:{forward.__code__.co_firstlineno}"
+    except TypeError:
+        return "?"
+
+
+def _convert_attention(model: nn.Module, report: Report, dry_run: bool) -> None:
+    layers = [(name, m) for name, m in model.named_modules() if _dispatches_attention(m)]
+    if not layers or not hasattr(getattr(model, "config", None), "_attn_implementation"):
+        return
+    problem = None if hasattr(torch.ops.fuser, "attention") else "the fuser::attention op is not available"
+    if problem is None and not hasattr(model, "set_attn_implementation"):
+        problem = "the model cannot change its attention implementation (no set_attn_implementation)"
+    for name, layer in layers:
+        site = Where(name, _source_line(layer))
+        if problem is not None:
+            report.near_misses.append(NearMiss("attention", site, problem))
+        else:
+            report.matches.append(MatchRecord("attention", site, "fuser::attention",
+                                              "through transformers' AttentionInterface", ()))
+    if problem is None and not dry_run:
+        register_attention()
+        model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def convert(model: nn.Module, dry_run: bool = False) -> nn.Module | Report:
+    """Switch `model` (in place) to fuser's kernels and return it; with `dry_run`, change nothing
+    and return the report of what would be converted and what would not, and why."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuser.convert takes a torch.nn.Module, not {type(model).__name__}; "
+                        "for a function use torch.compile(fn, backend='fuser')")
+    report = Report()
+    swaps = []
+    memos: dict[int, dict] = {id(c): {} for c in MODULE_CONVERTERS}
+    for name, module in model.named_modules():
+        for converter in MODULE_CONVERTERS:
+            if not converter.candidate(module):
+                continue
+            outcome = converter.prepare(name, module, memos[id(converter)])
+            if isinstance(outcome, Swap):
+                report.matches.append(outcome.record)
+                swaps.append(outcome)
+                break
+            if isinstance(outcome, str):
+                report.near_misses.append(NearMiss(converter.pattern, Where(name, _source_line(module)), outcome))
+    _convert_attention(model, report, dry_run)
+    if dry_run:
+        return report
+    for swap in swaps:
+        swap.apply()
+    return model

@@ -1,0 +1,301 @@
+"""Grouped GEMMs over the expert-sorted rows of a routing plan, with the MoE math in their epilogues.
+
+One row-grouped kernel serves the four products whose rows are (token, k) pairs; a constexpr
+EPILOGUE says which:
+  GATE_UP  x[token] @ gate[e]^T and @ up[e]^T (A read once for both)  -> w * silu(gate) * up
+  DOWN     (w * h) @ down[e]^T                                         -> that (token, k) row
+  GRAD_H   grad_out[token] @ down[e], times the weight, through silu*  -> d(gate | up); d(weight) partials
+  GRAD_X   d(gate) @ gate[e] + d(up) @ up[e]                           -> that (token, k) row of dx
+The routing weight w scales h before the down GEMM rather than its output (down is linear): the
+DOWN epilogue is a plain store, and d(down) = grad_out^T (w * h) needs no rescaled operand.
+A second kernel makes the per-expert weight gradients, reducing over each expert's rows.
+Per-(token, k) rows are summed over k by a third kernel: no atomics, deterministic.
+
+Weights are read in place through their strides (gate/up are usually views of one
+[E, 2I, H] tensor). Operands load in their own dtype; everything after the dot is fp32.
+Buffers this module allocates are contiguous, so the kernels derive their row strides.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting
+
+GATE_UP = tl.constexpr(0)
+DOWN = tl.constexpr(1)
+GRAD_H = tl.constexpr(2)
+GRAD_X = tl.constexpr(3)
+# Under the interpreter: upcast dot operands (its bf16 arithmetic is wrong) and use one tiny config.
+_UPCAST = tl.constexpr(interpreting())
+
+
+def _configs(shapes, block_keys, tiny):
+    """Hopper autotuning candidates, or one tiny config under the interpreter."""
+    if interpreting():
+        return [triton.Config(dict(zip(block_keys, tiny)), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(zip(block_keys, blocks)), num_warps=warps, num_stages=stages)
+            for *blocks, warps, stages in shapes]
+
+
+# (BLOCK_N, BLOCK_K, GROUP_M, warps, stages); BLOCK_M comes from the plan
+_ROWS_CONFIGS = _configs(
+    [(128, 64, 8, 8, 4), (64, 64, 8, 8, 4), (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (256, 64, 8, 8, 3)],
+    ("BLOCK_N", "BLOCK_K", "GROUP_M"), (16, 16, 2))
+# (BLOCK_P, BLOCK_Q, BLOCK_R, GROUP_P, warps, stages)
+_WEIGHT_GRAD_CONFIGS = _configs(
+    [(128, 128, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)],
+    ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "GROUP_P"), (16, 16, 16, 2))
+# d(weight) partial sums cover this many columns each: the narrowest BLOCK_N of any config
+PARTIAL_GRAIN = tl.constexpr(min(config.kwargs["BLOCK_N"] for config in _ROWS_CONFIGS))
+
+
+def block_m_for(rows: int, experts: int) -> int:
+    """Rows per GEMM tile: 64 when experts get few rows (less padding waste), else 128."""
+    if interpreting():
+        return 16
+    return 64 if rows < 256 * experts else 128
+
+
+def dot_precision() -> str:
+    """fp32 dots follow torch's matmul precision setting, as the replaced torch.matmul did."""
+    if interpreting() or torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def _grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
+    """GROUP_M consecutive row tiles (mostly one expert's) sweep the columns together, so that
+    expert's weights and rows are read from L2 rather than memory."""
+    tiles_per_group = GROUP_M * num_tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_m = min(num_tiles_m - first_m, GROUP_M)
+    return first_m + (pid % tiles_per_group) % group_m, (pid % tiles_per_group) // group_m
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if _UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _k_loop(acc, acc2, a_ptrs, b_ptrs, b2_ptrs, stride_b_k, stride_b2_k, n_ok, K,
+            TWO_B: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A @ B over K; with TWO_B also acc2 += A @ B2, loading each A tile once."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b_mask = n_ok[None, :]
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b_mask = k_ok[:, None] & n_ok[None, :]
+        acc = _dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, PRECISION)
+        if TWO_B:
+            acc2 = _dot(a, tl.load(b2_ptrs, mask=b_mask, other=0.0), acc2, PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_b_k
+        b2_ptrs += BLOCK_K * stride_b2_k
+    return acc, acc2
+
+
+def _accumulators_fit(configs, named_args, **kwargs):
+    """Keep tiles whose fp32 accumulators take at most 128 registers a thread (GATE_UP holds two):
+    larger ones spill in the main loop (seen in the sm_90 SASS)."""
+    accumulators = 2 if kwargs["EPILOGUE"] == GATE_UP.value else 1
+    fit = [config for config in configs
+           if accumulators * kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 128 * 32 * config.num_warps]
+    return fit or configs[:1]
+
+
+@triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
+                 prune_configs_by={"early_config_prune": _accumulators_fit})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _expert_rows_gemm_kernel(
+    plan_ptr, R, E,  # the packed plan of plan.py, for R rows and E experts
+    a_ptr, stride_a_row,  # A[row, k], k contiguous; GRAD_X reads d(gate) at columns [0, K), d(up) at [K, 2K)
+    b_ptr, stride_b_e, stride_b_k, stride_b_n,  # B[e][k, n]: gate / down as the epilogue needs
+    b2_ptr, stride_b2_e, stride_b2_k, stride_b2_n,  # up, for GATE_UP and GRAD_X
+    out_ptr,  # [R, N] (GRAD_H: [R, 2N])
+    act_ptr,  # gate | up pre-activations [R, 2N]: GATE_UP writes them (EXTRA_OUTPUT), GRAD_H reads them
+    routing_weights_ptr,  # [R], read by GATE_UP and GRAD_H
+    partials_ptr,  # [R, cdiv(N, PARTIAL_GRAIN)] d(weight) partial sums (GRAD_H with EXTRA_OUTPUT)
+    N, K, TOPK,
+    EPILOGUE: tl.constexpr, EXTRA_OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile of one expert's rows. GATE_UP and GRAD_H read A's rows by token
+    (row // TOPK), DOWN and GRAD_X by sorted position; GATE_UP and GRAD_H write in plan order,
+    DOWN and GRAD_X at the row's own (token, k) index (and share that epilogue)."""
+    max_tiles = R // BLOCK_M + tl.minimum(E, R)
+    tile_expert_ptr = plan_ptr + R + E + 1
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile_m)
+    if expert < 0:
+        return
+    row_start = tl.load(tile_expert_ptr + max_tiles + tile_m)
+    row_end = tl.load(plan_ptr + R + expert + 1)
+    pos = row_start + tl.arange(0, BLOCK_M)
+    row_ok = pos < row_end
+    pos = tl.where(row_ok, pos, row_start)  # rows past the segment redo its first row; dropped at the end
+    row_id = tl.load(plan_ptr + pos)  # token * TOPK + k
+    if EPILOGUE == GATE_UP or EPILOGUE == GRAD_H:
+        a_row = (row_id // TOPK).to(tl.int64)
+    else:
+        a_row = pos.to(tl.int64)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_a_row + offs_k[None, :]
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_b_e + offs_k[:, None] * stride_b_k + offs_n[None, :] * stride_b_n
+    b2_ptrs = b2_ptr + expert.to(tl.int64) * stride_b2_e + offs_k[:, None] * stride_b2_k + offs_n[None, :] * stride_b2_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if EPILOGUE == GATE_UP:
+        acc, acc2 = _k_loop(acc, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, b_ptrs, b2_ptrs,
+                            stride_b_k, stride_b2_k, n_ok, K, True, BLOCK_K, EVEN_K, PRECISION)
+    elif EPILOGUE == GRAD_X:  # d(gate) @ gate then d(up) @ up into one accumulator
+        acc, _ = _k_loop(acc, acc, a_ptrs, b_ptrs, b_ptrs, stride_b_k, 0, n_ok, K, False, BLOCK_K, EVEN_K, PRECISION)
+        acc, _ = _k_loop(acc, acc, a_ptrs + K, b2_ptrs, b2_ptrs, stride_b2_k, 0, n_ok, K, False, BLOCK_K, EVEN_K,
+                         PRECISION)
+    else:
+        acc, _ = _k_loop(acc, acc, a_ptrs, b_ptrs, b_ptrs, stride_b_k, 0, n_ok, K, False, BLOCK_K, EVEN_K, PRECISION)
+
+    keep = row_ok[:, None] & n_ok[None, :]
+    pos64 = pos.to(tl.int64)[:, None]
+    act = act_ptr + pos64 * (2 * N) + offs_n[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    if EPILOGUE == GATE_UP:
+        weight = tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None]
+        tl.store(out_ptr + pos64 * N + offs_n[None, :], (weight * acc * tl.sigmoid(acc) * acc2).to(out_ty),
+                 mask=keep)
+        if EXTRA_OUTPUT:
+            tl.store(act, acc.to(act_ptr.dtype.element_ty), mask=keep)
+            tl.store(act + N, acc2.to(act_ptr.dtype.element_ty), mask=keep)
+    elif EPILOGUE == GRAD_H:  # acc = d(loss)/d(h) before the routing weight
+        gate = tl.load(act, mask=keep, other=0.0).to(tl.float32)
+        up = tl.load(act + N, mask=keep, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        grad_h = acc * tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None]
+        grad_act = out_ptr + pos64 * (2 * N) + offs_n[None, :]
+        tl.store(grad_act, (grad_h * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=keep)
+        tl.store(grad_act + N, (grad_h * silu).to(out_ty), mask=keep)
+        if EXTRA_OUTPUT:  # d(weight) = grad_out . (down @ h) = (grad_out @ down) . h, in sums of PARTIAL_GRAIN
+            # columns: every config writes every partial, so autotuning leaves no stale one behind
+            grains_per_tile: tl.constexpr = BLOCK_N // PARTIAL_GRAIN
+            partial = tl.sum(tl.reshape(acc * silu * up, (BLOCK_M, grains_per_tile, PARTIAL_GRAIN)), 2)
+            grain = tile_n * grains_per_tile + tl.arange(0, grains_per_tile)
+            grains = tl.cdiv(N, PARTIAL_GRAIN)
+            tl.store(partials_ptr + row_id.to(tl.int64)[:, None] * grains + grain[None, :], partial,
+                     mask=row_ok[:, None] & (grain[None, :] < grains))
+    else:  # DOWN, GRAD_X
+        tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ty), mask=keep)
+
+
+@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"])
+@triton.jit
+def _expert_weight_grad_kernel(
+    plan_ptr, R,
+    p_ptr,  # P[row, p]: d(gate | up) [R, P] in plan order, or (OF_DOWN) grad_out [T, P]
+    q_ptr, stride_q_row,  # Q[row, q]: x [T, Q], or (OF_DOWN) w * h [R, Q] in plan order
+    out_ptr,  # [E, P, Q]
+    P, Q, TOPK,
+    OF_DOWN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_P: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[e] = sum over expert e's rows r of P[r]^T Q[r]: d(gate | up) = d(act)^T x, or (OF_DOWN)
+    d(down) = grad_out^T (w * h). Experts without rows get zeros."""
+    expert = tl.program_id(1)
+    tile_p, tile_q = _grouped_tile(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
+    start = tl.load(plan_ptr + R + expert)
+    end = tl.load(plan_ptr + R + expert + 1)
+    offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tile_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_ok = offs_p < P
+    q_ok = offs_q < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for first in range(start, end, BLOCK_R):
+        pos = first + tl.arange(0, BLOCK_R)
+        r_ok = pos < end
+        row_id = tl.load(plan_ptr + pos, mask=r_ok, other=0)
+        token = (row_id // TOPK).to(tl.int64)
+        if OF_DOWN:
+            p_row, q_row = token, pos.to(tl.int64)
+        else:
+            p_row, q_row = pos.to(tl.int64), token
+        p_t = tl.load(p_ptr + p_row[None, :] * P + offs_p[:, None], mask=p_ok[:, None] & r_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + q_row[:, None] * stride_q_row + offs_q[None, :], mask=r_ok[:, None] & q_ok[None, :],
+                    other=0.0)
+        acc = _dot(p_t, q, acc, PRECISION)
+    tl.store(out_ptr + (expert.to(tl.int64) * P + offs_p[:, None]) * Q + offs_q[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+
+
+@triton.jit
+def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_k rows[t * TOPK + k] in fp32, skipping k whose expert id is outside [0, E)."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in range(TOPK):
+        expert = tl.load(ids_ptr + token * TOPK + k)
+        width = tl.where((expert >= 0) & (expert < E), H, 0)
+        acc += tl.load(rows_ptr + (token * TOPK + k) * H + offs, mask=offs < width, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * H + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
+
+
+_TUNED = {}  # launch key -> the autotuner's pick
+
+
+def _launch(kernel, grid, key, *args, **kwargs):
+    """Autotune a key's first launch, then launch its config directly: on a small MoE the autotuner's
+    per-call bookkeeping costs more host time than the kernels take on the GPU."""
+    config = _TUNED.get(key)
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        _TUNED[key] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, *, b2=None, b2_strides=None,
+                     act=None, routing_weights=None, partials=None, extra_output=False):
+    """The row-grouped GEMM over the plan's tiles. B[e][k, n] lives at b + e*s0 + k*s1 + n*s2 for
+    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up)."""
+    if layout.max_tiles == 0:
+        return
+    b2, b2_strides = (b, b_strides) if b2 is None else (b2, b2_strides)
+    grid = lambda meta: (layout.max_tiles * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    key = ("rows", epilogue.value, extra_output, layout.block_m, n, k, a.dtype, b.dtype, out.dtype,
+           None if routing_weights is None else routing_weights.dtype, a.device)
+    _launch(_expert_rows_gemm_kernel, grid, key,
+            plan, layout.rows, layout.experts, a, a.stride(0), b, *b_strides, b2, *b2_strides, out,
+            out if act is None else act, out if routing_weights is None else routing_weights,
+            out if partials is None else partials, n, k, top_k,
+            EPILOGUE=epilogue.value, EXTRA_OUTPUT=extra_output, BLOCK_M=layout.block_m, PRECISION=dot_precision())
+
+
+def expert_weight_grad(plan, layout, p, q, out, top_k, *, of_down):
+    """out[e] = sum over expert e's rows of P[row]^T Q[row]: d(gate | up) (P = d(act) in plan order,
+    Q = x gathered by token), or of_down, d(down) (P = grad_out gathered by token, Q = w * h in plan order)."""
+    experts, p_size, q_size = out.shape
+    grid = lambda meta: (triton.cdiv(p_size, meta["BLOCK_P"]) * triton.cdiv(q_size, meta["BLOCK_Q"]), experts)  # noqa
+    key = ("weight_grad", of_down, p_size, q_size, p.dtype, q.dtype, out.dtype, p.device)
+    _launch(_expert_weight_grad_kernel, grid, key, plan, layout.rows, p, q, q.stride(0), out, p_size, q_size, top_k,
+            OF_DOWN=of_down, PRECISION=dot_precision())
+
+
+def sum_over_topk(rows, topk_ids, out, experts):
+    """out [T, H] = rows [T*K, H] summed over k (rows of unrouted ids skipped)."""
+    tokens, top_k = topk_ids.shape
+    hidden = out.shape[1]
+    block_h = 16 if interpreting() else min(1024, triton.next_power_of_2(hidden))
+    if tokens:
+        _sum_over_topk_kernel[(tokens, triton.cdiv(hidden, block_h))](
+            rows, topk_ids, out, hidden, experts, top_k, block_h, num_warps=4)

@@ -1,0 +1,203 @@
+"""`fuser::moe_route`: router logits -> (top-k weights, expert ids), in one kernel.
+
+Covers the routers of transformers 5.x: softmax over experts in fp32 then top-k (OLMoE, Mixtral,
+Qwen2/3-MoE), and sigmoid scores with a correction bias used only to choose the experts
+(DeepSeek-V3, `n_group == 1`); optional renormalization over the chosen k and a scaling factor.
+
+Order: the k experts come largest score first; equal scores go lowest expert index first, and NaN
+ranks above everything, as in `torch.topk`. torch.topk's order among *equal* scores is its own
+(it differs between CPU and CUDA), so among ties the chosen set may differ from torch's; the
+weights of tied experts are equal, so the block's output does not change.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._common import interpreting, use_triton
+
+SCORINGS = ("softmax", "sigmoid")
+_ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
+
+
+@triton.jit
+def _router_scores(logits_ptr, stride_t, rows, cols, T, E, SIGMOID: tl.constexpr):
+    """fp32 scores [BLOCK_T, E_POW2]; padding columns hold 0."""
+    inside = (rows[:, None] < T) & (cols[None, :] < E)
+    logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=inside,
+                     other=0.0).to(tl.float32)
+    logits = tl.where(cols[None, :] < E, logits, float("-inf"))  # padding rows stay finite
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
+        scores = shifted / tl.sum(shifted, 1)[:, None]
+    return tl.where(cols[None, :] < E, scores, 0.0)
+
+
+@triton.jit
+def _route_forward_kernel(
+    logits_ptr, stride_t, bias_ptr, weights_ptr, ids_ptr, T, E, scaling,
+    TOP_K: tl.constexpr, K_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_POW2: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_POW2)
+    scores = _router_scores(logits_ptr, stride_t, rows, cols, T, E, SIGMOID)
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(choice != choice, float("inf"), choice)  # NaN first, as torch.topk
+    taken = tl.broadcast_to(cols[None, :] >= E, [BLOCK_T, E_POW2])
+    ks = tl.arange(0, K_POW2)
+    ids = tl.zeros([BLOCK_T, K_POW2], dtype=tl.int32)
+    weights = tl.zeros([BLOCK_T, K_POW2], dtype=tl.float32)
+    for k in range(TOP_K):
+        best = tl.max(tl.where(taken, float("-inf"), choice), 1)
+        pick = tl.min(tl.where(~taken & (choice == best[:, None]), cols[None, :], E_POW2), 1)
+        picked = cols[None, :] == pick[:, None]
+        taken |= picked
+        ids = tl.where(ks[None, :] == k, pick[:, None], ids)
+        weights = tl.where(ks[None, :] == k, tl.sum(tl.where(picked, scores, 0.0), 1)[:, None], weights)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, 1)[:, None]
+    weights = weights * scaling
+    out = rows[:, None] * TOP_K + ks[None, :]
+    inside = (rows[:, None] < T) & (ks[None, :] < TOP_K)
+    tl.store(ids_ptr + out, ids.to(tl.int64), mask=inside)
+    tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _route_backward_kernel(
+    logits_ptr, stride_t, ids_ptr, grad_weights_ptr, grad_logits_ptr, T, E, scaling,
+    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """d(logits) from d(weights): scatter into the chosen columns, through renormalization and scoring."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_POW2)
+    in_rows = rows < T
+    scores = _router_scores(logits_ptr, stride_t, rows, cols, T, E, SIGMOID)
+    grad = tl.zeros([BLOCK_T, E_POW2], dtype=tl.float32)  # d(loss)/d(chosen weight before scaling), per column
+    chosen = tl.zeros([BLOCK_T, E_POW2], dtype=tl.int1)
+    for k in range(TOP_K):
+        expert = tl.load(ids_ptr + rows * TOP_K + k, mask=in_rows, other=-1)
+        g = tl.load(grad_weights_ptr + rows * TOP_K + k, mask=in_rows, other=0.0).to(tl.float32)
+        hit = cols[None, :] == expert[:, None]
+        chosen |= hit
+        grad += tl.where(hit, g[:, None], 0.0)
+    grad *= scaling
+    if RENORMALIZE:  # w_j = s_j / S over the chosen j
+        total = tl.where(in_rows, tl.sum(tl.where(chosen, scores, 0.0), 1), 1.0)
+        mean_grad = tl.sum(grad * scores, 1) / total  # grad is zero off the chosen columns
+        grad = tl.where(chosen, (grad - mean_grad[:, None]) / total[:, None], 0.0)
+    if SIGMOID:
+        grad_logits = grad * scores * (1.0 - scores)
+    else:
+        grad_logits = scores * (grad - tl.sum(grad * scores, 1)[:, None])
+    inside = in_rows[:, None] & (cols[None, :] < E)
+    tl.store(grad_logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
+             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch_shape(T: int, E: int):
+    e_pow2 = triton.next_power_of_2(E)
+    block_t = 16 if interpreting() else max(1, min(16, _ROWS_PER_PROGRAM_ELEMENTS // e_pow2))
+    return e_pow2, block_t, (triton.cdiv(T, block_t),)
+
+
+def route_reference(router_logits, top_k, scoring, renormalize, bias, scaling):
+    """Plain torch, differentiable: (fp32 weights, int64 ids)."""
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+    choice = scores if bias is None else scores + bias.float()
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scaling, ids
+
+
+def _check(router_logits, top_k, scoring):
+    if scoring not in SCORINGS:
+        raise ValueError(f"moe_route: scoring must be one of {SCORINGS}, got {scoring!r}")
+    if router_logits.dim() != 2 or not 1 <= top_k <= router_logits.shape[1]:
+        raise ValueError(f"moe_route: need logits [T, E] and 1 <= top_k <= E, got {tuple(router_logits.shape)}, "
+                         f"top_k={top_k}")
+
+
+@torch.library.custom_op("fuser::moe_route", mutates_args=())
+def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+              bias: torch.Tensor | None, scaling: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, top_k] in out_dtype, ids [T, top_k] int64) of the k best experts of each token."""
+    _check(router_logits, top_k, scoring)
+    T, E = router_logits.shape
+    if not use_triton(router_logits, bias):
+        weights, ids = route_reference(router_logits, top_k, scoring, renormalize, bias, scaling)
+        return weights.to(out_dtype), ids
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    weights = torch.empty(T, top_k, dtype=out_dtype, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    if T:
+        e_pow2, block_t, grid = _launch_shape(T, E)
+        _route_forward_kernel[grid](
+            logits, logits.stride(0), bias if bias is not None else logits, weights, ids, T, E, scaling,
+            top_k, triton.next_power_of_2(top_k), scoring == "sigmoid", bias is not None, renormalize,
+            block_t, e_pow2,
+        )
+    return weights, ids
+
+
+@moe_route.register_fake
+def _(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
+    _check(router_logits, top_k, scoring)
+    T = router_logits.shape[0]
+    return (router_logits.new_empty(T, top_k, dtype=out_dtype),
+            router_logits.new_empty(T, top_k, dtype=torch.int64))
+
+
+@torch.library.custom_op("fuser::moe_route_backward", mutates_args=())
+def moe_route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor, scoring: str,
+                       renormalize: bool, scaling: float) -> torch.Tensor:
+    T, E = router_logits.shape
+    if not use_triton(router_logits, grad_weights):
+        logits = router_logits.detach().float().requires_grad_()
+        with torch.enable_grad():
+            scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+            weights = scores.gather(1, ids)
+            if renormalize:
+                weights = weights / weights.sum(-1, keepdim=True)
+            (grad,) = torch.autograd.grad(weights * scaling, logits, grad_weights.float())
+        return grad.to(router_logits.dtype)
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    grad_logits = torch.empty(T, E, dtype=router_logits.dtype, device=logits.device)
+    if T:
+        e_pow2, block_t, grid = _launch_shape(T, E)
+        _route_backward_kernel[grid](
+            logits, logits.stride(0), ids.contiguous(), grad_weights.contiguous(), grad_logits, T, E, scaling,
+            ids.shape[1], scoring == "sigmoid", renormalize, block_t, e_pow2,
+        )
+    return grad_logits
+
+
+@moe_route_backward.register_fake
+def _(grad_weights, router_logits, ids, scoring, renormalize, scaling):
+    return torch.empty_like(router_logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    router_logits, _, scoring, renormalize, _, scaling, _ = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.routing = (scoring, renormalize, scaling)
+
+
+def _backward(ctx, grad_weights, _grad_ids):
+    router_logits, ids = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = torch.ops.fuser.moe_route_backward(grad_weights, router_logits, ids, *ctx.routing)
+    return grad_logits, None, None, None, None, None, None
+
+
+moe_route.register_autograd(_backward, setup_context=_setup_context)
