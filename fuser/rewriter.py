@@ -150,7 +150,8 @@ def _erase_dead_inputs(graph: fx.Graph, candidates: set[fx.Node]) -> None:
     pending, erased = list(candidates), set()
     while pending:
         node = pending.pop()
-        if node in erased or node.users or node.op not in ("call_function", "call_method") or mutates(node):
+        if node in erased or node._erased or node.users or node.op not in ("call_function", "call_method") \
+                or mutates(node):
             continue
         pending.extend(node.all_input_nodes)
         graph.erase_node(node)

@@ -1,7 +1,14 @@
-"""What every kernel module shares: when to launch Triton, and dtype plumbing."""
+"""What every kernel module shares: when to launch Triton, dtype plumbing, row-wise tiling helpers."""
+from __future__ import annotations
+
+import functools
+import math
 import os
+from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 TORCH_TO_TRITON_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -21,3 +28,59 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if devices == {"cuda"}:
         return True
     return devices == {"cpu"} and interpreting()
+
+
+@dataclass(frozen=True)
+class RowTiling:
+    """How a row kernel covers a [rows, N] matrix: `block_m` rows × `block_n` columns at a time.
+
+    A row longer than `block_n` is walked block by block; `block_m` > 1 gives short rows
+    enough work per program.
+    """
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    @staticmethod
+    def for_rows(n_rows: int, n_cols: int, max_block_n: int, min_tile: int = 2048, elements_per_thread: int = 16,
+                 max_warps: int = 16) -> "RowTiling":
+        """A tile of about `min_tile` or more elements, `elements_per_thread` of them per thread."""
+        block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block_n)
+        block_m = min(triton.next_power_of_2(max(n_rows, 1)), max(1, min_tile // block_n))
+        num_warps = min(max_warps, max(1, block_m * block_n // (32 * elements_per_thread)))
+        return RowTiling(block_m, block_n, num_warps)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a [rows, N] matrix whose last dim is contiguous (a view when strides allow)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def kernels_apply(*tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
+    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
+    dtypes = [t.dtype for t in tensors if t is not None] + ([out_dtype] if out_dtype is not None else [])
+    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in dtypes)
+
+
+@functools.lru_cache
+def program_slots(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: the multiprocessor count (4 when interpreting)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def load_rows(row_ptrs, row_ok, cols, n_cols, other, EVICTION: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] block as float32 (`other` outside the matrix)."""
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    return tl.load(row_ptrs + cols[None, :], mask=mask, other=other, eviction_policy=EVICTION).to(tl.float32)
+
+
+@triton.jit
+def store_rows(row_ptrs, row_ok, cols, n_cols, value):
+    """Store a float32 block, rounded to the destination's dtype."""
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    tl.store(row_ptrs + cols[None, :], value.to(row_ptrs.dtype.element_ty), mask=mask)

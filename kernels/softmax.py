@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import RowTiling, as_rows, kernels_apply, load_rows, store_rows
+from ._common import RowTiling, as_rows, kernels_apply, load_rows, store_rows
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
