@@ -33,7 +33,7 @@ def check_architectures() -> list[str]:
             torch._dynamo.reset()
             fuser.reset_reports()
             with torch.no_grad():
-                out = torch.compile(model, backend="fuser")(ids, attention_mask=mask).logits
+                out = torch.compile(model, backend="fuser", options={"codegen": "eager"})(ids, attention_mask=mask).logits
                 ref = model(ids, attention_mask=mask).logits
             problem = numerics_problem(out.float(), ref.float(), 5 * tolerance(torch.bfloat16))
             lines.append(f"{arch:12s} {impl:5s} {str(fuser.last_report().counts()):55s} "
@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--runs", choices=["forward", "train", "both"], default="both")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
     if not args.skip_check:
@@ -92,7 +93,7 @@ def main() -> int:
                                    5 * tolerance(torch.bfloat16))
     print("fuser rewrites:", fuser.last_report().counts(), "logits:", problem or "ok")
     rows = []
-    for train in (False, True):
+    for train in {"forward": (False,), "train": (True,), "both": (False, True)}[args.runs]:
         torch._dynamo.reset()
         times = {
             "fuser (eager attn)": time_model(torch.compile(copy.deepcopy(eager_attention), backend="fuser"), ids, train),
