@@ -1,15 +1,18 @@
 """Capturing the torch-level graphs Dynamo makes of a call, without compiling anything.
 
-Dynamo keeps what it compiles on the code object of the frame it starts from, and after
-`recompile_limit` (8) versions of one code object it stops compiling that code and runs it
-as is. Capturing the same module class many times (every norm of a model, a test suite
-explaining one architecture again and again) would reach that limit and then capture nothing.
-So each capture starts from a fresh copy of a one-line caller's code: its cache entries are
-its own and go away with it; the model's code objects are left untouched.
+Dynamo keeps state per code it starts from: its compiled versions (after `recompile_limit`,
+8, it stops compiling that code and runs it as is) and what it learned about the inputs (a
+float attribute seen with two values, an RMSNorm's eps in two models, becomes a dynamic input
+the next time). Capturing the same module class many times (every norm of a model, a test
+suite explaining one architecture again and again) would reach that limit, or turn eps into
+a variable no pattern accepts. So each capture starts from a fresh copy of a one-line
+caller, under a name of its own: its state is its own and goes away with it, and the
+model's code is left untouched.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import types
 from typing import Any, Callable
 
@@ -19,6 +22,9 @@ from torch import fx
 
 def _call(target, args, kwargs):
     return target(*args, **kwargs)
+
+
+_captures = itertools.count()
 
 
 def capture(target: Callable, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool | None = False,
@@ -31,7 +37,8 @@ def capture(target: Callable, args: tuple = (), kwargs: dict | None = None, *, d
         captured.append((copy.deepcopy(gm), list(example_inputs)))
         return gm.forward
 
-    caller = types.FunctionType(_call.__code__.replace(), _call.__globals__, "_call")
+    name = f"_capture_{next(_captures)}"
+    caller = types.FunctionType(_call.__code__.replace(co_name=name, co_qualname=name), _call.__globals__, name)
     with torch.no_grad():
         torch.compile(caller, backend=backend, dynamic=dynamic, fullgraph=fullgraph)(target, args, kwargs or {})
     return captured

@@ -23,6 +23,7 @@ Canonical forms (all value-preserving):
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
@@ -84,22 +85,6 @@ def mutates(node: fx.Node) -> bool:
         name = getattr(node.target, "__name__", "")
         return node.target in _MUTATING_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
     return False
-
-
-def target_key(target: Any) -> Any:
-    """What a node's target is, for matching: spellings of one function compare equal
-    (`torch._grouped_mm`, `F.grouped_mm` and transformers' `grouped_mm_fallback` op)."""
-    name = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", None)
-    if name is not None:
-        target = name
-    return _EQUIVALENT_TARGETS.get(target, target)
-
-
-_EQUIVALENT_TARGETS: dict[Any, str] = {
-    getattr(torch, "_grouped_mm", None): "grouped_mm", getattr(F, "grouped_mm", None): "grouped_mm",
-    "transformers::grouped_mm_fallback": "grouped_mm",
-}
-_EQUIVALENT_TARGETS.pop(None, None)
 
 
 def value(node: Any) -> Any:
@@ -249,6 +234,7 @@ def _is_full_slice(node: fx.Node) -> bool:
         _known_same_sizes(node.args[0], node)
 
 
+@functools.lru_cache(maxsize=None)
 def _defaults(target: Any) -> dict[str, Any]:
     try:
         parameters = inspect.signature(target).parameters.values()
@@ -269,7 +255,7 @@ def _drop_default_kwargs(node: fx.Node) -> None:
 def _canonicalize_node(node: fx.Node) -> None:
     if node.op not in ("call_function", "call_method"):
         return
-    if node.op == "call_function" and node.kwargs and inspect.isfunction(node.target):
+    if node.op == "call_function" and node.kwargs:
         _drop_default_kwargs(node)
     if node.op == "call_function" and node.target is getattr and node.args[1:] in (("mT",), ("mH",)) \
             and tensor_meta(node.args[0]) is not None and not tensor_meta(node.args[0]).is_complex():

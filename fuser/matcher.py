@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 
 from torch import fx
 
-from fuser.graph import canonicalize, mutates, target_key, value, where
-from fuser.patterns.base import Pattern, Structural
+from fuser.graph import canonicalize, mutates, value, where
+from fuser.patterns.base import UNCHECKED, Pattern, Structural
 
 COMMUTATIVE = {operator.mul, operator.add}
 
@@ -156,14 +156,14 @@ class SearchGraph:
                 grown = state
                 for i, node in enumerate(covered):
                     grown = grown.map((p, i), node)
-                pairs = [(p.args[0], inner)] + list(zip(p.args[1:], params))
+                pairs = [(p.args[0], inner)] + [(q, v) for q, v in zip(p.args[1:], params) if v is not UNCHECKED]
                 yield from self._sequence(pairs, grown, failure)
             return
         if p in state.mapped:
             if state.mapped[p] is t:
                 yield state
             return
-        if not isinstance(t, fx.Node) or t.op != p.op or target_key(t.target) != target_key(p.target):
+        if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
             failure.note(len(state.mapped), f"expected {_describe(p)}, found {_describe(t)}")
             return
         if t in state.mapped.values() or len(t.args) != len(p.args) or set(t.kwargs) != set(p.kwargs):

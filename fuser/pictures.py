@@ -115,7 +115,7 @@ def _anchor(record: MatchRecord) -> str:
 
 def _region_section(record: MatchRecord, before: nx.DiGraph, after: nx.DiGraph) -> str:
     matched = {n for n, data in before.nodes(data=True) if data.get("match") == record.id}
-    fused = {n for n, data in after.nodes(data=True) if data.get("match") == record.id}
+    fused = _replacement_nodes(record, before, after)
     title = (f"{html.escape(record.id)} · {html.escape(record.pattern)} at "
              f"<code>{html.escape(record.where.module or '<top>')}</code> "
              f"({html.escape(_short_location(record.where.location))})")
@@ -125,6 +125,19 @@ def _region_section(record: MatchRecord, before: nx.DiGraph, after: nx.DiGraph) 
             f"<h2>{title}</h2><p class='note'>{html.escape(record.op)}: {html.escape(record.mode)}</p>"
             f"<div class='panels'><div class='panel'><h3>before: {len(matched)} node(s) matched</h3>{before_svg}</div>"
             f"<div class='panel'><h3>after: {html.escape(record.op)}</h3>{after_svg}</div></div></section>")
+
+
+def _replacement_nodes(record: MatchRecord, before: nx.DiGraph, after: nx.DiGraph) -> set[str]:
+    """The node tagged with the match id and the nodes the replacement created to feed it (the
+    fused op before a cast back, say): nodes of the graph after that the graph before lacks."""
+    found = {n for n, data in after.nodes(data=True) if data.get("match") == record.id}
+    pending = list(found)
+    while pending:
+        for source in after.predecessors(pending.pop()):
+            if source not in before and source not in found:
+                found.add(source)
+                pending.append(source)
+    return found
 
 
 def region_svg(graph: nx.DiGraph, highlighted: set[str], role: str, svg_id: str) -> str:

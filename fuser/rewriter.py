@@ -8,7 +8,6 @@ Every site turned down becomes a near miss with its reason; `strict` raises inst
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Iterable
 
 import torch

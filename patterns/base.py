@@ -35,6 +35,11 @@ class Structural:
         return self.__name__
 
 
+UNCHECKED = object()
+"""An alternative of a structural piece gives this for a parameter it does not bind (the piece
+is absent, so what the parameter stands for is not there to check)."""
+
+
 def structural(alternatives: Callable) -> Callable[[Callable], Structural]:
     return lambda eager: Structural(eager, alternatives)
 
