@@ -6,6 +6,7 @@
 from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
 from fuser.backend import Options, fuser_backend, last_report, reset_reports
 from fuser.convert import convert
+from fuser import experts  # noqa: F401  (the "fuser" experts implementation of transformers; match_moe_module)
 from fuser.explaining import explain
 from fuser.fuzzing import FuzzResult, fuzz
 from fuser.report import MatchRecord, NearMiss, Report

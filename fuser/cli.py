@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -120,7 +119,7 @@ def _model_and_inputs(built: Any, spec: str) -> tuple[torch.nn.Module, tuple, di
         if getattr(getattr(model, "config", None), "vocab_size", None) is None:
             raise UsageError(f"{spec} returned a model but no inputs to run it on; return (model, inputs), "
                              "inputs a tensor, a tuple of arguments or a dict of keyword arguments")
-        inputs = tiny_inputs(model)
+        inputs = tiny_inputs(model).to(next(model.parameters()).device)
     if isinstance(inputs, dict):
         return model, (), inputs
     return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {}
@@ -185,8 +184,7 @@ def bench(args) -> int:
     for i, script in enumerate(chosen, 1):
         print(f"[{i}/{len(chosen)}] {script.name} {' '.join(args.passthrough)}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call([sys.executable, str(script), *args.passthrough],
-                               env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})
+        code = subprocess.call([sys.executable, str(script), *args.passthrough])
         print(f"[{i}/{len(chosen)}] {script.name}: {'done' if code == 0 else f'FAILED (exit {code})'} "
               f"in {time.perf_counter() - start:.0f} s", flush=True)
         if code != 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from fuser.rewriter import prepare, rewrite
 from fuser.verify import numerics_problem, run_nodes_float64, tolerance
 
 ATTENTION_IMPLEMENTATION = "fuser"
+log = logging.getLogger("fuser.convert")
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ def register_attention() -> None:
 
 def _dispatches_attention(module: nn.Module) -> bool:
     """A transformers attention layer: its forward looks its function up in ALL_ATTENTION_FUNCTIONS."""
-    forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))  # under its decorators
+    forward = inspect.unwrap(type(module).forward)  # the code under its decorators
     return "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(forward, "__code__", None), "co_names", ())
 
 
@@ -329,4 +331,5 @@ def convert(model: nn.Module, dry_run: bool = False) -> nn.Module | Report:
         return report
     for swap in swaps:
         swap.apply()
+    log.info("%s", report)
     return model

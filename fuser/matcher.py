@@ -9,6 +9,7 @@ thing wherever they recur; commutative ops try both operand orders; structural p
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -63,7 +64,7 @@ class Match:
 @dataclass(frozen=True)
 class _State:
     bindings: dict
-    mapped: dict  # pattern node (or (structural node, i)) -> model node
+    mapped: dict  # pattern node (or (structural piece, where, i)) -> model node
 
     def bind(self, name: str, target: Any) -> "_State":
         return _State({**self.bindings, name: target}, self.mapped)
@@ -127,17 +128,16 @@ class SearchGraph:
         (output,) = [n for n in self.graph.nodes if n.op == "output"]
         self.output = output.args[0]
 
-    def match(self, node: fx.Node, failure: _Failure | None = None) -> tuple[dict, list[fx.Node]] | None:
-        """(bindings, covered nodes) for the first way the search matches with `node` as its output."""
+    def matches(self, node: fx.Node, failure: _Failure | None = None) -> Iterator[tuple[dict, list[fx.Node]]]:
+        """(bindings, covered nodes) for each way the search matches with `node` as its output,
+        the ones that cover most first (structural pieces try their largest shape first)."""
         failure = failure or _Failure()
+        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        order = {n: i for i, n in enumerate(node.graph.nodes)}
         for state in self._node(self.output, node, _State({}, {}), failure):
-            names = {n.target for n in self.graph.nodes if n.op == "placeholder"}
-            bindings = {name: state.bindings.get(name) for name in names}
             covered = set(state.mapped.values())
-            order = {n: i for i, n in enumerate(node.graph.nodes)}
             covered |= _writes_into(covered, node, order)
-            return bindings, sorted(covered, key=order.__getitem__)
-        return None
+            yield {name: state.bindings.get(name) for name in names}, sorted(covered, key=order.__getitem__)
 
     def _node(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
         if p.op == "placeholder":
@@ -151,11 +151,14 @@ class SearchGraph:
             return
         if isinstance(p.target, Structural):
             for inner, params, covered in p.target.alternatives(t):
-                if any(c in state.mapped.values() for c in covered):
+                # a node may be covered again only by the same piece at the same place (`xf` used
+                # twice in `xf * rsqrt(mean(xf²))`), never by another part of the search
+                if any(c in state.mapped.values() and state.mapped.get((p, t, i)) is not c
+                       for i, c in enumerate(covered)):
                     continue
                 grown = state
                 for i, node in enumerate(covered):
-                    grown = grown.map((p, i), node)
+                    grown = grown.map((p, t, i), node)
                 pairs = [(p.args[0], inner)] + [(q, v) for q, v in zip(p.args[1:], params) if v is not UNCHECKED]
                 yield from self._sequence(pairs, grown, failure)
             return
@@ -205,9 +208,12 @@ def search_graph(search: Callable) -> SearchGraph:
     return SearchGraph(search)
 
 
+def find_all(pattern: Pattern, search: Callable, node: fx.Node, failure: _Failure | None = None,
+             limit: int = 16) -> Iterator[Match]:
+    """The ways `search` matches at `node` (at most `limit`: optional pieces multiply them)."""
+    for bindings, nodes in itertools.islice(search_graph(search).matches(node, failure), limit):
+        yield Match(pattern, search, bindings, nodes)
+
+
 def find(pattern: Pattern, search: Callable, node: fx.Node, failure: _Failure | None = None) -> Match | None:
-    found = search_graph(search).match(node, failure)
-    if found is None:
-        return None
-    bindings, nodes = found
-    return Match(pattern, search, bindings, nodes)
+    return next(find_all(pattern, search, node, failure), None)

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from fuser.graph import mutates, value, where
-from fuser.matcher import Match, _Failure, find
+from fuser.matcher import Match, _Failure, find_all
 from fuser.patterns.base import Pattern
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.verify import compare_site
@@ -70,8 +70,8 @@ def _fakes(args: Any, kwargs: Any) -> list:
     return found
 
 
-def apply(m: Match) -> fx.Node:
-    """Replace the match's nodes by what its pattern's replace builds; returns the new output node."""
+def apply(m: Match) -> list[fx.Node]:
+    """Replace the match's nodes by what its pattern's replace builds; returns the new nodes (the output last)."""
     graph = m.output.graph
     tracer = fx.proxy.GraphAppendingTracer(graph)
     m.resolve = lambda node: fx.Proxy(node, tracer)
@@ -84,7 +84,7 @@ def apply(m: Match) -> fx.Node:
     m.output.replace_all_uses_with(result.node)
     for node in reversed(m.nodes):
         graph.erase_node(node)
-    return result.node
+    return new_nodes
 
 
 def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False,
@@ -104,35 +104,33 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
             for node in reversed(list(graph.nodes)):  # outermost first: the largest match wins
                 if node in erased or node in claimed or node.op in ("placeholder", "output", "get_attr"):
                     continue
-                m = find(pattern, search, node, _Failure())
-                if m is None or claimed.intersection(m.nodes):
+                candidates = [m for m in find_all(pattern, search, node, _Failure())
+                              if not claimed.intersection(m.nodes)]
+                if not candidates:
                     continue
-                names = tuple(n.name for n in m.nodes)
-                site = _record_where(m.output)
+                accepted, problem = _first_acceptable(candidates, verify_values, strict)
+                if accepted is None:  # report why the largest way of matching was turned down
+                    _add_near_miss(report, NearMiss(pattern.name, _record_where(node), problem,
+                                                    tuple(n.name for n in candidates[0].nodes)))
+                    continue
+                m = accepted
+                names, site, mode = tuple(n.name for n in m.nodes), _record_where(m.output), pattern.describe(m)
+                match_id = f"{tag}m{len(report.matches)}"
+                inputs_of_rewrites.update(i for n in m.nodes for i in n.all_input_nodes)
                 try:
-                    problem = convexity_problem(m) or pattern.check(m)
-                    if problem is None and verify_values is not None:
-                        problem = compare_site(m, verify_values)
-                        if problem is not None and strict:
-                            raise RewriteError(f"{pattern.name} at {site}: {problem}")
-                    if problem is None:
-                        mode = pattern.describe(m)
-                        match_id = f"{tag}m{len(report.matches)}"
-                        inputs_of_rewrites.update(i for n in m.nodes for i in n.all_input_nodes)
-                        new = apply(m)
-                        new.meta["fuser_match"] = match_id
-                        erased.update(m.nodes)
-                        claimed.add(new)
-                        report.matches.append(
-                            MatchRecord(pattern.name, site, _op_name(new), mode, names, new.name, match_id))
-                        continue
-                except RewriteError:
-                    raise
+                    new_nodes = apply(m)
                 except Exception as error:  # a pattern bug must not break the user's model
                     if strict:
                         raise RewriteError(f"{pattern.name} at {site}: {type(error).__name__}: {error}") from error
-                    problem = f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
-                _add_near_miss(report, NearMiss(pattern.name, site, problem, names))
+                    _add_near_miss(report, NearMiss(pattern.name, site, f"the rewrite failed here ({type(error).__name__}: "
+                                                    f"{error}); kept the original", names))
+                    continue
+                for new in new_nodes:
+                    new.meta["fuser_match"] = match_id
+                erased.update(m.nodes)
+                claimed.update(new_nodes)
+                fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
+                report.matches.append(MatchRecord(pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
     _erase_dead_inputs(graph, inputs_of_rewrites)
     graph.lint()
     gm.recompile()
@@ -140,6 +138,30 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
     report.matches.sort(key=lambda m: by_name[m.nodes[-1]])
     report.near_misses.sort(key=lambda m: by_name[m.nodes[-1]])
     return report
+
+
+def _first_acceptable(candidates: list[Match], verify_values: dict | None, strict: bool) -> tuple[Match | None, str]:
+    """The first way of matching that is convex, that its pattern accepts and (verifying) that
+    computes the original's values; else None and why the first was turned down."""
+    first_problem = None
+    for m in candidates:
+        site = _record_where(m.output)
+        try:
+            problem = convexity_problem(m) or m.pattern.check(m)
+            if problem is None and verify_values is not None:
+                problem = compare_site(m, verify_values)
+                if problem is not None and strict:
+                    raise RewriteError(f"{m.pattern.name} at {site}: {problem}")
+        except RewriteError:
+            raise
+        except Exception as error:  # a pattern bug must not break the user's model
+            if strict:
+                raise RewriteError(f"{m.pattern.name} at {site}: {type(error).__name__}: {error}") from error
+            problem = f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
+        if problem is None:
+            return m, ""
+        first_problem = first_problem or problem
+    return None, first_problem
 
 
 def _erase_dead_inputs(graph: fx.Graph, candidates: set[fx.Node]) -> None:

@@ -60,9 +60,33 @@ def grouped_mm(x, weight, offs):
     return torch.ops.transformers.grouped_mm_fallback(x, weight, offs=offs)
 
 
+def _function_name(node) -> str:
+    """`silu`, `gelu(approximate='tanh')`: a call's function and its literal arguments."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    literals = [repr(a) for a in node.args[1:]] + [f"{k}={v!r}" for k, v in node.kwargs.items()]
+    return f"{name}({', '.join(literals)})" if literals else name
+
+
+def _activation_shapes(node):
+    """Any function of the gate projection alone (its literal arguments aside): SiLU or another
+    activation, named so that check can say which."""
+    if isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.args \
+            and isinstance(node.args[0], fx.Node) \
+            and not any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        yield node.args[0], (_function_name(node),), (node,)
+
+
+@structural(_activation_shapes)
+def gate_activation(gate, name):
+    """The activation of the gate projection; the kernel fuses SiLU (`name` "silu") only."""
+    return {"silu": F.silu}[name](gate)
+
+
 def grouped_mm_experts(x, top_k_index, top_k_weights, gate_up_proj, down_proj, top_k, num_experts, max_expert,
-                       histc_dtype, matmul_dtype, tokens, hidden, out_dtype):
-    """transformers.integrations.moe.grouped_mm_experts_forward (gated experts, no bias)."""
+                       histc_dtype, matmul_dtype, down_matmul_dtype, tokens, hidden, out_dtype, activation):
+    """transformers.integrations.moe.grouped_mm_experts_forward (gated experts, no bias). Each grouped
+    GEMM casts its input to the weights' dtype: the first where the hidden states are in another
+    dtype, the second hardly ever (the gate/up output is in the weights' dtype already)."""
     sample_weights = top_k_weights.reshape(-1)
     expert_ids = top_k_index.reshape(-1)
     ordered = torch.sort(expert_ids)
@@ -74,8 +98,8 @@ def grouped_mm_experts(x, top_k_index, top_k_weights, gate_up_proj, down_proj, t
     gate_up = sentinel_masked(grouped_mm(cast(selected, matmul_dtype), gate_up_proj.transpose(-2, -1), offsets),
                               expert_ids_g, num_experts)
     halves = gate_up.chunk(2, dim=-1)
-    hidden_g = F.silu(halves[0]) * halves[1]
-    down = sentinel_masked(grouped_mm(cast(hidden_g, matmul_dtype), down_proj.transpose(-2, -1), offsets),
+    hidden_g = gate_activation(halves[0], activation) * halves[1]
+    down = sentinel_masked(grouped_mm(cast(hidden_g, down_matmul_dtype), down_proj.transpose(-2, -1), offsets),
                            expert_ids_g, num_experts)
     weighted = down * sample_weights_g.unsqueeze(-1)
     inverse = torch.empty_like(perm)
@@ -101,32 +125,48 @@ def _ids_from_top_k(node, experts: int) -> bool:
     return isinstance(meta, torch.Tensor) and dim in (-1, meta.dim() - 1) and meta.shape[-1] == experts
 
 
-def check(m) -> str | None:
-    x, ids, weights = m.meta("x"), m.meta("top_k_index"), m.meta("top_k_weights")
-    gate_up, down = m.meta("gate_up_proj"), m.meta("down_proj")
-    if not all(isinstance(t, torch.Tensor) for t in (x, ids, weights, gate_up, down)):
+def _experts_problem(m) -> str | None:
+    """What the kernel does not take in the experts themselves: their activation, weights and sizes."""
+    x, gate_up, down = m.meta("x"), m.meta("gate_up_proj"), m.meta("down_proj")
+    if not all(isinstance(t, torch.Tensor) for t in (x, gate_up, down)):
         return "the experts' inputs are not all tensors"
-    if x.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != x.shape[0]:
-        return f"hidden states {tuple(x.shape)} and top-k {tuple(ids.shape)} are not [T, H] and [T, K]"
-    if ids.dtype not in (torch.int64, torch.int32) or x.dtype not in FLOAT_DTYPES:
-        return f"dtypes {dtype_name(x.dtype)} / {dtype_name(ids.dtype)} not supported"
+    if m["activation"] != "silu":
+        return f"the experts' activation is {m['activation']}, not SiLU: the kernel fuses SwiGLU (silu(gate) · up) only"
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        return f"hidden states {tuple(x.shape)} in {dtype_name(x.dtype)} are not [T, H] in float16/bfloat16/float32"
     experts, two_i, hidden = gate_up.shape if gate_up.dim() == 3 else (None, None, None)
     if experts is None or two_i % 2 or down.dim() != 3 or tuple(down.shape) != (experts, hidden, two_i // 2):
         return f"expert weights {tuple(gate_up.shape)} / {tuple(down.shape)} are not [E, 2I, H] / [E, H, I]"
-    if hidden != x.shape[1] or m["top_k"] != ids.shape[1] or m["num_experts"] != experts \
-            or m["max_expert"] != experts - 1:
-        return "the histogram, top-k or hidden size disagree with the expert weights"
-    if not _ids_from_top_k(m.bindings["top_k_index"], experts):
-        return "expert ids do not come from a top-k over the experts (expert-parallel sentinels may be among them)"
+    if hidden != x.shape[1] or m["num_experts"] != experts or m["max_expert"] != experts - 1:
+        return "the histogram or hidden size disagree with the expert weights"
     if gate_up.dtype != x.dtype or down.dtype != x.dtype:
         return f"expert weights in {dtype_name(gate_up.dtype)}, activations in {dtype_name(x.dtype)}"
     return None
 
 
-def replace(m):
-    out = torch.ops.fuser.moe_experts(m["x"], m["top_k_index"], m["top_k_weights"].to(m.meta("x").dtype),
-                                      m["gate_up_proj"], None, m["down_proj"])
+def check(m) -> str | None:
+    x, ids, weights = m.meta("x"), m.meta("top_k_index"), m.meta("top_k_weights")
+    if not all(isinstance(t, torch.Tensor) for t in (x, ids, weights)):
+        return "the experts' inputs are not all tensors"
+    if ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != x.shape[0] or m["top_k"] != ids.shape[1]:
+        return f"hidden states {tuple(x.shape)} and top-k {tuple(ids.shape)} are not [T, H] and [T, K]"
+    if ids.dtype not in (torch.int64, torch.int32):
+        return f"expert ids in {dtype_name(ids.dtype)}, not int32/int64"
+    problem = _experts_problem(m)
+    if problem is None and not _ids_from_top_k(m.bindings["top_k_index"], m.meta("gate_up_proj").shape[0]):
+        return "expert ids do not come from a top-k over the experts (expert-parallel sentinels may be among them)"
+    return problem
+
+
+def _fused_experts(m, ids, weights):
+    """`fuser::moe_experts` in place of the grouped_mm experts path of `m` (weights in the activations' dtype)."""
+    out = torch.ops.fuser.moe_experts(m["x"], ids, weights.to(m.meta("x").dtype), m["gate_up_proj"], None,
+                                      m["down_proj"])
     return out.to(m.output.meta["example_value"].dtype)
+
+
+def replace(m):
+    return _fused_experts(m, m["top_k_index"], m["top_k_weights"])
 
 
 def describe(m) -> str:
@@ -135,22 +175,50 @@ def describe(m) -> str:
             f"{dtype_name(m.meta('x').dtype)}")
 
 
-@st.composite
-def _examples(draw) -> Example:
-    dtype = draw(st.sampled_from(FLOAT_DTYPES))
-    tokens, experts = draw(sizes(24)), draw(st.integers(1, 6))
-    top_k = draw(st.integers(1, experts))
+ROUTING_CASES = ("random scores", "tied scores", "experts left without tokens", "every token to one expert",
+                 "top-k = number of experts", "one token")
+
+
+def _router_scores(routing: str, tokens: int, experts: int, generator: torch.Generator) -> torch.Tensor:
+    if routing == "tied scores":  # two values only, the first token's all equal: ties at the k-th place
+        scores = torch.randint(0, 2, (tokens, experts), generator=generator).float()
+        scores[0] = 0
+        return scores
+    if routing in ("experts left without tokens", "every token to one expert"):  # one ranking for every token
+        return torch.arange(experts, dtype=torch.float32).expand(tokens, experts).clone()
+    return torch.rand(tokens, experts, generator=generator)
+
+
+def _experts_arguments(draw, dtype: torch.dtype, tokens: int, experts: int, top_k: int) -> dict:
+    """The grouped_mm experts' arguments besides the routing: hidden states, weights (any layout), sizes."""
     hidden, intermediate = draw(sizes(40)), draw(sizes(40))
+    return dict(x=draw(tensors((tokens, hidden), dtype)),
+                gate_up_proj=draw(tensors((experts, 2 * intermediate, hidden), dtype, scale=0.3)),
+                down_proj=draw(tensors((experts, hidden, intermediate), dtype, scale=0.3)),
+                top_k=top_k, num_experts=experts, max_expert=experts - 1, histc_dtype=torch.float32,
+                matmul_dtype=None, down_matmul_dtype=None, tokens=tokens, hidden=hidden, out_dtype=None,
+                activation="silu")
+
+
+@st.composite
+def _examples(draw, routing: str | None = None) -> Example:
+    """The experts behind a top-k router; `routing` (one of ROUTING_CASES, drawn when None) picks the edge case."""
+    routing = routing or draw(st.sampled_from(ROUTING_CASES))
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    tokens = 1 if routing == "one token" else draw(sizes(24))
+    starved = routing in ("experts left without tokens", "every token to one expert")
+    experts = draw(st.integers(2 if starved else 1, 6))
+    if routing == "every token to one expert":
+        top_k = 1
+    elif routing == "top-k = number of experts":
+        top_k = experts
+    else:  # experts left without tokens need k < E
+        top_k = draw(st.integers(1, experts - 1 if starved else experts))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    scores = torch.rand(tokens, experts, generator=generator)
-    if draw(st.booleans()):  # every token to the same experts: the others get nothing
-        scores = torch.arange(experts, dtype=torch.float32).expand(tokens, experts).clone()
-    return Example(routed_experts, dict(
-        x=draw(tensors((tokens, hidden), dtype)), router_probs=scores.softmax(-1).to(dtype),
-        gate_up_proj=draw(tensors((experts, 2 * intermediate, hidden), dtype, scale=0.3)),
-        down_proj=draw(tensors((experts, hidden, intermediate), dtype, scale=0.3)),
-        top_k=top_k, num_experts=experts, max_expert=experts - 1, histc_dtype=torch.float32, matmul_dtype=None,
-        tokens=tokens, hidden=hidden, out_dtype=None), constants=("router_probs",))
+    scores = _router_scores(routing, tokens, experts, generator)
+    return Example(routed_experts, dict(router_probs=scores.softmax(-1).to(dtype),
+                                        **_experts_arguments(draw, dtype, tokens, experts, top_k)),
+                   constants=("router_probs",))
 
 
 def routed_experts(x, router_probs, top_k, **experts_arguments):
@@ -160,3 +228,131 @@ def routed_experts(x, router_probs, top_k, **experts_arguments):
 
 
 MOE = Pattern("moe", SEARCHES, check, replace, _examples, describe, anchors=(torch.sort,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The router in front: softmax → top-k → renormalization → fuser::moe_route
+# ---------------------------------------------------------------------------------------------
+
+def routing_tie_problem(top_k: int, experts: int) -> str | None:
+    """Why `fuser::moe_route` would not choose the experts `torch.topk` chooses, or None.
+
+    The kernel ranks equal scores lowest expert first; torch.topk's order among equal scores is
+    its own (on CPU it is not lowest index first, and CUDA differs from CPU). Where a tie
+    straddles the k-th place, the two send the token to different experts and the block's output
+    changes; and the kernel's fp32 softmax may tie (or not) where torch's does not (or does).
+    Only when every expert is chosen (top-k = number of experts) is the choice the same."""
+    if top_k == experts:
+        return None
+    return (f"not exact: on a tie in the router's scores at the k-th place fuser::moe_route chooses the lowest "
+            f"expert index and torch.topk its own order, so a token would go to another expert (exact only for "
+            f"top-k = number of experts, here {top_k} of {experts})")
+
+
+def _sum_over_last_dim(node, source) -> bool:
+    """`source.sum(dim=-1, keepdim=True)` in any spelling."""
+    if not (isinstance(node, fx.Node) and node.target in ("sum", torch.sum) and node.args[:1] == (source,)):
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    meta = source.meta.get("example_value") if isinstance(source, fx.Node) else None
+    last = (-1, meta.dim() - 1) if isinstance(meta, torch.Tensor) else (-1,)
+    return keepdim is True and (dim in last or isinstance(dim, (tuple, list)) and len(dim) == 1 and dim[0] in last)
+
+
+def _renormalized_shapes(node):
+    """`w / w.sum(-1, keepdim=True)`, in place (`w /= ...`, as transformers' routers write it) or
+    not; or no renormalization."""
+    if isinstance(node, fx.Node) and node.op == "call_function" \
+            and node.target in (operator.truediv, operator.itruediv) and len(node.args) == 2 \
+            and _sum_over_last_dim(node.args[1], node.args[0]):
+        yield node.args[0], (True,), (node.args[1], node)
+    yield node, (False,), ()
+
+
+@structural(_renormalized_shapes)
+def renormalized(weights, renormalize):
+    """Top-k weights divided by their sum when `renormalize`."""
+    return weights / weights.sum(-1, keepdim=True) if renormalize else weights
+
+
+def _softmax_top_k(router_logits, compute_dtype, top_k):
+    """The routers of OLMoE, Mixtral and Qwen2/3-MoE: softmax over the experts (fp32 or not), top-k."""
+    return torch.topk(torch.softmax(cast(router_logits, compute_dtype), -1), top_k, dim=-1)
+
+
+def routed_grouped_mm_experts(router_logits, compute_dtype, top_k, renormalize, weights_dtype, x, gate_up_proj,
+                              down_proj, num_experts, max_expert, histc_dtype, matmul_dtype, down_matmul_dtype, tokens,
+                              hidden, out_dtype, activation):
+    """The router feeding transformers' grouped_mm experts path (the match then holds both, so it
+    runs before `moe`, which takes the experts alone where the router stays)."""
+    top = _softmax_top_k(router_logits, compute_dtype, top_k)
+    weights = cast(renormalized(top[0], renormalize), weights_dtype)
+    return grouped_mm_experts(x, top[1], weights, gate_up_proj, down_proj, top_k, num_experts, max_expert,
+                              histc_dtype, matmul_dtype, down_matmul_dtype, tokens, hidden, out_dtype, activation)
+
+
+def routed_fused_experts(router_logits, compute_dtype, top_k, renormalize, weights_dtype, x, gate_proj, up_proj,
+                         down_proj):
+    """The router feeding `fuser::moe_experts` itself (the "fuser" experts implementation of transformers)."""
+    top = _softmax_top_k(router_logits, compute_dtype, top_k)
+    weights = cast(renormalized(top[0], renormalize), weights_dtype)
+    return torch.ops.fuser.moe_experts(x, top[1], weights, gate_proj, up_proj, down_proj)
+
+
+def check_router(m) -> str | None:
+    logits, x = m.meta("router_logits"), m.meta("x")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES:
+        return f"router logits are not a [tokens, experts] float16/bfloat16/float32 tensor ({logits})"
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != logits.shape[0]:
+        return "the router and the experts see different tokens"
+    if m["compute_dtype"] not in (None, torch.float32):
+        return f"the softmax computes in {dtype_name(m['compute_dtype'])}; the kernel computes in float32"
+    problem = routing_tie_problem(m["top_k"], logits.shape[1])
+    if problem is None and m.search is routed_grouped_mm_experts:
+        problem = _experts_problem(m)
+    return problem
+
+
+def _route(m, weights_dtype: torch.dtype):
+    """(weights, ids) of `fuser::moe_route` for the router of `m`."""
+    route = torch.ops.fuser.moe_route(m["router_logits"], m["top_k"], "softmax", m["renormalize"], None, 1.0,
+                                      weights_dtype)
+    return route[0], route[1]
+
+
+def _routing_weights_dtype(m) -> torch.dtype:
+    """The dtype the experts take their routing weights in."""
+    if m.search is routed_grouped_mm_experts:
+        return m.meta("x").dtype
+    return m.output.args[2].meta["example_value"].dtype
+
+
+def replace_router(m):
+    weights, ids = _route(m, _routing_weights_dtype(m))
+    if m.search is routed_grouped_mm_experts:
+        return _fused_experts(m, ids, weights)
+    return torch.ops.fuser.moe_experts(m["x"], ids, weights, m["gate_proj"], m["up_proj"], m["down_proj"])
+
+
+def describe_router(m) -> str:
+    return (f"softmax top-{m['top_k']} of {m.meta('router_logits').shape[1]} experts"
+            f"{', renormalized' if m['renormalize'] else ''}, weights in {dtype_name(_routing_weights_dtype(m))}")
+
+
+@st.composite
+def _router_examples(draw) -> Example:
+    """Routers check accepts (every expert chosen: see routing_tie_problem), tied logits and one token among them."""
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    tokens, experts = draw(sizes(24)), draw(st.integers(1, 6))
+    logits = draw(tensors((tokens, experts), dtype, scale=3.0))
+    if draw(st.booleans()):  # integer logits: ties among the scores
+        logits = logits.round()
+    upcast = draw(st.booleans())
+    return Example(routed_grouped_mm_experts, dict(
+        router_logits=logits, compute_dtype=torch.float32 if upcast else None, renormalize=draw(st.booleans()),
+        weights_dtype=dtype if upcast else None, **_experts_arguments(draw, dtype, tokens, experts, experts)))
+
+
+MOE_ROUTER = Pattern("moe_router", (routed_grouped_mm_experts, routed_fused_experts), check_router, replace_router,
+                     _router_examples, describe_router, anchors=(torch.topk,))

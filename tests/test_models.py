@@ -23,6 +23,16 @@ def test_explain_counts_every_rms_norm(arch):
     assert all(m.where.module.endswith("norm") for m in report.matches if m.pattern == "rms_norm"), report
 
 
+@pytest.mark.parametrize("arch, mode", [("llama", "weight after cast"), ("gemma", "weight in fp32, offset 1"),
+                                        ("olmo2", "weight in fp32")])
+def test_bfloat16_norms_fuse_their_weight(arch, mode):
+    """In bf16 the upcast is a real node: the match must absorb it (x is the bf16 input)."""
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    report = fuser.explain(model, tiny_inputs(model))
+    modes = {m.mode.split(", eps")[0] for m in report.matches if m.pattern == "rms_norm"}
+    assert modes == {mode}, report
+
+
 def _compile(model, options=None):
     torch._dynamo.reset()
     fuser.reset_reports()
