@@ -24,7 +24,8 @@ from fuser.verify import numerics_problem, tolerance
 def check_architectures() -> list[str]:
     """Rewrite counts and logits of every tiny architecture, eager and sdpa attention, bf16 on the GPU."""
     lines = []
-    for arch in ARCHITECTURES:
+    # DeepSeek-V3 last: its distinct q/v head dims are the kernel's rarest case
+    for arch in sorted(ARCHITECTURES, key=lambda a: a == "deepseek_v3"):
         for impl in ("eager", "sdpa"):
             model = tiny_model(arch, attn_implementation=impl, dtype=torch.bfloat16).cuda()
             ids = tiny_inputs(model, length=37).cuda()
@@ -32,10 +33,14 @@ def check_architectures() -> list[str]:
             mask[0, :5] = 0
             torch._dynamo.reset()
             fuser.reset_reports()
-            with torch.no_grad():
-                out = torch.compile(model, backend="fuser", options={"codegen": "eager"})(ids, attention_mask=mask).logits
-                ref = model(ids, attention_mask=mask).logits
-            problem = numerics_problem(out.float(), ref.float(), 5 * tolerance(torch.bfloat16))
+            try:
+                with torch.no_grad():
+                    out = torch.compile(model, backend="fuser", options={"codegen": "eager"})(
+                        ids, attention_mask=mask).logits
+                    ref = model(ids, attention_mask=mask).logits
+                problem = numerics_problem(out.float(), ref.float(), 5 * tolerance(torch.bfloat16))
+            except Exception as error:  # report it and go on: the table shows every architecture
+                problem = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             lines.append(f"{arch:12s} {impl:5s} {str(fuser.last_report().counts()):55s} "
                          f"{'ok' if problem is None else problem}")
             print(lines[-1], flush=True)
