@@ -151,10 +151,11 @@ class SearchGraph:
             return
         if isinstance(p.target, Structural):
             for inner, params, covered in p.target.alternatives(t):
-                # a node may be covered again only by the same piece at the same place (`xf` used
-                # twice in `xf * rsqrt(mean(xf²))`), never by another part of the search
-                if any(c in state.mapped.values() and state.mapped.get((p, t, i)) is not c
-                       for i, c in enumerate(covered)):
+                # the piece's own node may be covered again only by the same piece at the same place
+                # (`xf` used twice in `xf * rsqrt(mean(xf²))`), never by another part of the search;
+                # what it reads besides (a sentinel mask shared by two GEMMs) may be shared
+                if t in covered and t in state.mapped.values() and \
+                        state.mapped.get((p, t, covered.index(t))) is not t:
                     continue
                 grown = state
                 for i, node in enumerate(covered):
