@@ -10,9 +10,12 @@ is a transposed view of that layout). It computes, in float32:
     s = mask_value where excluded (bool mask False, causal: key after query, window: query − key ≥ window,
     query i at position i + (Lk − Lq if bottom_right else 0)); p = softmax(s); dropout(p); out = p·v.
 Fully masked rows follow the naive formula: NaN with mask_value −inf, the average of V over all
-keys with a finite fill (and their gradients: see backward.py). Gradients flow to q, k, v, not to
-the mask. The kernels take scale > 0, head dims ≤ 256 and fp16/bf16/fp32; anything else (and CPU
-without TRITON_INTERPRET=1) runs `attention_reference`.
+keys with a finite fill (and their gradients: see backward.py). Scores below −FLT_MAX/log2(e)
+(≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
+added to them. Gradients flow to q, k, v, never to the mask (a mask requiring grad gets none).
+Dropout draws its own Philox stream (not torch's); the backward regenerates the same keep-mask.
+The kernels take scale > 0, head dims ≤ 256 and fp16/bf16/fp32; anything else (and CPU without
+TRITON_INTERPRET=1) runs `attention_reference` and its explicit backward.
 
 Ops: `attention` is CompositeImplicitAutograd: it draws the dropout seed on the CPU generator (no
 device sync) and calls `attention_forward` -> (out, row statistics, tile classes), whose autograd calls
@@ -25,7 +28,7 @@ import torch
 from . import launch
 from .forward import output_like
 from .launch import kernels_support
-from .reference import LOG2E, attention_reference, reference_forward
+from .reference import LOG2E, attention_reference, reference_backward, reference_forward
 from .tiles import class_map_shape
 
 __all__ = ["attention_reference", "attention_forward", "attention_backward"]
@@ -44,17 +47,10 @@ def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, drop
 _LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
 
 
-def _check(q, k, v, mask):
-    """The shapes the op is defined for (the patterns' checks keep everything else out)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("attention takes q, k, v as [B, H, L, D]")
-    b, hq, lq, d = q.shape
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hq % max(k.shape[1], 1) != 0:
-        raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
-    if mask is not None:
-        if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
-            raise ValueError(f"attention mask must be bool or floating, not {mask.dtype}")
-        torch.broadcast_shapes(mask.shape, (b, hq, lq, k.shape[2]))
+def _plan(q, k, v, mask, *literals) -> launch.Plan | None:
+    """The launch plan of this call, cached per signature; None where the reference runs."""
+    return launch.plan_for(launch.signature(q, k, v, mask, literals=literals),
+                           lambda: launch.build_plan(q, k, v, mask, *literals))
 
 
 def _generator(seed: torch.Tensor | None, device: torch.device) -> torch.Generator | None:
@@ -67,10 +63,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       mask_value: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores,
     tile classes of the mask)."""
-    _check(q, k, v, mask)
-    if kernels_support(q, k, v, mask, scale, softcap, dropout_p):
-        return launch.forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                              seed)
+    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value)
+    if plan is not None:
+        return launch.forward(plan, q, k, v, mask, seed)
     ref, lse = reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
                                  _generator(seed, q.device))
     out = output_like(q, v.shape[3])
@@ -81,7 +76,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 @attention_forward.register_fake
 def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed):
-    _check(q, k, v, mask)
+    launch.check_shapes(q, k, v, mask)
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     triton_mask = mask.expand(b, hq, lq, lk) if mask is not None and kernels_support(
@@ -97,14 +92,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        softcap: float, dropout_p: float, mask_value: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), laid out like q, k, v."""
-    if kernels_support(q, k, v, mask, scale, softcap, dropout_p):
-        return launch.backward(grad_out, q, k, v, mask, out, stats, classes, scale, causal, window, bottom_right,
-                               softcap, dropout_p, mask_value, seed)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        ref = attention_reference(*leaves, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                                  generator=_generator(seed, q.device))
-        grads = torch.autograd.grad(ref, leaves, grad_out)
+    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value)
+    if plan is not None:
+        return launch.backward(plan, grad_out, q, k, v, mask, out, stats, classes, seed)
+    grads = reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p,
+                               mask_value, _generator(seed, q.device))
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
@@ -123,7 +115,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_stats, _grad_classes):
     q, k, v, mask, out, stats, classes, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fuser.attention_backward(grad_out, q, k, v, mask, out, stats, classes, seed, *ctx.literals)
+    # the saved outputs enter as plain values: there is no double backward
+    dq, dk, dv = torch.ops.fuser.attention_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes,
+                                                    seed, *ctx.literals)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 

@@ -3,9 +3,10 @@
 1. preprocess: Δ = rowsum(dO ∘ O) per query row, and a per-head flag for rows whose lse is low
    enough that skipped tiles carry weight (fully masked rows, see tiles.py).
 2. dK/dV: one program per key block and KV head; it loops over the group's query heads and
-   their query tiles and accumulates dK, dV in registers (no atomics, K/V read once). With
-   ATOMIC_DQ it also adds each tile's dQ share into a float32 buffer (measured against 3.).
-3. dQ: one program per query block, looping over key tiles like the forward.
+   their query tiles and accumulates dK, dV in registers (no atomics, K/V read once).
+3. dQ: one program per query block, looping over key tiles like the forward. It recomputes the
+   scores and dP (7 matmuls in all instead of 5), which on H100 is 3× faster than adding each
+   tile's dQ share into a float32 buffer with atomics from kernel 2 (benchmarks/RESULTS.md).
 
 Tiles that the forward skipped are skipped here too, except for flagged heads, where the
 skipped query tiles holding flagged rows are visited with full masking. That reproduces the
@@ -15,12 +16,13 @@ gradient; a float mask is added, so its scores do pass gradient, as in the naive
 """
 from __future__ import annotations
 
-import torch
+import functools
+
 import triton
 import triton.language as tl
 
 from .._common import interpreting
-from .forward import load_tile, mma_operand
+from .forward import load_tile, mma_operand, registers_fit
 from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, probabilities, query_tiles, rows_saturated,
                     tile_scores)
 
@@ -47,20 +49,20 @@ def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, sob, soh, so
 
 
 @triton.jit
-def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head, stream,
-              sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale, softcap,
+def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head, stream,
+              sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale, softcap,
               mask_value_log2, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-              MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One query tile's share of dK and dV (and of dQ with ATOMIC_DQ), in the transposed orientation
+              BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query tile's share of dK and dV, in the transposed orientation
     (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q."""
     q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = q_idx < Lq
     d = tl.arange(0, BLOCK_D)
     dvi = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q_head + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D, MASKED, BLOCK_D != D)
-    do = load_tile(dO_head + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok, dvi < Dv, MASKED, BLOCK_DV != Dv)
+    q = load_tile(Q_head + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D, MASKED, PAD_D)
+    do = load_tile(dO_head + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok, dvi < Dv, MASKED, PAD_DV)
     if MASKED:  # rows past Lq get p = 0 and Δ = 0
         shift = tl.load(Stats_head + 2 * q_idx, mask=q_ok, other=float("inf"))
         log2_sum = tl.load(Stats_head + 2 * q_idx + 1, mask=q_ok, other=0.0)
@@ -79,9 +81,9 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, D
     p_t = probabilities(scores_t, shift[None, :], log2_sum[None, :], MASKED)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep_t = dropout_keep(seed, stream, q_idx[None, :], k_idx[:, None], dropout_p)
-        dropped_t = tl.where(keep_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
-        dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        undropped_t = dropout_keep(seed, stream, q_idx[None, :], k_idx[:, None], dropout_p)
+        dropped_t = tl.where(undropped_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp_t = tl.where(undropped_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
     else:
         dropped_t = p_t
     dv = tl.dot(mma_operand(dropped_t.to(Q_head.dtype.element_ty), UPCAST), do, dv, input_precision=DOT_PRECISION)
@@ -92,9 +94,6 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, D
         ds_t = tl.where(keep_t, ds_t, 0.0)
     ds_t = mma_operand(ds_t.to(Q_head.dtype.element_ty), UPCAST)
     dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
-    if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
-        tl.atomic_add(DQ_head + q_idx[:, None] * sdql + d[None, :] * sdqd, dq, mask=q_ok[:, None] & (d < D)[None, :])
     return dk, dv
 
 
@@ -108,14 +107,15 @@ def tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _attention_dkdv_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, DQ,
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV,
         sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-        sgb, sgh, sgl, sgd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, sdqb, sdqh, sdql, sdqd,
+        sgb, sgh, sgl, sgd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
         Hkv, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
         dropout_p, seed, LQ_KEY, LK_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
         CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (key blocks, batch × KV heads)."""
     n_block = tl.program_id(0)
@@ -126,9 +126,9 @@ def _attention_dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     dvi = tl.arange(0, BLOCK_DV)
     k = load_tile(K + batch * skb + kv_head * skh + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, True,
-                  BLOCK_D != D)
+                  PAD_D)
     v = load_tile(V + batch * svb + kv_head * svh + k_idx[:, None] * svl + dvi[None, :] * svd, k_ok, dvi < Dv, True,
-                  BLOCK_DV != Dv)
+                  PAD_DV)
     k = mma_operand(k, UPCAST)
     v = mma_operand(v, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -142,7 +142,6 @@ def _attention_dkdv_kernel(
         dO_head = dOut + batch * sgb + head * sgh
         Stats_head = Stats + (batch * Hq + head) * Lq * 2
         Delta_head = Delta + (batch * Hq + head) * Lq
-        DQ_head = DQ + batch * sdqb + head * sdqh
         mask_head = Mask + batch * smb + head * smh
         class_col = Classes + batch * scb + head * sch + (n_block * BLOCK_N // CELL) * scn
         stream = (batch * Hq + head).to(tl.int32)
@@ -150,36 +149,36 @@ def _attention_dkdv_kernel(
             for m in range(t_lo, t_hi):
                 cls = tl.load(class_col + (m * BLOCK_M // CELL) * scm)
                 if cls == FULL:
-                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head,
-                                       mask_head, stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv,
+                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
+                                       mask_head, stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv,
                                        pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
-                                       BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                                       ATOMIC_DQ, UPCAST, DOT_PRECISION)
+                                       BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
+                                       DROPOUT, UPCAST, DOT_PRECISION)
                 elif cls == PARTIAL:
-                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head,
-                                       mask_head, stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv,
+                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
+                                       mask_head, stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv,
                                        pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
-                                       BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                                       ATOMIC_DQ, UPCAST, DOT_PRECISION)
+                                       BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
+                                       DROPOUT, UPCAST, DOT_PRECISION)
         else:
             for m in range(t_lo, f_lo):
-                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head,
-                                   stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset,
+                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
+                                   stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset,
                                    window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
-                                   BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST,
-                                   DOT_PRECISION)
+                                   BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                                   UPCAST, DOT_PRECISION)
             for m in range(f_lo, f_hi):
-                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head,
-                                   stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset,
+                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
+                                   stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset,
                                    window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
-                                   BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST,
-                                   DOT_PRECISION)
+                                   BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                                   UPCAST, DOT_PRECISION)
             for m in range(f_hi, t_hi):
-                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, DQ_head, mask_head,
-                                   stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk, Lq, Lk, D, Dv, pos_offset,
+                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
+                                   stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset,
                                    window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
-                                   BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST,
-                                   DOT_PRECISION)
+                                   BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                                   UPCAST, DOT_PRECISION)
         if CAN_SKIP:  # flagged heads: the skipped tiles holding rows that skipping would change
             if tl.load(HeadFlags + batch * Hq + head) != 0:
                 for m in range(0, n_q_tiles):
@@ -189,10 +188,10 @@ def _attention_dkdv_kernel(
                     if skipped:
                         if tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M):
                             dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
-                                               DQ_head, mask_head, stream, sql, sqd, sgl, sgd, sdql, sdqd, sml, smk,
-                                               Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                                               dropout_p, seed, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED,
-                                               MASK_KIND, SOFTCAP, DROPOUT, ATOMIC_DQ, UPCAST, DOT_PRECISION)
+                                               mask_head, stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv,
+                                               pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
+                                               BLOCK_M, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED,
+                                               MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     tl.store(dK + batch * sdkb + kv_head * sdkh + k_idx[:, None] * sdkl + d[None, :] * sdkd,
              (dk * scale).to(dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
     tl.store(dV + batch * sdvb + kv_head * sdvh + k_idx[:, None] * sdvl + dvi[None, :] * sdvd,
@@ -200,20 +199,21 @@ def _attention_dkdv_kernel(
 
 
 @triton.jit
-def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
-            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-            WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+            mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
+            PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+            MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end)."""
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_idx < Lk
     d = tl.arange(0, BLOCK_D)
     dvi = tl.arange(0, BLOCK_DV)
-    k = mma_operand(load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, BLOCK_D != D),
+    k = mma_operand(load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, PAD_D),
                     UPCAST)
     v = mma_operand(load_tile(v_base + k_idx[:, None] * svl + dvi[None, :] * svd, k_ok, dvi < Dv, MASKED,
-                              BLOCK_DV != Dv), UPCAST)
+                              PAD_DV), UPCAST)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, keep, softcap_grad = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
                                mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window, scale, softcap,
@@ -221,14 +221,30 @@ def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl,
     p = probabilities(scores, shift[:, None], log2_sum[:, None], MASKED)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
-        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
+        dp = tl.where(undropped, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * softcap_grad
     if MASKED:
         ds = tl.where(keep, ds, 0.0)
     return tl.dot(mma_operand(ds.to(k_base.dtype.element_ty), UPCAST), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dq_tiles(dq, q, do, shift, log2_sum, delta, lo, hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
+             PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+             MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
+    for n in range(lo, hi):
+        dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                     mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
+                     seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
+                     DROPOUT, UPCAST, DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -239,12 +255,15 @@ def _attention_dq_kernel(
         Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p,
         seed, LQ_KEY, LK_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
         CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
         SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Grid (query blocks, batch × query heads). A block with rows that skipping would change
     visits every key tile with full masking."""
     m_block = tl.program_id(0)
+    if CAUSAL:  # the longest rows first
+        m_block = tl.num_programs(0) - 1 - m_block
     batch = (tl.program_id(1) // Hq).to(tl.int64)
     head = (tl.program_id(1) % Hq).to(tl.int64)
     kv_head = head // group
@@ -253,9 +272,9 @@ def _attention_dq_kernel(
     d = tl.arange(0, BLOCK_D)
     dvi = tl.arange(0, BLOCK_DV)
     q = mma_operand(load_tile(Q + batch * sqb + head * sqh + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D,
-                              True, BLOCK_D != D), UPCAST)
+                              True, PAD_D), UPCAST)
     do = mma_operand(load_tile(dOut + batch * sgb + head * sgh + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok,
-                               dvi < Dv, True, BLOCK_DV != Dv), UPCAST)
+                               dvi < Dv, True, PAD_DV), UPCAST)
     stats = Stats + ((batch * Hq + head) * Lq + q_idx) * 2
     shift = tl.load(stats, mask=q_ok, other=0.0)
     log2_sum = tl.load(stats + 1, mask=q_ok, other=0.0)
@@ -280,45 +299,46 @@ def _attention_dq_kernel(
     if MASK_KIND != 0:
         for n in range(t_lo, t_hi):
             cls = tl.load(class_row + (n * BLOCK_N // CELL) * scn, mask=respect_classes, other=PARTIAL)
-            if cls == FULL:
-                dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                             dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
-                             DROPOUT, UPCAST, DOT_PRECISION)
-            elif cls == PARTIAL:
-                dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                             dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
-                             DROPOUT, UPCAST, DOT_PRECISION)
-    else:
-        for n in range(t_lo, f_lo):
-            dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                         mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
-                         seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                         UPCAST, DOT_PRECISION)
-        for n in range(f_lo, f_hi):
-            dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                         mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
-                         seed, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                         UPCAST, DOT_PRECISION)
-        for n in range(f_hi, t_hi):
-            dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                         mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
-                         seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                         UPCAST, DOT_PRECISION)
+            if cls != SKIP:
+                if cls == FULL:
+                    dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx,
+                                 q_ok, stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                 mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False,
+                                 CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                else:
+                    dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx,
+                                 q_ok, stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                 mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True,
+                                 CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+    else:  # masked edges around the fully visible run, like the forward
+        dq = dq_tiles(dq, q, do, shift, log2_sum, delta, t_lo, f_lo, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                      stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                      dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
+                      SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        dq = dq_tiles(dq, q, do, shift, log2_sum, delta, f_lo, f_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                      stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                      dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND,
+                      SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        dq = dq_tiles(dq, q, do, shift, log2_sum, delta, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                      stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
+                      dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
+                      SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     tl.store(dQ + batch * sdqb + head * sdqh + q_idx[:, None] * sdql + d[None, :] * sdqd,
              (dq * scale).to(dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
 
 
-def _prune_backward_configs(configs, named_args, **kwargs):
-    """Keep configs that fit shared memory (K/V block resident, query tiles pipelined) and the lengths."""
+def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):
+    """Keep configs that fit shared memory (one block resident, the other side's tiles pipelined)
+    and registers: dK/dV (key_blocks) or dQ accumulators plus four [rows, keys] float32 temporaries."""
     block_d, block_dv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
-        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        shared = element * (n * (block_d + block_dv) + config.num_stages * m * (block_d + block_dv))
-        if shared <= 200 * 1024 and (block_d + block_dv <= 256 or max(m, n) <= 64):
+        m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+        resident, streamed = (n, m) if key_blocks else (m, n)
+        shared = element * (resident + config.num_stages * streamed) * (block_d + block_dv)
+        accumulators = n * (block_d + block_dv) if key_blocks else m * block_d
+        if shared <= 200 * 1024 and registers_fit(accumulators, 4 * m * n, warps):
             kept.append(config)
     return kept or configs[-1:]
 
@@ -332,10 +352,14 @@ def _configs(shapes):
 _BACKWARD_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOWED", "MASK_KIND", "SOFTCAP", "DROPOUT"]
 # (query rows, key rows, warps, stages) per program
 attention_dkdv_kernel = triton.autotune(
-    _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]),
-    key=_BACKWARD_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
-    prune_configs_by={"early_config_prune": _prune_backward_configs})(_attention_dkdv_kernel)
+    _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+              (16, 64, 8, 2), (16, 32, 4, 2)]),
+    key=_BACKWARD_KEY,
+    prune_configs_by={"early_config_prune": functools.partial(_prune_backward_configs, key_blocks=True)})(
+    _attention_dkdv_kernel)
 attention_dq_kernel = triton.autotune(
     _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
-    key=_BACKWARD_KEY, prune_configs_by={"early_config_prune": _prune_backward_configs})(_attention_dq_kernel)
+    key=_BACKWARD_KEY,
+    prune_configs_by={"early_config_prune": functools.partial(_prune_backward_configs, key_blocks=False)})(
+    _attention_dq_kernel)
 backward_preprocess_kernel = _backward_preprocess_kernel

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting
-from .tiles import (FULL, LOG2E, PARTIAL, SKIP, class_cell, dropout_keep, key_tiles, rows_saturated, tile_scores)
+from .tiles import FULL, LOG2E, PARTIAL, SKIP, dropout_keep, key_tiles, rows_saturated, tile_scores
 
 
 @triton.jit
@@ -70,7 +70,8 @@ def query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M: tl.constexpr, PAC
 @triton.jit
 def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
                 Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
+                PAD_DV: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile into the running (acc, max, sum) of the online softmax."""
@@ -78,7 +79,7 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     k_ok = k_idx < Lk
-    k = load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, BLOCK_D != D)
+    k = load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, PAD_D)
     qk = tl.dot(q, tl.trans(mma_operand(k, UPCAST)), input_precision=DOT_PRECISION)
     if MASKED or SOFTCAP:
         scores, _, _ = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
@@ -97,19 +98,36 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, 
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
-        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    v = load_tile(v_base + k_idx[:, None] * svl + dv[None, :] * svd, k_ok, dv < Dv, MASKED, BLOCK_DV != Dv)
+        undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
+        p = tl.where(undropped, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    v = load_tile(v_base + k_idx[:, None] * svl + dv[None, :] * svd, k_ok, dv < Dv, MASKED, PAD_DV)
     acc = tl.dot(mma_operand(p.to(v.dtype), UPCAST), mma_operand(v, UPCAST), acc * alpha[:, None],
                  input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
+def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
+                 Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
+                 PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                 MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Key tiles [lo, hi), all masked or all unmasked, into the running (acc, max, sum)."""
+    for n in range(lo, hi):
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                                    mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                    mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
+                                    MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
                 mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
                 dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, CELL: tl.constexpr, RESPECT_CLASSES: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr,
+                RESPECT_CLASSES: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
                 MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(acc, max, sum) of the rows over key tiles [t_lo, t_hi); [f_lo, f_hi) are known fully visible.
@@ -125,34 +143,32 @@ def attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q
                 cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * scn)
             else:
                 cls = PARTIAL
-            if cls == FULL:
-                acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                                            stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale,
-                                            softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                            False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST,
-                                            DOT_PRECISION)
-            elif cls != SKIP:
-                acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                                            stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale,
-                                            softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                            True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST,
-                                            DOT_PRECISION)
-    else:
-        for n in range(t_lo, f_lo):
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                                        mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                        mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL,
-                                        WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
-        for n in range(f_lo, f_hi):
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                                        mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                        mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL,
-                                        WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
-        for n in range(f_hi, t_hi):
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                                        mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                        mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL,
-                                        WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+            if cls != SKIP:
+                if cls == FULL:
+                    acc, m_i, l_i = attend_tile(
+                        acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs,
+                        smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N,
+                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                        UPCAST, DOT_PRECISION)
+                else:
+                    acc, m_i, l_i = attend_tile(
+                        acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs,
+                        smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N,
+                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
+                        UPCAST, DOT_PRECISION)
+    else:  # masked edges before and after the fully visible run (a causal diagonal, a window's edge, the end)
+        acc, m_i, l_i = attend_tiles(
+            acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
+            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
+            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        acc, m_i, l_i = attend_tiles(
+            acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
+            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
+            BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        acc, m_i, l_i = attend_tiles(
+            acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
+            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
+            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -162,10 +178,10 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
                         scb, sch, scm, scn, heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale,
                         softcap, mask_value_log2, saturation_lse, dropout_p, seed,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-                        USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                        PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr,
+                        WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr,
+                        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr,
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention of one block of rows: (rows' head and index, acc, max, sum).
 
     `exact` visits every key tile without skipping; otherwise the rows' visible tiles (their
@@ -177,7 +193,7 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
     batch = batch.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     q_rows = Q + batch * sqb + q_head.to(tl.int64) * sqh + q_idx.to(tl.int64) * sql
-    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sqd, q_ok, d < D, True, BLOCK_D != D), UPCAST)
+    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sqd, q_ok, d < D, True, PAD_D), UPCAST)
     k_base = K + batch * skb + kv_head.to(tl.int64) * skh
     v_base = V + batch * svb + kv_head.to(tl.int64) * svh
     mask_row_ptrs = Mask + batch * smb + q_head.to(tl.int64) * smh + q_idx.to(tl.int64) * sml
@@ -196,18 +212,19 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
         t_lo, t_hi = s_lo, s_hi
         f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
         f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
-    acc, m_i, l_i = attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                                stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale,
-                                softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CELL,
-                                not exact, CAUSAL, WINDOWED, MASK_KIND, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+    acc, m_i, l_i = attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
+                                mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale, softcap,
+                                mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
+                                CELL, not exact, CAUSAL, WINDOWED, MASK_KIND, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST,
+                                DOT_PRECISION)
     if CAN_SKIP and not exact:
         if num_splits == 1:
             if rows_saturated(m_i + tl.log2(l_i), q_ok, saturation_lse):
-                acc, m_i, l_i = attend_rows(q, 0, 0, 0, n_tiles, k_base, v_base, skl, skd, svl, svd, q_idx,
-                                            q_ok, stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset,
+                acc, m_i, l_i = attend_rows(q, 0, 0, 0, n_tiles, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
+                                            stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset,
                                             window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
-                                            BLOCK_N, BLOCK_D, BLOCK_DV, CELL, False, CAUSAL, WINDOWED, MASK_KIND,
-                                            USE_CLASSES, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                                            BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, False, CAUSAL, WINDOWED,
+                                            MASK_KIND, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     return batch, q_head, q_idx, q_ok, acc, m_i, l_i
 
 
@@ -236,19 +253,23 @@ def _attention_forward_kernel(
         heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
         saturation_lse, dropout_p, seed, ROWS_KEY, LK_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr,
+        PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+        MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+        PACK_GQA: tl.constexpr,
         CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (row blocks, batch × heads in grid, splits). With splits, Out/Stats are the float32
     partial buffers (normalized partial output, 0 where a split saw nothing, and its statistics)."""
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
+    m_block = tl.program_id(0)
+    if CAUSAL:  # the longest rows first: fewer idle multiprocessors at the end
+        m_block = tl.num_programs(0) - 1 - m_block
     batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
-        Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), False, split, num_splits,
+        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, split, num_splits,
         sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
         heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
-        dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CELL, CAUSAL, WINDOWED, MASK_KIND, USE_CLASSES,
-        SOFTCAP, DROPOUT, PACK_GQA, CAN_SKIP, UPCAST, DOT_PRECISION)
+        dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, CAUSAL, WINDOWED, MASK_KIND,
+        USE_CLASSES, SOFTCAP, DROPOUT, PACK_GQA, CAN_SKIP, UPCAST, DOT_PRECISION)
     out = acc / l_i[:, None]
     if num_splits > 1:
         out = tl.where(l_i[:, None] > 0, out, 0.0)
@@ -264,8 +285,9 @@ def _merge_splits_kernel(
         num_splits, heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
         saturation_lse, dropout_p, seed,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr, UPCAST: tl.constexpr,
+        PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+        MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr,
+        UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Merge the splits' partial softmaxes; rows that skipping may have changed are recomputed exactly."""
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
@@ -283,8 +305,8 @@ def _merge_splits_kernel(
             Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, 0, 1,
             sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
             heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-            saturation_lse, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CELL, CAUSAL, WINDOWED, MASK_KIND,
-            False, SOFTCAP, DROPOUT, PACK_GQA, True, UPCAST, DOT_PRECISION)
+            saturation_lse, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, CAUSAL,
+            WINDOWED, MASK_KIND, False, SOFTCAP, DROPOUT, PACK_GQA, True, UPCAST, DOT_PRECISION)
         out = acc / l_i[:, None]
         shift = m_i
         log2_sum = tl.log2(l_i)
@@ -309,22 +331,28 @@ def _forward_configs():
     """Hopper candidates (block rows × keys, warps, pipeline depth); one small fixed config when interpreting."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-              (128, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3)]
+    shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+              (64, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def registers_fit(accumulators: int, temporaries: int, warps: int) -> bool:
+    """Float32 values per thread held across a tile (accumulators) plus its [rows, keys] temporaries:
+    over 192 the kernels spill on Hopper (ptxas reports, triton 3.9, sm_90a)."""
+    return (accumulators + temporaries) / (32 * warps) <= 192
+
+
 def _prune_forward_configs(configs, named_args, **kwargs):
-    """Keep configs whose K/V pipeline fits in shared memory and whose rows suit the row count."""
+    """Keep configs whose K/V pipeline fits in shared memory, whose registers do not spill and whose
+    rows suit the row count."""
     rows, block_d, block_dv = named_args["ROWS_KEY"], kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
-        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
         shared = element * (m * block_d + config.num_stages * n * (block_d + block_dv))
         row_fit = m <= max(16, rows) and (m >= 64 or rows <= 64)
-        big_head = block_d + block_dv > 256
-        if shared <= 200 * 1024 and row_fit and (not big_head or n <= 64):
+        if shared <= 200 * 1024 and row_fit and registers_fit(m * block_dv, 2 * m * n, warps):
             kept.append(config)
     return kept or configs[-1:]
 
@@ -336,11 +364,15 @@ attention_forward_kernel = triton.autotune(_forward_configs(), key=_FORWARD_KEY,
     _attention_forward_kernel)
 
 
-def output_like(q: torch.Tensor, last_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty [B, H, L, last_dim] tensor laid out like q: [B, L, H, ·] memory when q is a transposed
-    view of that layout (then the caller's transpose back is free), else contiguous."""
+def output_strides(q: torch.Tensor, last_dim: int) -> tuple:
+    """Strides of a [B, H, L, last_dim] output laid out like q: [B, L, H, ·] memory when q is a transposed
+    view of that layout (the caller's transpose back is then free), else contiguous."""
     b, h, length, _ = q.shape
-    dtype = dtype or q.dtype
     if q.stride(1) < q.stride(2) and h > 1 and length > 1:
-        return q.new_empty(b, length, h, last_dim, dtype=dtype).transpose(1, 2)
-    return q.new_empty(b, h, length, last_dim, dtype=dtype)
+        return (length * h * last_dim, last_dim, h * last_dim, 1)
+    return (h * length * last_dim, length * last_dim, last_dim, 1)
+
+
+def output_like(q: torch.Tensor, last_dim: int) -> torch.Tensor:
+    b, h, length, _ = q.shape
+    return torch.empty_strided((b, h, length, last_dim), output_strides(q, last_dim), dtype=q.dtype, device=q.device)

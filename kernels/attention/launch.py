@@ -1,25 +1,42 @@
-"""Host side of the kernels: what a call means in kernel terms, grids, buffers and launches."""
+"""Host side of the kernels: what a call means in kernel terms, grids, buffers and launches.
+
+Everything but the tensors' addresses and the dropout seed follows from shapes, strides, dtypes
+and literals, so it is worked out once per such signature (a plan) and reused: for small
+problems the host time per call is the whole time.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from .._common import interpreting
+from .._common import interpreting, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
-from .forward import _merge_splits_kernel, attention_forward_kernel, output_like
+from .forward import _merge_splits_kernel, attention_forward_kernel, output_strides
 from .tiles import SATURATION_MARGIN, class_cell, class_strides, classify_tiles
 
 FLT_MAX = torch.finfo(torch.float32).max
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MAX_PLANS = 4096
+
+
+def check_shapes(q, k, v, mask):
+    """The shapes the op is defined for (the patterns' checks keep everything else out)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention takes q, k, v as [B, H, L, D]")
+    b, hq, lq, d = q.shape
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hq % max(k.shape[1], 1) != 0:
+        raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if mask is not None:
+        if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+            raise ValueError(f"attention mask must be bool or floating, not {mask.dtype}")
+        torch.broadcast_shapes(mask.shape, (b, hq, lq, k.shape[2]))
 
 
 def kernels_support(q, k, v, mask, scale, softcap, dropout_p) -> bool:
     """Whether the Triton kernels compute this call (else the ops run the reference)."""
-    from .._common import use_triton
     dtypes_ok = q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
     mask_ok = mask is None or mask.dtype == torch.bool or mask.dtype.is_floating_point
     # tile offsets inside one head are 32-bit
@@ -29,6 +46,15 @@ def kernels_support(q, k, v, mask, scale, softcap, dropout_p) -> bool:
             and 0 < scale < math.inf and 0 <= softcap < math.inf and 0 <= dropout_p < 1)
 
 
+def _pow2(n: int) -> int:
+    """Next power of two (plain Python: triton.next_power_of_2 costs microseconds per call)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _log2_units(value: float) -> float:
     """A score in log2 units, clamped like the kernels clamp mask values (−inf stays)."""
     if value == -math.inf:
@@ -36,70 +62,49 @@ def _log2_units(value: float) -> float:
     return min(max(value * (1 / math.log(2)), -FLT_MAX), FLT_MAX)
 
 
-def _bucket(n: int) -> int:
-    """Autotuning key for a length: its power-of-two bucket (tuned once per bucket, not per length)."""
-    return triton.next_power_of_2(max(n, 1))
+def kernel_mask(mask: torch.Tensor | None, b: int, hq: int, lq: int, lk: int) -> torch.Tensor | None:
+    """The mask as the kernels read it: an expanded [B, Hq, Lq, Lk] view; bool viewed as uint8 (the
+    interpreter cannot load bool), float64 narrowed to float32 (−inf kept, finite values clamped)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.float64:
+        mask = torch.where(mask == -math.inf, mask, mask.clamp(-FLT_MAX, FLT_MAX)).float()
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask.expand(b, hq, lq, lk)
 
 
-@dataclass
-class Problem:
-    """One attention call in the terms the kernels take."""
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None  # expanded to [B, Hq, Lq, Lk]; bool viewed as uint8, float64 narrowed to float32
-    mask_kind: int  # 0 none, 1 bool, 2 float (added)
-    scale: float
-    causal: bool
-    window: int
-    pos_offset: int
-    softcap: float
-    dropout_p: float
-    mask_value_log2: float
-    seed: int
+def signature(*tensors, literals: tuple) -> tuple:
+    """What a plan depends on: shapes, strides, dtypes and devices of the tensors, the literals, the
+    interpreter switch and the float32 matmul precision."""
+    described = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    return described + (literals, interpreting(), torch.get_float32_matmul_precision())
 
-    @staticmethod
-    def build(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed):
-        b, hq, lq, _ = q.shape
-        lk = k.shape[2]
-        mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
-        if mask is not None:
-            if mask.dtype == torch.float64:  # narrowed, keeping −inf and clamping finite values into float32
-                mask = torch.where(mask == -math.inf, mask, mask.clamp(-FLT_MAX, FLT_MAX)).float()
-            if mask.dtype == torch.bool:  # the interpreter cannot load bool
-                mask = mask.view(torch.uint8)
-            mask = mask.expand(b, hq, lq, lk)
-        return Problem(q, k, v, mask, mask_kind, float(scale), bool(causal), max(int(window), 0),
-                       lk - lq if bottom_right else 0, float(softcap), float(dropout_p), _log2_units(mask_value),
-                       0 if seed is None else int(seed.item()))
 
-    @property
-    def group(self) -> int:
-        return self.q.shape[1] // self.k.shape[1]
+@dataclass(frozen=True)
+class Plan:
+    """The parts of a launch that do not depend on the tensors' data."""
+    constexprs: dict
+    sizes: tuple  # Hq, group, Lq, Lk, D, Dv
+    literals: tuple  # pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p
+    mask_strides: tuple  # of the expanded mask ((0,) * 4 without one)
+    is_bool_mask: bool
+    out_strides: tuple
+    pack_gqa: bool  # forward: the group's query heads share a program's rows
+    splits: int  # forward: programs splitting the keys of one row block
+    keys: tuple  # autotuning keys: power-of-two buckets of Lq and Lk (tuned once per bucket)
 
-    @property
-    def saturation_lse(self) -> float:
-        """Rows with lse above this are unchanged by skipped tiles (see tiles.py)."""
-        return max(self.mask_value_log2, -FLT_MAX) + SATURATION_MARGIN
 
-    def mask_args(self) -> tuple:
-        """The mask (q as a never-read stand-in) and its strides."""
-        if self.mask is None:
-            return (self.q, 0, 0, 0, 0)
-        return (self.mask, *self.mask.stride())
+_PLANS: dict[tuple, Plan | None] = {}
 
-    def scalars(self) -> tuple:
-        return (self.pos_offset, self.window, self.scale, self.softcap, self.mask_value_log2, self.saturation_lse,
-                self.dropout_p, self.seed)
 
-    def constexprs(self) -> dict:
-        fp32 = self.q.dtype == torch.float32
-        return dict(
-            BLOCK_D=max(16, triton.next_power_of_2(self.q.shape[3])),
-            BLOCK_DV=max(16, triton.next_power_of_2(self.v.shape[3])),
-            CELL=class_cell(), CAUSAL=self.causal, WINDOWED=self.window > 0, MASK_KIND=self.mask_kind,
-            SOFTCAP=self.softcap > 0, DROPOUT=self.dropout_p > 0, UPCAST=interpreting(),
-            DOT_PRECISION="ieee" if fp32 and torch.get_float32_matmul_precision() == "highest" else "tf32")
+def plan_for(key: tuple, build) -> Plan | None:
+    """The cached plan of a signature (None: the kernels do not take this call)."""
+    if key not in _PLANS:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = build()
+    return _PLANS[key]
 
 
 def _split_count(rows: int, programs_per_block_row: int, lk: int, device: torch.device) -> int:
@@ -107,88 +112,117 @@ def _split_count(rows: int, programs_per_block_row: int, lk: int, device: torch.
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = programs_per_block_row * triton.cdiv(rows, 64)
+    programs = programs_per_block_row * _cdiv(rows, 64)
     if programs >= sms or lk < 1024:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), lk // 512, 64))
+    return max(1, min(_cdiv(2 * sms, programs), lk // 512, 64))
 
 
-def forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed,
-            num_splits: int | None = None, pack_gqa: bool | None = None):
-    """(out, row statistics [B, Hq, Lq, 2] float32, tile classes) of `fuser::attention`.
-
-    A row's log-sum-exp of the scores, in log2 units, is stats[..., 0] + stats[..., 1]."""
-    p = Problem.build(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed)
+def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value) -> Plan | None:
+    """The plan of a call, None where the kernels do not take it (ValueError: the op is not defined)."""
+    check_shapes(q, k, v, mask)
+    if not kernels_support(q, k, v, mask, scale, softcap, dropout_p):
+        return None
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = output_like(q, dv)
-    stats = q.new_empty(b, hq, lq, 2, dtype=torch.float32)
-    classes = (classify_tiles(p.mask, p.mask_kind == 1, lq, lk, p.pos_offset, p.causal, p.window)
-               if p.mask is not None
-               else q.new_empty(0, dtype=torch.int8))
+    group = hq // hkv
+    window = max(int(window), 0)
+    pos_offset = lk - lq if bottom_right else 0
+    mask_value_log2 = _log2_units(mask_value)
+    expanded = kernel_mask(mask, b, hq, lq, lk) if mask is not None else None
+    pack = group > 1 and lq < 64
+    rows = group * lq if pack else lq
+    block_d, block_dv = max(16, _pow2(d)), max(16, _pow2(dv))
+    can_skip = causal or window > 0 or mask is not None
+    fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    constexprs = dict(
+        BLOCK_D=block_d, BLOCK_DV=block_dv, PAD_D=block_d != d, PAD_DV=block_dv != dv, CELL=class_cell(),
+        CAUSAL=bool(causal), WINDOWED=window > 0, MASK_KIND=0 if mask is None else 1 if mask.dtype == torch.bool else 2,
+        SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, UPCAST=interpreting(),
+        DOT_PRECISION="ieee" if fp32_exact else "tf32",
+        CAN_SKIP=can_skip)
+    return Plan(
+        constexprs=constexprs, sizes=(hq, group, lq, lk, d, dv),
+        literals=(pos_offset, window, float(scale), float(softcap), mask_value_log2,
+                  max(mask_value_log2, -FLT_MAX) + SATURATION_MARGIN, float(dropout_p)),
+        mask_strides=expanded.stride() if expanded is not None else (0, 0, 0, 0),
+        is_bool_mask=mask is not None and mask.dtype == torch.bool, out_strides=output_strides(q, dv),
+        pack_gqa=pack, splits=_split_count(rows, b * (hkv if pack else hq), lk, q.device),
+        keys=(_pow2(lq), _pow2(lk)))
+
+
+def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack_gqa: bool | None = None):
+    """(out, row statistics [B, Hq, Lq, 2] float32, tile classes) of `fuser::attention`.
+
+    A row's log-sum-exp of the scores, in log2 units, is stats[..., 0] + stats[..., 1]. num_splits and
+    pack_gqa override the plan's choice (tests reach the decode paths with them).
+    """
+    b = q.shape[0]
+    hq, group, lq, lk, d, dv = plan.sizes
+    out = torch.empty_strided((b, hq, lq, dv), plan.out_strides, dtype=q.dtype, device=q.device)
+    stats = torch.empty((b, hq, lq, 2), dtype=torch.float32, device=q.device)
+    pos_offset, window = plan.literals[:2]
+    flags = plan.constexprs
+    kernel_mask_tensor = kernel_mask(mask, b, hq, lq, lk) if mask is not None else q
+    if mask is not None:
+        classes = classify_tiles(kernel_mask_tensor, plan.is_bool_mask, lq, lk, pos_offset, flags["CAUSAL"], window)
+    else:
+        classes = q.new_empty(0, dtype=torch.int8)
     if out.numel() == 0:
         return out, stats, classes
-    pack = (p.group > 1 and lq < 64) if pack_gqa is None else pack_gqa
-    heads_in_grid = hkv if pack else hq
-    rows = p.group * lq if pack else lq
-    splits = num_splits or _split_count(rows, b * heads_in_grid, lk, q.device)
-    flags = p.constexprs()
-    use_classes = p.mask is not None and not pack
+    pack = plan.pack_gqa if pack_gqa is None else pack_gqa
+    splits = num_splits or plan.splits
+    heads_in_grid = hq // group if pack else hq
+    rows = group * lq if pack else lq
+    use_classes = mask is not None and not pack
+    seed_value = 0 if seed is None else int(seed.item())
+    common = (*q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *class_strides(classes))
+    scalars = (heads_in_grid, hq, group, lq, lk, d, dv, *plan.literals, seed_value)
     if splits > 1:
         part_out = q.new_empty(splits, b, hq, lq, dv, dtype=torch.float32)
         part_stats = q.new_empty(splits, b, hq, lq, 2, dtype=torch.float32)
         targets = (part_out, part_stats, *part_out.stride(), *part_stats.stride()[:4])
     else:
         targets = (out, stats, 0, *out.stride(), 0, *stats.stride()[:3])
-    mask_t, *mask_strides = p.mask_args()
-    common = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *class_strides(classes))
-
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), b * heads_in_grid, splits)
-
-    attention_forward_kernel[grid](
-        q, k, v, mask_t, classes, targets[0], targets[1], *common, *targets[2:],
-        heads_in_grid, hq, p.group, lq, lk, d, dv, *p.scalars(), _bucket(rows), _bucket(lk),
-        USE_CLASSES=use_classes, PACK_GQA=pack, CAN_SKIP=p.causal or p.window > 0 or use_classes, **flags)
+    class_arg = classes if classes.numel() else q
+    attention_forward_kernel[lambda meta: (_cdiv(rows, meta["BLOCK_M"]), b * heads_in_grid, splits)](
+        q, k, v, kernel_mask_tensor, class_arg, *targets[:2], *common, *targets[2:], *scalars, _pow2(rows),
+        plan.keys[1],
+        USE_CLASSES=use_classes, PACK_GQA=pack, **flags)
     if splits > 1:
         block_m = 16 if interpreting() else 32
-        _merge_splits_kernel[(triton.cdiv(rows, block_m), b * heads_in_grid)](
-            q, k, v, mask_t, classes, out, stats, part_out, part_stats, *common, *out.stride(), *stats.stride()[:3],
-            *part_out.stride(), *part_stats.stride()[:4], splits, heads_in_grid, hq, p.group, lq, lk, d, dv, *p.scalars(),
+        _merge_splits_kernel[(_cdiv(rows, block_m), b * heads_in_grid)](
+            q, k, v, kernel_mask_tensor, class_arg, out, stats, part_out, part_stats, *common, *out.stride(),
+            *stats.stride()[:3], *part_out.stride(), *part_stats.stride()[:4], splits, *scalars,
             BLOCK_M=block_m, BLOCK_N=16 if interpreting() else 64, PACK_GQA=pack, num_warps=4, num_stages=1,
-            **flags)
+            **{key: value for key, value in flags.items() if key != "CAN_SKIP"})
     return out, stats, classes
 
 
-def backward(grad_out, q, k, v, mask, out, stats, classes, scale, causal, window, bottom_right, softcap, dropout_p,
-             mask_value, seed, atomic_dq: bool = False):
+def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
     """(dq, dk, dv) of `fuser::attention` from the forward's output, row statistics and tile classes."""
-    p = Problem.build(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed)
-    b, hq, lq, d = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    b = q.shape[0]
+    hq, group, lq, lk, d, dv = plan.sizes
     dq, dk, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv_out.zero_()
-    flags = p.constexprs()
-    can_skip = p.causal or p.window > 0 or p.mask is not None
-    delta = q.new_empty(b, hq, lq, dtype=torch.float32)
-    head_flags = q.new_zeros(b * hq, dtype=torch.int32)
+    flags = plan.constexprs
+    delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device)
     block_m = 16 if interpreting() else 64
-    backward_preprocess_kernel[(triton.cdiv(lq, block_m), b * hq)](
-        out, grad_out, stats, delta, head_flags, *out.stride(), *grad_out.stride(), hq, lq, dv, p.saturation_lse,
-        CAN_SKIP=can_skip, BLOCK_M=block_m, BLOCK_DV=flags["BLOCK_DV"], num_warps=4)
-    mask_t, *mask_strides = p.mask_args()
-    common = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *class_strides(classes), *grad_out.stride())
-    dq_accumulator = q.new_zeros(b, hq, lq, d, dtype=torch.float32) if atomic_dq else q.new_empty(0)
-    dq_strides = dq_accumulator.stride() if atomic_dq else (0, 0, 0, 0)
-    attention_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
-        q, k, v, mask_t, classes, grad_out, stats, delta, head_flags, dk, dv_out, dq_accumulator, *common,
-        *dk.stride(), *dv_out.stride(), *dq_strides, hkv, hq, p.group, lq, lk, d, dv, *p.scalars(),
-        _bucket(lq), _bucket(lk), CAN_SKIP=can_skip, ATOMIC_DQ=atomic_dq, **flags)
-    if atomic_dq:
-        dq.copy_(dq_accumulator * p.scale)
-    else:
-        attention_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)](
-            q, k, v, mask_t, classes, grad_out, stats, delta, dq, *common, *dq.stride(), hq, p.group, lq, lk, d, dv,
-            *p.scalars(), _bucket(lq), _bucket(lk), CAN_SKIP=can_skip, **flags)
+    saturation_lse = plan.literals[5]
+    backward_preprocess_kernel[(_cdiv(lq, block_m), b * hq)](
+        out, grad_out, stats, delta, head_flags, *out.stride(), *grad_out.stride(), hq, lq, dv, saturation_lse,
+        CAN_SKIP=flags["CAN_SKIP"], BLOCK_M=block_m, BLOCK_DV=flags["BLOCK_DV"], num_warps=4)
+    mask_arg = kernel_mask(mask, b, hq, lq, lk) if mask is not None else q
+    common = (*q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *class_strides(classes),
+              *grad_out.stride())
+    scalars = (hq, group, lq, lk, d, dv, *plan.literals, 0 if seed is None else int(seed.item()))
+    class_arg = classes if classes.numel() else q
+    attention_dkdv_kernel[lambda meta: (_cdiv(lk, meta["BLOCK_N"]), b * (hq // group))](
+        q, k, v, mask_arg, class_arg, grad_out, stats, delta, head_flags, dk, dv_out, *common, *dk.stride(),
+        *dv_out.stride(), hq // group, *scalars, *plan.keys, **flags)
+    attention_dq_kernel[lambda meta: (_cdiv(lq, meta["BLOCK_M"]), b * hq)](
+        q, k, v, mask_arg, class_arg, grad_out, stats, delta, dq, *common, *dq.stride(), *scalars, *plan.keys,
+        **flags)
     return dq, dk, dv_out

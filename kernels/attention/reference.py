@@ -30,17 +30,16 @@ def visible_positions(lq: int, lk: int, causal: bool, window: int, bottom_right:
     return keep
 
 
-def reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
+def _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value):
+    """(softmax probabilities, natural lse, kept-score mask or None, tanh of the softcapped scores or None)
+    with K repeated over the query heads, in the compute dtype."""
     compute = torch.promote_types(q.dtype, torch.float32)
-    group = q.shape[1] // k.shape[1]
-    qf = q.to(compute)
-    kf = k.to(compute).repeat_interleave(group, dim=1)
-    vf = v.to(compute).repeat_interleave(group, dim=1)
-    scores = qf @ kf.transpose(-1, -2) * scale
+    kf = k.to(compute).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q.to(compute) @ kf.transpose(-1, -2) * scale
+    tanh = None
     if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
+        tanh = torch.tanh(scores / softcap)
+        scores = softcap * tanh
     keep = visible_positions(q.shape[2], k.shape[2], causal, window, bottom_right, q.device)
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -49,12 +48,57 @@ def reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softca
             scores = scores + mask.to(compute)
     if keep is not None:
         scores = scores.masked_fill(~keep, mask_value)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=compute)
-        probs = torch.where(uniform >= dropout_p, probs / (1 - dropout_p), 0.0)
+    return torch.softmax(scores, dim=-1), torch.logsumexp(scores, dim=-1), keep, tanh
+
+
+def _dropout_scale(probs, dropout_p, generator):
+    """The factor dropout multiplies the probabilities by (keep / (1 − p)), or None."""
+    if dropout_p <= 0:
+        return None
+    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    return (uniform >= dropout_p).to(probs.dtype) / (1 - dropout_p)
+
+
+def reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
+    probs, lse, _, _ = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value)
+    dropout = _dropout_scale(probs, dropout_p, generator)
+    if dropout is not None:
+        probs = probs * dropout
+    vf = v.to(probs.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return (probs @ vf).to(q.dtype), lse
+
+
+def reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of the formula, as autograd of the naive code gives them: masked_fill passes no
+    gradient to excluded scores (not even NaN), an added float mask passes it."""
+    group = q.shape[1] // k.shape[1]
+    probs, _, keep, tanh = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value)
+    compute = probs.dtype
+    dropout = _dropout_scale(probs, dropout_p, generator)
+    do = grad_out.to(compute)
+    qf = q.to(compute)
+    kf = k.to(compute).repeat_interleave(group, dim=1)
+    vf = v.to(compute).repeat_interleave(group, dim=1)
+    dropped = probs if dropout is None else probs * dropout
+    dv = dropped.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    if dropout is not None:
+        dp = dp * dropout
+    ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+    if keep is not None:
+        ds = ds.masked_fill(~keep, 0.0)
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
+    dq = ds @ kf * scale
+    dk = ds.transpose(-1, -2) @ qf * scale
+
+    def per_kv_head(x):
+        return x.unflatten(1, (k.shape[1], group)).sum(2)
+
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
 
 
 def attention_reference(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,

@@ -197,7 +197,8 @@ def _classify_tiles_kernel(Mask, Classes, smb, smh, sml, smk, scb, sch, scm, scn
     tl.store(Classes + batch * scb + head * sch + m_cell * scm + n_cell * scn, cls.to(tl.int8))
 
 
-def classify_tiles(mask: torch.Tensor, is_bool: bool, lq: int, lk: int, pos_offset: int, causal: bool, window: int) -> torch.Tensor:
+def classify_tiles(mask: torch.Tensor, is_bool: bool, lq: int, lk: int, pos_offset: int, causal: bool,
+window: int) -> torch.Tensor:
     """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of an expanded [B, H, Lq, Lk] mask
     (B', H' are 1 where the mask broadcasts), positions folded in."""
     cell = class_cell()
