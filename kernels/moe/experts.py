@@ -38,25 +38,26 @@ def gate_up_views(gate_proj, up_proj):
 
 
 def _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
-    """(T, H, K, E, I) after checking the shapes and dtypes agree."""
-    gate, up = gate_up_views(gate_proj, up_proj)
-    if x.dim() != 2 or topk_ids.dim() != 2 or gate.dim() != 3 or down_proj.dim() != 3:
+    """(T, H, K, E, I) after checking the shapes and dtypes agree (shape arithmetic only: it runs every call)."""
+    if x.dim() != 2 or topk_ids.dim() != 2 or gate_proj.dim() != 3 or down_proj.dim() != 3:
         raise ValueError("moe_experts: need x [T, H], topk_ids [T, K], gate/up [E, I, H], down [E, H, I]")
     tokens, hidden = x.shape
-    experts, intermediate, _ = gate.shape
-    if (up_proj is None and gate_proj.shape[1] % 2) or tuple(up.shape) != (experts, intermediate, hidden) \
-            or tuple(gate.shape[2:]) != (hidden,) or tuple(down_proj.shape) != (experts, hidden, intermediate):
+    experts, gate_rows, gate_hidden = gate_proj.shape
+    intermediate = gate_rows if up_proj is not None else gate_rows // 2
+    up_shape = (experts, intermediate, hidden) if up_proj is None else tuple(up_proj.shape)
+    if (up_proj is None and gate_rows % 2) or gate_hidden != hidden or up_shape != (experts, intermediate, hidden) \
+            or tuple(down_proj.shape) != (experts, hidden, intermediate):
         raise ValueError(f"moe_experts: weight shapes gate {tuple(gate_proj.shape)}, up "
                          f"{None if up_proj is None else tuple(up_proj.shape)}, down {tuple(down_proj.shape)} "
                          f"do not fit x {tuple(x.shape)}")
-    if topk_ids.shape[0] != tokens or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+    if topk_ids.shape[0] != tokens or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"moe_experts: topk_ids {tuple(topk_ids.shape)} / topk_weights "
                          f"{tuple(topk_weights.shape)} must be [T, K] with T = {tokens}")
     if topk_ids.is_floating_point() or topk_ids.is_complex():
         raise ValueError("moe_experts: topk_ids must be integers")
-    if not (x.dtype == gate.dtype == up.dtype == down_proj.dtype):
-        raise ValueError(f"moe_experts: x and the weights need one dtype, got x {x.dtype}, gate {gate.dtype}, "
-                         f"up {up.dtype}, down {down_proj.dtype}")
+    if not (x.dtype == gate_proj.dtype == down_proj.dtype and (up_proj is None or up_proj.dtype == x.dtype)):
+        raise ValueError(f"moe_experts: x and the weights need one dtype, got x {x.dtype}, gate {gate_proj.dtype}, "
+                         f"up {None if up_proj is None else up_proj.dtype}, down {down_proj.dtype}")
     return tokens, hidden, topk_ids.shape[1], experts, intermediate
 
 
@@ -194,8 +195,8 @@ def moe_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torc
     # d(loss)/d(gate | up pre-activations), rows in plan order
     grad_act = x.new_empty(layout.rows, 2 * intermediate)
     partials = None
-    if needs_weights:
-        partials = torch.empty(layout.rows, triton.cdiv(intermediate, PARTIAL_GRAIN.value), dtype=torch.float32,
+    if needs_weights:  # zeros: rows of unrouted ids (no tile covers them) must get d(weight) = 0
+        partials = torch.zeros(layout.rows, triton.cdiv(intermediate, PARTIAL_GRAIN.value), dtype=torch.float32,
                                device=x.device)
     expert_rows_gemm(GRAD_H, plan, layout, grad_out, down_proj, down_proj.stride(), grad_act, intermediate, hidden,
                      top_k, act=gate_up_act, routing_weights=routing_weights, partials=partials,

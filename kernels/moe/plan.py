@@ -1,10 +1,10 @@
 """The routing plan: every (token, k) row sorted by expert, on the GPU, without a host sync.
 
 A counting sort in two small launches (per-chunk histograms; then per chunk, a prefix over the
-histograms and the scatter) replaces `torch.sort` + `bincount`: its buffers are sized from shapes alone, so the plan is
-CUDA-graph safe and `torch.compile` sees no data-dependent shape. The sort is stable (rows of an
-expert keep their (token, k) order), so the weight gradients, which sum over rows, are
-deterministic.
+histograms and the scatter) replaces `torch.sort` + `bincount`: its buffers are sized from shapes
+alone, so the plan is CUDA-graph safe and `torch.compile` sees no data-dependent shape. The sort is
+stable (rows of an expert keep their (token, k) order), so the weight gradients, which sum over
+rows, are deterministic.
 
 Segments are not padded: a GEMM tile of BLOCK_M rows never crosses into the next expert because
 the plan lists, per tile, its expert and first row (`tile_expert`, `tile_row_start`); rows past
@@ -49,23 +49,22 @@ def _chunk_sizes(rows: int, experts: int):
     e_pow2 = triton.next_power_of_2(experts)
     smallest, largest = (max(16, elements // e_pow2) for elements in _ONEHOT_ELEMENTS)
     chunk = min(largest, max(smallest, triton.next_power_of_2(triton.cdiv(rows, _TARGET_CHUNKS))))
-    return e_pow2, chunk, 8 if chunk * e_pow2 > smallest * e_pow2 else 4
+    return e_pow2, chunk, 8 if chunk > smallest else 4
 
 
 @triton.jit
 def _chunk_onehot(ids_ptr, chunk, R, E, CHUNK: tl.constexpr, E_POW2: tl.constexpr):
-    """Rows of one chunk, their experts, and the one-hot [CHUNK, E_POW2] (ids outside [0, E) drop out)."""
+    """Rows of one chunk and their experts one-hot [CHUNK, E_POW2] (ids outside [0, E) drop out)."""
     rows = chunk * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + rows, mask=rows < R, other=-1).to(tl.int32)
     experts = tl.arange(0, E_POW2)
-    onehot = ((ids[:, None] == experts[None, :]) & (ids[:, None] < E)).to(tl.int32)
-    return rows, ids, onehot
+    return rows, ((ids[:, None] == experts[None, :]) & (ids[:, None] < E)).to(tl.int32)
 
 
 @triton.jit
 def _count_kernel(ids_ptr, chunk_counts_ptr, R, E, CHUNK: tl.constexpr, E_POW2: tl.constexpr):
     chunk = tl.program_id(0)
-    _, _, onehot = _chunk_onehot(ids_ptr, chunk, R, E, CHUNK, E_POW2)
+    _, onehot = _chunk_onehot(ids_ptr, chunk, R, E, CHUNK, E_POW2)
     tl.store(chunk_counts_ptr + chunk * E_POW2 + tl.arange(0, E_POW2), tl.sum(onehot, 0))
 
 
@@ -90,7 +89,7 @@ def _place_kernel(
     expert_end = tl.cumsum(counts, 0)
     expert_start = expert_end - counts
 
-    rows, ids, onehot = _chunk_onehot(ids_ptr, chunk, R, E, CHUNK, E_POW2)
+    rows, onehot = _chunk_onehot(ids_ptr, chunk, R, E, CHUNK, E_POW2)
     rank_in_chunk = tl.sum(onehot * (tl.cumsum(onehot, 0) - onehot), 1)
     slot = tl.sum(onehot * (expert_start + before)[None, :], 1) + rank_in_chunk
     tl.store(plan_ptr + slot, rows, mask=tl.sum(onehot, 1) > 0)
@@ -127,10 +126,10 @@ def build_plan(topk_ids: torch.Tensor, experts: int, block_m: int) -> torch.Tens
     if num_chunks:
         _count_kernel[(num_chunks,)](ids, chunk_counts, layout.rows, experts, chunk, e_pow2, num_warps=warps)
     programs = max(1, num_chunks)  # with no rows, one program still writes the (empty) offsets
+    tiles_per_program = triton.next_power_of_2(max(1, triton.cdiv(layout.max_tiles, programs)))
     _place_kernel[(programs,)](
         ids, chunk_counts, plan, layout.rows, experts, num_chunks, block_m, chunk, e_pow2,
-        max(1, _ONEHOT_ELEMENTS[0] // e_pow2), triton.next_power_of_2(max(1, triton.cdiv(layout.max_tiles, programs))),
-        num_warps=warps,
+        max(1, _ONEHOT_ELEMENTS[0] // e_pow2), tiles_per_program, num_warps=warps,
     )
     return plan
 

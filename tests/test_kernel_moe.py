@@ -1,0 +1,372 @@
+"""MoE kernels (`fuser::moe_route`, `fuser::moe_experts`) against float64 references.
+
+On CPU the real Triton kernels run through the interpreter (conftest sets TRITON_INTERPRET=1).
+Routing is checked as a set where scores tie (torch.topk's order among equal scores is its own);
+the experts are checked on given ids, so ties there cannot change which expert a row meets.
+"""
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fuser.kernels.moe as moe
+from numerics import TOLERANCE, assert_close
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tolerance(dtype):
+    """The contract's tolerance; doubled for bf16 under the Triton interpreter, which converts fp32 to bf16 by
+    truncation (half the conversions differ from round-to-nearest-even): twice the GPU's worst-case rounding,
+    which a one-element case (nothing to average) can reach."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return TOLERANCE[dtype] * (2 if interpreted and dtype == torch.bfloat16 else 1)
+
+
+def route_float64(logits, ids, scoring, renormalize, scaling):
+    """The router's weights at the given ids, differentiable, in float64."""
+    logits = logits.double()
+    scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scaling
+
+
+def experts_float64(x, ids, weights, gate, up, down):
+    """The eager loop of transformers' experts, in float64 (ids outside [0, E) contribute nothing)."""
+    x, weights, gate, up, down = (t.double() for t in (x, weights, gate, up, down))
+    out = torch.zeros_like(x)
+    for expert in range(gate.shape[0]):
+        token, slot = torch.where(ids == expert)
+        h = F.silu(x[token] @ gate[expert].T) * (x[token] @ up[expert].T)
+        out = out.index_add(0, token, (h @ down[expert].T) * weights[token, slot, None])
+    return out
+
+
+# --- routing -------------------------------------------------------------------------------------
+
+@st.composite
+def route_cases(draw):
+    experts = draw(st.integers(1, 40))
+    scoring = draw(st.sampled_from(["softmax", "sigmoid"]))
+    return dict(
+        tokens=draw(st.integers(1, 40)), experts=experts, top_k=draw(st.integers(1, experts)), scoring=scoring,
+        renormalize=draw(st.booleans()), bias=scoring == "sigmoid" and draw(st.booleans()),
+        scaling=draw(st.sampled_from([1.0, 2.5])), dtype=draw(st.sampled_from(DTYPES)),
+        out_fp32=draw(st.booleans()), tie_levels=draw(st.sampled_from([None, 1, 3])), seed=draw(st.integers(0, 2**16)))
+
+
+@given(route_cases())
+def test_route_picks_a_top_k_and_its_weights_and_gradient(case):
+    torch.manual_seed(case["seed"])
+    tokens, experts, top_k, dtype = case["tokens"], case["experts"], case["top_k"], case["dtype"]
+    logits = torch.randn(tokens, experts)
+    if case["tie_levels"]:  # many equal scores in every row
+        logits = torch.randint(0, case["tie_levels"], (tokens, experts)).float()
+    logits = logits.to(dtype).requires_grad_()
+    bias = torch.randn(experts) if case["bias"] else None
+    out_dtype = torch.float32 if case["out_fp32"] else dtype
+    weights, ids = torch.ops.fuser.moe_route(logits, top_k, case["scoring"], case["renormalize"], bias,
+                                             case["scaling"], out_dtype)
+    assert weights.dtype == out_dtype and ids.dtype == torch.int64 and ids.shape == (tokens, top_k)
+
+    scores = logits.detach().double()
+    scores = scores.sigmoid() if case["scoring"] == "sigmoid" else scores.softmax(-1)
+    choice = scores + (0 if bias is None else bias.double())
+    picked = torch.zeros_like(choice, dtype=torch.bool).scatter_(1, ids, True)
+    assert (picked.sum(1) == top_k).all(), "an expert chosen twice"
+    if top_k < experts:  # a valid top-k: no unchosen expert scores above a chosen one
+        worst_chosen = choice.masked_fill(~picked, float("inf")).min(1).values
+        best_unchosen = choice.masked_fill(picked, float("-inf")).max(1).values
+        assert (worst_chosen >= best_unchosen - 1e-6).all()
+    assert (choice.gather(1, ids).diff(dim=1) <= 1e-6).all(), "not largest first"
+
+    logits64 = logits.detach().double().requires_grad_()
+    expected = route_float64(logits64, ids, case["scoring"], case["renormalize"], case["scaling"])
+    assert_close(weights, expected, out_dtype, tolerance(out_dtype))
+    grad = torch.randn(tokens, top_k, dtype=torch.float64)
+    weights.backward(grad.to(out_dtype))
+    expected.backward(grad)
+    if top_k == 1 and case["renormalize"]:  # the weight is identically `scaling`: no gradient, only rounding
+        assert logits.grad.abs().max() <= 1e-5 * case["scaling"] * grad.abs().max()
+    else:
+        coarser = max(dtype, out_dtype, key=TOLERANCE.get)
+        assert_close(logits.grad, logits64.grad, coarser, tolerance(coarser))
+
+
+# --- the routing plan ----------------------------------------------------------------------------
+
+@given(tokens=st.integers(0, 60), experts=st.integers(1, 70), top_k=st.integers(1, 8),
+       block_m=st.sampled_from([16, 32]), sentinel=st.booleans(), seed=st.integers(0, 2**16))
+def test_plan_sorts_rows_by_expert_stably(tokens, experts, top_k, block_m, sentinel, seed):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, experts + int(sentinel), (tokens, top_k))  # id == experts: a dropped row
+    layout = moe.PlanLayout(tokens * top_k, experts, block_m)
+    got = layout.split(moe.build_plan(ids, experts, block_m))
+    want = layout.split(moe.build_plan_reference(ids, experts, block_m))
+    routed = int(want[1][-1])
+    assert torch.equal(got[0][:routed], want[0][:routed])
+    for part, expected in zip(got[1:], want[1:]):
+        assert torch.equal(part, expected)
+
+
+# --- the experts ---------------------------------------------------------------------------------
+
+@dataclass
+class ExpertsCase:
+    tokens: int
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    dtype: torch.dtype
+    weights_fp32: bool
+    routing: str  # random | same_experts | few_experts | sentinel
+    layout: str  # views | fused | separate | transposed
+    seed: int
+
+
+@st.composite
+def experts_cases(draw):
+    experts = draw(st.integers(1, 8))
+    return ExpertsCase(
+        tokens=draw(st.integers(1, 24)), hidden=draw(st.integers(1, 40)), intermediate=draw(st.integers(1, 40)),
+        experts=experts, top_k=draw(st.integers(1, experts)), dtype=draw(st.sampled_from(DTYPES)),
+        weights_fp32=draw(st.booleans()),
+        routing=draw(st.sampled_from(["random", "same_experts", "few_experts", "sentinel"])),
+        layout=draw(st.sampled_from(["views", "fused", "separate", "transposed"])), seed=draw(st.integers(0, 2**16)))
+
+
+def make_routing(case):
+    """ids [T, K]: distinct experts per token, drawn from a pool that may leave experts without tokens."""
+    pool = {"random": case.experts, "same_experts": case.top_k, "few_experts": max(case.top_k, case.experts // 2),
+            "sentinel": case.experts}[case.routing]
+    ids = torch.stack([torch.randperm(pool)[:case.top_k] for _ in range(case.tokens)])
+    if case.routing == "same_experts":
+        ids = ids[:1].expand(case.tokens, -1).contiguous()
+    if case.routing == "sentinel":  # transformers' expert-parallel sentinel: id == E is dropped
+        ids[0, 0] = case.experts
+    return ids
+
+
+def make_weights(case):
+    """(leaves to differentiate, the op's (gate, up, down) arguments, float64 (gate, up, down))."""
+    e, i, h, dtype = case.experts, case.intermediate, case.hidden, case.dtype
+    gate_up = (torch.randn(e, 2 * i, h) / h ** 0.5).to(dtype).requires_grad_()
+    down = (torch.randn(e, h, i) / i ** 0.5).to(dtype).requires_grad_()
+    if case.layout in ("views", "fused"):
+        args = (gate_up, None) if case.layout == "fused" else (gate_up[:, :i], gate_up[:, i:])
+        return [gate_up, down], (*args, down), (gate_up[:, :i], gate_up[:, i:], down)
+    if case.layout == "separate":
+        gate, up = (t.detach().clone().requires_grad_() for t in (gate_up[:, :i], gate_up[:, i:]))
+        return [gate, up, down], (gate, up, down), (gate, up, down)
+    # transposed: stored [E, H, I] and [E, I, H], read through transposed views
+    gate_t, up_t = (t.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format).requires_grad_()
+                    for t in (gate_up[:, :i], gate_up[:, i:]))
+    down_t = down.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format).requires_grad_()
+    views = (gate_t.transpose(1, 2), up_t.transpose(1, 2), down_t.transpose(1, 2))
+    return [gate_t, up_t, down_t], views, views
+
+
+@given(experts_cases())
+def test_experts_values_and_gradients(case):
+    check_experts(case)
+
+
+def check_experts(case):
+    torch.manual_seed(case.seed)
+    x = torch.randn(case.tokens, case.hidden).to(case.dtype).requires_grad_()
+    ids = make_routing(case)
+    weights = torch.rand(case.tokens, case.top_k).to(torch.float32 if case.weights_fp32 else case.dtype)
+    weights.requires_grad_()
+    leaves, args, reference_weights = make_weights(case)
+    out = torch.ops.fuser.moe_experts(x, ids, weights, *args)
+    assert out.dtype == case.dtype and out.shape == x.shape
+
+    leaves64 = [t.detach().double().requires_grad_() for t in [x, weights, *leaves]]
+    by_leaf = {id(t): t64 for t, t64 in zip([x, weights, *leaves], leaves64)}
+    # rebuild the float64 weights through the same views, from the float64 leaves
+    gate64, up64, down64 = (_rebuild(w, by_leaf) for w in reference_weights)
+    expected = experts_float64(leaves64[0], ids, leaves64[1], gate64, up64, down64)
+    assert_close(out, expected, case.dtype, tolerance(case.dtype))
+
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(case.dtype))
+    expected.backward(grad)
+    for leaf, leaf64 in zip([x, weights, *leaves], leaves64):
+        assert_close(leaf.grad, leaf64.grad, case.dtype, tolerance(case.dtype))
+
+
+def _rebuild(view, by_leaf):
+    """The float64 counterpart of a view of one of the leaves (same slicing / transposition)."""
+    base = view if view._base is None else view._base
+    base64 = by_leaf[id(base)]
+    return base64.as_strided(view.shape, view.stride(), view.storage_offset())
+
+
+def test_weight_gradient_partials_are_all_written(monkeypatch):
+    """Autotuning runs configs of different BLOCK_N over one d(weight) partials buffer: each config must
+    write every partial of its tile, or a narrower config's stale sums survive."""
+    from fuser.kernels.moe import gemm
+    config = gemm._ROWS_CONFIGS[0]
+    grain = gemm.PARTIAL_GRAIN.value
+    wide = triton.Config({**config.kwargs, "BLOCK_N": 2 * grain}, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
+    monkeypatch.setattr(gemm._expert_rows_gemm_kernel, "configs", [wide])
+    monkeypatch.setattr(gemm, "_TUNED", {})
+    torch.manual_seed(0)
+    tokens, hidden, intermediate, experts, top_k = 7, 20, 37, 3, 2
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    weights, grad_out = torch.rand(tokens, top_k), torch.randn(tokens, hidden)
+    act, down = torch.randn(tokens * top_k, 2 * intermediate), torch.randn(experts, hidden, intermediate)
+    layout = moe.PlanLayout(tokens * top_k, experts, 16)
+    plan = moe.build_plan(ids, experts, 16)
+    partials = torch.full((tokens * top_k, triton.cdiv(intermediate, grain)), float("nan"))
+    gemm.expert_rows_gemm(gemm.GRAD_H, plan, layout, grad_out, down, down.stride(), torch.empty_like(act),
+                          intermediate, hidden, top_k, act=act, routing_weights=weights.view(-1), partials=partials,
+                          extra_output=True)
+    gate, up = act.double().chunk(2, 1)  # act rows are in plan order
+    h = F.silu(gate) * up
+    expected = torch.empty(tokens * top_k, dtype=torch.float64)
+    for position, row in enumerate(layout.split(plan)[0].tolist()):
+        expected[row] = grad_out[row // top_k].double() @ down[ids.view(-1)[row]].double() @ h[position]
+    assert_close(partials.sum(1), expected, torch.float32)
+
+
+def test_experts_on_no_tokens_and_nan_rows():
+    x = torch.randn(5, 12)
+    x[2, 3] = float("nan")
+    ids = torch.tensor([[0, 1]] * 5)
+    weights = torch.rand(5, 2)
+    gate_up, down = torch.randn(3, 2 * 7, 12), torch.randn(3, 12, 7)
+    out = torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down)
+    assert out[2].isnan().all() and not out[[0, 1, 3, 4]].isnan().any()
+    assert_close(out, experts_float64(x, ids, weights, gate_up[:, :7], gate_up[:, 7:], down), torch.float32)
+    empty = torch.ops.fuser.moe_experts(x[:0], ids[:0], weights[:0], gate_up, None, down)
+    assert empty.shape == (0, 12)
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """On a CPU without TRITON_INTERPRET the ops run their plain-torch references."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = ExpertsCase(9, 20, 11, 5, 2, torch.bfloat16, False, "sentinel", "views", 0)
+    check_experts(case)
+    logits = torch.randn(7, 6, requires_grad=True)
+    weights, ids = torch.ops.fuser.moe_route(logits, 2, "softmax", True, None, 1.0, torch.float32)
+    expected = route_float64(logits.detach().double(), ids, "softmax", True, 1.0)
+    assert_close(weights, expected, torch.float32)
+
+
+# --- against transformers' own blocks ------------------------------------------------------------
+
+def _hf_router_and_experts(family, hidden, intermediate, experts, top_k):
+    """(router, experts, scoring, renormalize, bias, scaling, weights dtype rule) of a tiny transformers block."""
+    if family == "olmoe":
+        from transformers import OlmoeConfig
+        from transformers.models.olmoe.modeling_olmoe import OlmoeExperts, OlmoeTopKRouter
+        config = OlmoeConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=experts,
+                             num_experts_per_tok=top_k, norm_topk_prob=False)
+        config._experts_implementation = "eager"
+        return OlmoeTopKRouter(config), OlmoeExperts(config), ("softmax", False, None, 1.0)
+    if family == "mixtral":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
+        config = MixtralConfig(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=experts,
+                               num_experts_per_tok=top_k)
+        config._experts_implementation = "eager"
+        return MixtralTopKRouter(config), MixtralExperts(config), ("softmax", True, None, 1.0)
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3TopkRouter
+    config = DeepseekV3Config(hidden_size=hidden, moe_intermediate_size=intermediate, n_routed_experts=experts,
+                              num_experts_per_tok=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.5)
+    config._experts_implementation = "eager"
+    router = DeepseekV3TopkRouter(config)
+    return router, DeepseekV3Experts(config), ("sigmoid", True, router.e_score_correction_bias, 2.5)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])
+def test_matches_transformers_block(family):
+    """Router + experts of a transformers 5.x block (float64) against moe_route + moe_experts (fp32)."""
+    torch.manual_seed(0)
+    tokens, hidden, intermediate, experts, top_k = 19, 24, 20, 6, 2
+    router, hf_experts, (scoring, renormalize, bias, scaling) = _hf_router_and_experts(
+        family, hidden, intermediate, experts, top_k)
+    for parameter in [*router.parameters(), *hf_experts.parameters()]:
+        torch.nn.init.normal_(parameter, std=hidden ** -0.5)
+    if bias is not None:
+        bias.normal_()
+    router, hf_experts = router.double(), hf_experts.double()
+    x64 = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    _, hf_weights, hf_ids = router(x64)
+    expected = hf_experts(x64, hf_ids, hf_weights)
+
+    params = [p.detach().float().requires_grad_() for p in (router.weight, hf_experts.gate_up_proj,
+                                                            hf_experts.down_proj)]
+    router_weight, gate_up, down = params
+    x = x64.detach().float().requires_grad_()
+    logits = F.linear(x, router_weight)
+    weights, ids = torch.ops.fuser.moe_route(logits, top_k, scoring, renormalize,
+                                             None if bias is None else bias.float(), scaling, torch.float32)
+    assert torch.equal(ids.sort(1).values, hf_ids.sort(1).values)
+    out = torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down)
+    assert_close(out, expected, torch.float32)
+
+    grad = torch.randn_like(expected)
+    out.backward(grad.float())
+    expected.backward(grad)
+    hf_params = (router.weight, hf_experts.gate_up_proj, hf_experts.down_proj)
+    for ours, theirs in zip([x, *params], [x64, *hf_params]):
+        assert_close(ours.grad, theirs.grad, torch.float32)
+
+
+# --- torch.library and torch.compile -------------------------------------------------------------
+
+def _sample(requires_grad):
+    torch.manual_seed(0)
+    x = torch.randn(9, 20, requires_grad=requires_grad)
+    logits = torch.randn(9, 5, requires_grad=requires_grad)
+    gate_up = torch.randn(5, 2 * 12, 20, requires_grad=requires_grad)
+    down = torch.randn(5, 20, 12, requires_grad=requires_grad)
+    return x, logits, gate_up, down
+
+
+def test_opcheck():
+    x, logits, gate_up, down = _sample(requires_grad=True)
+    torch.library.opcheck(torch.ops.fuser.moe_route.default, (logits, 2, "softmax", True, None, 1.0, torch.float32))
+    weights, ids = torch.ops.fuser.moe_route(logits.detach(), 2, "sigmoid", True, torch.randn(5), 2.5,
+                                             torch.float32)
+    weights.requires_grad_()
+    torch.library.opcheck(torch.ops.fuser.moe_experts.default,
+                          (x, ids, weights, gate_up[:, :12], gate_up[:, 12:], down))
+    torch.library.opcheck(torch.ops.fuser.moe_experts_forward.default, (x, ids, weights, gate_up, None, down, True))
+    _, plan, act, h = torch.ops.fuser.moe_experts_forward(x, ids, weights, gate_up, None, down, True)
+    torch.library.opcheck(torch.ops.fuser.moe_experts_backward.default,
+                          (torch.randn(9, 20), x.detach(), ids, weights.detach(), gate_up.detach(), None,
+                           down.detach(), plan, act, h, True, True, True))
+
+
+def test_compiles_fullgraph_without_graph_breaks():
+    x, logits, gate_up, down = _sample(requires_grad=True)
+
+    def block(x, logits, gate_up, down):
+        weights, ids = torch.ops.fuser.moe_route(logits, 2, "softmax", True, None, 1.0, x.dtype)
+        return torch.ops.fuser.moe_experts(x, ids, weights, gate_up[:, :12], gate_up[:, 12:], down)
+
+    eager = block(x, logits, gate_up, down)
+    grad = torch.randn_like(eager)
+    eager_grads = torch.autograd.grad(eager, (x, logits, gate_up, down), grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, logits, gate_up, down)
+    compiled_grads = torch.autograd.grad(out, (x, logits, gate_up, down), grad)
+    assert_close(out, eager, torch.float32)
+    for ours, theirs in zip(compiled_grads, eager_grads):
+        assert_close(ours, theirs, torch.float32)
+    with torch.no_grad():
+        assert_close(compiled(x, logits, gate_up, down), eager, torch.float32)
