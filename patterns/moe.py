@@ -1,11 +1,23 @@
-"""Mixture-of-experts dispatch → `fuser::moe_experts` (token sort, grouped GEMMs with SwiGLU and the
-routing weight in their epilogues, combine over top-k: one op, no host sync).
+"""Mixture of experts → `fuser::moe_experts` (token sort, grouped GEMMs with SwiGLU and the routing
+weight in their epilogues, combine over top-k: one op, no host sync), and the router in front →
+`fuser::moe_route` where that is exact.
 
-Matched: transformers 5.x's `grouped_mm` experts path (OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V3
+`moe`: transformers 5.x's `grouped_mm` experts path (OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V3
 and every model on the experts interface), as `torch.compile` traces it: sort the (token, k)
 pairs by expert, gather, histogram → offsets, grouped GEMM gate/up, SiLU·mul, grouped GEMM down,
 routing weight, inverse permutation, sum over top-k. The router in front (and shared experts
-beside) stay as they are and feed the op.
+beside) stay as they are and feed the op. Another activation than SiLU, or expert weights in
+another dtype than the hidden states, make a near miss.
+
+`moe_router`: the softmax top-k router of OLMoE, Mixtral and Qwen2/3-MoE (softmax over the experts,
+in fp32 or not → top-k → optional renormalization → cast) with the experts it feeds (the grouped_mm
+path, or `fuser::moe_experts` itself under transformers' "fuser" experts implementation) →
+`fuser::moe_route` + `fuser::moe_experts`. Its match holds the experts too, so it runs before
+`moe`. It is exact only where every expert is chosen (top-k = number of experts): the kernel
+breaks ties in the scores by lowest expert index and torch.topk by its own order, so below that a
+tie at the k-th place would send a token to another expert (`routing_tie_problem`). There the
+router is a near miss with that reason and `moe` fuses the experts alone. DeepSeek-V3's
+group-limited sigmoid router is not matched: it stays as it is and feeds the fused experts.
 """
 from __future__ import annotations
 
@@ -240,8 +252,9 @@ def routing_tie_problem(top_k: int, experts: int) -> str | None:
     The kernel ranks equal scores lowest expert first; torch.topk's order among equal scores is
     its own (on CPU it is not lowest index first, and CUDA differs from CPU). Where a tie
     straddles the k-th place, the two send the token to different experts and the block's output
-    changes; and the kernel's fp32 softmax may tie (or not) where torch's does not (or does).
-    Only when every expert is chosen (top-k = number of experts) is the choice the same."""
+    changes; the kernel's own fp32 softmax may also round two scores to a tie that torch's keeps
+    apart, or the other way round. Only when every expert is chosen (top-k = number of experts) is
+    the choice the same whatever the ties (the experts sum over the k choices in any order)."""
     if top_k == experts:
         return None
     return (f"not exact: on a tie in the router's scores at the k-th place fuser::moe_route chooses the lowest "
