@@ -509,7 +509,8 @@ def match_moe_module(block: nn.Module) -> tuple[nn.Module | None, str]:
             return None, found
         roles, activation = found
         if activation != "silu":
-            return None, f"its experts compute down({activation}(gate(x)) · up(x)); the kernel fuses SiLU (SwiGLU) only"
+            return None, (f"its experts compute down({activation}(gate(x)) · up(x)); the kernel fuses SiLU "
+                          "(SwiGLU) only")
         for i, expert in enumerate(experts):
             if _expert_roles(expert, random(5, hidden)) != found:
                 return None, f"expert {i} is not the SwiGLU expert 0 is (its layers are named or computed otherwise)"

@@ -83,7 +83,8 @@ def test_every_moe_layer_compiles_whole_and_matches_float64(arch):
     ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=4, norm_topk_prob=True),
      "softmax top-4 of 4 experts, renormalized"),
     # the router feeding fuser::moe_experts itself
-    ("olmoe", dict(num_experts=4, num_experts_per_tok=4, experts_implementation="fuser"), "softmax top-4 of 4 experts,"),
+    ("olmoe", dict(num_experts=4, num_experts_per_tok=4, experts_implementation="fuser"),
+     "softmax top-4 of 4 experts,"),
 ])
 def test_the_router_is_fused_where_every_expert_is_chosen(arch, overrides, mode):
     model = _tiny_moe(arch, layers=1, **overrides).train()
