@@ -186,15 +186,18 @@ def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[
     @settings(max_examples=max_examples, **SETTINGS)
     @given(strategy)
     def check(example: Any) -> None:
+        nonlocal last
+        last = example  # hypothesis runs the shrunk failing example last
         result.examples += 1
         log.info("fuzz %s: example %d/%d: %r", result.target, result.examples, max_examples, example)
         check_one(example)
 
+    last = None
     try:
         check()
     except Exception as error:  # a pattern raising is as much a finding as a wrong number
         notes = "\n".join(getattr(error, "__notes__", []))
-        result.ok, result.failure = False, f"{type(error).__name__}: {error}\n{notes}".strip()
+        result.ok, result.failure = False, f"{type(error).__name__}: {error}\nshrunk example: {last!r}\n{notes}".strip()
     return result
 
 
