@@ -35,7 +35,7 @@ from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
 from fuser.report import MatchRecord
 from fuser.rewriter import prepare, rewrite
-from fuser.verify import capture_values, numerics_problem, run_nodes_float64, tolerance
+from fuser.verify import capture_values, numerics_problem, run_nodes, run_nodes_float64, tolerance
 
 log = logging.getLogger("fuser.fuzz")
 
@@ -365,18 +365,8 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
     finally:
         m.resolve = None
     ref = run_nodes_float64(m.nodes, inputs_for("ref"))
-    plain = _run_nodes(m.nodes, inputs_for("plain"))
+    plain = run_nodes(m.nodes, inputs_for("plain"))
     return _contract_errors(out, ref, plain, list(leaves.values()), prefix=f"{site.name}: ")
-
-
-def _run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
-    """The original code of a site, as written (in its own precision)."""
-    env = dict(inputs)
-    for node in nodes:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-        env[node] = node.target(*args, **kwargs) if node.op == "call_function" else \
-            getattr(args[0], node.target)(*args[1:], **kwargs)
-    return env[nodes[-1]]
 
 
 def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, seed: int, grads: bool) -> FuzzResult:

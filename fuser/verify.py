@@ -51,12 +51,13 @@ def _to64(x: Any) -> Any:
     return x
 
 
-def run_nodes_float64(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
-    """Evaluate `nodes` (in graph order) from `inputs` with all floating math in float64."""
-    env = {node: _to64(v) for node, v in inputs.items()}
+def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = False) -> Any:
+    """Evaluate `nodes` (in graph order) from `inputs`: as written, or with all floating math in float64."""
+    cast = _to64 if float64 else (lambda x: x)
+    env = {node: cast(v) for node, v in inputs.items()}
     for node in nodes:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-        args, kwargs = fx.node.map_aggregate((args, kwargs), _to64)
+        args, kwargs = fx.node.map_aggregate((args, kwargs), cast)
         if node.op == "call_function":
             env[node] = node.target(*args, **kwargs)
         elif node.op == "call_method":
@@ -64,6 +65,10 @@ def run_nodes_float64(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
         else:
             raise ValueError(f"cannot evaluate {node.op} node {node.name}")
     return env[nodes[-1]]
+
+
+def run_nodes_float64(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
+    return run_nodes(nodes, inputs, float64=True)
 
 
 class _Recorder(fx.Interpreter):
