@@ -76,6 +76,11 @@ def reset_reports() -> None:
 def transform(gm: fx.GraphModule, example_inputs: list, options: Options) -> Report:
     """Canonicalize and rewrite `gm` in place; return the report."""
     prepare(gm)
+    return rewrite_prepared(gm, example_inputs, options)
+
+
+def rewrite_prepared(gm: fx.GraphModule, example_inputs: list, options: Options) -> Report:
+    """`transform` of a graph `prepare` has canonicalized already (for callers that read it in between)."""
     values = capture_values(gm, example_inputs) if options.verify else None
     tag = f"g{next(_graph_ids)}."
     before = graph_to_networkx(gm.graph, tag)

@@ -1,15 +1,21 @@
 """`fuser.convert(model)`: the same model object, running the fused kernels without torch.compile.
 
-- Modules, by the module-level matcher: a module whose whole forward the backend's patterns
-  turn into one fused op (an RMSNorm into `fuser::rms_norm`) is captured by Dynamo on a small
-  random input, checked on random inputs of other shapes against its own code run in float64,
-  and only then switched to a subclass of its class whose forward calls the op: the same
-  parameters (state_dict keys and tensors unchanged), `isinstance` still true.
-  `MODULE_CONVERTERS` lists the converters; a family adds its own there (MoE blocks, say).
+- Modules, by the module-level matchers (`MODULE_CONVERTERS`), which need no example inputs:
+  a module whose whole forward the backend's patterns turn into one fused op (an RMSNorm into
+  `fuser::rms_norm`) is captured by Dynamo on a small random input, checked on random inputs of
+  other shapes against its own code run in float64 (its gradients too when it trains or its
+  parameters require grad), and only then switched to a subclass of its class whose forward
+  calls the op: the same parameters (state_dict keys and tensors unchanged), `isinstance` still
+  true. Hand-written MoE blocks go through `fuser.experts.match_moe_module` the same way.
 - Attention, in transformers models: their attention layers call whatever the model's
   `config._attn_implementation` names in transformers' `AttentionInterface`; convert registers
   `"fuser"` there (and in `AttentionMaskInterface`, so masks come as SDPA's boolean masks or
   none at all for plain causal attention) and sets the model's implementation to it.
+- Any other module, by rewriting its graph (`fuser.module_graphs`), when convert is given example
+  inputs (`convert(model, *args, **kwargs)`, a call of the model): one calibration run records each
+  module's arguments, and the smallest modules whose forward holds a pattern are captured, rewritten
+  by the backend's rewriter, checked as a whole in float64 (gradients included) and switched to
+  their rewritten graph for calls like the recorded one.
 
 `convert(model, dry_run=True)` makes every check and returns the report without changing anything.
 """
@@ -26,18 +32,24 @@ from torch import fx, nn
 
 from fuser.backend import Options
 from fuser.capture import capture
+from fuser.experts import FusedMoEBlock, looks_like_moe_block, match_moe_module, swap_in_place
+from fuser.module_graphs import Run, gradient_problems, rewrite_modules
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.rewriter import prepare, rewrite
 from fuser.verify import numerics_problem, run_nodes_float64, tolerance
 
 ATTENTION_IMPLEMENTATION = "fuser"
+WITHOUT_EXAMPLES = ("no example inputs, so only norms, MoE blocks and transformers' attention were tried; "
+                    "fuser.convert(model, *args, **kwargs) with a call of the model rewrites other modules' "
+                    "graphs too (hand-written attention, say)")
 log = logging.getLogger("fuser.convert")
 
 
 @dataclass(frozen=True)
 class Swap:
     """A checked conversion of one module, applied only when `convert` is not a dry run."""
-    record: MatchRecord
+    module: nn.Module
+    records: tuple[MatchRecord, ...]
     apply: Callable[[], None]
 
 
@@ -66,11 +78,13 @@ class FusedCall:
     input_dtype: torch.dtype
     parameter_dtypes: tuple[tuple[str, torch.dtype], ...]
 
-    def accepts(self, module: nn.Module, x: torch.Tensor) -> bool:
-        return x.dtype == self.input_dtype and all(
-            getattr(module, name).dtype == dtype for name, dtype in self.parameter_dtypes)
+    def accepts(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        return len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].dtype == self.input_dtype \
+            and all(getattr(module, name).dtype == dtype for name, dtype in self.parameter_dtypes)
 
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        (x,) = args
+
         def argument(arg: tuple) -> Any:
             kind = arg[0]
             return x if kind == "input" else getattr(module, arg[1]) if kind == "parameter" else arg[1]
@@ -79,13 +93,14 @@ class FusedCall:
 
 
 class FusedModule(nn.Module):
-    """Mixed into a converted module's class: its forward calls the fused op."""
-    fuser_call: FusedCall
+    """Mixed into a converted module's class: its forward runs `fuser_call` (a `FusedCall`, or a rewritten
+    graph: a `module_graphs.ModuleGraph`) for the calls that was checked for, its own code for any other."""
+    fuser_call: Any
 
-    def forward(self, x, *args, **kwargs):
-        if args or kwargs or not isinstance(x, torch.Tensor) or not self.fuser_call.accepts(self, x):
-            return super().forward(x, *args, **kwargs)
-        return self.fuser_call(self, x)
+    def forward(self, *args, **kwargs):
+        if self.fuser_call.accepts(self, args, kwargs):
+            return self.fuser_call(self, args, kwargs)
+        return super().forward(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
         """Pickle (and deepcopy) as the original class, converted again when loaded."""
@@ -106,6 +121,12 @@ def _rebuild_fused(cls: type) -> nn.Module:
     module = cls.__new__(cls)
     module.__class__ = fused_class(cls)
     return module
+
+
+def install(module: nn.Module, call: Any) -> None:
+    """Make `module` run `call` (see `FusedModule`): the same object, its class now `Fused<class>`."""
+    module.__class__ = fused_class(type(module))
+    module.fuser_call = call
 
 
 def _capture(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list]:
@@ -157,23 +178,43 @@ def _one_op_forward(module: nn.Module, x: torch.Tensor, pattern: str) -> OneOpFo
 
 def _check_fused_call(call: FusedCall, module: nn.Module, forward: OneOpForward) -> str | None:
     """The fused call against the module's captured graph run in float64, on random inputs of
-    several shapes and scales. The module's own forward must agree with that graph too: the
+    several shapes and scales; its gradients too (input and parameters) when the module trains or
+    its parameters require grad. The module's own forward must agree with that graph too: the
     graph may have been captured on another module of the same class and settings."""
     generator = torch.Generator().manual_seed(0)
     graph = forward.graph.graph
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    parameters = dict(module.named_parameters(recurse=False))
+    trained = [name for name, p in parameters.items() if p.requires_grad]
+    gradients = module.training or bool(trained)
     hidden = next(module.parameters()).shape[-1]
     for shape, scale in (((1, 1, hidden), 1.0), ((3, 7, hidden), 1.0), ((2, 5, hidden), 50.0)):
         x = (torch.randn(shape, generator=generator) * scale).to(call.input_dtype).to(_device(module))
-        inputs = {node: x if role == ("input",) else getattr(module, role[1])
+        x_fused, x_own, x64 = (t.requires_grad_(gradients) for t in (x.clone(), x.clone(), x.double()))
+        parameters64 = {name: p.detach().double().requires_grad_(name in trained) for name, p in parameters.items()}
+        inputs = {node: x64 if role == ("input",) else parameters64[role[1]]
                   for node, role in zip(placeholders, forward.inputs)}
-        with torch.no_grad():
+        with torch.enable_grad() if gradients else torch.no_grad():
             ref = run_nodes_float64(nodes, inputs)
-            for what, out in (("the fused op", call(module, x)), ("the module's own forward", module(x))):
-                problem = numerics_problem(out, ref, tolerance(out.dtype))
-                if problem is not None:
-                    return f"{what} on a random input of shape {list(shape)}: {problem}; kept the original"
+            fused, own = call(module, (x_fused,), {}), module(x_own)
+            problem = _forward_problem((("the fused op", fused), ("the module's own forward", own)), ref)
+            if problem is None and gradients:
+                trained_parameters = [parameters[n] for n in trained]
+                problems = gradient_problems(["the input", *trained], Run([fused], [x_fused, *trained_parameters]),
+                                             Run([own], [x_own, *trained_parameters]),
+                                             Run([ref], [x64, *(parameters64[n] for n in trained)]), generator)
+                problem = next((f"the fused op: {p}" for p in problems if p), None)
+        if problem is not None:
+            return f"on a random input of shape {list(shape)}, {problem}; kept the original"
+    return None
+
+
+def _forward_problem(outputs: tuple[tuple[str, torch.Tensor], ...], ref: torch.Tensor) -> str | None:
+    for what, out in outputs:
+        problem = numerics_problem(out, ref, tolerance(out.dtype))
+        if problem is not None:
+            return f"{what}: {problem}"
     return None
 
 
@@ -209,12 +250,7 @@ def single_op_converter(pattern: str, candidate: Callable[[nn.Module], bool]) ->
             return problem
         found = forward.record
         record = MatchRecord(pattern, Where(name, found.where.location), found.op, found.mode, found.nodes)
-
-        def apply() -> None:
-            module.__class__ = fused_class(type(module))
-            module.fuser_call = call
-
-        return Swap(record, apply)
+        return Swap(module, (record,), lambda: install(module, call))
 
     return ModuleConverter(pattern, candidate, prepare_swap)
 
@@ -228,7 +264,19 @@ def _looks_like_a_norm(module: nn.Module) -> bool:
 
 RMS_NORM_CONVERTER = single_op_converter("rms_norm", _looks_like_a_norm)
 
-MODULE_CONVERTERS: list[ModuleConverter] = [RMS_NORM_CONVERTER]
+
+def _prepare_moe_block(name: str, module: nn.Module, memo: dict) -> Swap | str:
+    """A hand-written MoE block, checked by `match_moe_module` (outputs and gradients, eval and training)."""
+    fused, found = match_moe_module(module)
+    if fused is None:
+        return found
+    record = MatchRecord("moe", Where(name, _source_line(module)), "fuser::moe_experts", found, ())
+    return Swap(module, (record,), lambda: swap_in_place(module, fused))
+
+
+MOE_BLOCK_CONVERTER = ModuleConverter("moe", looks_like_moe_block, _prepare_moe_block)
+
+MODULE_CONVERTERS: list[ModuleConverter] = [MOE_BLOCK_CONVERTER, RMS_NORM_CONVERTER]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,13 +354,8 @@ def _convert_attention(model: nn.Module, report: Report, dry_run: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def convert(model: nn.Module, dry_run: bool = False) -> nn.Module | Report:
-    """Switch `model` (in place) to fuser's kernels and return it; with `dry_run`, change nothing
-    and return the report of what would be converted and what would not, and why."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fuser.convert takes a torch.nn.Module, not {type(model).__name__}; "
-                        "for a function use torch.compile(fn, backend='fuser')")
-    report = Report()
+def _convert_modules(model: nn.Module, report: Report) -> list[Swap]:
+    """The module-level converters' swaps, their near misses into `report`."""
     swaps = []
     memos: dict[int, dict] = {id(c): {} for c in MODULE_CONVERTERS}
     for name, module in model.named_modules():
@@ -321,11 +364,47 @@ def convert(model: nn.Module, dry_run: bool = False) -> nn.Module | Report:
                 continue
             outcome = converter.prepare(name, module, memos[id(converter)])
             if isinstance(outcome, Swap):
-                report.matches.append(outcome.record)
+                report.matches.extend(outcome.records)
                 swaps.append(outcome)
                 break
             if isinstance(outcome, str):
                 report.near_misses.append(NearMiss(converter.pattern, Where(name, _source_line(module)), outcome))
+    return swaps
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(f"{module}.") or not module
+
+
+def _rewrite_module_graphs(model: nn.Module, args: tuple, kwargs: dict, report: Report, swaps: list[Swap]) -> None:
+    """Graph rewriting of the modules no other converter handles (see `fuser.module_graphs`). Where it has
+    its own word on a module a module-level converter turned down (a norm whose forward does more than
+    the norm, say), that replaces the converter's near miss."""
+    handled = {swap.module for swap in swaps} | {m for m in model.modules() if _dispatches_attention(m)
+                                                 or isinstance(m, (FusedModule, FusedMoEBlock))}
+    rewritten, found = rewrite_modules(model, args, kwargs, handled)
+    sites = [r.where.module for r in (*found.matches, *found.near_misses)]
+    report.near_misses = [n for n in report.near_misses if not any(_within(site, n.where.module) for site in sites)]
+    report.extend(found)
+    swaps += [Swap(r.module, tuple(r.report.matches), lambda r=r: install(r.module, r.graph)) for r in rewritten]
+
+
+def convert(model: nn.Module, *example_args: Any, dry_run: bool = False, **example_kwargs: Any) -> nn.Module | Report:
+    """Switch `model` (in place) to fuser's kernels and return it; with `dry_run`, change nothing and
+    return the report of what would be converted and what would not, and why.
+
+    Example inputs, a call of the model (`model(*example_args, **example_kwargs)`), let convert rewrite
+    the graphs of the modules no module-level converter handles (see `fuser.module_graphs`); without
+    them only norms, MoE blocks and transformers' attention are converted, and the report says so."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuser.convert takes a torch.nn.Module, not {type(model).__name__}; "
+                        "for a function use torch.compile(fn, backend='fuser')")
+    report = Report()
+    swaps = _convert_modules(model, report)
+    if example_args or example_kwargs:
+        _rewrite_module_graphs(model, example_args, example_kwargs, report, swaps)
+    else:
+        report.notes.append(WITHOUT_EXAMPLES)
     _convert_attention(model, report, dry_run)
     if dry_run:
         return report

@@ -275,6 +275,8 @@ def _canonicalize_node(node: fx.Node) -> None:
     if canon is None:
         return
     bound = _normalized_args(node, _SPELLINGS[canon][1])
+    if canon is torch.pow and bound is not None and _is_number(bound.get("input")):  # `head_dim ** -0.5` on sizes
+        return
     if canon is torch.permute and len(node.args) > 2:  # x.permute(0, 2, 1, 3)
         bound = {"input": node.args[0], "dims": tuple(node.args[1:])}
     if canon is torch.einsum and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
@@ -313,8 +315,13 @@ def _rewrite_div(node: fx.Node, args: list, bound: dict) -> None:
         _replace(node, "call_function", operator.truediv, tuple(args))
 
 
+def _is_number(arg: Any) -> bool:
+    """A number, or a node known to compute one (size arithmetic), which torch.pow does not take."""
+    return isinstance(value(arg), (int, float, torch.SymInt, torch.SymFloat))
+
+
 def _rewrite_mul(node: fx.Node, args: list, bound: dict) -> None:
-    if len(args) == 2 and isinstance(args[0], fx.Node) and args[0] is args[1]:
+    if len(args) == 2 and isinstance(args[0], fx.Node) and args[0] is args[1] and not _is_number(args[0]):
         _replace(node, "call_function", torch.pow, (args[0], 2))
     else:
         _replace(node, "call_function", operator.mul, tuple(args))

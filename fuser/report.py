@@ -41,6 +41,7 @@ class Report:
     matches: list[MatchRecord] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
     graphs: list[tuple[Any, Any]] = field(default_factory=list)  # (before, after) networkx graphs per FX graph
+    notes: list[str] = field(default_factory=list)  # what was not tried at all, and how to have it tried
 
     @property
     def graph_before(self):
@@ -58,6 +59,7 @@ class Report:
         self.matches += other.matches
         self.near_misses += other.near_misses
         self.graphs += other.graphs
+        self.notes += other.notes
 
     def save_html(self, path) -> None:
         """One self-contained page (no network): the summary tables and, for each rewritten
@@ -75,6 +77,7 @@ class Report:
             lines.append("near misses (left as they were):")
             lines.append(_table(["pattern", "where", "reason"],
                                 [[n.pattern, str(n.where), n.reason] for n in self.near_misses]))
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__

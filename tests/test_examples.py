@@ -11,6 +11,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SAYS = {  # a line of each example's output that shows it did its job
     "compile_hf_model.py": "rewrites: {",
     "convert_and_generate.py": "save_pretrained / from_pretrained: same weights, same tokens",
+    "convert_a_plain_model.py": "plain model converted: same weights, logits within the float64 contract",
     "read_a_report.py": "open ",
     "fuzz_a_pattern.py": "fuzz LlamaForCausalLM: ok",
 }
