@@ -95,8 +95,11 @@ def load_model(spec: str, args) -> tuple[torch.nn.Module, tuple, dict]:
         raise UsageError(f"name the function that builds the model: {spec}:make_model")
     if not Path(path).is_file():
         raise UsageError(f"no file {path!r} (from {spec!r}); give path/to/file.py:function")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    # registered as a module, as an import would: Dynamo looks up the globals of the code it inlines there
+    module_name = Path(path).stem if Path(path).stem not in sys.modules else f"_fuser_user_{Path(path).stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
     sys.path.insert(0, str(Path(path).resolve().parent))
     try:
         module_spec.loader.exec_module(module)

@@ -305,8 +305,10 @@ def fuser_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # SDPA's semantics: a bool mask's fully masked rows give zeros, a float mask is added to the scores
+    masking = "add" if attention_mask is not None and attention_mask.dtype.is_floating_point else "sdpa"
     out = torch.ops.fuser.attention(query, key, value, attention_mask, float(scale), causal, 0, False,
-                                    float(softcap or 0.0), float(dropout), torch.finfo(torch.float32).min)
+                                    float(softcap or 0.0), float(dropout), float("-inf"), masking)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -159,15 +159,44 @@ def _head_ratio(m) -> int:
     return q.shape[1] // k.shape[1]
 
 
+def _large_negative(fill: float) -> bool:
+    """A fill that takes a score out of the softmax (exp(−1e4) is zero in every float dtype)."""
+    return fill == float("-inf") or fill <= -1e4
+
+
+def _how_masked(m) -> tuple[str, float]:
+    """How the mask meets the scores ("add", "keep", "drop" or "none", as in `masked`) and the fill."""
+    if m.search is attention:
+        return m["how"], m["fill"]
+    mask = m.meta("mask")  # SDPA adds a float mask and drops the scores a bool mask calls False
+    if mask is None:
+        return "none", float("-inf")
+    return ("keep" if mask.dtype == torch.bool else "add"), float("-inf")
+
+
 def _mask_plan(m) -> MaskPlan | None:
-    """The recognized mask (positional modes + key padding), or None: read the mask as a tensor."""
+    """The recognized mask (positional modes + key padding), or None: read the mask as a tensor. An
+    added mask with a small fill is read as a tensor too: its excluded scores keep weight, which
+    skipping tiles would lose."""
     q, k, _ = _shapes(m)
     mask = m.bindings["mask"]
-    if m.search is sdpa:
-        if m["is_causal"]:
-            return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
-        return recognize(mask, "keep", float("-inf"), q.shape[2], k.shape[2])
-    return recognize(mask, m["how"], m["fill"], q.shape[2], k.shape[2])
+    if m.search is sdpa and m["is_causal"]:
+        return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
+    how, fill = _how_masked(m)
+    plan = recognize(mask, how, fill, q.shape[2], k.shape[2])
+    if plan is not None and how == "add" and not _large_negative(plan.fill):
+        return None
+    return plan
+
+
+def _masking(m, plan: MaskPlan | None) -> str:
+    """The code whose excluded scores and fully masked rows the kernel reproduces (see
+    kernels/attention/reference.py): an added mask passes gradient to the scores it hides; SDPA
+    gives zeros where every score is −inf."""
+    how, _ = _how_masked(m)
+    if m.search is attention:
+        return "add" if how == "add" else "fill"
+    return "add" if how == "add" and plan is not None and plan.fill != float("-inf") else "sdpa"
 
 
 def _scale(m) -> float:
@@ -199,7 +228,7 @@ def check(m) -> str | None:
             return f"softmax over dim {m['dim']}, not over the keys"
         if m["compute_dtype"] not in (None, torch.float32):
             return f"softmax computed in {dtype_name(m['compute_dtype'])}"
-        if m["how"] != "add" and m["how"] != "none" and not (m["fill"] == float("-inf") or m["fill"] <= -1e4):
+        if m["how"] in ("keep", "drop") and not _large_negative(m["fill"]):
             return f"masked scores are set to {m['fill']}, not a large negative number"
     mask = m.meta("mask")
     if mask is not None:
@@ -217,16 +246,15 @@ def check(m) -> str | None:
 
 
 def _sdpa_worth_it(m) -> str | None:
-    """An SDPA call is rewritten only where the kernel removes work SDPA does, and only where
-    no row can be fully masked (SDPA returns zeros there, the kernel's −inf mode NaN)."""
-    q, k, _ = _shapes(m)
-    plan = _mask_plan(m)
-    if m.bindings["mask"] is not None and (plan is None or plan.padding is not None):
-        return "left to SDPA: its mask may hide whole rows (SDPA gives zeros there)"
-    if plan is not None and plan.bottom_right and q.shape[2] > k.shape[2]:
-        return "left to SDPA: bottom-right causal with more queries than keys hides whole rows"
-    if m["n_rep"] == 1 and m.bindings["mask"] is None:
+    """An SDPA call is rewritten only where the kernel removes work SDPA does: K/V repeated in
+    front, or a mask tensor the kernel runs natively (reading no L×L mask, where the mask keeps
+    SDPA off its flash path). Fully masked rows get SDPA's zeros (masking "sdpa")."""
+    if m["n_rep"] > 1:
+        return None
+    if m.bindings["mask"] is None:
         return "left to SDPA: no repeat_kv and no mask tensor, its flash path applies"
+    if _mask_plan(m) is None:
+        return "left to SDPA: no repeat_kv, and its mask would be read as a tensor here too"
     return None
 
 
@@ -237,12 +265,14 @@ def replace(m):
         mask = None if plan.padding is None else m.value_of(plan.padding)[:, None, None, :]
     else:  # a mask the kernel reads as a tensor, with the polarity and fill of the original
         causal, window, bottom_right = False, 0, False
-        how = m["how"] if m.search is attention else "keep"
+        how, fill = _how_masked(m)
+        fill = fill if how in ("keep", "drop") else float("-inf")  # an added mask excludes nothing by itself
         mask = torch.logical_not(m["mask"]) if how == "drop" else m["mask"]
-        fill = m["fill"] if how in ("keep", "drop") and m.search is attention else float("-inf")
+        if how == "add" and m.meta("mask").dtype == torch.bool:  # scores + bool adds 0 or 1
+            mask = mask.to(m.meta("q").dtype)
     softcap = m["softcap"] if m.search is attention else 0.0
     return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, _scale(m), causal, window, bottom_right, softcap,
-                                     m["dropout_p"], fill)
+                                     m["dropout_p"], fill, _masking(m, plan))
 
 
 def describe(m) -> str:

@@ -58,6 +58,11 @@ SPELLINGS = {
         q, repeat_kv(k[:, :KV], 2), repeat_kv(v[:, :KV], 2), is_causal=True), "causal, GQA 2:1"),
     "sdpa with a causal mask tensor": (lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool).tril()), "causal, no mask read"),
+    "sdpa with an additive causal mask": (lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.where(torch.ones(L, L, dtype=torch.bool).tril(), 0.0, float("-inf")).to(q.dtype)),
+        "causal, no mask read"),
+    "bool mask added to the scores": (lambda q, k, v: torch.softmax(
+        q @ k.transpose(-2, -1) * 0.25 + CAUSAL[None, None], -1) @ v, "mask read as a tensor"),
 }
 
 
@@ -82,6 +87,28 @@ def test_gradients_through_the_rewrite():
     want = torch.autograd.grad(fn(q64, k64, v64).sum(), (q64, k64, v64))
     for got, ref in zip(grads, want):
         assert_close(got, ref, torch.float32)
+
+
+def test_an_additive_padding_mask_passes_gradient_on_rows_that_see_only_padding():
+    """where(causal & padding, 0, finfo.min) added to the scores runs as causal + key padding; a row
+    that sees only padding softmaxes score + fill over every key, and its gradient reaches q and k."""
+    def fn(q, k, v, padding):
+        batch = torch.arange(B)[:, None, None, None]
+        q_pos, k_pos = torch.arange(L)[None, None, :, None], torch.arange(L)[None, None, None, :]
+        mask = torch.where((k_pos <= q_pos) & padding[batch, k_pos], 0.0, torch.finfo(torch.float32).min)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, -1) @ v
+
+    padding = torch.ones(B, L, dtype=torch.bool)
+    padding[0, :4] = False
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out, report = compile_and_run(fn, q, k, v, padding, options={"strict": True})
+    assert report.counts() == {"attention": 1} and "causal, key padding" in report.matches[0].mode, report
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = fn(*leaves, padding)
+    assert_close(out, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, torch.ones_like(ref))):
+        assert_close(got, want, torch.float32)
 
 
 NEAR_MISSES = {
@@ -166,6 +193,29 @@ def test_sdpa_models_are_rewritten_only_where_it_pays(arch, expected):
     assert report.counts().get("attention", 0) == expected, report
     if expected == 0:
         assert all("left to SDPA" in n.reason for n in report.near_misses if n.pattern == "attention")
+    assert_close(logits, reference, torch.float32)
+
+
+def test_sdpa_with_padding_is_rewritten_and_keeps_sdpa_zeros():
+    """BERT under SDPA with a padding mask: key padding runs natively; a fully padded sequence's rows
+    see no key and get SDPA's zeros (not NaN)."""
+    model = tiny_model("bert", attn_implementation="sdpa")
+    ids = tiny_inputs(model)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1] = 0
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    with torch.no_grad():
+        logits = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
+            ids, attention_mask=mask).logits
+        original = model(ids, attention_mask=mask).logits
+        reference = float64_reference(model)(ids, attention_mask=mask).logits
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 2, report
+    assert {m.mode.split(", head dim")[0] for m in report.matches if m.pattern == "attention"} == {"key padding"}
+    assert original.isfinite().all()
+    assert_close(logits, original, torch.float32)
     assert_close(logits, reference, torch.float32)
 
 

@@ -1,5 +1,6 @@
-"""`fuser::attention` against the float64 reference: values, gradients, fully masked rows, the
-split and packed decode paths, dropout, fake functions and torch.compile.
+"""`fuser::attention` against the float64 reference: values, gradients, fully masked rows in each
+masking (the naive formula, an added mask, SDPA), the split and packed decode paths, dropout, fake
+functions and torch.compile.
 
 Runs the real Triton kernels through the interpreter on CPU (conftest.py) with 16×16 blocks and
 32×32 tile-class cells, so small odd shapes cross every block, cell and split boundary.
@@ -10,10 +11,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fuser.kernels.attention import attention_reference, launch
-from fuser.kernels.attention.reference import reference_backward, reference_forward
+from fuser.kernels.attention.reference import MASKINGS, reference_backward, reference_forward
 from numerics import assert_close, tolerance
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's log2(0) on padding rows
@@ -41,9 +44,10 @@ def make_mask(kind, b, hq, lq, lk, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     if kind == "none":
         return None
-    if kind == "key_padding":  # [B, 1, 1, Lk] expanded, stride 0; some rows of keys fully hidden
+    if kind == "key_padding":  # [B, 1, 1, Lk] expanded, stride 0; the second sequence fully hidden
         keep = torch.rand(b, 1, 1, lk, generator=generator) > 0.3
         keep[0, ..., : max(1, lk // 2)] = False
+        keep[1:] = False
         return keep.expand(b, hq, lq, lk)
     if kind == "bool_full":
         return torch.rand(1 if b == 1 else b, 1, lq, lk, generator=generator) > 0.4
@@ -68,33 +72,41 @@ def cases(draw):
     b = draw(st.integers(1, 2))
     causal = draw(st.booleans())
     window = draw(st.sampled_from([0, 0, 1, 5, 17]))
-    mask_kind = draw(st.sampled_from(MASK_KINDS))
-    mask_value = draw(st.sampled_from([-math.inf, torch.finfo(dtype).min, torch.finfo(torch.float32).min]))
+    masking = draw(st.sampled_from(MASKINGS))
+    if masking == "add":  # as the patterns pass it: no float mask besides, a fill that swallows the score
+        # (finfo(float16).min does not: score + fill then rounds in float32, as in the float32 original)
+        mask_kind = draw(st.sampled_from([kind for kind in MASK_KINDS if kind != "float_min_padding"]))
+        mask_value = draw(st.sampled_from([-math.inf, torch.finfo(torch.float32).min]))
+    else:
+        mask_kind = draw(st.sampled_from(MASK_KINDS))
+        mask_value = draw(st.sampled_from([-math.inf, torch.finfo(dtype).min, torch.finfo(torch.float32).min]))
     return dict(b=b, hq=hkv * group, hkv=hkv, lq=lq, lk=lk, d=d, dv=dv, dtype=dtype, causal=causal, window=window,
                 bottom_right=draw(st.booleans()), softcap=draw(st.sampled_from([0.0, 0.0, 4.0])),
-                mask_kind=mask_kind, mask_value=mask_value, layout=draw(st.sampled_from(["contiguous",
-                                                                                           "transposed", "sliced"])),
+                mask_kind=mask_kind, mask_value=mask_value, masking=masking,
+                layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
                 scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2**20)))
 
 
-def float64_reference(q, k, v, mask, literals, grad_out):
-    """The formula in float64 and its autograd gradients."""
+def float64_reference(q, k, v, mask, literals, grad_out, formula=None):
+    """The formula (or `formula` of float64 q, k, v) in float64 and its autograd gradients."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    mask64 = None if mask is None or mask.dtype == torch.bool else mask.double()
-    mask64 = mask if mask64 is None else mask64
-    out = attention_reference(*leaves, mask64, *literals)
+    if formula is None:
+        mask64 = None if mask is None or mask.dtype == torch.bool else mask.double()
+        out = attention_reference(*leaves, mask if mask64 is None else mask64, *literals)
+    else:
+        out = formula(*leaves)
     grads = torch.autograd.grad(out, leaves, grad_out.double())
     return out, grads
 
 
-def check_case(q, k, v, mask, literals, tol=None):
+def check_case(q, k, v, mask, literals, tol=None, formula=None):
     """Values and gradients of the op meet the numerics contract against float64."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = torch.ops.fuser.attention(*leaves, mask, *literals)
     assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[3])
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    ref, ref_grads = float64_reference(q, k, v, mask, literals, grad_out)
+    ref, ref_grads = float64_reference(q, k, v, mask, literals, grad_out, formula)
     limit = tol or tolerance(q.dtype)
     assert_close(out, ref, q.dtype, limit)
     for name, grad, ref_grad in zip("qkv", grads, ref_grads):
@@ -109,18 +121,19 @@ def test_matches_float64(case):
     mask = make_mask(case["mask_kind"], case["b"], case["hq"], case["lq"], case["lk"], case["dtype"], case["seed"])
     scale = case["scale"] or case["d"] ** -0.5
     literals = (scale, case["causal"], case["window"], case["bottom_right"], case["softcap"], 0.0,
-                case["mask_value"])
+                case["mask_value"], case["masking"])
     check_case(q, k, v, mask, literals)
 
 
 @given(cases())
 def test_reference_backward_is_autograd_of_the_formula(case):
     """The CPU path's explicit backward equals float64 autograd of the naive formula, fully masked
-    rows (NaN, masked_fill's zero gradient) included."""
+    rows (NaN, masked_fill's zero gradient, SDPA's zeros) included, in every masking."""
     q, k, v = make_qkv(case["b"], case["hq"], case["hkv"], case["lq"], case["lk"], case["d"], case["dv"],
                        torch.float64, case["layout"], case["seed"])
     mask = make_mask(case["mask_kind"], case["b"], case["hq"], case["lq"], case["lk"], torch.float64, case["seed"])
-    literals = (0.3, case["causal"], case["window"], case["bottom_right"], case["softcap"], 0.0, case["mask_value"])
+    literals = (0.3, case["causal"], case["window"], case["bottom_right"], case["softcap"], 0.0, case["mask_value"],
+                case["masking"])
     grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64)
     _, expected = float64_reference(q, k, v, mask, literals, grad_out)
     for grad, ref_grad in zip(reference_backward(grad_out, q, k, v, mask, *literals), expected):
@@ -153,6 +166,56 @@ def test_fully_masked_rows(form, mask_value):
     check_case(q, k, v, mask, (d ** -0.5, causal, window, bottom_right, 0.0, 0.0, mask_value))
 
 
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -math.inf])
+def test_an_added_fill_passes_gradient_on_fully_masked_rows(fill):
+    """masking="add" is the additive mask where(keep, 0, fill) of HF eager code: a row that sees no
+    key softmaxes score + fill over all keys (uniform once the fill swallows the score) and its
+    gradient reaches q and k there, where masked_fill's gives none (with −inf: NaN, as the naive code)."""
+    b, h, lq, lk, d = 2, 2, 37, 45, 16
+    q, k, v = make_qkv(b, h, h, lq, lk, d, d, torch.float32, "contiguous", 4)
+    keep = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    keep[0, ..., :20] = False  # left padding: with causal, the first 20 queries see nothing
+    scale = d ** -0.5
+
+    def naive(q, k, v):
+        visible = torch.ones(lq, lk, dtype=torch.bool).tril() & keep
+        return torch.softmax(q @ k.transpose(-1, -2) * scale + torch.where(visible, 0.0, fill).double(), dim=-1) @ v
+
+    check_case(q, k, v, keep, (scale, True, 0, False, 0.0, 0.0, fill, "add"), formula=naive)
+
+
+@pytest.mark.parametrize("form", ["padding_and_causal", "queries_before_keys", "float_mask"])
+def test_sdpa_masking_gives_sdpa_zeros(form):
+    """masking="sdpa": rows whose scores are all −inf give zeros and no gradient, as
+    F.scaled_dot_product_attention (its safe softmax); a finfo.min row still averages V. Against SDPA's
+    math backend: its CPU flash backward multiplies a finfo.min row's gradient by Lk (its saved
+    log-sum-exp loses the log(Lk) next to −3.4e38)."""
+    b, hq, lq, lk, d = 2, 2, 37, 45, 16
+    q, k, v = make_qkv(b, hq, 1, lq, lk, d, d, torch.float32, "contiguous", 3)
+    causal, bottom_right, mask = False, False, None
+    if form == "padding_and_causal":  # a fully padded sequence, and queries before the first kept key
+        causal, mask = True, torch.ones(b, 1, 1, lk, dtype=torch.bool)
+        mask[0, ..., :20] = False
+        mask[1] = False
+        sdpa_mask = mask & torch.ones(lq, lk, dtype=torch.bool).tril()
+    elif form == "queries_before_keys":  # bottom-right causal, Lq > Lk: the first Lq − Lk queries see nothing
+        causal, bottom_right = True, True
+        q = q.repeat(1, 1, 2, 1)[:, :, :60]
+        sdpa_mask = torch.ones(60, lk, dtype=torch.bool).tril(lk - 60)
+    else:
+        mask = torch.randn(b, 1, lq, lk, generator=torch.Generator().manual_seed(2)) * 2
+        mask[0, :, :5] = -math.inf
+        mask[1, :, 3] = torch.finfo(torch.float32).min
+        mask[1, :, 6:, :30] = -math.inf
+        sdpa_mask = mask.double()
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, sdpa_mask, scale=0.3, enable_gqa=True)
+
+    check_case(q, k, v, mask, (0.3, causal, 0, bottom_right, 0.0, 0.0, -math.inf, "sdpa"), formula=sdpa)
+
+
 @pytest.mark.parametrize("pack_gqa", [True, False])
 @pytest.mark.parametrize("mask_kind", ["none", "key_padding", "float"])
 def test_split_keys_and_packed_heads(pack_gqa, mask_kind):
@@ -161,15 +224,19 @@ def test_split_keys_and_packed_heads(pack_gqa, mask_kind):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 3, 70, 24
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, 20, torch.float32, "transposed", 5)
     mask = make_mask(mask_kind, b, hq, lq, lk, torch.float32, 5)
-    for causal, window in [(True, 0), (True, 9), (False, 0)]:
-        literals = (d ** -0.5, causal, window, True, 0.0, 0.0, torch.finfo(torch.float32).min)
+    for causal, window, fill, masking in [(True, 0, torch.finfo(torch.float32).min, "fill"),
+                                          (True, 9, torch.finfo(torch.float32).min, "fill"),
+                                          (False, 0, torch.finfo(torch.float32).min, "fill"),
+                                          (True, 0, -math.inf, "sdpa")]:
+        literals = (d ** -0.5, causal, window, True, 0.0, 0.0, fill, masking)
         plan = launch.build_plan(q, k, v, mask, *literals)
         out, stats, _ = launch.forward(plan, q, k, v, mask, None, num_splits=3, pack_gqa=pack_gqa)
         mask64 = None if mask is None or mask.dtype == torch.bool else mask.double()
         ref, lse = reference_forward(q.double(), k.double(), v.double(), mask if mask64 is None else mask64,
                                      *literals)
         assert_close(out, ref, torch.float32)
-        assert_close(stats.sum(-1) * math.log(2), lse, torch.float32)
+        seen = lse > -1e30  # rows that see a key: a finfo.min row keeps the fill as clamped in log2 units
+        assert_close((stats.sum(-1) * math.log(2))[seen], lse[seen], torch.float32)
 
 
 def dropout_probabilities(q, k, p, seed):
@@ -251,8 +318,8 @@ def opcheck_samples():
     q, k, v = make_qkv(1, 4, 2, 19, 23, 8, 8, torch.float32, "transposed", 0)
     mask = make_mask("key_padding", 1, 4, 19, 23, torch.float32, 0)
     seed = torch.tensor(3)
-    return [(q, k, v, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, None),
-            (q, k, v, mask, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, seed)]
+    return [(q, k, v, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "sdpa", None),
+            (q, k, v, mask, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, "add", seed)]
 
 
 @pytest.mark.parametrize("sample", range(2))
@@ -263,7 +330,7 @@ def test_opcheck(sample):
     with torch.no_grad():  # no double backward: the backward op takes plain tensors
         out, stats, classes = torch.ops.fuser.attention_forward(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(out), *plain[:4], out, stats, classes, plain[11], *plain[4:11])
+    backward_args = (torch.randn_like(out), *plain[:4], out, stats, classes, plain[12], *plain[4:12])
     torch.library.opcheck(torch.ops.fuser.attention_backward.default, backward_args)
 
 

@@ -1,16 +1,19 @@
 """`torch.ops.fuser.attention`: naive attention as one fused flash-attention op.
 
     attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window,
-              bool bottom_right, float softcap, float dropout_p, float mask_value) -> Tensor
+              bool bottom_right, float softcap, float dropout_p, float mask_value, str masking="fill") -> Tensor
 
 q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], any strides; query head h reads KV head
 h // (Hq // Hkv). Output [B, Hq, Lq, Dv] in q's dtype (laid out [B, Lq, Hq, Dv] in memory when q
 is a transposed view of that layout). It computes, in float32:
     s = q·k·scale; s = softcap·tanh(s/softcap) if softcap > 0; s += mask if float;
-    s = mask_value where excluded (bool mask False, causal: key after query, window: query − key ≥ window,
-    query i at position i + (Lk − Lq if bottom_right else 0)); p = softmax(s); dropout(p); out = p·v.
-Fully masked rows follow the naive formula: NaN with mask_value −inf, the average of V over all
-keys with a finite fill (and their gradients: see backward.py). Scores below −FLT_MAX/log2(e)
+    excluded scores (bool mask False, causal: key after query, window: query − key ≥ window, query i at
+    position i + (Lk − Lq if bottom_right else 0)) become mask_value ("fill") or s + mask_value ("add");
+    p = softmax(s), with "sdpa" 0 on rows whose scores are all −inf; dropout(p); out = p·v.
+`masking` names the code replaced (reference.py): masked_fill / where ("fill"), an additive 0/fill
+mask ("add"), F.scaled_dot_product_attention ("sdpa"). Fully masked rows follow that code: NaN
+with mask_value −inf, the average of V over all keys with a finite fill, a softmax over score + fill
+for "add", zeros for "sdpa" (and their gradients: see backward.py). Scores below −FLT_MAX/log2(e)
 (≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
 added to them. Gradients flow to q, k, v, never to the mask (a mask requiring grad gets none).
 Dropout draws its own Philox stream (not torch's); the backward regenerates the same keep-mask.
@@ -35,13 +38,13 @@ __all__ = ["attention_reference", "attention_forward", "attention_backward"]
 
 _LIBRARY = torch.library.Library("fuser", "FRAGMENT")
 _LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
-                "bool bottom_right, float softcap, float dropout_p, float mask_value) -> Tensor")
+                "bool bottom_right, float softcap, float dropout_p, float mask_value, str masking=\"fill\") -> Tensor")
 
 
-def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value):
+def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking="fill"):
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
     return torch.ops.fuser.attention_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap,
-                                             dropout_p, mask_value, seed)[0]
+                                             dropout_p, mask_value, masking, seed)[0]
 
 
 _LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
@@ -60,14 +63,15 @@ def _generator(seed: torch.Tensor | None, device: torch.device) -> torch.Generat
 @torch.library.custom_op("fuser::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                       causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
-                      mask_value: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores,
-    tile classes of the mask)."""
-    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value)
+                      mask_value: float, masking: str, seed: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores (+inf on
+    rows "sdpa" zeroes), tile classes of the mask)."""
+    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
     if plan is not None:
         return launch.forward(plan, q, k, v, mask, seed)
     ref, lse = reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                                 _generator(seed, q.device))
+                                 masking, _generator(seed, q.device))
     out = output_like(q, v.shape[3])
     out.copy_(ref)
     stats = torch.stack([lse * LOG2E, torch.zeros_like(lse)], dim=-1).float()
@@ -75,8 +79,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 @attention_forward.register_fake
-def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed):
-    launch.check_shapes(q, k, v, mask)
+def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking, seed):
+    launch.check_arguments(q, k, v, mask, masking)
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     triton_mask = mask.expand(b, hq, lq, lk) if mask is not None and kernels_support(
@@ -89,28 +93,28 @@ def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, ma
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
                        seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
-                       softcap: float, dropout_p: float, mask_value: float
+                       softcap: float, dropout_p: float, mask_value: float, masking: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), laid out like q, k, v."""
-    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value)
+    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
     if plan is not None:
         return launch.backward(plan, grad_out, q, k, v, mask, out, stats, classes, seed)
     grads = reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p,
-                               mask_value, _generator(seed, q.device))
+                               mask_value, masking, _generator(seed, q.device))
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, mask, out, stats, classes, seed, scale, causal, window, bottom_right, softcap, dropout_p,
-      mask_value):
+      mask_value, masking):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, seed = inputs
+    q, k, v, mask, *literals, seed = inputs
     out, stats, classes = output
     ctx.save_for_backward(q, k, v, mask, out, stats, classes, seed)
-    ctx.literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value)
+    ctx.literals = tuple(literals)
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_classes):
@@ -118,7 +122,7 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
     # the saved outputs enter as plain values: there is no double backward
     dq, dk, dv = torch.ops.fuser.attention_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes,
                                                     seed, *ctx.literals)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, *(None for _ in ctx.literals), None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

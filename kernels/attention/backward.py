@@ -10,9 +10,10 @@
 
 Tiles that the forward skipped are skipped here too, except for flagged heads, where the
 skipped query tiles holding flagged rows are visited with full masking. That reproduces the
-naive formula's gradients for fully masked rows: with a finite fill, dV gets the uniform
-weights over all keys, and dQ/dK get nothing from excluded scores (masked_fill cuts their
-gradient; a float mask is added, so its scores do pass gradient, as in the naive code).
+replaced code's gradients for fully masked rows: with a finite fill, dV gets the uniform
+weights over all keys, and dQ/dK get nothing from replaced scores (masked_fill cuts their
+gradient; an added mask, a float tensor or masking "add", passes it, as in the naive code).
+Rows SDPA zeroes have a log-sum-exp of +inf: every probability, so every gradient, is 0 there.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
               sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale, softcap,
               mask_value_log2, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr,
+              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query tile's share of dK and dV, in the transposed orientation
     (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q."""
     q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,7 +78,7 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
     scores_t, keep_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_ok[None, :], k_idx[:, None],
                                    mask_head + q_idx[None, :].to(tl.int64) * sml + k_idx[:, None] * smk, Lk,
                                    pos_offset, window, scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED,
-                                   MASK_KIND, SOFTCAP)
+                                   MASK_KIND, ADD_MASK_VALUE, SOFTCAP)
     p_t = probabilities(scores_t, shift[None, :], log2_sum[None, :], MASKED)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
@@ -115,7 +116,7 @@ def _attention_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
         CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr,
+        ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (key blocks, batch × KV heads)."""
     n_block = tl.program_id(0)
@@ -145,53 +146,43 @@ def _attention_dkdv_kernel(
         mask_head = Mask + batch * smb + head * smh
         class_col = Classes + batch * scb + head * sch + (n_block * BLOCK_N // CELL) * scn
         stream = (batch * Hq + head).to(tl.int32)
-        if MASK_KIND != 0:
-            for m in range(t_lo, t_hi):
+        if MASK_KIND == 0:  # the masked edge before the fully visible run, the run, the masked edge after it
+            for part in tl.static_range(3):
+                lo = t_lo if part == 0 else (f_lo if part == 1 else f_hi)
+                hi = f_lo if part == 0 else (f_hi if part == 1 else t_hi)
+                for m in range(lo, hi):
+                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
+                                       stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale,
+                                       softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D, BLOCK_DV, PAD_D,
+                                       PAD_DV, part != 1, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
+                                       DROPOUT, UPCAST, DOT_PRECISION)
+        # tiles chosen one by one: by the mask's classes (FULL unmasked, PARTIAL masked), and in a flagged
+        # head the skipped tiles holding rows that skipping would change (masked)
+        flagged = False
+        if CAN_SKIP:
+            flagged = tl.load(HeadFlags + batch * Hq + head) != 0
+        lo = tl.where(flagged, 0, t_lo)
+        hi = tl.where(flagged, n_q_tiles, t_hi if MASK_KIND != 0 else t_lo)
+        for m in range(lo, hi):
+            in_run = (m >= t_lo) & (m < t_hi)
+            if MASK_KIND != 0:
                 cls = tl.load(class_col + (m * BLOCK_M // CELL) * scm)
-                if cls == FULL:
-                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
-                                       mask_head, stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv,
-                                       pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
-                                       BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
+                visit_full = in_run & (cls == FULL)
+                visit_masked = in_run & (cls == PARTIAL)
+                skipped = ~in_run | (cls == SKIP)
+            else:  # the run was visited above
+                visit_full = False
+                visit_masked = False
+                skipped = ~in_run
+            if flagged & skipped:
+                visit_masked = tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M)
+            for masked in tl.static_range(2):
+                if visit_masked if masked else visit_full:
+                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
+                                       stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale,
+                                       softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D, BLOCK_DV, PAD_D,
+                                       PAD_DV, masked == 1, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
                                        DROPOUT, UPCAST, DOT_PRECISION)
-                elif cls == PARTIAL:
-                    dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
-                                       mask_head, stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv,
-                                       pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
-                                       BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
-                                       DROPOUT, UPCAST, DOT_PRECISION)
-        else:
-            for m in range(t_lo, f_lo):
-                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                   stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset,
-                                   window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
-                                   BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                                   UPCAST, DOT_PRECISION)
-            for m in range(f_lo, f_hi):
-                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                   stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset,
-                                   window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
-                                   BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                                   UPCAST, DOT_PRECISION)
-            for m in range(f_hi, t_hi):
-                dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                   stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset,
-                                   window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D,
-                                   BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                                   UPCAST, DOT_PRECISION)
-        if CAN_SKIP:  # flagged heads: the skipped tiles holding rows that skipping would change
-            if tl.load(HeadFlags + batch * Hq + head) != 0:
-                for m in range(0, n_q_tiles):
-                    skipped = (m < t_lo) | (m >= t_hi)
-                    if MASK_KIND != 0:
-                        skipped = skipped | (tl.load(class_col + (m * BLOCK_M // CELL) * scm) == SKIP)
-                    if skipped:
-                        if tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M):
-                            dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
-                                               mask_head, stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv,
-                                               pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
-                                               BLOCK_M, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED,
-                                               MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     tl.store(dK + batch * sdkb + kv_head * sdkh + k_idx[:, None] * sdkl + d[None, :] * sdkd,
              (dk * scale).to(dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
     tl.store(dV + batch * sdvb + kv_head * sdvh + k_idx[:, None] * sdvl + dvi[None, :] * sdvd,
@@ -203,8 +194,8 @@ def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl,
             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
             PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-            MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end)."""
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_idx < Lk
@@ -217,7 +208,7 @@ def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl,
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, keep, softcap_grad = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
                                mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window, scale, softcap,
-                               mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP)
+                               mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP)
     p = probabilities(scores, shift[:, None], log2_sum[:, None], MASKED)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
@@ -236,14 +227,14 @@ def dq_tiles(dq, q, do, shift, log2_sum, delta, lo, hi, k_base, v_base, skl, skd
              mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
              PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-             MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
         dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
                      mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
-                     seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP,
-                     DROPOUT, UPCAST, DOT_PRECISION)
+                     seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, MASKED, CAUSAL, WINDOWED, MASK_KIND,
+                     ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     return dq
 
 
@@ -257,8 +248,8 @@ def _attention_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
         CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (query blocks, batch × query heads). A block with rows that skipping would change
     visits every key tile with full masking."""
     m_block = tl.program_id(0)
@@ -304,25 +295,25 @@ def _attention_dq_kernel(
                     dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx,
                                  q_ok, stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
                                  mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False,
-                                 CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                                 CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
                 else:
                     dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx,
                                  q_ok, stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
                                  mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True,
-                                 CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                                 CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     else:  # masked edges around the fully visible run, like the forward
         dq = dq_tiles(dq, q, do, shift, log2_sum, delta, t_lo, f_lo, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
                       stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
                       dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
-                      SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                      ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
         dq = dq_tiles(dq, q, do, shift, log2_sum, delta, f_lo, f_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
                       stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
                       dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND,
-                      SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                      ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
         dq = dq_tiles(dq, q, do, shift, log2_sum, delta, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
                       stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
                       dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
-                      SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                      ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     tl.store(dQ + batch * sdqb + head * sdqh + q_idx[:, None] * sdql + d[None, :] * sdqd,
              (dq * scale).to(dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
 

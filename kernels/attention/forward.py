@@ -72,8 +72,8 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, 
                 Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
                 PAD_DV: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr,
+                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile into the running (acc, max, sum) of the online softmax."""
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -84,7 +84,8 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, 
     if MASKED or SOFTCAP:
         scores, _, _ = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
                                 mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window,
-                                scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP)
+                                scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE,
+                                SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:  # a row may have seen only −inf so far
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -111,14 +112,15 @@ def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, skl, skd, svl, svd, q
                  Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
                  PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                 MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into the running (acc, max, sum)."""
     for n in range(lo, hi):
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
                                     mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
                                     mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
-                                    MASKED, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                                    MASKED, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
+                                    DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -128,8 +130,8 @@ def attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q
                 dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr,
                 RESPECT_CLASSES: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, USE_CLASSES: tl.constexpr,
+                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(acc, max, sum) of the rows over key tiles [t_lo, t_hi); [f_lo, f_hi) are known fully visible.
 
     With a mask tensor every tile's class decides (with RESPECT_CLASSES; without, every tile is masked).
@@ -148,27 +150,30 @@ def attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q
                     acc, m_i, l_i = attend_tile(
                         acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs,
                         smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N,
-                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                        UPCAST, DOT_PRECISION)
+                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
+                        DROPOUT, UPCAST, DOT_PRECISION)
                 else:
                     acc, m_i, l_i = attend_tile(
                         acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs,
                         smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N,
-                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT,
-                        UPCAST, DOT_PRECISION)
+                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
+                        DROPOUT, UPCAST, DOT_PRECISION)
     else:  # masked edges before and after the fully visible run (a causal diagonal, a window's edge, the end)
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
             Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
-            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
+            DOT_PRECISION)
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
             Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
-            BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+            BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
+            DOT_PRECISION)
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
             Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
-            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
+            DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -179,9 +184,10 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
                         softcap, mask_value_log2, saturation_lse, dropout_p, seed,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr,
-                        WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr,
-                        SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr,
+                        USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                        PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """Attention of one block of rows: (rows' head and index, acc, max, sum).
 
     `exact` visits every key tile without skipping; otherwise the rows' visible tiles (their
@@ -215,8 +221,8 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
     acc, m_i, l_i = attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
                                 mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale, softcap,
                                 mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
-                                CELL, not exact, CAUSAL, WINDOWED, MASK_KIND, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST,
-                                DOT_PRECISION)
+                                CELL, not exact, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, USE_CLASSES, SOFTCAP,
+                                DROPOUT, UPCAST, DOT_PRECISION)
     if CAN_SKIP and not exact:
         if num_splits == 1:
             if rows_saturated(m_i + tl.log2(l_i), q_ok, saturation_lse):
@@ -224,8 +230,23 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
                                             stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset,
                                             window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
                                             BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, False, CAUSAL, WINDOWED,
-                                            MASK_KIND, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                                            MASK_KIND, ADD_MASK_VALUE, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST,
+                                            DOT_PRECISION)
     return batch, q_head, q_idx, q_ok, acc, m_i, l_i
+
+
+@triton.jit
+def finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS: tl.constexpr):
+    """(output rows, shift, log2 sum) from the online softmax's (acc, max, sum). A row that saw only −inf
+    has sum 0: NaN as in the formula, or with ZERO_EMPTY_ROWS zeros and a log-sum-exp of +inf (SDPA)."""
+    out = acc / l_i[:, None]
+    log2_sum = tl.log2(l_i)
+    if ZERO_EMPTY_ROWS:
+        empty = l_i == 0
+        out = tl.where(empty[:, None], 0.0, out)
+        m_i = tl.where(empty, float("inf"), m_i)
+        log2_sum = tl.where(empty, 0.0, log2_sum)
+    return out, m_i, log2_sum
 
 
 @triton.jit
@@ -254,9 +275,9 @@ def _attention_forward_kernel(
         saturation_lse, dropout_p, seed, ROWS_KEY, LK_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-        MASK_KIND: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        PACK_GQA: tl.constexpr,
-        CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr,
+        DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (row blocks, batch × heads in grid, splits). With splits, Out/Stats are the float32
     partial buffers (normalized partial output, 0 where a split saw nothing, and its statistics)."""
     split = tl.program_id(2)
@@ -269,11 +290,14 @@ def _attention_forward_kernel(
         sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
         heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
         dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, CAUSAL, WINDOWED, MASK_KIND,
-        USE_CLASSES, SOFTCAP, DROPOUT, PACK_GQA, CAN_SKIP, UPCAST, DOT_PRECISION)
-    out = acc / l_i[:, None]
-    if num_splits > 1:
-        out = tl.where(l_i[:, None] > 0, out, 0.0)
-    store_rows(Out + split * sos, Stats + split * sss, batch, q_head, q_idx, q_ok, out, m_i, tl.log2(l_i),
+        ADD_MASK_VALUE, USE_CLASSES, SOFTCAP, DROPOUT, PACK_GQA, CAN_SKIP, UPCAST, DOT_PRECISION)
+    if num_splits > 1:  # the merge finishes the rows
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        shift = m_i
+        log2_sum = tl.log2(l_i)
+    else:
+        out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
+    store_rows(Out + split * sos, Stats + split * sss, batch, q_head, q_idx, q_ok, out, shift, log2_sum,
                sob, soh, sol, sod, ssb, ssh, ssl, Dv, BLOCK_DV)
 
 
@@ -286,9 +310,8 @@ def _merge_splits_kernel(
         saturation_lse, dropout_p, seed,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-        MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr,
-        UPCAST: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+        PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Merge the splits' partial softmaxes; rows that skipping may have changed are recomputed exactly."""
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
                                                                  group, Lq, BLOCK_M, PACK_GQA)
@@ -306,10 +329,8 @@ def _merge_splits_kernel(
             sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
             heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
             saturation_lse, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, CAUSAL,
-            WINDOWED, MASK_KIND, False, SOFTCAP, DROPOUT, PACK_GQA, True, UPCAST, DOT_PRECISION)
-        out = acc / l_i[:, None]
-        shift = m_i
-        log2_sum = tl.log2(l_i)
+            WINDOWED, MASK_KIND, ADD_MASK_VALUE, False, SOFTCAP, DROPOUT, PACK_GQA, True, UPCAST, DOT_PRECISION)
+        out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -14,6 +14,7 @@ import torch
 from .._common import interpreting, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import _merge_splits_kernel, attention_forward_kernel, output_strides
+from .reference import MASKINGS
 from .tiles import SATURATION_MARGIN, class_cell, class_strides, classify_tiles
 
 FLT_MAX = torch.finfo(torch.float32).max
@@ -22,8 +23,10 @@ MAX_HEAD_DIM = 256
 MAX_PLANS = 4096
 
 
-def check_shapes(q, k, v, mask):
-    """The shapes the op is defined for (the patterns' checks keep everything else out)."""
+def check_arguments(q, k, v, mask, masking):
+    """The arguments the op is defined for (the patterns' checks keep everything else out)."""
+    if masking not in MASKINGS:
+        raise ValueError(f"attention masking {masking!r} is not one of {MASKINGS}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention takes q, k, v as [B, H, L, D]")
     b, hq, lq, d = q.shape
@@ -60,6 +63,18 @@ def _log2_units(value: float) -> float:
     if value == -math.inf:
         return value
     return min(max(value * (1 / math.log(2)), -FLT_MAX), FLT_MAX)
+
+
+def _saturation_lse(mask_value_log2: float, masking: str) -> float:
+    """The log-sum-exp (log2 units) at or below which a row is recomputed without skipping (tiles.py).
+
+    A skipped score is at most skipped_bound = max(mask_value, −FLT_MAX), or score + skipped_bound with
+    "add": there half the bound is used, which keeps skipping exact while scores stay below half its size
+    (a large negative fill is what the patterns pass)."""
+    skipped_bound = max(mask_value_log2, -FLT_MAX)
+    if masking == "add":
+        return max(skipped_bound + SATURATION_MARGIN, skipped_bound / 2)
+    return skipped_bound + SATURATION_MARGIN
 
 
 def kernel_mask(mask: torch.Tensor | None, b: int, hq: int, lq: int, lk: int) -> torch.Tensor | None:
@@ -118,9 +133,10 @@ def _split_count(rows: int, programs_per_block_row: int, lk: int, device: torch.
     return max(1, min(_cdiv(2 * sms, programs), lk // 512, 64))
 
 
-def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value) -> Plan | None:
+def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
+               masking="fill") -> Plan | None:
     """The plan of a call, None where the kernels do not take it (ValueError: the op is not defined)."""
-    check_shapes(q, k, v, mask)
+    check_arguments(q, k, v, mask, masking)
     if not kernels_support(q, k, v, mask, scale, softcap, dropout_p):
         return None
     b, hq, lq, d = q.shape
@@ -138,13 +154,14 @@ def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, drop
     constexprs = dict(
         BLOCK_D=block_d, BLOCK_DV=block_dv, PAD_D=block_d != d, PAD_DV=block_dv != dv, CELL=class_cell(),
         CAUSAL=bool(causal), WINDOWED=window > 0, MASK_KIND=0 if mask is None else 1 if mask.dtype == torch.bool else 2,
+        ADD_MASK_VALUE=masking == "add", ZERO_EMPTY_ROWS=masking == "sdpa",
         SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, UPCAST=interpreting(),
         DOT_PRECISION="ieee" if fp32_exact else "tf32",
         CAN_SKIP=can_skip)
     return Plan(
         constexprs=constexprs, sizes=(hq, group, lq, lk, d, dv),
         literals=(pos_offset, window, float(scale), float(softcap), mask_value_log2,
-                  max(mask_value_log2, -FLT_MAX) + SATURATION_MARGIN, float(dropout_p)),
+                  _saturation_lse(mask_value_log2, masking), float(dropout_p)),
         mask_strides=expanded.stride() if expanded is not None else (0, 0, 0, 0),
         is_bool_mask=mask is not None and mask.dtype == torch.bool, out_strides=output_strides(q, dv),
         pack_gqa=pack, splits=_split_count(rows, b * (hkv if pack else hq), lk, q.device),
@@ -206,7 +223,8 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
     dq, dk, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv_out.zero_()
-    flags = plan.constexprs
+    # rows the forward zeroed have statistics that zero them here too
+    flags = {key: value for key, value in plan.constexprs.items() if key != "ZERO_EMPTY_ROWS"}
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device)
     block_m = 16 if interpreting() else 64

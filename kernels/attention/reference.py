@@ -1,7 +1,14 @@
 """The plain-torch attention formula: the CPU path of the ops and what the tests compare against.
 
 It is the naive code the patterns replace, written once: scores, softcap, masks, softmax,
-dropout, weighted sum, in float32 (float64 for float64 inputs).
+dropout, weighted sum, in float32 (float64 for float64 inputs). `masking` says which code that
+was, as excluded scores and fully masked rows differ between them:
+- "fill": `masked_fill` / `where` / a bool mask: excluded scores become mask_value, no gradient
+  reaches them (a fully masked row: NaN with −inf, the average of V with a finite fill);
+- "add": an additive mask of 0 and mask_value: excluded scores get mask_value added, their
+  gradient passes (a fully masked row with a finite fill is a softmax over score + fill);
+- "sdpa": `F.scaled_dot_product_attention`: as "fill", and a row whose scores are all −inf
+  gives zeros and no gradient (its safe softmax).
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import math
 import torch
 
 LOG2E = 1.0 / math.log(2.0)
+MASKINGS = ("fill", "add", "sdpa")
 
 
 def visible_positions(lq: int, lk: int, causal: bool, window: int, bottom_right: bool,
@@ -30,9 +38,21 @@ def visible_positions(lq: int, lk: int, causal: bool, window: int, bottom_right:
     return keep
 
 
-def _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value):
-    """(softmax probabilities, natural lse, kept-score mask or None, tanh of the softcapped scores or None)
-    with K repeated over the query heads, in the compute dtype."""
+def _softmax(scores, zero_empty_rows: bool):
+    """(softmax, natural lse) over the last dim. With zero_empty_rows, a row whose scores are all −inf
+    gets probabilities 0, no gradient, and lse +inf (probabilities recomputed from it are then 0, as
+    from the kernels' statistics)."""
+    if not zero_empty_rows:
+        return torch.softmax(scores, dim=-1), torch.logsumexp(scores, dim=-1)
+    empty = (scores == -math.inf).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    return (torch.softmax(scores, dim=-1).masked_fill(empty, 0.0),
+            torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], math.inf))
+
+
+def _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value, masking):
+    """(softmax probabilities, natural lse, kept scores where the others pass no gradient (None: all
+    pass), tanh of the softcapped scores or None) with K repeated over the query heads, in the compute dtype."""
     compute = torch.promote_types(q.dtype, torch.float32)
     kf = k.to(compute).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = q.to(compute) @ kf.transpose(-1, -2) * scale
@@ -47,8 +67,10 @@ def _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mas
         else:
             scores = scores + mask.to(compute)
     if keep is not None:
-        scores = scores.masked_fill(~keep, mask_value)
-    return torch.softmax(scores, dim=-1), torch.logsumexp(scores, dim=-1), keep, tanh
+        scores = torch.where(keep, scores, scores + mask_value) if masking == "add" else scores.masked_fill(
+            ~keep, mask_value)
+    probs, lse = _softmax(scores, zero_empty_rows=masking == "sdpa")
+    return probs, lse, None if masking == "add" else keep, tanh
 
 
 def _dropout_scale(probs, dropout_p, generator):
@@ -60,9 +82,9 @@ def _dropout_scale(probs, dropout_p, generator):
 
 
 def reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      masking="fill", generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
-    probs, lse, _, _ = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value)
+    probs, lse, _, _ = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value, masking)
     dropout = _dropout_scale(probs, dropout_p, generator)
     if dropout is not None:
         probs = probs * dropout
@@ -71,11 +93,12 @@ def reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softca
 
 
 def reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+                       masking="fill", generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them: masked_fill passes no
-    gradient to excluded scores (not even NaN), an added float mask passes it."""
+    gradient to excluded scores (not even NaN), an added mask passes it."""
     group = q.shape[1] // k.shape[1]
-    probs, _, keep, tanh = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value)
+    probs, _, keep, tanh = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value,
+                                          masking)
     compute = probs.dtype
     dropout = _dropout_scale(probs, dropout_p, generator)
     do = grad_out.to(compute)
@@ -102,7 +125,7 @@ def reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_ri
 
 
 def attention_reference(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        masking="fill", generator: torch.Generator | None = None) -> torch.Tensor:
     """`fuser::attention` in plain torch (same arguments); dropout draws from `generator`."""
     return reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                             generator)[0]
+                             masking, generator)[0]

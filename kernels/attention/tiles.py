@@ -8,9 +8,13 @@ Tile classes (per 128×128 cell of the score matrix on the GPU, 32×32 under the
 SKIP (every score is excluded by position, a False bool or a float ≤ −FLT_MAX/log2 e),
 FULL (every score visible, mask zero, cell inside the matrix) or PARTIAL. A skipped score
 is at most `skipped_bound` = max(mask_value, −FLT_MAX) in log2 units, so skipping cannot change a row
-whose log-sum-exp is above skipped_bound + 160 (2^−160 is zero in float32). Rows at or below
-it (fully masked rows and their kin) are recomputed without skipping: that keeps the naive
-formula's answer for them — NaN for a −inf fill, the average of V over all keys for a finite one.
+whose log-sum-exp is above skipped_bound + 160 (2^−160 is zero in float32). With an added mask value
+a skipped score is score + skipped_bound: the bound is then skipped_bound / 2 where that is higher
+(exact while scores stay below half the fill's size). Rows at or below the bound (fully masked rows
+and their kin) are recomputed without skipping: that keeps the replaced code's answer for them
+(reference.py) — NaN for a −inf fill, the average of V over all keys for a finite one, a softmax
+over score + fill when added. Rows SDPA zeroes keep a log-sum-exp of +inf, which gives them
+zero probabilities (and gradients) in the backward.
 """
 from __future__ import annotations
 
@@ -97,11 +101,12 @@ def tanh(x):
 @triton.jit
 def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, pos_offset, window, scale, softcap, mask_value_log2,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-                SOFTCAP: tl.constexpr):
+                ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr):
     """(scores in log2 units, kept, d(softcapped score)/d(scaled score)) of one tile.
 
     q_idx/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
-    (position, False in a bool mask; `kept` False) become mask_value, keys past Lk −inf. With MASKED
+    (position, False in a bool mask) become mask_value, or get it added with ADD_MASK_VALUE; keys
+    past Lk −inf. `kept` is False where a score was replaced: no gradient reaches it. With MASKED
     False the tile is known fully visible and inside the matrix (`kept` is then a constant True).
     """
     if SOFTCAP:
@@ -125,7 +130,11 @@ def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, pos_offset, window, scale
         if MASK_KIND == 2:
             added = tl.load(mask_ptrs, mask=in_range & q_ok, other=0.0).to(tl.float32)
             scores = scores + mask_to_log2(added)
-        scores = tl.where(keep, scores, mask_value_log2)
+        if ADD_MASK_VALUE:
+            scores = tl.where(keep, scores, scores + mask_value_log2)
+            keep = in_range
+        else:
+            scores = tl.where(keep, scores, mask_value_log2)
         scores = tl.where(in_range, scores, float("-inf"))
     return scores, keep, softcap_grad
 
