@@ -216,9 +216,6 @@ def check(m) -> str | None:
     gqa_native = m.search is sdpa and m["enable_gqa"]  # SDPA maps query head h to key head h // group
     if (q.shape[1] % (k.shape[1] * m["n_rep"]) if gqa_native else k.shape[1] * m["n_rep"] != q.shape[1]):
         return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {m['n_rep']} times"
-    if q.shape[-1] != v.shape[-1] and q.device.type == "cuda":
-        return (f"q/k head dim {q.shape[-1]} differs from v's {v.shape[-1]}: the GPU kernel faults on this case "
-                "(illegal memory access seen on an H100, 2026-11-24); kept the original")
     if max(q.shape[-1], v.shape[-1]) > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256 (kernel limit)"
     if _scale(m) <= 0:

@@ -67,8 +67,8 @@ def _grouped_mm_shapes(node):
 @structural(_grouped_mm_shapes)
 def grouped_mm(x, weight, offs):
     """Rows [offs[g-1], offs[g]) of x times weight[g]; run eagerly through transformers' op, which
-    takes every dtype (the native kernel takes bf16 only)."""
-    import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
+    takes every dtype (the native kernel takes bf16 only). `experts_arguments` registers the op:
+    an import inside code Dynamo traces fails where nothing imported it before."""
     return torch.ops.transformers.grouped_mm_fallback(x, weight, offs=offs)
 
 
@@ -202,17 +202,22 @@ def _router_scores(routing: str, tokens: int, experts: int, generator: torch.Gen
     return torch.rand(tokens, experts, generator=generator)
 
 
+def experts_arguments(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, top_k: int) -> dict:
+    """The grouped_mm experts' arguments besides the routing, as transformers passes them."""
+    import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
+
+    experts = gate_up_proj.shape[0]
+    return dict(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, top_k=top_k, num_experts=experts,
+                max_expert=experts - 1, histc_dtype=torch.float32, matmul_dtype=None, down_matmul_dtype=None,
+                tokens=x.shape[0], hidden=x.shape[1], out_dtype=None, activation="silu")
+
+
 def _experts_arguments(draw, dtype: torch.dtype, tokens: int, experts: int, top_k: int) -> dict:
-    """The grouped_mm experts' arguments besides the routing: hidden states, weights (any layout), sizes."""
-    # hidden and intermediate from 8 up: with hidden 1 a bf16 gradient of dX is one number, and the
-    # kernel's differs from float64 by 2e-2..1.2e-1 there (open kernel issue, see the issue note)
-    hidden, intermediate = draw(st.integers(8, 40)), draw(st.integers(8, 40))
-    return dict(x=draw(tensors((tokens, hidden), dtype)),
-                gate_up_proj=draw(tensors((experts, 2 * intermediate, hidden), dtype, scale=0.3)),
-                down_proj=draw(tensors((experts, hidden, intermediate), dtype, scale=0.3)),
-                top_k=top_k, num_experts=experts, max_expert=experts - 1, histc_dtype=torch.float32,
-                matmul_dtype=None, down_matmul_dtype=None, tokens=tokens, hidden=hidden, out_dtype=None,
-                activation="silu")
+    """Hidden states and expert weights of any size from 1 and any layout."""
+    hidden, intermediate = draw(sizes(40)), draw(sizes(40))
+    return experts_arguments(draw(tensors((tokens, hidden), dtype)),
+                             draw(tensors((experts, 2 * intermediate, hidden), dtype, scale=0.3)),
+                             draw(tensors((experts, hidden, intermediate), dtype, scale=0.3)), top_k)
 
 
 @st.composite
@@ -231,9 +236,12 @@ def _examples(draw, routing: str | None = None) -> Example:
         top_k = draw(st.integers(1, experts - 1 if starved else experts))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     scores = _router_scores(routing, tokens, experts, generator)
-    return Example(routed_experts, dict(router_probs=scores.softmax(-1).to(dtype),
-                                        **_experts_arguments(draw, dtype, tokens, experts, top_k)),
-                   constants=("router_probs",))
+    return routed_example(scores.softmax(-1).to(dtype), _experts_arguments(draw, dtype, tokens, experts, top_k))
+
+
+def routed_example(router_probs: torch.Tensor, experts: dict) -> Example:
+    """`routed_experts` on these router probabilities and `experts_arguments`."""
+    return Example(routed_experts, dict(router_probs=router_probs, **experts), constants=("router_probs",))
 
 
 def routed_experts(x, router_probs, top_k, **experts_arguments):
@@ -252,12 +260,14 @@ MOE = Pattern("moe", SEARCHES, check, replace, _examples, describe, anchors=(tor
 def routing_tie_problem(top_k: int, experts: int) -> str | None:
     """Why `fuser::moe_route` would not choose the experts `torch.topk` chooses, or None.
 
-    The kernel ranks equal scores lowest expert first; torch.topk's order among equal scores is
-    its own (on CPU it is not lowest index first, and CUDA differs from CPU). Where a tie
-    straddles the k-th place, the two send the token to different experts and the block's output
-    changes; the kernel's own fp32 softmax may also round two scores to a tie that torch's keeps
-    apart, or the other way round. Only when every expert is chosen (top-k = number of experts) is
-    the choice the same whatever the ties (the experts sum over the k choices in any order)."""
+    The kernel chooses the lowest experts among equal scores. torch.topk on CPU does so only on its
+    partial-sort path (k·64 ≤ E); elsewhere std::nth_element chooses by where the other scores
+    lie (top-2 of zeros with a 5 at index 4 is [4, 3]; with the last score -1, [4, 1]). CUDA's
+    single-block top-k keeps the first equal scores too, but the kernel's fp32 softmax may differ
+    from torch's in the last bit (exp, summation order), which makes or breaks a tie. So no device
+    or size rule makes the choice torch's where a tie straddles the k-th place: the token would go
+    to another expert. Only when every expert is chosen (top-k = number of experts) is the choice
+    the same whatever the ties (the experts sum over the k choices in any order)."""
     if top_k == experts:
         return None
     return (f"not exact: on a tie in the router's scores at the k-th place fuser::moe_route chooses the lowest "

@@ -4,28 +4,28 @@ On CPU the real Triton kernels run through the interpreter (conftest sets TRITON
 Routing is checked as a set where scores tie (torch.topk's order among equal scores is its own);
 the experts are checked on given ids, so ties there cannot change which expert a row meets.
 """
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fuser.kernels.moe as moe
+from fuser.kernels.moe.rounding import to_dtype
 from numerics import TOLERANCE, assert_close
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def tolerance(dtype):
-    """The contract's tolerance; doubled for bf16 under the Triton interpreter, which converts fp32 to bf16 by
-    truncation (half the conversions differ from round-to-nearest-even): twice the GPU's worst-case rounding,
-    which a one-element case (nothing to average) can reach."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return TOLERANCE[dtype] * (2 if interpreted and dtype == torch.bfloat16 else 1)
+    """The contract's tolerance, doubled for bf16: these tests compare with float64 alone, and a result of a
+    few elements that sums cancelling terms can miss the tolerance in any code rounding to bf16 (fuzzing
+    measures what the original attains there: fuser/fuzzing.py)."""
+    return TOLERANCE[dtype] * (2 if dtype == torch.bfloat16 else 1)
 
 
 def route_float64(logits, ids, scoring, renormalize, scaling):
@@ -47,6 +47,29 @@ def experts_float64(x, ids, weights, gate, up, down):
         h = F.silu(x[token] @ gate[expert].T) * (x[token] @ up[expert].T)
         out = out.index_add(0, token, (h @ down[expert].T) * weights[token, slot, None])
     return out
+
+
+# --- rounding ------------------------------------------------------------------------------------
+
+@triton.jit
+def _round_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, to_dtype(tl.load(src_ptr + offs, mask=offs < n), dst_ptr.dtype.element_ty), mask=offs < n)
+
+
+def test_bf16_results_round_to_nearest_even_as_torch_does():
+    """The kernels' fp32 -> bf16 rounding is torch's (and the GPU's) bit for bit, under the interpreter
+    too (whose own conversion truncates): random bit patterns, ties both ways, subnormals, overflow, NaN."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bits = torch.randint(-2**31, 2**31, (1 << 16,), generator=torch.Generator().manual_seed(0))
+    special = torch.tensor([0.0, -0.0, 1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1e-40, -3e-39, 3.4e38, float("inf"),
+                            float("-inf"), float("nan")])
+    x = torch.cat([bits.to(torch.int32).view(torch.float32), special]).to(device)
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), 1024)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
 
 
 # --- routing -------------------------------------------------------------------------------------

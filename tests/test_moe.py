@@ -18,9 +18,10 @@ import fuser
 from fuser.experts import FusedMoEBlock, match_moe_module, swap_in_place
 from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
-from fuser.patterns.moe import MOE, MOE_ROUTER, ROUTING_CASES
+import fuser.patterns.moe as moe_patterns
+from fuser.patterns.moe import MOE, MOE_ROUTER, ROUTING_CASES, experts_arguments, routed_example
 from helpers import float64_reference
-from numerics import assert_close
+from numerics import TOLERANCE, assert_close
 
 # `moe` sites per tiny model (2 layers); DeepSeek-V3's first layer is dense (first_k_dense_replace=1)
 EXPECTED_MOE = {"olmoe": 2, "mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "deepseek_v3": 1}
@@ -97,13 +98,17 @@ def test_the_router_is_fused_where_every_expert_is_chosen(arch, overrides, mode)
 
 def test_route_and_topk_choose_other_experts_on_ties():
     """Why `moe_router` is refused below top-k = E: on tied scores the kernel picks the lowest expert
-    indices and torch.topk its own, so the same token goes to other experts."""
+    indices and torch.topk by a rule of its own, so the same token goes to other experts. On CPU
+    that rule even depends on the scores that do not tie (std::nth_element: routing_tie_problem)."""
     logits = torch.zeros(3, 8)
     kernel_device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: the interpreter (conftest)
     _, kernel_ids = torch.ops.fuser.moe_route(logits.to(kernel_device), 2, "softmax", True, None, 1.0, torch.float32)
     torch_ids = torch.topk(logits.softmax(-1), 2, dim=-1).indices
     assert kernel_ids.tolist() == [[0, 1]] * 3
     assert torch_ids.sort(-1).values.tolist() != kernel_ids.tolist()
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 0.0]])
+    lower_last = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, -1.0]])
+    assert torch.topk(scores, 2).indices.tolist() != torch.topk(lower_last, 2).indices.tolist()
 
 
 # --- transformers' experts interface ------------------------------------------------------------
@@ -230,6 +235,50 @@ def test_moe_pattern_on_routing_edge_cases(routing, data):
 def test_moe_router_pattern_values_and_gradients(example):
     errors = run_example(MOE_ROUTER, example)
     assert "drouter_logits" in errors
+
+
+def _cancelling_one_element_dx():
+    """One token of hidden size 1 sent to two experts whose terms of dX nearly cancel."""
+    bf16 = torch.bfloat16
+    return routed_example(torch.tensor([[0.53125, 0.466796875]], dtype=bf16), experts_arguments(
+        torch.tensor([[-0.279296875]], dtype=bf16),
+        torch.tensor([[[0.1279296875], [0.11962890625]], [[0.2099609375], [0.09716796875]]], dtype=bf16),
+        torch.tensor([[[-0.09228515625]], [[0.09521484375]]], dtype=bf16), top_k=2))
+
+
+def _original_dx_error(example) -> float:
+    """The relative error of the original code's own dX (in its dtype) against float64, as fuzzing measures it."""
+    grads = []
+    for dtype in (example.kwargs["x"].dtype, torch.float64):
+        kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in example.kwargs.items()}
+        x = kwargs["x"].requires_grad_()
+        out = example.search(**kwargs)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        grads.append(torch.autograd.grad(out, x, grad_out.to(dtype))[0].double())
+    return ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+
+
+def test_a_one_element_bf16_gradient_is_held_to_what_bf16_attains():
+    """Such a dX is one bf16 number: a few percent off in any code that rounds its intermediates,
+    while the original may be exact by luck. Here the kernel misses both the tolerance and twice
+    the original's error on these inputs, and meets the original's error an ulp away."""
+    example = _cancelling_one_element_dx()
+    errors = run_example(MOE, example)
+    assert errors["dx"] > max(TOLERANCE[torch.bfloat16], 2 * _original_dx_error(example))
+
+
+def test_the_contract_still_fails_a_rewrite_a_few_percent_off(monkeypatch):
+    """The floor rises only where the original's precision cannot do better: on inputs that are not
+    ill-conditioned, a rewrite 3% off fails."""
+    g, bf16 = torch.Generator().manual_seed(0), torch.bfloat16
+    example = routed_example(torch.rand(5, 4, generator=g).softmax(-1).to(bf16), experts_arguments(
+        torch.randn(5, 16, generator=g).to(bf16), (torch.randn(4, 24, 16, generator=g) * 0.3).to(bf16),
+        (torch.randn(4, 16, 12, generator=g) * 0.3).to(bf16), top_k=2))
+    run_example(MOE, example)
+    fused = moe_patterns._fused_experts
+    monkeypatch.setattr(moe_patterns, "_fused_experts", lambda *args: fused(*args) * 1.03)
+    with pytest.raises(AssertionError, match="output: relative L2 error"):
+        run_example(MOE, example)
 
 
 # --- near misses in models ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting
+from .rounding import to_dtype
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)
@@ -37,9 +38,11 @@ def _configs(shapes, block_keys, tiny):
             for *blocks, warps, stages in shapes]
 
 
-# (BLOCK_N, BLOCK_K, GROUP_M, warps, stages); BLOCK_M comes from the plan
+# (BLOCK_N, BLOCK_K, GROUP_M, warps, stages); BLOCK_M comes from the plan. A sweep of 19 tilings on an H100
+# (benchmarks/RESULTS.md, MoE) found the winners among these: deeper pipelines won by 5-7%.
 _ROWS_CONFIGS = _configs(
-    [(128, 64, 8, 8, 4), (64, 64, 8, 8, 4), (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (256, 64, 8, 8, 3)],
+    [(128, 64, 8, 8, 4), (128, 64, 8, 8, 5), (128, 64, 16, 8, 4), (128, 32, 8, 8, 5), (64, 64, 8, 8, 4),
+     (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (256, 64, 8, 8, 4), (256, 64, 8, 8, 3)],
     ("BLOCK_N", "BLOCK_K", "GROUP_M"), (16, 16, 2))
 # (BLOCK_P, BLOCK_Q, BLOCK_R, GROUP_P, warps, stages)
 _WEIGHT_GRAD_CONFIGS = _configs(
@@ -105,13 +108,24 @@ def _k_loop(acc, acc2, a_ptrs, b_ptrs, b2_ptrs, stride_b_k, stride_b2_k, n_ok, K
     return acc, acc2
 
 
+def _tuning_pays(n: int, k: int) -> bool:
+    """Small weights (under 2^20 elements: test and toy models) run the first candidate: tuning them
+    costs seconds of compiling per candidate and gains nothing measurable."""
+    return n * k >= 2**20
+
+
 def _accumulators_fit(configs, named_args, **kwargs):
     """Keep tiles whose fp32 accumulators take at most 128 registers a thread (GATE_UP holds two):
     larger ones spill in the main loop (seen in the sm_90 SASS)."""
     accumulators = 2 if kwargs["EPILOGUE"] == GATE_UP.value else 1
     fit = [config for config in configs
            if accumulators * kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 128 * 32 * config.num_warps]
-    return fit or configs[:1]
+    fit = fit or configs[:1]
+    return fit if _tuning_pays(named_args["N"], named_args["K"]) else fit[:1]
+
+
+def _weight_grad_candidates(configs, named_args, **kwargs):
+    return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]
 
 
 @triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
@@ -173,11 +187,11 @@ def _expert_rows_gemm_kernel(
     out_ty = out_ptr.dtype.element_ty
     if EPILOGUE == GATE_UP:
         weight = tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None]
-        tl.store(out_ptr + pos64 * N + offs_n[None, :], (weight * acc * tl.sigmoid(acc) * acc2).to(out_ty),
+        tl.store(out_ptr + pos64 * N + offs_n[None, :], to_dtype(weight * acc * tl.sigmoid(acc) * acc2, out_ty),
                  mask=keep)
         if EXTRA_OUTPUT:
-            tl.store(act, acc.to(act_ptr.dtype.element_ty), mask=keep)
-            tl.store(act + N, acc2.to(act_ptr.dtype.element_ty), mask=keep)
+            tl.store(act, to_dtype(acc, act_ptr.dtype.element_ty), mask=keep)
+            tl.store(act + N, to_dtype(acc2, act_ptr.dtype.element_ty), mask=keep)
     elif EPILOGUE == GRAD_H:  # acc = d(loss)/d(h) before the routing weight
         gate = tl.load(act, mask=keep, other=0.0).to(tl.float32)
         up = tl.load(act + N, mask=keep, other=0.0).to(tl.float32)
@@ -185,8 +199,8 @@ def _expert_rows_gemm_kernel(
         silu = gate * sig
         grad_h = acc * tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None]
         grad_act = out_ptr + pos64 * (2 * N) + offs_n[None, :]
-        tl.store(grad_act, (grad_h * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=keep)
-        tl.store(grad_act + N, (grad_h * silu).to(out_ty), mask=keep)
+        tl.store(grad_act, to_dtype(grad_h * up * sig * (1.0 + gate * (1.0 - sig)), out_ty), mask=keep)
+        tl.store(grad_act + N, to_dtype(grad_h * silu, out_ty), mask=keep)
         if EXTRA_OUTPUT:  # d(weight) = grad_out . (down @ h) = (grad_out @ down) . h, in sums of PARTIAL_GRAIN
             # columns: every config writes every partial, so autotuning leaves no stale one behind
             grains_per_tile: tl.constexpr = BLOCK_N // PARTIAL_GRAIN
@@ -196,10 +210,11 @@ def _expert_rows_gemm_kernel(
             tl.store(partials_ptr + row_id.to(tl.int64)[:, None] * grains + grain[None, :], partial,
                      mask=row_ok[:, None] & (grain[None, :] < grains))
     else:  # DOWN, GRAD_X
-        tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ty), mask=keep)
+        tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], to_dtype(acc, out_ty), mask=keep)
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"])
+@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"],
+                 prune_configs_by={"early_config_prune": _weight_grad_candidates})
 @triton.jit
 def _expert_weight_grad_kernel(
     plan_ptr, R,
@@ -235,7 +250,7 @@ def _expert_weight_grad_kernel(
                     other=0.0)
         acc = _dot(p_t, q, acc, PRECISION)
     tl.store(out_ptr + (expert.to(tl.int64) * P + offs_p[:, None]) * Q + offs_q[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+             to_dtype(acc, out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
 @triton.jit
@@ -248,7 +263,7 @@ def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, 
         expert = tl.load(ids_ptr + token * TOPK + k)
         width = tl.where((expert >= 0) & (expert < E), H, 0)
         acc += tl.load(rows_ptr + (token * TOPK + k) * H + offs, mask=offs < width, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * H + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
+    tl.store(out_ptr + token * H + offs, to_dtype(acc, out_ptr.dtype.element_ty), mask=offs < H)
 
 
 _TUNED = {}  # launch key -> the autotuner's pick

@@ -4,16 +4,20 @@ Covers the routers of transformers 5.x: softmax over experts in fp32 then top-k 
 Qwen2/3-MoE), and sigmoid scores with a correction bias used only to choose the experts
 (DeepSeek-V3, `n_group == 1`); optional renormalization over the chosen k and a scaling factor.
 
-Order: the k experts come largest score first; equal scores go lowest expert index first, and NaN
-ranks above everything, as in `torch.topk`. torch.topk's order among *equal* scores is its own
-(it differs between CPU and CUDA), so among ties the chosen set may differ from torch's; the
-weights of tied experts are equal, so the block's output does not change.
+Order: the k experts come largest score first, NaN above everything (as in `torch.topk`), and
+equal scores lowest expert index first. torch.topk chooses among equal scores by a rule of its
+own (on CPU it depends on E, k and the other scores), and this kernel's fp32 softmax may differ
+from torch's in the last bit, which makes or breaks a tie: where a tie straddles the k-th place
+the two send the token to different experts, and the block's output changes (tied experts get
+equal weights, not equal weight matrices). The chosen set is torch's whatever the ties only when
+top_k = E (patterns/moe.py: `routing_tie_problem`).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .._common import interpreting, use_triton
+from .rounding import to_dtype
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -64,7 +68,7 @@ def _route_forward_kernel(
     out = rows[:, None] * TOP_K + ks[None, :]
     inside = (rows[:, None] < T) & (ks[None, :] < TOP_K)
     tl.store(ids_ptr + out, ids.to(tl.int64), mask=inside)
-    tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=inside)
+    tl.store(weights_ptr + out, to_dtype(weights, weights_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -97,7 +101,7 @@ def _route_backward_kernel(
         grad_logits = scores * (grad - tl.sum(grad * scores, 1)[:, None])
     inside = in_rows[:, None] & (cols[None, :] < E)
     tl.store(grad_logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
-             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+             to_dtype(grad_logits, grad_logits_ptr.dtype.element_ty), mask=inside)
 
 
 def _launch_shape(T: int, E: int):
