@@ -73,6 +73,13 @@ def program_slots(device: torch.device) -> int:
 
 
 @triton.jit
+def program_rows(n_rows, BLOCK_M: tl.constexpr):
+    """This program's rows as a [BLOCK_M, 1] int64 column (for row pointers) and which of them exist."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows.to(tl.int64)[:, None], rows < n_rows
+
+
+@triton.jit
 def load_rows(row_ptrs, row_ok, cols, n_cols, other, EVICTION: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] block as float32 (`other` outside the matrix)."""
     mask = row_ok[:, None] & (cols < n_cols)[None, :]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowTiling, as_rows, kernels_apply, load_rows, program_slots, store_rows
+from ._common import RowTiling, as_rows, kernels_apply, load_rows, program_rows, program_slots, store_rows
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -69,10 +69,9 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride
                              weight_offset, HAS_WEIGHT: tl.constexpr, WEIGHT_BEFORE_CAST: tl.constexpr,
                              INPUT_DTYPE: tl.constexpr, PRODUCT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride
+    rows, row_ok = program_rows(n_rows, BLOCK_M)
+    x_rows = x_ptr + rows * x_row_stride
+    out_rows = out_ptr + rows * out_row_stride
     block = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         x = load_rows(x_rows, row_ok, block, n_cols, 0.0, "")

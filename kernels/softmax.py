@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowTiling, as_rows, kernels_apply, load_rows, store_rows
+from ._common import RowTiling, as_rows, kernels_apply, load_rows, program_rows, store_rows
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
@@ -32,10 +32,9 @@ def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
 @triton.jit
 def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_row_stride, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride
+    rows, row_ok = program_rows(n_rows, BLOCK_M)
+    x_rows = x_ptr + rows * x_row_stride
+    out_rows = out_ptr + rows * out_row_stride
     block = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         x = load_rows(x_rows, row_ok, block, n_cols, -float("inf"), "")
@@ -62,11 +61,10 @@ def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_ro
 def _softmax_backward_kernel(dy_ptr, y_ptr, dx_ptr, n_rows, n_cols, dy_row_stride, y_row_stride, dx_row_stride,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
     """dx = y * (dy - Σ dy·y)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * dy_row_stride
-    y_rows = y_ptr + rows.to(tl.int64)[:, None] * y_row_stride
-    dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * dx_row_stride
+    rows, row_ok = program_rows(n_rows, BLOCK_M)
+    dy_rows = dy_ptr + rows * dy_row_stride
+    y_rows = y_ptr + rows * y_row_stride
+    dx_rows = dx_ptr + rows * dx_row_stride
     block = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         dy = load_rows(dy_rows, row_ok, block, n_cols, 0.0, "")
