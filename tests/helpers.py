@@ -37,3 +37,13 @@ def float64_reference(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(reference.config, "_experts_implementation", None) is not None:
         reference.config._experts_implementation = "eager"
     return reference
+
+
+def assert_compiled_matches_eager(fn, forward_backward, backend) -> None:
+    """`forward_backward(fn)` (same seed) gives bit for bit the same values with `fn` compiled fullgraph."""
+    torch.manual_seed(0)
+    eager = forward_backward(fn)
+    torch.manual_seed(0)
+    compiled = forward_backward(torch.compile(fn, backend=backend, fullgraph=True))
+    for ours, theirs in zip(compiled, eager):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -14,6 +14,7 @@ from fuser.kernels import rms_norm as kernel
 from fuser.kernels._common import RowTiling
 from fuser.kernels.rms_norm import rms_norm_reference
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
+from helpers import assert_compiled_matches_eager
 from numerics import assert_close, tolerance
 
 # (has weight, weight_offset, weight_before_cast): none, Llama, Olmo2, Gemma, and an offset after the cast.
@@ -156,9 +157,4 @@ def test_compiled_gives_the_same_values(backend):
         out.backward(torch.ones_like(out))
         return out, x.grad, weight.grad
 
-    torch.manual_seed(0)
-    eager = forward_backward(norm)
-    torch.manual_seed(0)
-    compiled = forward_backward(torch.compile(norm, backend=backend, fullgraph=True))
-    for ours, theirs in zip(compiled, eager):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert_compiled_matches_eager(norm, forward_backward, backend)

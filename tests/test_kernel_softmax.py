@@ -13,6 +13,7 @@ from fuser.kernels import softmax as kernel
 from fuser.kernels._common import RowTiling
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 from numerics import assert_close, tolerance
+from helpers import assert_compiled_matches_eager
 
 # Where -inf goes: nowhere, scattered, whole rows (NaN out, as in torch), the first half of every row
 # (the online pass starts on blocks of only -inf).
@@ -124,9 +125,4 @@ def test_compiled_gives_the_same_values(backend):
         out.backward(torch.randn_like(out))
         return out, x.grad
 
-    torch.manual_seed(0)
-    eager = forward_backward(attention_probs)
-    torch.manual_seed(0)
-    compiled = forward_backward(torch.compile(attention_probs, backend=backend, fullgraph=True))
-    for ours, theirs in zip(compiled, eager):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert_compiled_matches_eager(attention_probs, forward_backward, backend)
