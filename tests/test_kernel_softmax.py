@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 from fuser.kernels import softmax as kernel
 from fuser.kernels._common import RowTiling
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
-from numerics import assert_close, tolerance
 from helpers import assert_compiled_matches_eager
+from numerics import assert_close, tolerance
 
 # Where -inf goes: nowhere, scattered, whole rows (NaN out, as in torch), the first half of every row
 # (the online pass starts on blocks of only -inf).
