@@ -350,3 +350,22 @@ def test_torch_compile_aot_eager_gives_the_same_values():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0, equal_nan=True)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_tiny_problems_are_not_tuned():
+    """Tuning compiles every candidate (seconds each on a GPU); a problem of a few thousand scores gains
+    nothing from it, so the pruners keep one candidate there and all that fit elsewhere."""
+    import triton
+
+    from fuser.kernels.attention import backward, forward
+
+    candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2)
+                  for m, n in ((64, 64), (64, 32), (32, 64), (128, 64))]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    sizes = dict(BLOCK_D=64, BLOCK_DV=64)
+    assert len(forward._prune_forward_configs(candidates, dict(Q=q, ROWS_KEY=64, LK_KEY=64), **sizes)) == 1
+    assert len(forward._prune_forward_configs(candidates, dict(Q=q, ROWS_KEY=64, LK_KEY=4096), **sizes)) > 1
+    tiny, long = dict(Q=q, LQ_KEY=64, LK_KEY=64), dict(Q=q, LQ_KEY=2048, LK_KEY=2048)
+    for key_blocks in (True, False):
+        assert len(backward._prune_backward_configs(candidates, tiny, key_blocks, **sizes)) == 1
+        assert len(backward._prune_backward_configs(candidates, long, key_blocks, **sizes)) > 1

@@ -393,3 +393,18 @@ def test_compiles_fullgraph_without_graph_breaks():
         assert_close(ours, theirs, torch.float32)
     with torch.no_grad():
         assert_close(compiled(x, logits, gate_up, down), eager, torch.float32)
+
+
+def test_small_weights_are_not_tuned():
+    """Small expert weights (toy models, tests) run the first fitting candidate: tuning compiles each."""
+    import triton
+
+    from fuser.kernels.moe import gemm
+
+    candidates = [triton.Config({"BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4)
+                  for n in (128, 64, 256)]
+    fit = dict(EPILOGUE=gemm.DOWN.value, BLOCK_M=128)
+    assert len(gemm._accumulators_fit(candidates, dict(N=64, K=96), **fit)) == 1
+    assert len(gemm._accumulators_fit(candidates, dict(N=2048, K=1024), **fit)) == 3
+    assert len(gemm._weight_grad_candidates(candidates, dict(P=64, Q=96))) == 1
+    assert len(gemm._weight_grad_candidates(candidates, dict(P=2048, Q=2048))) == 3

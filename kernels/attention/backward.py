@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreting
-from .forward import load_tile, mma_operand, registers_fit
+from .forward import load_tile, mma_operand, registers_fit, tuning_pays
 from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, probabilities, query_tiles, rows_saturated,
                     tile_scores)
 
@@ -331,7 +331,8 @@ def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):
         accumulators = n * (block_d + block_dv) if key_blocks else m * block_d
         if shared <= 200 * 1024 and registers_fit(accumulators, 4 * m * n, warps):
             kept.append(config)
-    return kept or configs[-1:]
+    kept = kept or configs[-1:]
+    return kept if tuning_pays(named_args["LQ_KEY"], named_args["LK_KEY"]) else kept[:1]
 
 
 def _configs(shapes):

@@ -363,6 +363,12 @@ def registers_fit(accumulators: int, temporaries: int, warps: int) -> bool:
     return (accumulators + temporaries) / (32 * warps) <= 192
 
 
+def tuning_pays(rows_key: int, lk_key: int) -> bool:
+    """Tiny problems (at most 2^14 scores per head: tests, toy models, short prompts) run the first
+    candidate that fits: each candidate costs seconds of compiling and they all take microseconds."""
+    return rows_key * lk_key > 2**14
+
+
 def _prune_forward_configs(configs, named_args, **kwargs):
     """Keep configs whose K/V pipeline fits in shared memory, whose registers do not spill and whose
     rows suit the row count."""
@@ -375,7 +381,8 @@ def _prune_forward_configs(configs, named_args, **kwargs):
         row_fit = m <= max(16, rows) and (m >= 64 or rows <= 64)
         if shared <= 200 * 1024 and row_fit and registers_fit(m * block_dv, 2 * m * n, warps):
             kept.append(config)
-    return kept or configs[-1:]
+    kept = kept or configs[-1:]
+    return kept if tuning_pays(rows, named_args["LK_KEY"]) else kept[:1]
 
 
 _FORWARD_KEY = ["ROWS_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOWED", "MASK_KIND", "SOFTCAP", "DROPOUT",
