@@ -280,10 +280,16 @@ def test_reference_path_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     case = ExpertsCase(9, 20, 11, 5, 2, torch.bfloat16, False, "sentinel", "views", 0)
     check_experts(case)
-    logits = torch.randn(7, 6, requires_grad=True)
-    weights, ids = torch.ops.fuser.moe_route(logits, 2, "softmax", True, None, 1.0, torch.float32)
-    expected = route_float64(logits.detach().double(), ids, "softmax", True, 1.0)
-    assert_close(weights, expected, torch.float32)
+    for scoring, renormalize, experts, top_k in [("softmax", True, 6, 2), ("sigmoid", True, 6, 2),
+                                                 ("softmax", False, 1, 1), ("sigmoid", False, 5, 5)]:
+        logits = torch.randn(7, experts, requires_grad=True)
+        weights, ids = torch.ops.fuser.moe_route(logits, top_k, scoring, renormalize, None, 2.5, torch.float32)
+        reference_logits = logits.detach().double().requires_grad_()
+        expected = route_float64(reference_logits, ids, scoring, renormalize, 2.5)
+        assert_close(weights, expected, torch.float32)
+        grad = torch.randn_like(weights)  # the op's body runs below autograd: its backward is closed-form
+        assert_close(torch.autograd.grad(weights, logits, grad)[0],
+                     torch.autograd.grad(expected, reference_logits, grad.double())[0], torch.float32)
 
 
 # --- against transformers' own blocks ------------------------------------------------------------

@@ -122,6 +122,23 @@ def route_reference(router_logits, top_k, scoring, renormalize, bias, scaling):
     return weights * scaling, ids
 
 
+def route_backward_reference(grad_weights, router_logits, ids, scoring, renormalize, scaling):
+    """d(logits) of `route_reference` in closed form, as the kernel computes it (an op's body runs
+    below autograd, so it cannot differentiate the forward there)."""
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+    grad = torch.zeros_like(scores).scatter_add_(1, ids, grad_weights.float() * scaling)
+    if renormalize:  # w_j = s_j / S over the chosen j
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids, True)
+        total = torch.where(chosen, scores, 0.0).sum(1, keepdim=True)
+        grad = torch.where(chosen, (grad - (grad * scores).sum(1, keepdim=True) / total) / total, 0.0)
+    if scoring == "sigmoid":
+        grad_logits = grad * scores * (1.0 - scores)
+    else:
+        grad_logits = scores * (grad - (grad * scores).sum(1, keepdim=True))
+    return grad_logits.to(router_logits.dtype)
+
+
 def _check(router_logits, top_k, scoring):
     if scoring not in SCORINGS:
         raise ValueError(f"moe_route: scoring must be one of {SCORINGS}, got {scoring!r}")
@@ -165,14 +182,7 @@ def moe_route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, 
                        renormalize: bool, scaling: float) -> torch.Tensor:
     T, E = router_logits.shape
     if not use_triton(router_logits, grad_weights):
-        logits = router_logits.detach().float().requires_grad_()
-        with torch.enable_grad():
-            scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
-            weights = scores.gather(1, ids)
-            if renormalize:
-                weights = weights / weights.sum(-1, keepdim=True)
-            (grad,) = torch.autograd.grad(weights * scaling, logits, grad_weights.float())
-        return grad.to(router_logits.dtype)
+        return route_backward_reference(grad_weights, router_logits, ids, scoring, renormalize, scaling)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     grad_logits = torch.empty(T, E, dtype=router_logits.dtype, device=logits.device)
     if T:
