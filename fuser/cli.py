@@ -155,7 +155,8 @@ def fuzz(args) -> int:
     try:
         for target in args.targets or list(BY_NAME):
             if target in BY_NAME:
-                result = fuser.fuzz(target, max_examples=args.max_examples, seed=args.seed, grads=not args.no_grads)
+                result = fuser.fuzz(target, max_examples=args.max_examples, seed=args.seed, grads=not args.no_grads,
+                                    device=args.device)
             else:
                 model, model_args, model_kwargs = load_model(target, args)
                 result = fuser.fuzz(model, *model_args, max_examples=args.max_examples, seed=args.seed,

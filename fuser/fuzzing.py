@@ -30,6 +30,7 @@ from torch import fx
 from fuser.backend import Options, transform
 from fuser.capture import capture
 from fuser.graph import value
+from fuser.kernels._common import interpreting
 from fuser.matcher import Match, find
 from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
@@ -54,6 +55,7 @@ class FuzzResult:
     failure: str | None = None    # the shrunk failing example and what went wrong
     seed: int | None = None
     sites: list[str] = field(default_factory=list)  # the sites fuzzed (for a model)
+    ran: str = ""  # what computed the fused ops: it decides what the run proves
 
     def __str__(self) -> str:
         status = "ok" if self.ok else "FAILED"
@@ -63,7 +65,17 @@ class FuzzResult:
         errors = [f"{k}: {v:.1e}" for k, v in self.worst_error.items()]
         text += "; worst error " + (", ".join(errors) if len(errors) <= 4 else "".join(f"\n  {e}" for e in errors)) \
             if errors else ""
+        text += f"\n  the fused ops ran as {self.ran}" if self.ran else ""
         return text + (f"\n{self.failure}\nreproduce with seed={self.seed}" if self.failure else "")
+
+
+def _what_runs(device: str) -> str:
+    if device == "cuda":
+        return "Triton kernels on CUDA"
+    if interpreting():
+        return "Triton kernels through the interpreter"
+    return ("their plain-torch references (set TRITON_INTERPRET=1 before starting Python to fuzz the Triton "
+            "kernels on the CPU)")
 
 
 def _to64(value: Any) -> Any:
@@ -212,16 +224,21 @@ def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> di
 
 
 def fuzz(target: str | Callable, *args: Any, max_examples: int = 100, seed: int | None = None, grads: bool = True,
-         **kwargs: Any) -> FuzzResult:
+         device: str | None = None, **kwargs: Any) -> FuzzResult:
     """Fuzz a pattern of the library by name (see `fuser.patterns.BY_NAME`), or every site the
-    backend rewrites in `target(*args, **kwargs)` (a model or any function of tensors)."""
+    backend rewrites in `target(*args, **kwargs)` (a model or any function of tensors).
+
+    A pattern's examples run on `device` (default: CUDA when there is one), a model's on its own."""
     seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     if isinstance(target, str):
         if args or kwargs:
             raise TypeError(f"fuser.fuzz({target!r}): a pattern draws its own inputs; pass inputs only with a model")
         if target not in BY_NAME:
             raise ValueError(f"fuser.fuzz: unknown pattern {target!r}; known patterns are {', '.join(BY_NAME)}")
-        return _fuzz_pattern(BY_NAME[target], max_examples, seed, grads)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return _fuzz_pattern(BY_NAME[target], max_examples, seed, grads, device)
+    if device is not None:
+        raise TypeError("fuser.fuzz: `device` is for patterns; a model's examples run where its inputs are")
     if not callable(target):
         raise TypeError(f"fuser.fuzz: the target is a pattern name or a model to call, not {type(target).__name__}")
     return _fuzz_model(target, args, kwargs, max_examples, seed, grads)
@@ -255,11 +272,17 @@ def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[
     return result
 
 
-def _fuzz_pattern(pattern: Pattern, max_examples: int, seed: int, grads: bool) -> FuzzResult:
-    result = FuzzResult(pattern.name, ok=True, seed=seed)
-    return _hunt(result, pattern.examples(),
+def _fuzz_pattern(pattern: Pattern, max_examples: int, seed: int, grads: bool, device: str) -> FuzzResult:
+    result = FuzzResult(pattern.name, ok=True, seed=seed, ran=_what_runs(device))
+    return _hunt(result, pattern.examples().map(lambda example: _on(example, device)),
                  lambda example: _record(result, pattern.name, run_example(pattern, example, grads=grads)),
                  max_examples)
+
+
+def _on(example: Example, device: str) -> Example:
+    """The example with its tensors on `device` (strategies draw them on the CPU)."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.kwargs.items()}
+    return Example(example.search, moved, example.constants)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +453,9 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
 def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, seed: int, grads: bool) -> FuzzResult:
     graphs = capture_model(model, args, kwargs, Options().selected_patterns())
     name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
-    result = FuzzResult(name, ok=True, seed=seed, sites=[s.name for g in graphs for s in g.sites])
+    devices = [t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    result = FuzzResult(name, ok=True, seed=seed, sites=[s.name for g in graphs for s in g.sites],
+                        ran=_what_runs(devices[0] if devices else "cpu"))
     log.info("fuzz %s: %d graph(s), sites: %s", name, len(graphs), ", ".join(result.sites) or "none")
     if not result.sites:
         return result

@@ -77,3 +77,13 @@ def test_patterns_still_fuzz_by_name():
     result = fuser.fuzz("softmax", max_examples=3, seed=0)
     assert result.ok and result.examples >= 3 and all(math.isfinite(e) for e in result.worst_error.values())
     assert {p.name for p in PATTERNS} >= {"softmax", "rms_norm", "attention"}
+
+
+def test_the_result_says_what_ran_the_fused_ops(monkeypatch):
+    """A fuzz run proves the code that ran: the kernels (here through the interpreter) or the references."""
+    assert "ran as Triton kernels through the interpreter" in str(fuser.fuzz("softmax", max_examples=2, seed=0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "ran as their plain-torch references (set TRITON_INTERPRET=1" in str(
+        fuser.fuzz("softmax", max_examples=2, seed=0, device="cpu"))
+    with pytest.raises(TypeError, match="`device` is for patterns"):
+        fuser.fuzz(torch.nn.Softmax(-1), torch.randn(3, 4), device="cpu")
