@@ -93,13 +93,26 @@ def softcapped(scores, cap):
     return scores if cap == 0 else torch.tanh(scores / cap) * cap
 
 
+def _broadcasts_to(mask, scores) -> bool:
+    """Whether the mask's shape broadcasts to the scores' shape (and not the scores to a larger one)."""
+    mask, scores = _meta(mask), _meta(scores)
+    if not (isinstance(mask, torch.Tensor) and isinstance(scores, torch.Tensor)) or mask.dim() > scores.dim():
+        return False
+    try:
+        return tuple(torch.broadcast_shapes(mask.shape, scores.shape)) == tuple(scores.shape)
+    except RuntimeError:
+        return False
+
+
 def _masked_shapes(node):
     """`s + mask` (additive), `s.masked_fill(mask, fill)` (True = masked), `torch.where(mask, s, fill)`
     (True = kept), or no mask."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.add:
-        for scores, mask in (node.args, node.args[::-1]):
-            if isinstance(mask, fx.Node) and _meta(mask) is not None and _meta(mask).dim() == 4 \
-                    and isinstance(scores, fx.Node):
+        # a mask of any rank ([Lq, Lk], [H, Lq, Lk], [B, 1, 1, Lk], ...): check() rejects one that does
+        # not broadcast to the scores; the order whose mask does is tried first
+        orders = sorted((node.args, node.args[::-1]), key=lambda pair: not _broadcasts_to(pair[1], pair[0]))
+        for scores, mask in orders:
+            if isinstance(mask, fx.Node) and isinstance(_meta(mask), torch.Tensor) and isinstance(scores, fx.Node):
                 yield scores, (mask, 0.0, "add"), (node,)
     if isinstance(node, fx.Node) and node.target in ("masked_fill", torch.masked_fill) and _literal(node.args[2]):
         yield node.args[0], (node.args[1], float(node.args[2]), "drop"), (node,)
@@ -233,10 +246,13 @@ def check(m) -> str | None:
             return "the mask is not a bool or float tensor"
         if mask.requires_grad:
             return "the additive mask takes a gradient (a learned bias); the kernel gives none"
+        scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
-            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+            fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
         except RuntimeError:
-            return f"mask of shape {tuple(mask.shape)} does not broadcast to the scores"
+            fits = False
+        if not fits:
+            return f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape {scores}"
     if m.search is sdpa:
         return _sdpa_worth_it(m)
     return None
@@ -267,6 +283,8 @@ def replace(m):
         mask = torch.logical_not(m["mask"]) if how == "drop" else m["mask"]
         if how == "add" and m.meta("mask").dtype == torch.bool:  # scores + bool adds 0 or 1
             mask = mask.to(m.meta("q").dtype)
+        if m.meta("mask").dim() < 4:  # [Lq, Lk], [H, Lq, Lk], ...: broadcast from the right, as torch does
+            mask = mask[(None,) * (4 - m.meta("mask").dim())]
     softcap = m["softcap"] if m.search is attention else 0.0
     return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, _scale(m), causal, window, bottom_right, softcap,
                                      m["dropout_p"], fill, _masking(m, plan))
@@ -304,11 +322,13 @@ def _examples(draw) -> Example:
     v = draw(tensors((batch, kv_heads, lk, dv), dtype))
     mask_kind = draw(st.sampled_from(["none", "additive", "keep", "drop"]))
     mask, how, fill = None, "none", 0.0
+    mask_shape = draw(st.sampled_from([(batch, 1, lq, lk), (1, 1, lq, lk), (lq, lk), (kv_heads * n_rep, lq, lk)]))
     if mask_kind == "additive":
-        keep = draw(tensors((batch, 1, lq, lk), torch.float32, layout="contiguous")) > -0.5
+        keep = draw(tensors(mask_shape, torch.float32, layout="contiguous")) > -0.5
         mask, how = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype), "add"
     elif mask_kind in ("keep", "drop"):
-        keep = draw(tensors((1, 1, lq, lk), torch.float32, layout="contiguous")) > -0.3
+        keep = draw(tensors(mask_shape[1:] if len(mask_shape) == 4 else mask_shape, torch.float32,
+                            layout="contiguous")) > -0.3
         keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
         mask, how, fill = (keep if mask_kind == "keep" else ~keep), mask_kind, float("-inf")
     upcast = draw(st.booleans())

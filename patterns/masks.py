@@ -74,14 +74,28 @@ def _offset(value: Any) -> Any:
 
 
 def _placed(index: Index, selector: Any) -> Index | None:
-    """`index[None, None, :, None]`: the one full slice among four entries names the axis."""
-    if not isinstance(selector, tuple) or len(selector) != 4:
+    """`index[None, None, :, None]`: the one full slice names the axis, counted from the right as
+    broadcasting aligns (`index[:, None]` is the query axis of an [Lq, Lk] mask)."""
+    if not isinstance(selector, tuple) or not 1 <= len(selector) <= 4:
         return None
     slots = [i for i, s in enumerate(selector) if isinstance(s, slice)]
     if len(slots) != 1 or selector[slots[0]] != slice(None) or any(s is not None for i, s in enumerate(selector)
                                                                    if i != slots[0]):
         return None
-    return Index(_AXES[slots[0]], index.offset)
+    return Index(_AXES[4 - len(selector) + slots[0]], index.offset)
+
+
+def _adds_leading_axes(node: fx.Node) -> bool:
+    """`mask[None, None]` / `mask[None, :, :]` / `mask.unsqueeze(0)`: new leading axes only, every
+    value keeps its axis counted from the right (as broadcasting aligns them)."""
+    name, args = _name(node), node.args
+    if name == "unsqueeze":
+        return (args[1:2] or (node.kwargs.get("dim"),))[0] == 0
+    if name != "getitem" or not isinstance(args[1], tuple):
+        return False
+    selector = args[1]
+    n = next((i for i, s in enumerate(selector) if s is not None), len(selector))
+    return n > 0 and all(isinstance(s, slice) and s == slice(None) for s in selector[n:])
 
 
 def _compare(op: str, a: Any, b: Any) -> Keep | None:
@@ -169,12 +183,18 @@ def _evaluate(node: Any, depth: int = 0) -> Any:
         base = _evaluate(args[0], depth + 1)
         if isinstance(base, Index) and base.axis is None:
             return _placed(base, args[1])
+        if isinstance(base, Keep) and _adds_leading_axes(node):
+            return base
         table = _meta(args[0])
-        if isinstance(args[1], tuple) and len(args[1]) == 2 and isinstance(table, torch.Tensor) \
-                and table.dtype == torch.bool and table.dim() == 2:
-            rows, cols = (_evaluate(a, depth + 1) for a in args[1])
-            if rows == Index("batch", 0) and cols == Index("kv", 0):
+        if isinstance(table, torch.Tensor) and table.dtype == torch.bool and table.dim() == 2:
+            selector = args[1]  # table[:, None, None, :]: a [B, Lk] table as a [B, 1, 1, Lk] mask
+            if isinstance(selector, tuple) and [s is None for s in selector] == [False, True, True, False] \
+                    and all(isinstance(s, slice) and s == slice(None) for s in selector[::3]):
                 return Keep(padding=args[0])
+            if isinstance(args[1], tuple) and len(args[1]) == 2:
+                rows, cols = (_evaluate(a, depth + 1) for a in args[1])
+                if rows == Index("batch", 0) and cols == Index("kv", 0):
+                    return Keep(padding=args[0])
         return None
     if name in _COMPARISONS:
         right = args[1] if _offset(args[1]) is not None else _evaluate(args[1], depth + 1)
@@ -186,6 +206,9 @@ def _evaluate(node: Any, depth: int = 0) -> Any:
         return True
     if name in _PASS_THROUGH:
         return _evaluate(args[0], depth + 1)
+    if name == "unsqueeze" and _adds_leading_axes(node):
+        base = _evaluate(args[0], depth + 1)
+        return base if isinstance(base, Keep) else None
     if name in ("triu", "tril"):
         base = _evaluate(args[0], depth + 1)
         diagonal = args[1] if len(args) > 1 else node.kwargs.get("diagonal", 0)
@@ -205,14 +228,40 @@ def _zero(value: Any) -> bool:
     return value == 0
 
 
+def _constant_fill(node: Any) -> Any:
+    """The number a `full(size, fill)` / `full_like(x, fill)` / `x.new_full(size, fill)` node holds, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    name, args = _name(node), node.args
+    fill = {"full": args[1:2], "full_like": args[1:2], "new_full": args[2:3]}.get(name, ())
+    fill = fill[0] if fill else node.kwargs.get("fill_value")
+    return fill if isinstance(fill, (int, float)) and not isinstance(fill, bool) else None
+
+
+def _additive_triangle(mask: fx.Node) -> tuple[Keep, float] | None:
+    """`triu(full((L, L), fill), d)`: fill where j − i ≥ d, 0 elsewhere (kept: i − j ≥ 1 − d);
+    `tril(full(...), d)`: fill where j − i ≤ d (kept: i − j ≤ −d − 1)."""
+    name = _name(mask)
+    if name not in ("triu", "tril"):
+        return None
+    fill = _constant_fill(mask.args[0])
+    diagonal = mask.args[1] if len(mask.args) > 1 else mask.kwargs.get("diagonal", 0)
+    if fill is None or not isinstance(diagonal, int) or isinstance(diagonal, bool):
+        return None
+    return (Keep(lo=1 - diagonal) if name == "triu" else Keep(hi=-diagonal - 1)), fill
+
+
 def recognize(mask: Any, how: str, fill: Any, lq: Any, lk: Any) -> MaskPlan | None:
     """The plan for a mask used as `how` ("add": scores + mask; "keep": where(mask, scores, fill);
     "drop": scores.masked_fill(mask, fill)), or None when its construction is not understood."""
     if mask is None:
         return MaskPlan(False, 0, False, None, float("-inf"))
     if how == "add":  # additive masks of transformers: where(keep, 0, finfo.min), perhaps cast or expanded
-        while isinstance(mask, fx.Node) and _name(mask) in _PASS_THROUGH:
+        while isinstance(mask, fx.Node) and (_name(mask) in _PASS_THROUGH or _adds_leading_axes(mask)):
             mask = mask.args[0]
+        triangle = _additive_triangle(mask) if isinstance(mask, fx.Node) else None
+        if triangle is not None:  # triu(full((L, L), -inf), 1): the causal mask of research code
+            return _plan(triangle[0], float(triangle[1]), lq, lk)
         if not (isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target == torch.where):
             return None
         condition, kept_value, fill = mask.args

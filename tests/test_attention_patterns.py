@@ -111,6 +111,71 @@ def test_an_additive_padding_mask_passes_gradient_on_rows_that_see_only_padding(
         assert_close(got, want, torch.float32)
 
 
+def _padding():
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[0, :4] = False
+    return keep
+
+
+# masks of every rank that broadcasts to the scores [B, H, L, L]: (function of q, k, v, mask; the mask; the mode)
+LOWER_RANK_MASKS = {
+    "2-D additive causal from triu": (
+        lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + torch.triu(
+            torch.full((L, L), float("-inf")), 1).to(q.dtype), -1) @ v, None, "causal, no mask read"),
+    "2-D float mask": (lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + m, -1) @ v,
+                       torch.randn(L, L, generator=torch.Generator().manual_seed(1)), "mask read as a tensor"),
+    "3-D bool mask, masked_fill": (
+        lambda q, k, v, m: torch.softmax((q @ k.transpose(-2, -1) * 0.25).masked_fill(m, float("-inf")), -1) @ v,
+        ~CAUSAL.expand(H, L, L).clone(), "mask read as a tensor"),
+    "[B, 1, 1, L] padding, where": (
+        lambda q, k, v, m: torch.softmax(torch.where(m[:, None, None, :], q @ k.transpose(-2, -1) * 0.25,
+                                                     float("-inf")), -1) @ v, _padding(), "key padding"),
+    "[B, 1, 1, L] additive padding tensor": (
+        lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + m, -1) @ v,
+        torch.where(_padding(), 0.0, -1e9)[:, None, None, :].clone(), "mask read as a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", LOWER_RANK_MASKS)
+def test_masks_of_lower_rank_are_matched(case):
+    """Any mask that broadcasts to [B, H, Lq, Lk] ([L, L], [H, L, L], [B, 1, 1, L]) is one match, and
+    its construction is still recognized (triu of a -inf fill is causal)."""
+    fn, mask, mode = LOWER_RANK_MASKS[case]
+    q, k, v = _qkv()
+    out, report = compile_and_run(fn, q, k, v, mask, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    assert mode in report.matches[0].mode, report
+    ref_mask = mask.double() if mask is not None and mask.dtype.is_floating_point else mask
+    assert_close(out, fn(q.double(), k.double(), v.double(), ref_mask), torch.float32)
+
+
+def test_gradients_through_a_2d_additive_mask():
+    fn, mask, _ = LOWER_RANK_MASKS["2-D float mask"]
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out, report = compile_and_run(fn, q, k, v, mask, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(fn(*leaves, mask.double()).sum(), leaves)
+    for got, ref in zip(grads, want):
+        assert_close(got, ref, torch.float32)
+
+
+def test_a_mask_that_does_not_broadcast_to_the_scores_is_left_alone():
+    """scores [1, H, L, L] + mask [3, 1, L, L] is a [3, H, L, L] tensor: not an attention the kernel computes."""
+    mask = torch.randn(3, 1, L, L)
+    q, k, v = (t[:1] for t in _qkv())
+
+    def fn(q, k, v, m):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.25 + m, -1) @ v
+
+    out, report = compile_and_run(fn, q, k, v, mask)
+    assert "attention" not in report.counts(), report
+    assert any(n.pattern == "attention" and f"mask of shape (3, 1, {L}, {L}) does not broadcast to the scores' "
+               f"shape (1, {H}, {L}, {L})" in n.reason for n in report.near_misses), report
+    assert_close(out, fn(q.double(), k.double(), v.double(), mask.double()), torch.float32)
+
+
 NEAR_MISSES = {
     # name: (function, what the report must say, or None when no attention site should be seen at all)
     "softmax over the queries": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-2) @ v,
