@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowTiling, as_rows, kernels_apply, load_rows, program_rows, program_slots, store_rows
+from ._common import (RowTiling, as_rows, kernels_apply, load_rows, program_rows, program_slots, store_rows,
+                      to_dtype)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -59,8 +60,8 @@ def _normalize_and_store(x, rstd, out_rows, row_ok, cols, n_cols, w_ptr, weight_
         if WEIGHT_BEFORE_CAST:
             y = y * (weight_offset + w)[None, :]
         else:
-            scale = (weight_offset + w).to(w_ptr.dtype.element_ty).to(tl.float32)
-            y = (y.to(INPUT_DTYPE).to(tl.float32) * scale[None, :]).to(PRODUCT_DTYPE)
+            scale = to_dtype(weight_offset + w, w_ptr.dtype.element_ty).to(tl.float32)
+            y = to_dtype(to_dtype(y, INPUT_DTYPE).to(tl.float32) * scale[None, :], PRODUCT_DTYPE)
     store_rows(out_rows, row_ok, cols, n_cols, y)
 
 
@@ -178,7 +179,7 @@ def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.c
         parts = start + tl.arange(0, BLOCK_P)
         mask = (parts < n_partials)[:, None] & (cols < n_cols)[None, :]
         acc += tl.sum(tl.load(partial_ptr + parts[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+    tl.store(out_ptr + cols, to_dtype(acc, out_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,

@@ -22,7 +22,7 @@ import functools
 import triton
 import triton.language as tl
 
-from .._common import interpreting
+from .._common import interpreting, to_dtype
 from .forward import load_tile, mma_operand, registers_fit, tuning_pays
 from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, probabilities, query_tiles, rows_saturated,
                     tile_scores)
@@ -87,13 +87,13 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
         dp_t = tl.where(undropped_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
     else:
         dropped_t = p_t
-    dv = tl.dot(mma_operand(dropped_t.to(Q_head.dtype.element_ty), UPCAST), do, dv, input_precision=DOT_PRECISION)
+    dv = tl.dot(mma_operand(to_dtype(dropped_t, Q_head.dtype.element_ty), UPCAST), do, dv, input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:
         ds_t = ds_t * softcap_grad_t
     if MASKED:  # excluded scores were replaced, they pass no gradient (not even NaN)
         ds_t = tl.where(keep_t, ds_t, 0.0)
-    ds_t = mma_operand(ds_t.to(Q_head.dtype.element_ty), UPCAST)
+    ds_t = mma_operand(to_dtype(ds_t, Q_head.dtype.element_ty), UPCAST)
     dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -184,9 +184,9 @@ def _attention_dkdv_kernel(
                                        PAD_DV, masked == 1, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
                                        DROPOUT, UPCAST, DOT_PRECISION)
     tl.store(dK + batch * sdkb + kv_head * sdkh + k_idx[:, None] * sdkl + d[None, :] * sdkd,
-             (dk * scale).to(dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
+             to_dtype(dk * scale, dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
     tl.store(dV + batch * sdvb + kv_head * sdvh + k_idx[:, None] * sdvl + dvi[None, :] * sdvd,
-             dv.to(dV.dtype.element_ty), mask=k_ok[:, None] & (dvi < Dv)[None, :])
+             to_dtype(dv, dV.dtype.element_ty), mask=k_ok[:, None] & (dvi < Dv)[None, :])
 
 
 @triton.jit
@@ -219,7 +219,7 @@ def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl,
         ds = ds * softcap_grad
     if MASKED:
         ds = tl.where(keep, ds, 0.0)
-    return tl.dot(mma_operand(ds.to(k_base.dtype.element_ty), UPCAST), k, dq, input_precision=DOT_PRECISION)
+    return tl.dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), UPCAST), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -315,7 +315,7 @@ def _attention_dq_kernel(
                       dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
                       ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
     tl.store(dQ + batch * sdqb + head * sdqh + q_idx[:, None] * sdql + d[None, :] * sdqd,
-             (dq * scale).to(dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
+             to_dtype(dq * scale, dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
 
 
 def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting
+from .._common import interpreting, to_dtype
 from .tiles import FULL, LOG2E, PARTIAL, SKIP, dropout_keep, key_tiles, rows_saturated, tile_scores
 
 
@@ -102,7 +102,7 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, 
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         p = tl.where(undropped, p * (1.0 / (1.0 - dropout_p)), 0.0)
     v = load_tile(v_base + k_idx[:, None] * svl + dv[None, :] * svd, k_ok, dv < Dv, MASKED, PAD_DV)
-    acc = tl.dot(mma_operand(p.to(v.dtype), UPCAST), mma_operand(v, UPCAST), acc * alpha[:, None],
+    acc = tl.dot(mma_operand(to_dtype(p, v.dtype), UPCAST), mma_operand(v, UPCAST), acc * alpha[:, None],
                  input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -259,7 +259,7 @@ def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, sob
     """
     dv = tl.arange(0, BLOCK_DV)
     rows = batch * sob + q_head.to(tl.int64) * soh + q_idx.to(tl.int64) * sol
-    tl.store(Out + rows[:, None] + dv[None, :] * sod, out.to(Out.dtype.element_ty),
+    tl.store(Out + rows[:, None] + dv[None, :] * sod, to_dtype(out, Out.dtype.element_ty),
              mask=q_ok[:, None] & (dv < Dv)[None, :])
     stats = Stats + batch * ssb + q_head.to(tl.int64) * ssh + q_idx.to(tl.int64) * ssl
     tl.store(stats, shift, mask=q_ok)

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting
-from .rounding import to_dtype
+from .._common import interpreting, to_dtype
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)

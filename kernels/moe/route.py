@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, use_triton
-from .rounding import to_dtype
+from .._common import interpreting, to_dtype, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
