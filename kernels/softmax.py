@@ -30,6 +30,21 @@ def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
 
 
 @triton.jit
+def _row_statistics(x_rows, row_ok, block, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(max, 1 / sum of exp(x - max)) of rows longer than one block, in one online pass."""
+    row_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_last")
+        new_max = tl.maximum(row_max, tl.max(x, axis=1))
+        # Subtract 0 while everything so far is -inf, so the sum stays 0 instead of NaN (-inf - -inf).
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        row_max = new_max
+    return row_max, 1.0 / row_sum
+
+
+@triton.jit
 def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_row_stride, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
     rows, row_ok = program_rows(n_rows, BLOCK_M)
@@ -41,16 +56,7 @@ def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_ro
         e = tl.exp(x - tl.max(x, axis=1)[:, None])
         store_rows(out_rows, row_ok, block, n_cols, e * (1.0 / tl.sum(e, axis=1))[:, None])
     else:
-        row_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
-        row_sum = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_last")
-            new_max = tl.maximum(row_max, tl.max(x, axis=1))
-            # Subtract 0 while everything so far is -inf, so the sum stays 0 instead of NaN (-inf - -inf).
-            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-            row_max = new_max
-        inverse_sum = 1.0 / row_sum
+        row_max, inverse_sum = _row_statistics(x_rows, row_ok, block, n_cols, BLOCK_M, BLOCK_N)
         for start in range(0, n_cols, BLOCK_N):
             x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_first")
             store_rows(out_rows, row_ok, start + block, n_cols,
@@ -58,27 +64,32 @@ def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_ro
 
 
 @triton.jit
-def _softmax_backward_kernel(dy_ptr, y_ptr, dx_ptr, n_rows, n_cols, dy_row_stride, y_row_stride, dx_row_stride,
+def _softmax_backward_kernel(dy_ptr, x_ptr, dx_ptr, n_rows, n_cols, dy_row_stride, x_row_stride, dx_row_stride,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
-    """dx = y * (dy - Σ dy·y)."""
+    """dx = y * (dy - Σ dy·y), with y recomputed from x in float32: a saved y rounded to a 16-bit output
+    loses what the subtraction cancels (near one-hot rows), where the upcast original keeps float32."""
     rows, row_ok = program_rows(n_rows, BLOCK_M)
     dy_rows = dy_ptr + rows * dy_row_stride
-    y_rows = y_ptr + rows * y_row_stride
+    x_rows = x_ptr + rows * x_row_stride
     dx_rows = dx_ptr + rows * dx_row_stride
     block = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         dy = load_rows(dy_rows, row_ok, block, n_cols, 0.0, "")
-        y = load_rows(y_rows, row_ok, block, n_cols, 0.0, "")
+        x = load_rows(x_rows, row_ok, block, n_cols, -float("inf"), "")
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        y = e * (1.0 / tl.sum(e, axis=1))[:, None]
         store_rows(dx_rows, row_ok, block, n_cols, y * (dy - tl.sum(dy * y, axis=1)[:, None]))
     else:
+        row_max, inverse_sum = _row_statistics(x_rows, row_ok, block, n_cols, BLOCK_M, BLOCK_N)
         dot = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             dy = load_rows(dy_rows, row_ok, start + block, n_cols, 0.0, "evict_last")
-            y = load_rows(y_rows, row_ok, start + block, n_cols, 0.0, "evict_last")
-            dot += tl.sum(dy * y, axis=1)
+            x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_last")
+            dot += tl.sum(dy * tl.exp(x - row_max[:, None]) * inverse_sum[:, None], axis=1)
         for start in range(0, n_cols, BLOCK_N):
             dy = load_rows(dy_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
-            y = load_rows(y_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
+            x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_first")
+            y = tl.exp(x - row_max[:, None]) * inverse_sum[:, None]
             store_rows(dx_rows, row_ok, start + block, n_cols, y * (dy - dot[:, None]))
 
 
@@ -94,18 +105,17 @@ def softmax_forward(x: torch.Tensor, out_dtype: torch.dtype, tiling: RowTiling |
     return out.view(x.shape)
 
 
-def softmax_backward_launch(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype,
-                            tiling: RowTiling | None = None) -> torch.Tensor:
-    """Launch the backward kernel; dx comes back in `x_dtype`."""
-    grad_rows, out_rows = as_rows(grad_out), as_rows(out)
-    n_rows, n_cols = out_rows.shape
-    dx = torch.empty(out_rows.shape, dtype=x_dtype, device=out.device)
+def softmax_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, tiling: RowTiling | None = None) -> torch.Tensor:
+    """Launch the backward kernel; dx comes back in x's dtype."""
+    grad_rows, x_rows = as_rows(grad_out), as_rows(x)
+    n_rows, n_cols = x_rows.shape
+    dx = torch.empty(x_rows.shape, dtype=x.dtype, device=x.device)
     tiling = tiling or backward_tiling(n_rows, n_cols)
     _softmax_backward_kernel[(triton.cdiv(n_rows, tiling.block_m),)](
-        grad_rows, out_rows, dx, n_rows, n_cols, grad_rows.stride(0), out_rows.stride(0), dx.stride(0),
+        grad_rows, x_rows, dx, n_rows, n_cols, grad_rows.stride(0), x_rows.stride(0), dx.stride(0),
         BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, ROW_FITS=n_cols <= tiling.block_n,
         num_warps=tiling.num_warps)
-    return dx.view(out.shape)
+    return dx.view(x.shape)
 
 
 def softmax_reference(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -114,10 +124,10 @@ def softmax_reference(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return torch.softmax(x.to(compute), -1).to(out_dtype)
 
 
-def softmax_backward_reference(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
-    compute = torch.float64 if torch.float64 in (out.dtype, x_dtype) else torch.float32
-    y, dy = out.to(compute), grad_out.to(compute)
-    return (y * (dy - (dy * y).sum(-1, keepdim=True))).to(x_dtype)
+def softmax_backward_reference(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y, dy = torch.softmax(x.to(compute), -1), grad_out.to(compute)
+    return (y * (dy - (dy * y).sum(-1, keepdim=True))).to(x.dtype)
 
 
 @torch.library.custom_op("fuser::softmax", mutates_args=())
@@ -134,35 +144,27 @@ def _(x, out_dtype):
 
 
 @torch.library.custom_op("fuser::softmax_backward", mutates_args=())
-def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
-    """dx = out * (grad_out - Σ grad_out·out), in `x_dtype`."""
-    if kernels_apply(grad_out, out, out_dtype=x_dtype):
-        return softmax_backward_launch(grad_out, out, x_dtype)
-    return softmax_backward_reference(grad_out, out, x_dtype).contiguous()
+def softmax_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dx = y * (grad_out - Σ grad_out·y) for y = softmax(x) in float32, in x's dtype."""
+    if kernels_apply(grad_out, x, out_dtype=x.dtype):
+        return softmax_backward_launch(grad_out, x)
+    return softmax_backward_reference(grad_out, x).contiguous()
 
 
 @softmax_backward.register_fake
-def _(grad_out, out, x_dtype):
-    return out.new_empty(out.shape, dtype=x_dtype)
-
-
-def keeps_precision(out_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
-    """Whether the output is as precise as x, so the backward can use it as saved."""
-    return out_dtype in (x_dtype, torch.float32, torch.float64)
+def _(grad_out, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, out_dtype = inputs
-    ctx.x_dtype = x.dtype
-    # The backward needs y at x's precision: a rounded-down output (fp32 x, bf16 out) is recomputed.
-    ctx.save_for_backward(output if keeps_precision(out_dtype, x.dtype) else x)
-    ctx.recompute = not keeps_precision(out_dtype, x.dtype)
+    # x, not y: the backward recomputes y in float32 (a 16-bit y would lose what its subtraction cancels),
+    # for the bytes a saved y would take
+    ctx.save_for_backward(inputs[0])
 
 
 def _backward(ctx, grad_out):
-    (saved,) = ctx.saved_tensors
-    out = torch.ops.fuser.softmax.default(saved, torch.float32) if ctx.recompute else saved
-    return torch.ops.fuser.softmax_backward.default(grad_out, out, ctx.x_dtype), None
+    (x,) = ctx.saved_tensors
+    return torch.ops.fuser.softmax_backward.default(grad_out, x), None
 
 
 softmax.register_autograd(_backward, setup_context=_setup_context)
