@@ -5,6 +5,7 @@ the naive code) and the rest of the graph goes to Inductor (default) or runs eag
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -96,10 +97,18 @@ def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | N
                   mode: str | None = None, **_: Any) -> Callable:
     """Dynamo backend: rewrite, then compile the rest with Inductor (honouring `mode`) or run it eagerly."""
     opts = Options.parse(options)
-    _reports.append(transform(gm, example_inputs, opts))
+    report = transform(gm, example_inputs, opts)
+    _reports.append(report)
     if opts.codegen == "eager":
         return gm.forward
+    import torch._functorch.config as functorch_config
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+    # AOTAutograd's cache keys a graph by its forward: a cached backward would outlive a change to a
+    # fused op's Python autograd (seen: a stale backward calling an op with its old arguments)
+    fresh_autograd = functorch_config.patch(enable_autograd_cache=False) \
+        if report.matches and hasattr(functorch_config, "enable_autograd_cache") else contextlib.nullcontext()
+    with fresh_autograd:
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
 

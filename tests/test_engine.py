@@ -243,3 +243,19 @@ def test_backend_name_works_without_importing_fuser():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert out.returncode == 0, out.stderr
     assert "{'softmax': 1}" in out.stdout
+
+
+def test_graphs_with_fused_ops_skip_the_autograd_cache():
+    """AOTAutograd's cache keys a graph by its forward; a cached backward would outlive a change to a fused
+    op's autograd (a stale backward once called an op with its old arguments), so such graphs skip it."""
+    from torch._dynamo.utils import counters
+
+    def scores(x):
+        return torch.softmax(x @ x.transpose(-1, -2), -1)
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(2, 8, 8, requires_grad=True)
+    torch.compile(scores, backend="fuser")(x).sum().backward()
+    assert counters["aot_autograd"]["ok"] == 1
+    assert not any(key.startswith("autograd_cache") for key in counters["aot_autograd"]), counters["aot_autograd"]
