@@ -94,8 +94,9 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # inputs about one ulp away from an example's, on which the original is measured again where a
-# rewrite misses the tolerance
-NEIGHBOURS = 4
+# rewrite misses the tolerance (4 underestimated the original's spread: a one-element fp16 RMSNorm row
+# whose dx the fp32 original gets 25% wrong there and at least 32% wrong at one of 8 neighbours)
+NEIGHBOURS = 8
 
 
 @dataclass(frozen=True)
