@@ -147,18 +147,25 @@ def time_forward_backward(fn, q, k, v, causal):
 # correctness first
 # -------------------------------------------------------------------------------------------------
 
-CHECKS = [  # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, window, bottom_right, softcap, mask kind
-    ("D128 causal", 2, 4, 4, 300, 300, 128, 128, True, 0, False, 0.0, None),
-    ("D64 full GQA 4", 2, 8, 2, 257, 333, 64, 64, False, 0, False, 0.0, None),
-    ("D32", 1, 2, 2, 200, 200, 32, 32, True, 0, False, 0.0, None),
-    ("D80 window", 1, 4, 2, 300, 300, 80, 80, True, 64, False, 0.0, None),
-    ("D96 softcap", 1, 4, 4, 190, 250, 96, 96, True, 0, True, 30.0, None),
-    ("D256", 1, 2, 1, 150, 170, 256, 256, False, 0, False, 0.0, None),
-    ("MLA 192/128", 1, 4, 4, 160, 160, 192, 128, True, 0, False, 0.0, None),
-    ("key padding", 2, 4, 2, 130, 260, 128, 128, False, 0, False, 0.0, "padding"),
-    ("HF float mask", 2, 4, 4, 260, 260, 64, 64, False, 0, False, 0.0, "hf"),
-    ("decode Lq=1 GQA", 2, 32, 8, 1, 3000, 128, 128, True, 0, True, 0.0, None),
-    ("Lq=7 decode padding", 2, 16, 2, 7, 2500, 64, 64, True, 0, True, 0.0, "padding"),
+CHECKS = [  # name, B, Hq, Hkv, Lq, Lk, D, Dv, causal, window, bottom_right, softcap, mask kind, masking
+    ("D128 causal", 2, 4, 4, 300, 300, 128, 128, True, 0, False, 0.0, None, "fill"),
+    ("D64 full GQA 4", 2, 8, 2, 257, 333, 64, 64, False, 0, False, 0.0, None, "fill"),
+    ("D32", 1, 2, 2, 200, 200, 32, 32, True, 0, False, 0.0, None, "fill"),
+    ("D80 window", 1, 4, 2, 300, 300, 80, 80, True, 64, False, 0.0, None, "fill"),
+    ("D96 softcap", 1, 4, 4, 190, 250, 96, 96, True, 0, True, 30.0, None, "fill"),
+    ("D256", 1, 2, 1, 150, 170, 256, 256, False, 0, False, 0.0, None, "fill"),
+    ("MLA 192/128", 1, 4, 4, 160, 160, 192, 128, True, 0, False, 0.0, None, "fill"),
+    ("key padding", 2, 4, 2, 130, 260, 128, 128, False, 0, False, 0.0, "padding", "fill"),
+    ("HF float mask", 2, 4, 4, 260, 260, 64, 64, False, 0, False, 0.0, "hf", "fill"),
+    ("decode Lq=1 GQA", 2, 32, 8, 1, 3000, 128, 128, True, 0, True, 0.0, None, "fill"),
+    ("Lq=7 decode padding", 2, 16, 2, 7, 2500, 64, 64, True, 0, True, 0.0, "padding", "fill"),
+    # fully masked rows in each masking (reference.py): NaN, softmax over score + fill, SDPA's zeros
+    ("hidden rows, fill -inf", 2, 4, 2, 150, 150, 64, 64, False, 0, False, 0.0, "hidden rows", "fill"),
+    ("hidden rows, add finfo.min", 2, 4, 4, 260, 260, 64, 64, False, 0, False, 0.0, "hf", "add"),
+    ("hidden rows, add -inf", 2, 4, 2, 150, 200, 128, 128, True, 0, True, 0.0, "hidden rows", "add"),
+    ("hidden rows, sdpa", 2, 8, 2, 150, 150, 128, 128, True, 0, False, 0.0, "hidden rows", "sdpa"),
+    ("hidden rows, sdpa decode", 2, 32, 8, 1, 3000, 128, 128, True, 0, True, 0.0, "hidden rows", "sdpa"),
+    ("MLA hidden rows, sdpa", 2, 4, 4, 130, 130, 192, 128, True, 0, False, 0.0, "hidden rows", "sdpa"),
 ]
 
 
@@ -190,7 +197,7 @@ def autotuning_slot(slot: int, slots: int):
 
 def run_check(check) -> str:
     """One correctness check (first candidate config only: this is about values, not speed)."""
-    name, b, hq, hkv, lq, lk, d, dv, causal, window, bottom_right, softcap, mask_kind = check
+    name, b, hq, hkv, lq, lk, d, dv, causal, window, bottom_right, softcap, mask_kind, masking = check
     with autotuning_slot(slot=1, slots=1):
         q, k, v = make_inputs(b, hq, hkv, lq, lk, d, dv)
         mask, mask_value = None, -math.inf
@@ -202,7 +209,11 @@ def run_check(check) -> str:
             mask_value = torch.finfo(torch.bfloat16).min
             mask = hf_float_mask(b, lq, lk)
             mask[0, ..., :40] = mask_value  # left padding: the first rows see nothing
-        literals = (d ** -0.5, causal, window, bottom_right, softcap, 0.0, mask_value)
+        elif mask_kind == "hidden rows":  # key padding hiding the whole first sequence
+            keep = torch.rand(b, 1, 1, lk, device=DEVICE) > 0.2
+            keep[0] = False
+            mask = keep.expand(b, hq, lq, lk)
+        literals = (d ** -0.5, causal, window, bottom_right, softcap, 0.0, mask_value, masking)
         try:
             out = torch.ops.fuser.attention(q, k, v, mask, *literals)
             grad = torch.randn_like(out)

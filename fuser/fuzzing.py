@@ -60,8 +60,10 @@ class FuzzResult:
     def __str__(self) -> str:
         status = "ok" if self.ok else "FAILED"
         text = f"fuzz {self.target}: {status} after {self.examples} example(s)"
-        if self.sites or not self.worst_error:
-            text += f", {len(self.sites)} site(s)" if self.sites else " (nothing to fuzz: no site is rewritten)"
+        if self.sites:
+            text += f", {len(self.sites)} site(s)"
+        elif self.ok and not self.worst_error:
+            text += " (nothing to fuzz: no site is rewritten)"
         errors = [f"{k}: {v:.1e}" for k, v in self.worst_error.items()]
         text += "; worst error " + (", ".join(errors) if len(errors) <= 4 else "".join(f"\n  {e}" for e in errors)) \
             if errors else ""
@@ -173,7 +175,7 @@ def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
     a one-element RMSNorm row, whose gradient is eps-sized and cancels in float32), and above what the
     original's precision attains near these inputs (`_attainable`)."""
     ref, plain = original(leaves)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) \
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.device) \
         if out.requires_grad and ref.requires_grad else None
     ours, want = _results(out, leaves, "ours", grad_out), _results(ref, leaves, "ref", grad_out)
     theirs = _results(plain, leaves, "plain", grad_out)

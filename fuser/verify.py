@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}
@@ -51,6 +52,28 @@ def _to64(x: Any) -> Any:
     return x
 
 
+def grouped_mm_float64(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`torch._grouped_mm` as plain matmuls, for float64 (the grouped kernels take 16/32-bit floats
+    only). Groups end at `offs`: rows of a 2-D `a` against a 3-D `b`, columns of a 2-D `b` against a
+    3-D `a`, the shared dim when both are 2-D (one output per group); 3-D with 3-D is a batch."""
+    if offs is None:
+        out = a @ b
+    else:
+        starts = [0, *offs[:-1].tolist()]
+        spans = [slice(start, end) for start, end in zip(starts, offs.tolist())]
+        if a.dim() == 2 and b.dim() == 3:
+            out = torch.cat([a[span] @ b[g] for g, span in enumerate(spans)])
+        elif a.dim() == 3 and b.dim() == 2:
+            out = torch.cat([a[g] @ b[:, span] for g, span in enumerate(spans)], dim=1)
+        else:
+            out = torch.stack([a[:, span] @ b[span] for span in spans])
+    return out if bias is None else out + bias
+
+
+_GROUPED_MM = {torch._grouped_mm, torch.ops.aten._grouped_mm.default, getattr(F, "grouped_mm", torch._grouped_mm)}
+
+
 def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = False) -> Any:
     """Evaluate `nodes` (in graph order) from `inputs`: as written, or with all floating math in float64."""
     cast = _to64 if float64 else (lambda x: x)
@@ -58,7 +81,9 @@ def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = 
     for node in nodes:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
         args, kwargs = fx.node.map_aggregate((args, kwargs), cast)
-        if node.op == "call_function":
+        if node.op == "call_function" and float64 and node.target in _GROUPED_MM:
+            env[node] = grouped_mm_float64(*args, **kwargs)
+        elif node.op == "call_function":
             env[node] = node.target(*args, **kwargs)
         elif node.op == "call_method":
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowTiling, as_rows, kernels_apply, load_rows, program_rows, store_rows
+from ._common import RowTiling, as_rows, exp, kernels_apply, load_rows, program_rows, store_rows
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
@@ -39,7 +39,7 @@ def _row_statistics(x_rows, row_ok, block, n_cols, BLOCK_M: tl.constexpr, BLOCK_
         new_max = tl.maximum(row_max, tl.max(x, axis=1))
         # Subtract 0 while everything so far is -inf, so the sum stays 0 instead of NaN (-inf - -inf).
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        row_sum = row_sum * exp(row_max - shift) + tl.sum(exp(x - shift[:, None]), axis=1)
         row_max = new_max
     return row_max, 1.0 / row_sum
 
@@ -53,14 +53,14 @@ def _softmax_forward_kernel(x_ptr, out_ptr, n_rows, n_cols, x_row_stride, out_ro
     block = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         x = load_rows(x_rows, row_ok, block, n_cols, -float("inf"), "")
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        e = exp(x - tl.max(x, axis=1)[:, None])
         store_rows(out_rows, row_ok, block, n_cols, e * (1.0 / tl.sum(e, axis=1))[:, None])
     else:
         row_max, inverse_sum = _row_statistics(x_rows, row_ok, block, n_cols, BLOCK_M, BLOCK_N)
         for start in range(0, n_cols, BLOCK_N):
             x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_first")
             store_rows(out_rows, row_ok, start + block, n_cols,
-                        tl.exp(x - row_max[:, None]) * inverse_sum[:, None])
+                        exp(x - row_max[:, None]) * inverse_sum[:, None])
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def _softmax_backward_kernel(dy_ptr, x_ptr, dx_ptr, n_rows, n_cols, dy_row_strid
     if ROW_FITS:
         dy = load_rows(dy_rows, row_ok, block, n_cols, 0.0, "")
         x = load_rows(x_rows, row_ok, block, n_cols, -float("inf"), "")
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        e = exp(x - tl.max(x, axis=1)[:, None])
         y = e * (1.0 / tl.sum(e, axis=1))[:, None]
         store_rows(dx_rows, row_ok, block, n_cols, y * (dy - tl.sum(dy * y, axis=1)[:, None]))
     else:
@@ -85,11 +85,11 @@ def _softmax_backward_kernel(dy_ptr, x_ptr, dx_ptr, n_rows, n_cols, dy_row_strid
         for start in range(0, n_cols, BLOCK_N):
             dy = load_rows(dy_rows, row_ok, start + block, n_cols, 0.0, "evict_last")
             x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_last")
-            dot += tl.sum(dy * tl.exp(x - row_max[:, None]) * inverse_sum[:, None], axis=1)
+            dot += tl.sum(dy * exp(x - row_max[:, None]) * inverse_sum[:, None], axis=1)
         for start in range(0, n_cols, BLOCK_N):
             dy = load_rows(dy_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
             x = load_rows(x_rows, row_ok, start + block, n_cols, -float("inf"), "evict_first")
-            y = tl.exp(x - row_max[:, None]) * inverse_sum[:, None]
+            y = exp(x - row_max[:, None]) * inverse_sum[:, None]
             store_rows(dx_rows, row_ok, start + block, n_cols, y * (dy - dot[:, None]))
 
 

@@ -259,3 +259,23 @@ def test_graphs_with_fused_ops_skip_the_autograd_cache():
     torch.compile(scores, backend="fuser")(x).sum().backward()
     assert counters["aot_autograd"]["ok"] == 1
     assert not any(key.startswith("autograd_cache") for key in counters["aot_autograd"]), counters["aot_autograd"]
+
+
+def test_float64_reference_runs_grouped_mm():
+    """The float64 reference of a site evaluates `torch._grouped_mm` (whose kernels take no float64:
+    model fuzzing of transformers' grouped_mm experts on the GPU failed there) as plain matmuls."""
+    from torch import fx
+    from fuser.verify import run_nodes
+
+    def experts(x, weight, offs):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+
+    graph = fx.symbolic_trace(experts).graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    x, weight = torch.randn(7, 8), torch.randn(3, 16, 8)
+    offs = torch.tensor([2, 2, 7], dtype=torch.int32)  # the middle expert gets no row
+    out = run_nodes(nodes, dict(zip(placeholders, (x, weight, offs))), float64=True)
+    expected = torch.cat([x[:2].double() @ weight[0].double().T, x[2:].double() @ weight[2].double().T])
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, to_dtype, use_triton
+from .._common import exp, interpreting, to_dtype, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -30,9 +30,9 @@ def _router_scores(logits_ptr, stride_t, rows, cols, T, E, SIGMOID: tl.constexpr
                      other=0.0).to(tl.float32)
     logits = tl.where(cols[None, :] < E, logits, float("-inf"))  # padding rows stay finite
     if SIGMOID:
-        scores = 1.0 / (1.0 + tl.exp(-logits))
+        scores = 1.0 / (1.0 + exp(-logits))
     else:
-        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
+        shifted = exp(logits - tl.max(logits, 1)[:, None])
         scores = shifted / tl.sum(shifted, 1)[:, None]
     return tl.where(cols[None, :] < E, scores, 0.0)
 
