@@ -97,17 +97,22 @@ def store_rows(row_ptrs, row_ok, cols, n_cols, value):
 # |t|·2^-24 in the exponent, 6e-6 relative at t = 100 (30x torch's expf), which float32 softmax
 # gradients amplify where dy − Σdy·y cancels (GPU fuzz: an fp32 row of 87, dx 2.1e-5 against the
 # 1e-5 contract). `exp` carries the product's rounding error, and log2 e's own, into a first-order
-# correction; outside -150 < t < 128 the result is 0 or inf either way (and ±inf would give NaN there).
+# correction. The GPU's 2^t flushes subnormal results to 0 (t < -126), where torch's expf keeps
+# them (GPU fuzz: a float32 row of 2 with y = [1, 1e-40] gave dx = 0, relative error 1): 2^(t + 64)
+# then scaled by 2^-64 keeps them. Outside -150 < t < 128 the result is 0 or inf either way (and
+# ±inf would make the correction NaN there).
 _LOG2E_LOW = tl.constexpr(1.9259629911266175e-08)  # log2(e) − float32(log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def exp(x):
-    """exp of float32 `x` to within a few ulp of the true value, like torch's expf."""
+    """exp of float32 `x` to within a few ulp of the true value, subnormal results included, like torch's expf."""
     t = x * 1.4426950408889634
     low = tl.fma(x, 1.4426950408889634, -t) + x * _LOG2E_LOW
-    return tl.exp2(t) * (1.0 + tl.where((t > -150.0) & (t < 128.0), low, 0.0) * _LN2)
+    subnormal = t < -125.0
+    power = tl.exp2(tl.where(subnormal, t + 64.0, t)) * (1.0 + tl.where((t > -150.0) & (t < 128.0), low, 0.0) * _LN2)
+    return tl.where(subnormal, power * 5.421010862427522e-20, power)  # 2^-64
 
 
 # fp32 -> bf16 rounding that is the GPU's under the interpreter too: the interpreter converts by
