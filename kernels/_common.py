@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 TORCH_TO_TRITON_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,28 +94,6 @@ def store_rows(row_ptrs, row_ok, cols, n_cols, value):
     tl.store(row_ptrs + cols[None, :], to_dtype(value, row_ptrs.dtype.element_ty), mask=mask)
 
 
-# exp(x) = 2^(x·log2 e): the GPU's tl.exp rounds x·log2 e to float32 before its 2^t, an error of
-# |t|·2^-24 in the exponent, 6e-6 relative at t = 100 (30x torch's expf), which float32 softmax
-# gradients amplify where dy − Σdy·y cancels (GPU fuzz: an fp32 row of 87, dx 2.1e-5 against the
-# 1e-5 contract). `exp` carries the product's rounding error, and log2 e's own, into a first-order
-# correction. The GPU's 2^t flushes subnormal results to 0 (t < -126), where torch's expf keeps
-# them (GPU fuzz: a float32 row of 2 with y = [1, 1e-40] gave dx = 0, relative error 1): 2^(t + 64)
-# then scaled by 2^-64 keeps them. Outside -150 < t < 128 the result is 0 or inf either way (and
-# ±inf would make the correction NaN there).
-_LOG2E_LOW = tl.constexpr(1.9259629911266175e-08)  # log2(e) − float32(log2(e))
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def exp(x):
-    """exp of float32 `x` to within a few ulp of the true value, subnormal results included, like torch's expf."""
-    t = x * 1.4426950408889634
-    low = tl.fma(x, 1.4426950408889634, -t) + x * _LOG2E_LOW
-    subnormal = t < -125.0
-    power = tl.exp2(tl.where(subnormal, t + 64.0, t)) * (1.0 + tl.where((t > -150.0) & (t < 128.0), low, 0.0) * _LN2)
-    return tl.where(subnormal, power * 5.421010862427522e-20, power)  # 2^-64
-
-
 # fp32 -> bf16 rounding that is the GPU's under the interpreter too: the interpreter converts by
 # truncating the low 16 bits (and mangles subnormals), the GPU rounds to nearest even; on CPU, bf16
 # results came out about 3x further from float64 than on the GPU, and biased, so tests measured the
@@ -133,3 +112,20 @@ def to_dtype(x, dtype: tl.constexpr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+# exp on the GPU: tl.exp computes 2^(x·log2 e) with the product rounded to float32 (an error of |t|·2^-24
+# in the exponent: 6e-6 relative at t = 100, 30x torch's expf) and an approximate 2^t that flushes
+# subnormal results to 0. Float32 softmax gradients amplify the first where dy − Σdy·y cancels, and
+# the second zeroes y = 1e-40 that torch keeps (the GPU fuzz found both: dx 2.1e-5 against the 1e-5
+# contract on a row of 87; dx = 0, relative error 1, on a row of 2). libdevice's expf is torch's.
+# The interpreter computes exp with numpy, exactly rounded.
+
+
+@triton.jit
+def exp(x):
+    """exp of float32 `x` within an ulp or two, subnormal results included, like torch's expf."""
+    if _INTERPRETING:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
