@@ -279,3 +279,24 @@ def test_float64_reference_runs_grouped_mm():
     expected = torch.cat([x[:2].double() @ weight[0].double().T, x[2:].double() @ weight[2].double().T])
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected)
+
+
+def test_fuzz_accepts_a_gradient_below_float64_resolution(monkeypatch):
+    """A float32 softmax row [46.2, -8.8]: the exact dx is ±2.3e-24 and the kernel gives it; float64
+    evaluation of the original gives [0, -2.3e-24] (its y rounds to [1, 1.3e-24]), a relative error
+    of 1 that is float64's, not the kernel's. A dx 1% off on an ordinary row is still caught."""
+    from fuser.fuzzing import run_example
+    from fuser.kernels import softmax as softmax_kernel
+    from fuser.patterns import BY_NAME
+    from fuser.patterns.base import Example
+    from fuser.patterns.softmax import softmax as softmax_search
+
+    def example(values):
+        return Example(softmax_search, dict(x=torch.tensor(values), compute_dtype=None, dim=-1, out_dtype=None))
+
+    errors = run_example(BY_NAME["softmax"], example([46.229881286621094, -8.80286693572998]))
+    assert errors["dx"] == pytest.approx(1.0, rel=1e-3)  # against float64's [0, -2.3e-24]
+    launch = softmax_kernel.softmax_backward_launch
+    monkeypatch.setattr(softmax_kernel, "softmax_backward_launch", lambda dy, x: launch(dy, x) * 1.01)
+    with pytest.raises(AssertionError, match="gradient of x"):
+        run_example(BY_NAME["softmax"], example([0.3, -1.2, 2.0]))

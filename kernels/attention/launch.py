@@ -148,7 +148,9 @@ def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, drop
     expanded = kernel_mask(mask, b, hq, lq, lk) if mask is not None else None
     pack = group > 1 and lq < 64
     rows = group * lq if pack else lq
-    block_d, block_dv = max(16, _pow2(d)), max(16, _pow2(dv))
+    # 32 at least: Triton 3.6 on the H100 reads past shared memory in the masked tiles' p·v dot with 16-wide
+    # V blocks (compute-sanitizer, tiny DeepSeek-V3: Dv 16, causal + padding mask)
+    block_d, block_dv = max(32, _pow2(d)), max(32, _pow2(dv))
     can_skip = causal or window > 0 or mask is not None
     fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     constexprs = dict(
