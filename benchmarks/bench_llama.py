@@ -23,9 +23,10 @@ from fuser.verify import numerics_error, numerics_problem, tolerance
 
 def check_architectures() -> list[str]:
     """Rewrite counts and logits of every tiny architecture, eager and sdpa attention, bf16 on the GPU,
-    against the same model in float64 (left padding: the first sequence's first 5 tokens are hidden).
+    against the same model in float32 (left padding: the first sequence's first 5 tokens are hidden).
     The bf16 original's own error sets the floor: at padded positions SDPA's bf16 backends and its
-    float64 math backend disagree (fully masked rows)."""
+    float32 run disagree (fully masked rows). Not float64: the grouped_mm experts take no float64 on
+    CUDA, and eager masks of finfo(float64).min overflow to NaN where two are added."""
     lines = []
     # DeepSeek-V3 last: its distinct q/v head dims are the kernel's rarest case
     for arch in sorted(ARCHITECTURES, key=lambda a: a == "deepseek_v3"):
@@ -42,10 +43,11 @@ def check_architectures() -> list[str]:
                     out = torch.compile(model, backend="fuser", options={"codegen": "eager"})(
                         ids, attention_mask=mask).logits
                     original = model(ids, attention_mask=mask).logits
-                    ref = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
+                    torch.backends.cuda.matmul.allow_tf32 = False
+                    ref = copy.deepcopy(model).float()(ids, attention_mask=mask).logits.double()
                 original_error = numerics_error(original, ref)
                 problem = numerics_problem(out.double(), ref, max(tolerance(torch.bfloat16), 2 * original_error))
-                errors = f"ours {numerics_error(out, ref):.1e}, bf16 original {original_error:.1e} from float64"
+                errors = f"ours {numerics_error(out, ref):.1e}, bf16 original {original_error:.1e} from float32"
             except Exception as error:  # report it and go on: the table shows every architecture
                 problem = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             lines.append(f"{arch:12s} {impl:5s} {str(fuser.last_report().counts()):55s} "
