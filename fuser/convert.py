@@ -36,7 +36,7 @@ from fuser.experts import FusedMoEBlock, looks_like_moe_block, match_moe_module,
 from fuser.module_graphs import Run, gradient_problems, rewrite_modules
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.rewriter import prepare, rewrite
-from fuser.verify import numerics_problem, run_nodes_float64, tolerance
+from fuser.verify import numerics_problem, run_nodes, tolerance
 
 ATTENTION_IMPLEMENTATION = "fuser"
 WITHOUT_EXAMPLES = ("no example inputs, so only norms, MoE blocks and transformers' attention were tried; "
@@ -196,7 +196,7 @@ def _check_fused_call(call: FusedCall, module: nn.Module, forward: OneOpForward)
         inputs = {node: x64 if role == ("input",) else parameters64[role[1]]
                   for node, role in zip(placeholders, forward.inputs)}
         with torch.enable_grad() if gradients else torch.no_grad():
-            ref = run_nodes_float64(nodes, inputs)
+            ref = run_nodes(nodes, inputs, float64=True)
             fused, own = call(module, (x_fused,), {}), module(x_own)
             problem = _forward_problem((("the fused op", fused), ("the module's own forward", own)), ref)
             if problem is None and gradients:

@@ -36,7 +36,7 @@ from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
 from fuser.report import MatchRecord
 from fuser.rewriter import prepare, rewrite
-from fuser.verify import capture_values, numerics_problem, run_nodes, run_nodes_float64, tolerance
+from fuser.verify import capture_values, numerics_problem, run_nodes, tolerance
 
 log = logging.getLogger("fuser.fuzz")
 
@@ -162,9 +162,9 @@ def _attainable(original: Original, neighbours: list[list[Leaf]], want: dict, gr
     for leaves in neighbours:
         ref, plain = original(leaves)
         exact, written = _results(ref, leaves, "ref", grad_out), _results(plain, leaves, "plain", grad_out)
-        for key, value in exact.items():
-            if value is not None and written.get(key) is not None and want.get(key) is not None:
-                floor[key] = max(floor.get(key, 0.0), 2 * _rel_error(written[key], value), _rel_error(value, want[key]))
+        for key, result in exact.items():
+            if result is not None and written.get(key) is not None and want.get(key) is not None:
+                floor[key] = max(floor.get(key, 0.0), 2 * _rel_error(written[key], result), _rel_error(result, want[key]))
     return floor
 
 
@@ -464,7 +464,8 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
                 for node in site.outside}
 
     def original(leaves: list[Leaf]) -> tuple[torch.Tensor, torch.Tensor]:
-        return run_nodes_float64(m.nodes, inputs_for(leaves, "ref")), run_nodes(m.nodes, inputs_for(leaves, "plain"))
+        return (run_nodes(m.nodes, inputs_for(leaves, "ref"), float64=True),
+                run_nodes(m.nodes, inputs_for(leaves, "plain")))
 
     ours = inputs_for(leaves, "ours")
     m.resolve = lambda node: ours[node] if node in ours else values[node]

@@ -92,10 +92,6 @@ def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = 
     return env[nodes[-1]]
 
 
-def run_nodes_float64(nodes: list[fx.Node], inputs: dict[fx.Node, Any]) -> Any:
-    return run_nodes(nodes, inputs, float64=True)
-
-
 class _Recorder(fx.Interpreter):
     """Runs a graph and keeps every node's value."""
 
@@ -130,7 +126,7 @@ def compare_site(m, values: dict[fx.Node, Any]) -> str | None:
     finally:
         m.resolve = None
     with torch.no_grad():
-        ref = run_nodes_float64(m.nodes, inputs)
+        ref = run_nodes(m.nodes, inputs, float64=True)
     # the dtype's tolerance, or twice the original's own error where the original misses it too
     # (an fp32 output that the code itself rounds through bf16, say)
     original_error = numerics_error(expected, ref)
