@@ -7,6 +7,9 @@
   parameters require grad), and only then switched to a subclass of its class whose forward
   calls the op: the same parameters (state_dict keys and tensors unchanged), `isinstance` still
   true. Hand-written MoE blocks go through `fuser.experts.match_moe_module` the same way.
+- MoE experts, in transformers models, likewise through transformers' `ExpertsInterface`: after each
+  experts module's check against its own code in float64 (`fuser.experts.fused_experts_problem`),
+  the model's experts implementation becomes `"fuser"`.
 - Attention, in transformers models: their attention layers call whatever the model's
   `config._attn_implementation` names in transformers' `AttentionInterface`; convert registers
   `"fuser"` there (and in `AttentionMaskInterface`, so masks come as SDPA's boolean masks or
@@ -32,7 +35,8 @@ from torch import fx, nn
 
 from fuser.backend import Options
 from fuser.capture import capture
-from fuser.experts import FusedMoEBlock, looks_like_moe_block, match_moe_module, swap_in_place
+from fuser.experts import (EXPERTS_IMPLEMENTATION, FusedMoEBlock, dispatches_experts, fused_experts_problem,
+                           looks_like_moe_block, match_moe_module, register_experts_implementation, swap_in_place)
 from fuser.module_graphs import Run, gradient_problems, rewrite_modules
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.rewriter import prepare, rewrite
@@ -354,6 +358,30 @@ def _convert_attention(model: nn.Module, report: Report, dry_run: bool) -> None:
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
 
 
+def _convert_experts(model: nn.Module, report: Report, dry_run: bool) -> None:
+    """transformers' MoE experts (`use_experts_implementation`) switch to the "fuser" experts implementation
+    when every experts module passes `fused_experts_problem`: one implementation serves the whole model."""
+    layers = [(name, m) for name, m in model.named_modules() if dispatches_experts(m)]
+    if not layers:
+        return
+    problems = {name: fused_experts_problem(m) for name, m in layers}
+    if not any(problems.values()) and not hasattr(model, "set_experts_implementation"):
+        problems = dict.fromkeys(problems, "the model cannot change its experts implementation "
+                                           "(no set_experts_implementation)")
+    blocked = next((f"{name}: {problem}" for name, problem in problems.items() if problem), None)
+    for name, layer in layers:
+        site = Where(name, _source_line(layer))
+        problem = problems[name] or (f"another experts module of the model cannot switch ({blocked})" if blocked else None)
+        if problem is not None:
+            report.near_misses.append(NearMiss("moe", site, problem))
+        else:
+            report.matches.append(MatchRecord("moe", site, "fuser::moe_experts",
+                                              "through transformers' ExpertsInterface", ()))
+    if blocked is None and not dry_run:
+        register_experts_implementation()
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def _convert_modules(model: nn.Module, report: Report) -> list[Swap]:
@@ -382,7 +410,7 @@ def _rewrite_module_graphs(model: nn.Module, args: tuple, kwargs: dict, report: 
     """Graph rewriting of the modules no other converter handles (see `fuser.module_graphs`). Where it has
     its own word on a module a module-level converter turned down (a norm whose forward does more than
     the norm, say), that replaces the converter's near miss."""
-    handled = {swap.module for swap in swaps} | {m for m in model.modules() if _dispatches_attention(m)
+    handled = {swap.module for swap in swaps} | {m for m in model.modules() if _dispatches_attention(m) or dispatches_experts(m)
                                                  or isinstance(m, (FusedModule, FusedMoEBlock))}
     rewritten, found = rewrite_modules(model, args, kwargs, handled)
     sites = [r.where.module for r in (*found.matches, *found.near_misses)]
@@ -408,6 +436,7 @@ def convert(model: nn.Module, *example_args: Any, dry_run: bool = False, **examp
     else:
         report.notes.append(WITHOUT_EXAMPLES)
     _convert_attention(model, report, dry_run)
+    _convert_experts(model, report, dry_run)
     if dry_run:
         return report
     for swap in swaps:

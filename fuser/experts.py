@@ -106,6 +106,53 @@ def register_experts_implementation() -> None:
     ExpertsInterface.register(EXPERTS_IMPLEMENTATION, fuser_experts_forward)
 
 
+def dispatches_experts(module: nn.Module) -> bool:
+    """A transformers experts module: `use_experts_implementation` made its forward look its function
+    up in an experts interface by `config._experts_implementation`."""
+    forward = getattr(type(module), "forward", None)
+    return "experts_interface" in getattr(getattr(forward, "__code__", None), "co_freevars", ())
+
+
+def fused_experts_problem(experts: nn.Module) -> str | None:
+    """Why the "fuser" experts implementation cannot stand in for these experts, or None: what the kernel
+    does not cover, or a result (and, when they train or their weights require grad, gradients) off
+    the experts' own code run in float64 on random tokens routed at random."""
+    gate_up = experts.gate_up_proj
+    generator = torch.Generator().manual_seed(0)
+    tokens, num_experts, hidden = 7, gate_up.shape[0], gate_up.shape[-1]
+    x = torch.randn(tokens, hidden, generator=generator).to(gate_up)
+    problem = unsupported_experts(experts, x)
+    if problem is not None:
+        return problem
+    top_k = min(2, num_experts)
+    ids = torch.rand(tokens, num_experts, generator=generator).argsort(-1)[:, :top_k].to(gate_up.device)
+    routing = torch.rand(tokens, top_k, generator=generator).to(gate_up)
+    own_forward = getattr(type(experts).forward, "__wrapped__", None)
+    if own_forward is None:
+        return "its own forward is not reachable (no __wrapped__ on the dispatching forward)"
+    reference = copy.deepcopy(experts).double()
+    gradients = experts.training or any(p.requires_grad for p in experts.parameters())
+    ours_in = [t.detach().clone().requires_grad_(gradients) for t in (x, routing)]
+    ref_in = [t.detach().double().requires_grad_(gradients) for t in (x, routing)]
+    with torch.enable_grad() if gradients else torch.no_grad():
+        got = fuser_experts_forward(experts, ours_in[0], ids, ours_in[1])
+        expected = own_forward(reference, ref_in[0], ids, ref_in[1])
+        results = [("output", got, expected)]
+        if gradients:
+            grad = torch.randn(got.shape, generator=generator, dtype=torch.float64).to(got.device)
+            params, params64 = [experts.gate_up_proj, experts.down_proj], [reference.gate_up_proj, reference.down_proj]
+            ours = torch.autograd.grad(got, [*ours_in, *params], grad.to(got.dtype), allow_unused=True)
+            theirs = torch.autograd.grad(expected, [*ref_in, *params64], grad, allow_unused=True)
+            names = ("gradient of the hidden states", "gradient of the routing weights", "gradient of gate_up_proj",
+                     "gradient of down_proj")
+            results += [(n, a, b) for n, a, b in zip(names, ours, theirs) if a is not None and b is not None]
+    for what, value, ref in results:
+        problem = numerics_problem(value, ref, tolerance(gate_up.dtype))
+        if problem is not None:
+            return f"fuser's experts differ from the module's own code: {what}: {problem}"
+    return None
+
+
 _INTERFACE_MODULE = "transformers.integrations.moe"
 
 

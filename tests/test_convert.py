@@ -26,15 +26,16 @@ from numerics import assert_close
 if not hasattr(torch.ops.fuser, "attention"):
     pytest.skip("fuser::attention is not built yet (kernels/attention)", allow_module_level=True)
 
-# (rms_norm modules, attention layers) of each tiny model (2 layers)
-EXPECTED = {"llama": (5, 2), "mistral": (5, 2), "qwen2": (5, 2), "gpt2": (0, 2), "bert": (0, 2), "olmoe": (9, 2),
-            "mixtral": (5, 2), "deepseek_v3": (9, 2)}
+# (rms_norm modules, attention layers, MoE experts modules) of each tiny model (2 layers)
+EXPECTED = {"llama": (5, 2, 0), "mistral": (5, 2, 0), "qwen2": (5, 2, 0), "gpt2": (0, 2, 0), "bert": (0, 2, 0),
+            "olmoe": (9, 2, 2), "mixtral": (5, 2, 2), "deepseek_v3": (9, 2, 1)}
+OPS = ("fuser::rms_norm", "fuser::attention", "fuser::moe_experts")
 
 
 def _fused_op_calls(model, *args, **kwargs) -> Counter:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.no_grad():
         model(*args, **kwargs)
-    return Counter(e.name for e in profile.events() if e.name in ("fuser::rms_norm", "fuser::attention"))
+    return Counter(e.name for e in profile.events() if e.name in OPS)
 
 
 def _fused_modules(model) -> list[str]:
@@ -45,22 +46,25 @@ def _fused_modules(model) -> list[str]:
 def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     model = tiny_model(arch)
     ids = tiny_inputs(model)
-    norms, attention_layers = EXPECTED[arch]
+    norms, _, experts = EXPECTED[arch]
     reference, original = float64_reference(model), copy.deepcopy(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     report = fuser.convert(model, dry_run=True)
-    assert report.counts() == {k: v for k, v in (("rms_norm", norms), ("attention", attention_layers)) if v}, report
+    assert report.counts() == {k: v for k, v in zip(("rms_norm", "attention", "moe"), EXPECTED[arch]) if v}, report
     assert not report.near_misses, report
+    experts_implementation = model.config._experts_implementation
     assert _fused_modules(model) == [] and model.config._attn_implementation == "eager"  # a dry run changes nothing
+    assert model.config._experts_implementation == experts_implementation
     assert report.notes == [WITHOUT_EXAMPLES]
 
     assert fuser.convert(model) is model
     assert len(_fused_modules(model)) == norms and model.config._attn_implementation == "fuser"
+    assert (model.config._experts_implementation == "fuser") == bool(experts)
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     calls = _fused_op_calls(model, ids)
-    assert calls == Counter({k: v for k, v in (("fuser::rms_norm", norms), ("fuser::attention", attention_layers)) if v})
+    assert calls == Counter({op: n for op, n in zip(OPS, EXPECTED[arch]) if n})
     with torch.no_grad():
         assert_close(model(ids).logits, reference(ids).logits, torch.float32)
     if arch != "bert":
@@ -418,3 +422,19 @@ def test_an_hf_model_with_example_inputs_converts_as_without():
     prompt = ids[:1, :5]
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False),
                        original.generate(prompt, max_new_tokens=5, do_sample=False))
+
+
+def test_experts_that_fail_their_check_keep_their_implementation(monkeypatch):
+    """A wrong fused experts result (planted: 1% off) is caught before the model switches: every
+    experts module is a near miss saying what differed, and the model keeps its implementation."""
+    import fuser.experts as experts_module
+    model = tiny_model("olmoe")
+    before = model.config._experts_implementation
+    right = experts_module.fuser_experts_forward
+    monkeypatch.setattr(experts_module, "fuser_experts_forward", lambda *args: right(*args) * 1.01)
+    report = fuser.convert(model, dry_run=True)
+    misses = [m for m in report.near_misses if m.pattern == "moe"]
+    assert len(misses) == 2 and all("differ from the module's own code: output" in m.reason for m in misses), report
+    assert "moe" not in report.counts()
+    fuser.convert(model)
+    assert model.config._experts_implementation == before
