@@ -339,6 +339,23 @@ def _source_line(module: nn.Module) -> str:
         return "?"
 
 
+def _switch_implementation(report: Report, dry_run: bool, layers: list[tuple[str, nn.Module]],
+                           problems: dict[str, str | None], pattern: str, op: str, interface: str,
+                           switch: Callable[[], None]) -> None:
+    """Record the layers a model-wide implementation switch covers and switch when none has a problem: one
+    implementation serves the whole model, so one layer's problem keeps every layer as it is."""
+    blocked = next((f"{name}: {problem}" for name, problem in problems.items() if problem), None)
+    for name, layer in layers:
+        site = Where(name, _source_line(layer))
+        problem = problems[name] or (f"another {pattern} layer of the model cannot switch ({blocked})" if blocked else None)
+        if problem is not None:
+            report.near_misses.append(NearMiss(pattern, site, problem))
+        else:
+            report.matches.append(MatchRecord(pattern, site, op, f"through transformers' {interface}", ()))
+    if blocked is None and not dry_run:
+        switch()
+
+
 def _convert_attention(model: nn.Module, report: Report, dry_run: bool) -> None:
     layers = [(name, m) for name, m in model.named_modules() if _dispatches_attention(m)]
     if not layers or not hasattr(getattr(model, "config", None), "_attn_implementation"):
@@ -346,21 +363,17 @@ def _convert_attention(model: nn.Module, report: Report, dry_run: bool) -> None:
     problem = None if hasattr(torch.ops.fuser, "attention") else "the fuser::attention op is not available"
     if problem is None and not hasattr(model, "set_attn_implementation"):
         problem = "the model cannot change its attention implementation (no set_attn_implementation)"
-    for name, layer in layers:
-        site = Where(name, _source_line(layer))
-        if problem is not None:
-            report.near_misses.append(NearMiss("attention", site, problem))
-        else:
-            report.matches.append(MatchRecord("attention", site, "fuser::attention",
-                                              "through transformers' AttentionInterface", ()))
-    if problem is None and not dry_run:
+
+    def switch() -> None:
         register_attention()
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    _switch_implementation(report, dry_run, layers, dict.fromkeys((name for name, _ in layers), problem),
+                           "attention", "fuser::attention", "AttentionInterface", switch)
 
 
 def _convert_experts(model: nn.Module, report: Report, dry_run: bool) -> None:
     """transformers' MoE experts (`use_experts_implementation`) switch to the "fuser" experts implementation
-    when every experts module passes `fused_experts_problem`: one implementation serves the whole model."""
+    when every experts module passes `fused_experts_problem`."""
     layers = [(name, m) for name, m in model.named_modules() if dispatches_experts(m)]
     if not layers:
         return
@@ -368,18 +381,12 @@ def _convert_experts(model: nn.Module, report: Report, dry_run: bool) -> None:
     if not any(problems.values()) and not hasattr(model, "set_experts_implementation"):
         problems = dict.fromkeys(problems, "the model cannot change its experts implementation "
                                            "(no set_experts_implementation)")
-    blocked = next((f"{name}: {problem}" for name, problem in problems.items() if problem), None)
-    for name, layer in layers:
-        site = Where(name, _source_line(layer))
-        problem = problems[name] or (f"another experts module of the model cannot switch ({blocked})" if blocked else None)
-        if problem is not None:
-            report.near_misses.append(NearMiss("moe", site, problem))
-        else:
-            report.matches.append(MatchRecord("moe", site, "fuser::moe_experts",
-                                              "through transformers' ExpertsInterface", ()))
-    if blocked is None and not dry_run:
+
+    def switch() -> None:
         register_experts_implementation()
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    _switch_implementation(report, dry_run, layers, problems, "moe", "fuser::moe_experts", "ExpertsInterface",
+                           switch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
 from fuser.report import MatchRecord
 from fuser.rewriter import prepare, rewrite
-from fuser.verify import capture_values, numerics_problem, run_nodes, tolerance
+from fuser.verify import capture_values, numerics_error, numerics_problem, run_nodes, tolerance
 
 log = logging.getLogger("fuser.fuzz")
 
@@ -86,13 +86,6 @@ def _to64(value: Any) -> Any:
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return torch.float64
     return value
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    finite = out.isfinite() & ref.isfinite()
-    base = ref[finite].norm()
-    return ((out - ref)[finite].norm() / base).item() if base > 0 else 0.0
 
 
 # inputs about one ulp away from an example's, on which the original is measured again where a
@@ -164,14 +157,20 @@ def _attainable(original: Original, neighbours: list[list[Leaf]], want: dict, gr
         exact, written = _results(ref, leaves, "ref", grad_out), _results(plain, leaves, "plain", grad_out)
         for key, result in exact.items():
             if result is not None and written.get(key) is not None and want.get(key) is not None:
-                floor[key] = max(floor.get(key, 0.0), 2 * _rel_error(written[key], result), _rel_error(result, want[key]))
+                floor[key] = max(floor.get(key, 0.0), 2 * numerics_error(written[key], result), numerics_error(result, want[key]))
     return floor
 
 
 def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ over the positions finite in both."""
     out, ref = out.detach().double(), ref.detach().double()
     finite = out.isfinite() & ref.isfinite()
     return (out - ref)[finite].norm().item()
+
+
+def _finite_norm(t: torch.Tensor) -> float:
+    t = t.detach().double()
+    return t[t.isfinite()].norm().item()
 
 
 def _float64_resolution(key: str, leaves: list[Leaf], want: dict, grad_out: torch.Tensor | None) -> float:
@@ -183,10 +182,10 @@ def _float64_resolution(key: str, leaves: list[Leaf], want: dict, grad_out: torc
     leaf = next((leaf for leaf in leaves if f"d{leaf.name}" == key), None)
     if leaf is None or grad_out is None or want.get("out") is None:
         return 0.0
-    size = _difference(leaf.ref, torch.zeros_like(leaf.ref))
+    size = _finite_norm(leaf.ref)
     if size == 0.0:
         return 0.0
-    return 2.0 ** -50 * grad_out.norm().item() * _difference(want["out"], torch.zeros_like(want["out"])) / size
+    return 2.0 ** -50 * grad_out.norm().item() * _finite_norm(want["out"]) / size
 
 
 def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
@@ -207,8 +206,8 @@ def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
         if got is None or want[key] is None:
             assert got is None and want[key] is None, f"{what}: one side has none"
             continue
-        errors[key] = _rel_error(got, want[key])
-        tol = max(tolerance(got.dtype), 2 * _rel_error(theirs[key], want[key]))
+        errors[key] = numerics_error(got, want[key])
+        tol = max(tolerance(got.dtype), 2 * numerics_error(theirs[key], want[key]))
         if _difference(got, want[key]) <= _float64_resolution(key, leaves, want, grad_out):
             tol = math.inf  # below what the float64 reference resolves: NaN and inf placement still count
         problem = numerics_problem(got, want[key], tol)
