@@ -355,7 +355,9 @@ def kernel_timings(cfg, block_m=None):
 
 def autotune_choices():
     """The config each autotuned kernel picked, per autotuning key."""
-    return {str(key[:6]): str(config) for key, config in gemm._TUNED.items()}
+    return {f"{kernel.base_fn.__name__} {key}": str(config)
+            for kernel in (gemm._expert_rows_gemm_kernel, gemm._expert_weight_grad_kernel)
+            for key, config in kernel.cache.items()}
 
 
 def main():

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (RowTiling, as_rows, kernels_apply, load_rows, program_rows, program_slots, store_rows,
-                      to_dtype)
+from ._common import (RowTiling, as_rows, kernels_apply, launch, load_rows, program_rows, program_slots,
+                      store_rows, to_dtype)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -99,7 +99,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, w
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     tiling = tiling or forward_tiling(n_rows, n_cols)
     product_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
-    _rms_norm_forward_kernel[(triton.cdiv(n_rows, tiling.block_m),)](
+    launch(_rms_norm_forward_kernel, (triton.cdiv(n_rows, tiling.block_m),), ("rms_norm.forward", n_rows, n_cols),
         rows, weight, out, n_rows, n_cols, rows.stride(0), out.stride(0), eps, weight_offset,
         HAS_WEIGHT=weight is not None, WEIGHT_BEFORE_CAST=weight_before_cast, INPUT_DTYPE=TRITON_DTYPES[x.dtype],
         PRODUCT_DTYPE=TRITON_DTYPES[product_dtype], BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
@@ -201,13 +201,13 @@ def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: to
         dw_partial = (torch.empty if row_fits else torch.zeros)((n_programs, n_cols), dtype=torch.float32,
                                                                device=x.device)
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    _rms_norm_backward_kernel[(n_programs,)](
+    launch(_rms_norm_backward_kernel, (n_programs,), ("rms_norm.backward", n_rows, n_cols),
         grad_rows, rows, weight, dx, dw_partial, n_rows, n_cols, grad_rows.stride(0), rows.stride(0), dx.stride(0),
         eps, weight_offset, HAS_WEIGHT=weight is not None, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
         ROW_FITS=row_fits, NUM_STAGES=num_stages, num_warps=tiling.num_warps)
     if weight is not None:
-        _sum_partials_kernel[(triton.cdiv(n_cols, 128),)](dw_partial, dw, n_programs, n_cols, BLOCK_P=32,
-                                                           BLOCK_N=128, num_warps=4)
+        launch(_sum_partials_kernel, (triton.cdiv(n_cols, 128),), ("rms_norm.sum_partials", n_cols),
+               dw_partial, dw, n_programs, n_cols, BLOCK_P=32, BLOCK_N=128, num_warps=4)
     return dx.view(x.shape), dw
 
 

@@ -242,7 +242,6 @@ def test_weight_gradient_partials_are_all_written(monkeypatch):
     wide = triton.Config({**config.kwargs, "BLOCK_N": 2 * grain}, num_warps=config.num_warps,
                          num_stages=config.num_stages)
     monkeypatch.setattr(gemm._expert_rows_gemm_kernel, "configs", [wide])
-    monkeypatch.setattr(gemm, "_TUNED", {})
     torch.manual_seed(0)
     tokens, hidden, intermediate, experts, top_k = 7, 20, 37, 3, 2
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])

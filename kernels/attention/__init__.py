@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import direct_call
 from . import launch
 from .forward import output_like
 from .launch import kernels_support
@@ -43,8 +44,8 @@ _LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float sca
 
 def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking="fill"):
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
-    return torch.ops.fuser.attention_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap,
-                                             dropout_p, mask_value, masking, seed)[0]
+    return _call_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking,
+                         seed)[0]
 
 
 _LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
@@ -60,11 +61,10 @@ def _generator(seed: torch.Tensor | None, device: torch.device) -> torch.Generat
     return None if seed is None else torch.Generator(device=device).manual_seed(int(seed.item()))
 
 
-@torch.library.custom_op("fuser::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                      causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
-                      mask_value: float, masking: str, seed: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+             causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
+             mask_value: float, masking: str, seed: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores (+inf on
     rows "sdpa" zeroes), tile classes of the mask)."""
     plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
@@ -78,6 +78,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out, stats, q.new_empty(0, dtype=torch.int8)
 
 
+attention_forward = torch.library.custom_op("fuser::attention_forward", _forward, mutates_args=())
+
+
 @attention_forward.register_fake
 def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking, seed):
     launch.check_arguments(q, k, v, mask, masking)
@@ -89,12 +92,11 @@ def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, ma
     return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
 
 
-@torch.library.custom_op("fuser::attention_backward", mutates_args=())
-def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
-                       seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
-                       softcap: float, dropout_p: float, mask_value: float, masking: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
+                    seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
+                    softcap: float, dropout_p: float, mask_value: float, masking: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), laid out like q, k, v."""
     plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
     if plan is not None:
@@ -102,6 +104,10 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     grads = reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p,
                                mask_value, masking, _generator(seed, q.device))
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+
+
+attention_backward = torch.library.custom_op("fuser::attention_backward", _backward_grads, mutates_args=())
+_call_backward = direct_call(attention_backward, _backward_grads)
 
 
 @attention_backward.register_fake
@@ -113,16 +119,20 @@ def _(grad_out, q, k, v, mask, out, stats, classes, seed, scale, causal, window,
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, *literals, seed = inputs
     out, stats, classes = output
+    ctx.mark_non_differentiable(stats, classes)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient of the statistics per backward
     ctx.save_for_backward(q, k, v, mask, out, stats, classes, seed)
     ctx.literals = tuple(literals)
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_classes):
+    if grad_out is None:
+        return (None,) * (len(ctx.literals) + 5)
     q, k, v, mask, out, stats, classes, seed = ctx.saved_tensors
     # the saved outputs enter as plain values: there is no double backward
-    dq, dk, dv = torch.ops.fuser.attention_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes,
-                                                    seed, *ctx.literals)
+    dq, dk, dv = _call_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes, seed, *ctx.literals)
     return dq, dk, dv, None, *(None for _ in ctx.literals), None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+_call_forward = direct_call(attention_forward, _forward, _setup_context, _backward)

@@ -6,12 +6,13 @@ problems the host time per call is the whole time.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .._common import interpreting, use_triton
+from .._common import interpreting, launch, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import _merge_splits_kernel, attention_forward_kernel, output_strides
 from .reference import MASKINGS
@@ -109,6 +110,11 @@ class Plan:
     splits: int  # forward: programs splitting the keys of one row block
     keys: tuple  # autotuning keys: power-of-two buckets of Lq and Lk (tuned once per bucket)
 
+    @functools.cached_property
+    def backward_constexprs(self) -> dict:
+        """The backward's flags: rows the forward zeroed have statistics that zero them there too."""
+        return {key: value for key, value in self.constexprs.items() if key != "ZERO_EMPTY_ROWS"}
+
 
 _PLANS: dict[tuple, Plan | None] = {}
 
@@ -204,13 +210,15 @@ def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack
     else:
         targets = (out, stats, 0, *out.stride(), 0, *stats.stride()[:3])
     class_arg = classes if classes.numel() else q
-    attention_forward_kernel[lambda meta: (_cdiv(rows, meta["BLOCK_M"]), b * heads_in_grid, splits)](
-        q, k, v, kernel_mask_tensor, class_arg, *targets[:2], *common, *targets[2:], *scalars, _pow2(rows),
-        plan.keys[1],
-        USE_CLASSES=use_classes, PACK_GQA=pack, **flags)
+    launch(
+        attention_forward_kernel, lambda meta: (_cdiv(rows, meta["BLOCK_M"]), b * heads_in_grid, splits),
+        ("attention.forward", id(plan), pack, splits), q, k, v, kernel_mask_tensor, class_arg, *targets[:2], *common,
+        *targets[2:], *scalars, _pow2(rows), plan.keys[1], USE_CLASSES=use_classes, PACK_GQA=pack, **flags)
     if splits > 1:
         block_m = 16 if interpreting() else 32
-        _merge_splits_kernel[(_cdiv(rows, block_m), b * heads_in_grid)](
+        launch(
+            _merge_splits_kernel, (_cdiv(rows, block_m), b * heads_in_grid),
+            ("attention.merge", id(plan), pack, splits),
             q, k, v, kernel_mask_tensor, class_arg, out, stats, part_out, part_stats, *common, *out.stride(),
             *stats.stride()[:3], *part_out.stride(), *part_stats.stride()[:4], splits, *scalars,
             BLOCK_M=block_m, BLOCK_N=16 if interpreting() else 64, PACK_GQA=pack, num_warps=4, num_stages=1,
@@ -225,13 +233,14 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
     dq, dk, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv_out.zero_()
-    # rows the forward zeroed have statistics that zero them here too
-    flags = {key: value for key, value in plan.constexprs.items() if key != "ZERO_EMPTY_ROWS"}
+    flags = plan.backward_constexprs
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
-    head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device)
+    # which heads have saturated rows (tiles.py): only kernels that skip tiles read it
+    head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device) if flags["CAN_SKIP"] else delta
     block_m = 16 if interpreting() else 64
     saturation_lse = plan.literals[5]
-    backward_preprocess_kernel[(_cdiv(lq, block_m), b * hq)](
+    launch(
+        backward_preprocess_kernel, (_cdiv(lq, block_m), b * hq), ("attention.preprocess", id(plan)),
         out, grad_out, stats, delta, head_flags, *out.stride(), *grad_out.stride(), hq, lq, dv, saturation_lse,
         CAN_SKIP=flags["CAN_SKIP"], BLOCK_M=block_m, BLOCK_DV=flags["BLOCK_DV"], num_warps=4)
     mask_arg = kernel_mask(mask, b, hq, lq, lk) if mask is not None else q
@@ -239,10 +248,11 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
               *grad_out.stride())
     scalars = (hq, group, lq, lk, d, dv, *plan.literals, 0 if seed is None else int(seed.item()))
     class_arg = classes if classes.numel() else q
-    attention_dkdv_kernel[lambda meta: (_cdiv(lk, meta["BLOCK_N"]), b * (hq // group))](
-        q, k, v, mask_arg, class_arg, grad_out, stats, delta, head_flags, dk, dv_out, *common, *dk.stride(),
-        *dv_out.stride(), hq // group, *scalars, *plan.keys, **flags)
-    attention_dq_kernel[lambda meta: (_cdiv(lq, meta["BLOCK_M"]), b * hq)](
-        q, k, v, mask_arg, class_arg, grad_out, stats, delta, dq, *common, *dq.stride(), *scalars, *plan.keys,
-        **flags)
+    launch(
+        attention_dkdv_kernel, lambda meta: (_cdiv(lk, meta["BLOCK_N"]), b * (hq // group)),
+        ("attention.dkdv", id(plan)), q, k, v, mask_arg, class_arg, grad_out, stats, delta, head_flags, dk, dv_out,
+        *common, *dk.stride(), *dv_out.stride(), hq // group, *scalars, *plan.keys, **flags)
+    launch(
+        attention_dq_kernel, lambda meta: (_cdiv(lq, meta["BLOCK_M"]), b * hq), ("attention.dq", id(plan)),
+        q, k, v, mask_arg, class_arg, grad_out, stats, delta, dq, *common, *dq.stride(), *scalars, *plan.keys, **flags)
     return dq, dk, dv_out

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting
+from .._common import interpreting, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -218,9 +218,9 @@ window: int) -> torch.Tensor:
     if classes.numel() == 0:
         return classes
     grid = (classes.shape[3], classes.shape[2], batches * heads)
-    _classify_tiles_kernel[grid](mask, classes, *mask.stride(), *classes.stride(), heads, lq, lk, pos_offset,
-                                 max(window, 0), CAUSAL=causal, WINDOWED=window > 0,
-                                 IS_BOOL=is_bool, CELL=cell, num_warps=4)
+    launch(_classify_tiles_kernel, grid, ("attention.classify", lq, lk),
+           mask, classes, *mask.stride(), *classes.stride(), heads, lq, lk, pos_offset, max(window, 0),
+           CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=cell, num_warps=4)
     return classes
 
 

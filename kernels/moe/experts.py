@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .._common import TORCH_TO_TRITON_SUPPORTED, use_triton
+from .._common import TORCH_TO_TRITON_SUPPORTED, direct_call, use_triton
 from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grad,
                    sum_over_topk)
 from .plan import PlanLayout, build_plan, build_plan_reference
@@ -124,10 +124,9 @@ def experts_backward_reference(grad_out, x, topk_ids, topk_weights, gate, up, do
             d_down.to(down.dtype))
 
 
-@torch.library.custom_op("fuser::moe_experts_forward", mutates_args=())
-def moe_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_proj: torch.Tensor,
-                        up_proj: torch.Tensor | None, down_proj: torch.Tensor, save_for_backward: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_proj: torch.Tensor,
+             up_proj: torch.Tensor | None, down_proj: torch.Tensor, save_for_backward: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [T, H], plan int32, gate|up pre-activations [R, 2I], w * h [R, I]); the last two are empty
     unless save_for_backward. R = T * K rows, in the plan's order."""
     tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
@@ -160,6 +159,9 @@ def _transposed(weight):
     return weight.stride(0), weight.stride(2), weight.stride(1)
 
 
+moe_experts_forward = torch.library.custom_op("fuser::moe_experts_forward", _forward, mutates_args=())
+
+
 @moe_experts_forward.register_fake
 def _(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, save_for_backward):
     tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
@@ -173,12 +175,11 @@ def _empty(like):
     return like.new_empty(0)
 
 
-@torch.library.custom_op("fuser::moe_experts_backward", mutates_args=())
-def moe_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                         gate_proj: torch.Tensor, up_proj: torch.Tensor | None, down_proj: torch.Tensor,
-                         plan: torch.Tensor, gate_up_act: torch.Tensor, weighted_h: torch.Tensor,
-                         needs_x: bool, needs_weights: bool, needs_params: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_grads(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    gate_proj: torch.Tensor, up_proj: torch.Tensor | None, down_proj: torch.Tensor,
+                    plan: torch.Tensor, gate_up_act: torch.Tensor, weighted_h: torch.Tensor,
+                    needs_x: bool, needs_weights: bool, needs_params: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [T, H], d(topk_weights) [T, K], d(gate|up) [E, 2I, H], d(down) [E, H, I]); each empty unless needed."""
     tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
     gate, up = gate_up_views(gate_proj, up_proj)
@@ -218,6 +219,10 @@ def moe_experts_backward(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torc
     return dx, d_weights, d_gate_up, d_down
 
 
+moe_experts_backward = torch.library.custom_op("fuser::moe_experts_backward", _backward_grads, mutates_args=())
+_call_backward = direct_call(moe_experts_backward, _backward_grads)
+
+
 @moe_experts_backward.register_fake
 def _(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, plan, gate_up_act, weighted_h,
       needs_x, needs_weights, needs_params):
@@ -245,7 +250,7 @@ def _backward(ctx, grad_out, *_):
         raise RuntimeError("fuser::moe_experts_forward ran with save_for_backward=False: call fuser::moe_experts, "
                            "which saves the activations whenever a gradient is needed")
     x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, plan, act, weighted_h = ctx.saved_tensors
-    dx, d_weights, d_gate_up, d_down = torch.ops.fuser.moe_experts_backward(
+    dx, d_weights, d_gate_up, d_down = _call_backward(
         grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, plan, act, weighted_h,
         needs[0], needs[2], any(needs[3:6]))
     if up_proj is None:
@@ -257,6 +262,7 @@ def _backward(ctx, grad_out, *_):
 
 
 moe_experts_forward.register_autograd(_backward, setup_context=_setup_context)
+_call_forward = direct_call(moe_experts_forward, _forward, _setup_context, _backward)
 
 torch.library.define(
     "fuser::moe_experts",
@@ -268,4 +274,4 @@ def moe_experts(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
     """out [T, H]; saves the backward's activations only when a gradient will be asked for."""
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, topk_weights, gate_proj, up_proj, down_proj))
-    return torch.ops.fuser.moe_experts_forward(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, save)[0]
+    return _call_forward(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, save)[0]

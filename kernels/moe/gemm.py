@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, to_dtype
+from .._common import interpreting, launch, to_dtype
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)
@@ -265,20 +265,6 @@ def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, 
     tl.store(out_ptr + token * H + offs, to_dtype(acc, out_ptr.dtype.element_ty), mask=offs < H)
 
 
-_TUNED = {}  # launch key -> the autotuner's pick
-
-
-def _launch(kernel, grid, key, *args, **kwargs):
-    """Autotune a key's first launch, then launch its config directly: on a small MoE the autotuner's
-    per-call bookkeeping costs more host time than the kernels take on the GPU."""
-    config = _TUNED.get(key)
-    if config is None:
-        kernel[grid](*args, **kwargs)
-        _TUNED[key] = kernel.best_config
-    else:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
-
-
 def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, *, b2=None, b2_strides=None,
                      act=None, routing_weights=None, partials=None, extra_output=False):
     """The row-grouped GEMM over the plan's tiles. B[e][k, n] lives at b + e*s0 + k*s1 + n*s2 for
@@ -289,7 +275,7 @@ def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, 
     grid = lambda meta: (layout.max_tiles * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     key = ("rows", epilogue.value, extra_output, layout.block_m, n, k, a.dtype, b.dtype, out.dtype,
            None if routing_weights is None else routing_weights.dtype, a.device)
-    _launch(_expert_rows_gemm_kernel, grid, key,
+    launch(_expert_rows_gemm_kernel, grid, key,
             plan, layout.rows, layout.experts, a, a.stride(0), b, *b_strides, b2, *b2_strides, out,
             out if act is None else act, out if routing_weights is None else routing_weights,
             out if partials is None else partials, n, k, top_k,
@@ -302,7 +288,7 @@ def expert_weight_grad(plan, layout, p, q, out, top_k, *, of_down):
     experts, p_size, q_size = out.shape
     grid = lambda meta: (triton.cdiv(p_size, meta["BLOCK_P"]) * triton.cdiv(q_size, meta["BLOCK_Q"]), experts)  # noqa
     key = ("weight_grad", of_down, p_size, q_size, p.dtype, q.dtype, out.dtype, p.device)
-    _launch(_expert_weight_grad_kernel, grid, key, plan, layout.rows, p, q, q.stride(0), out, p_size, q_size, top_k,
+    launch(_expert_weight_grad_kernel, grid, key, plan, layout.rows, p, q, q.stride(0), out, p_size, q_size, top_k,
             OF_DOWN=of_down, PRECISION=dot_precision())
 
 
@@ -312,5 +298,5 @@ def sum_over_topk(rows, topk_ids, out, experts):
     hidden = out.shape[1]
     block_h = 16 if interpreting() else min(1024, triton.next_power_of_2(hidden))
     if tokens:
-        _sum_over_topk_kernel[(tokens, triton.cdiv(hidden, block_h))](
-            rows, topk_ids, out, hidden, experts, top_k, block_h, num_warps=4)
+        launch(_sum_over_topk_kernel, (tokens, triton.cdiv(hidden, block_h)), ("moe.sum_over_topk", tokens, hidden),
+               rows, topk_ids, out, hidden, experts, top_k, block_h, num_warps=4)

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import launch
+
 # One chunk's one-hot is CHUNK x E_POW2 int32, between these many elements; chunks grow with the rows so
 # that each program's prefix over all chunks stays short.
 _ONEHOT_ELEMENTS = (8192, 32768)
@@ -124,10 +126,12 @@ def build_plan(topk_ids: torch.Tensor, experts: int, block_m: int) -> torch.Tens
     num_chunks = triton.cdiv(layout.rows, chunk)
     chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=ids.device)
     if num_chunks:
-        _count_kernel[(num_chunks,)](ids, chunk_counts, layout.rows, experts, chunk, e_pow2, num_warps=warps)
+        launch(_count_kernel, (num_chunks,), ("moe.count", layout.rows, experts),
+               ids, chunk_counts, layout.rows, experts, chunk, e_pow2, num_warps=warps)
     programs = max(1, num_chunks)  # with no rows, one program still writes the (empty) offsets
     tiles_per_program = triton.next_power_of_2(max(1, triton.cdiv(layout.max_tiles, programs)))
-    _place_kernel[(programs,)](
+    launch(
+        _place_kernel, (programs,), ("moe.place", layout.rows, experts),
         ids, chunk_counts, plan, layout.rows, experts, num_chunks, block_m, chunk, e_pow2,
         max(1, _ONEHOT_ELEMENTS[0] // e_pow2), tiles_per_program, num_warps=warps,
     )

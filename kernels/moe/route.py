@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import exp, interpreting, to_dtype, use_triton
+from .._common import exp, interpreting, launch, to_dtype, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -160,7 +160,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     if T:
         e_pow2, block_t, grid = _launch_shape(T, E)
-        _route_forward_kernel[grid](
+        launch(
+            _route_forward_kernel, grid, ("moe.route", T, E),
             logits, logits.stride(0), bias if bias is not None else logits, weights, ids, T, E, scaling,
             top_k, triton.next_power_of_2(top_k), scoring == "sigmoid", bias is not None, renormalize,
             block_t, e_pow2,
@@ -186,7 +187,8 @@ def moe_route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, 
     grad_logits = torch.empty(T, E, dtype=router_logits.dtype, device=logits.device)
     if T:
         e_pow2, block_t, grid = _launch_shape(T, E)
-        _route_backward_kernel[grid](
+        launch(
+            _route_backward_kernel, grid, ("moe.route_backward", T, E),
             logits, logits.stride(0), ids.contiguous(), grad_weights.contiguous(), grad_logits, T, E, scaling,
             ids.shape[1], scoring == "sigmoid", renormalize, block_t, e_pow2,
         )

@@ -1,0 +1,112 @@
+"""The host paths around the kernels: replayed launches (`_common.launch`, CUDA only) and the direct
+eager calls of composite ops (`_common.direct_call`), each against the path it shortcuts."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fuser.kernels import _common
+
+
+class _PassThrough(TorchDispatchMode):
+    """A mode that changes nothing but makes every op dispatch (the path tracing takes)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _run_both_paths(fn, *leaves):
+    """(outputs, grads) of fn on the direct eager path and through the dispatcher."""
+    results = []
+    for mode in (None, _PassThrough()):
+        inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
+        if mode is None:
+            out = fn(*inputs)
+        else:
+            with mode:
+                out = fn(*inputs)
+        grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.ones_like(out))
+        results.append((out.detach(), grads, type(out.grad_fn).__name__))
+    return results
+
+
+def test_attention_direct_call_equals_the_op_path():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 19, 16), torch.randn(2, 2, 23, 16), torch.randn(2, 2, 23, 16)
+
+    def fn(q, k, v):
+        return torch.ops.fuser.attention(q, k, v, None, 0.25, True, 0, True, 0.0, 0.0, -float("inf"))
+
+    (direct, direct_grads, direct_node), (dispatched, op_grads, op_node) = _run_both_paths(fn, q, k, v)
+    assert direct_node == "_DirectAutogradBackward" and op_node != direct_node
+    assert torch.equal(direct, dispatched)
+    for a, b in zip(direct_grads, op_grads):
+        assert torch.equal(a, b)
+
+
+def test_moe_experts_direct_call_equals_the_op_path():
+    torch.manual_seed(0)
+    tokens, hidden, intermediate, experts, top_k = 9, 16, 12, 4, 2
+    x = torch.randn(tokens, hidden)
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k)
+    gate_up, down = torch.randn(experts, 2 * intermediate, hidden), torch.randn(experts, hidden, intermediate)
+
+    def fn(x, ids, weights, gate_up, down):
+        return torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down)
+
+    (direct, direct_grads, direct_node), (dispatched, op_grads, op_node) = _run_both_paths(
+        fn, x, ids, weights, gate_up, down)
+    assert direct_node == "_DirectAutogradBackward" and op_node != direct_node
+    assert torch.equal(direct, dispatched)
+    for a, b in zip(direct_grads, op_grads):
+        assert torch.equal(a, b)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n)
+    tl.store(out_ptr + offsets, x * factor, mask=offsets < n)
+
+
+_scale_tuned = triton.autotune([triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 256})], key=["n"])(
+    _scale_kernel)
+# a heuristic that reads a tensor, not a scalar: replays must ask it again
+_scale_by_heuristic = triton.heuristics({"BLOCK": lambda args: 64 if args["x_ptr"].dtype == torch.float16 else 256})(
+    _scale_kernel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays are compiled launches (the GPU)")
+@pytest.mark.parametrize("kernel", [_scale_kernel, _scale_tuned, _scale_by_heuristic],
+                         ids=["jit", "autotuned", "heuristics"])
+def test_replayed_launches_equal_triton_launches(kernel, monkeypatch):
+    """Same tensors' layout: replayed; another alignment, scalar, dtype or a specialized value (n = 1):
+    Triton's path and a new record. Every result is checked, and records keep no tensor alive."""
+    jit = kernel.fn if isinstance(kernel, (triton.runtime.Autotuner, triton.runtime.Heuristics)) else kernel
+    triton_launches = []
+    run = jit.run
+    monkeypatch.setattr(jit, "run", lambda *a, **kw: triton_launches.append(1) or run(*a, **kw))
+    monkeypatch.setattr(_common, "_REPLAYS", {})
+    base = torch.randn(4096 + 8, device="cuda")
+    constexprs = {"BLOCK": 128} if kernel is _scale_kernel else {}
+    cases = [  # (offset, n, factor, dtype, expect a Triton launch)
+        (0, 4096, 2.0, torch.float32, True), (0, 4096, 2.0, torch.float32, False), (1, 4096, 2.0, torch.float32, True),
+        (1, 4096, 2.0, torch.float32, False), (0, 4096, 3.0, torch.float32, True), (0, 1, 3.0, torch.float32, True),
+        (0, 4096, 3.0, torch.float16, True), (0, 4096, 3.0, torch.float16, False)]
+    for offset, n, factor, dtype, expect_triton in cases:
+        x = base.to(dtype)[offset:offset + n]
+        out = torch.full_like(x, float("nan"))
+        before = len(triton_launches)
+        _common.launch(kernel, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), "scale", x, out, n, factor,
+                       **constexprs)
+        assert (len(triton_launches) > before) == expect_triton, (offset, n, factor, dtype)
+        torch.testing.assert_close(out, x * factor, rtol=0, atol=0)
+    alive = weakref.ref(out)
+    del x, out
+    assert alive() is None
