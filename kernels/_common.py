@@ -33,6 +33,18 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return devices == {"cpu"} and interpreting()
 
 
+
+def next_pow2(n: int) -> int:
+    """The next power of two, 1 for n <= 1 (plain Python: triton.next_power_of_2 costs ~4 us a call on the
+    host, and launch paths take several per call)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers (plain Python, as next_pow2)."""
+    return -(-a // b)
+
+
 @dataclass(frozen=True)
 class RowTiling:
     """How a row kernel covers a [rows, N] matrix: `block_m` rows × `block_n` columns at a time.
@@ -48,8 +60,8 @@ class RowTiling:
     def for_rows(n_rows: int, n_cols: int, max_block_n: int, min_tile: int = 2048, elements_per_thread: int = 16,
                  max_warps: int = 16) -> "RowTiling":
         """A tile of about `min_tile` or more elements, `elements_per_thread` of them per thread."""
-        block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block_n)
-        block_m = min(triton.next_power_of_2(max(n_rows, 1)), max(1, min_tile // block_n))
+        block_n = min(next_pow2(n_cols), max_block_n)
+        block_m = min(next_pow2(n_rows), max(1, min_tile // block_n))
         num_warps = min(max_warps, max(1, block_m * block_n // (32 * elements_per_thread)))
         return RowTiling(block_m, block_n, num_warps)
 

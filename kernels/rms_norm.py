@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (RowTiling, as_rows, kernels_apply, launch, load_rows, program_rows, program_slots,
-                      store_rows, to_dtype)
+from ._common import (RowTiling, as_rows, cdiv, kernels_apply, launch, load_rows, next_pow2, program_rows,
+                      program_slots, store_rows, to_dtype)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -32,7 +32,7 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfl
 def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
     """Rows up to 16K elements stay in registers, 32 elements per thread; up to 8K columns two rows
     (or more, for 4K elements) share a program and its load of the weight (H100 sweep, RESULTS.md)."""
-    block_n = min(triton.next_power_of_2(max(n_cols, 1)), 16384)
+    block_n = min(next_pow2(n_cols), 16384)
     min_tile = max(4096, 2 * block_n) if block_n <= 8192 else block_n
     return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384, min_tile=min_tile, elements_per_thread=32)
 
@@ -99,7 +99,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, w
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     tiling = tiling or forward_tiling(n_rows, n_cols)
     product_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
-    launch(_rms_norm_forward_kernel, (triton.cdiv(n_rows, tiling.block_m),), ("rms_norm.forward", n_rows, n_cols),
+    launch(_rms_norm_forward_kernel, (cdiv(n_rows, tiling.block_m),), ("rms_norm.forward", n_rows, n_cols),
         rows, weight, out, n_rows, n_cols, rows.stride(0), out.stride(0), eps, weight_offset,
         HAS_WEIGHT=weight is not None, WEIGHT_BEFORE_CAST=weight_before_cast, INPUT_DTYPE=TRITON_DTYPES[x.dtype],
         PRODUCT_DTYPE=TRITON_DTYPES[product_dtype], BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
@@ -193,7 +193,7 @@ def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     n_rows, n_cols = rows.shape
     tiling = tiling or backward_tiling(n_rows, n_cols)
     row_fits = n_cols <= tiling.block_n
-    n_programs = max(1, min(triton.cdiv(n_rows, tiling.block_m), programs_per_slot * program_slots(x.device)))
+    n_programs = max(1, min(cdiv(n_rows, tiling.block_m), programs_per_slot * program_slots(x.device)))
     dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if weight is None:
         dw_partial = dw = torch.empty(0, dtype=torch.float32, device=x.device)
@@ -206,7 +206,7 @@ def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: to
         eps, weight_offset, HAS_WEIGHT=weight is not None, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
         ROW_FITS=row_fits, NUM_STAGES=num_stages, num_warps=tiling.num_warps)
     if weight is not None:
-        launch(_sum_partials_kernel, (triton.cdiv(n_cols, 128),), ("rms_norm.sum_partials", n_cols),
+        launch(_sum_partials_kernel, (cdiv(n_cols, 128),), ("rms_norm.sum_partials", n_cols),
                dw_partial, dw, n_programs, n_cols, BLOCK_P=32, BLOCK_N=128, num_warps=4)
     return dx.view(x.shape), dw
 

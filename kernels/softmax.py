@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowTiling, as_rows, exp, kernels_apply, launch, load_rows, program_rows, store_rows
+from ._common import RowTiling, as_rows, cdiv, exp, kernels_apply, launch, load_rows, program_rows, store_rows
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
@@ -116,7 +116,7 @@ def softmax_forward(x: torch.Tensor, out_dtype: torch.dtype, tiling: RowTiling |
     n_rows, n_cols = rows.shape
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     tiling = tiling or forward_tiling(n_rows, n_cols)
-    launch(_softmax_forward_kernel, (triton.cdiv(n_rows, tiling.block_m),), ("softmax.forward", n_rows, n_cols),
+    launch(_softmax_forward_kernel, (cdiv(n_rows, tiling.block_m),), ("softmax.forward", n_rows, n_cols),
         rows, out, n_rows, n_cols, rows.stride(0), out.stride(0), BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
         ROW_FITS=n_cols <= tiling.block_n, num_warps=tiling.num_warps)
     return out.view(x.shape)
@@ -128,7 +128,7 @@ def softmax_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, tiling: Row
     n_rows, n_cols = x_rows.shape
     dx = torch.empty(x_rows.shape, dtype=x.dtype, device=x.device)
     tiling = tiling or backward_tiling(n_rows, n_cols)
-    launch(_softmax_backward_kernel, (triton.cdiv(n_rows, tiling.block_m),), ("softmax.backward", n_rows, n_cols),
+    launch(_softmax_backward_kernel, (cdiv(n_rows, tiling.block_m),), ("softmax.backward", n_rows, n_cols),
         grad_rows, x_rows, dx, n_rows, n_cols, grad_rows.stride(0), x_rows.stride(0), dx.stride(0),
         BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, ROW_FITS=n_cols <= tiling.block_n,
         num_warps=tiling.num_warps)

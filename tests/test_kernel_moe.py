@@ -367,6 +367,8 @@ def _sample(requires_grad):
 def test_opcheck():
     x, logits, gate_up, down = _sample(requires_grad=True)
     torch.library.opcheck(torch.ops.fuser.moe_route.default, (logits, 2, "softmax", True, None, 1.0, torch.float32))
+    torch.library.opcheck(torch.ops.fuser.moe_route_forward.default,
+                          (logits, 2, "softmax", True, None, 1.0, torch.float32))
     weights, ids = torch.ops.fuser.moe_route(logits.detach(), 2, "sigmoid", True, torch.randn(5), 2.5,
                                              torch.float32)
     weights.requires_grad_()

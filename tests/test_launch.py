@@ -35,22 +35,15 @@ def _run_both_paths(fn, *leaves):
     return results
 
 
-def test_attention_direct_call_equals_the_op_path():
-    torch.manual_seed(0)
+def _attention_case():
     q, k, v = torch.randn(2, 4, 19, 16), torch.randn(2, 2, 23, 16), torch.randn(2, 2, 23, 16)
 
     def fn(q, k, v):
         return torch.ops.fuser.attention(q, k, v, None, 0.25, True, 0, True, 0.0, 0.0, -float("inf"))
-
-    (direct, direct_grads, direct_node), (dispatched, op_grads, op_node) = _run_both_paths(fn, q, k, v)
-    assert direct_node == "_DirectAutogradBackward" and op_node != direct_node
-    assert torch.equal(direct, dispatched)
-    for a, b in zip(direct_grads, op_grads):
-        assert torch.equal(a, b)
+    return fn, (q, k, v)
 
 
-def test_moe_experts_direct_call_equals_the_op_path():
-    torch.manual_seed(0)
+def _moe_experts_case():
     tokens, hidden, intermediate, experts, top_k = 9, 16, 12, 4, 2
     x = torch.randn(tokens, hidden)
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
@@ -59,9 +52,21 @@ def test_moe_experts_direct_call_equals_the_op_path():
 
     def fn(x, ids, weights, gate_up, down):
         return torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down)
+    return fn, (x, ids, weights, gate_up, down)
 
-    (direct, direct_grads, direct_node), (dispatched, op_grads, op_node) = _run_both_paths(
-        fn, x, ids, weights, gate_up, down)
+
+def _moe_route_case():
+    def fn(logits):
+        return torch.ops.fuser.moe_route(logits, 2, "softmax", True, None, 1.5, torch.float32)[0]
+    return fn, (torch.randn(9, 6),)
+
+
+@pytest.mark.parametrize("case", [_attention_case, _moe_experts_case, _moe_route_case],
+                         ids=["attention", "moe_experts", "moe_route"])
+def test_direct_call_equals_the_op_path(case):
+    torch.manual_seed(0)
+    fn, leaves = case()
+    (direct, direct_grads, direct_node), (dispatched, op_grads, op_node) = _run_both_paths(fn, *leaves)
     assert direct_node == "_DirectAutogradBackward" and op_node != direct_node
     assert torch.equal(direct, dispatched)
     for a, b in zip(direct_grads, op_grads):

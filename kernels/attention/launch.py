@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._common import interpreting, launch, use_triton
+from .._common import cdiv, interpreting, launch, next_pow2, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import _merge_splits_kernel, attention_forward_kernel, output_strides
 from .reference import MASKINGS
@@ -48,15 +48,6 @@ def kernels_support(q, k, v, mask, scale, softcap, dropout_p) -> bool:
     return (use_triton(q, k, v, mask) and dtypes_ok and mask_ok and extents_ok
             and 0 < k.shape[2] and max(q.shape[3], v.shape[3]) <= MAX_HEAD_DIM
             and 0 < scale < math.inf and 0 <= softcap < math.inf and 0 <= dropout_p < 1)
-
-
-def _pow2(n: int) -> int:
-    """Next power of two (plain Python: triton.next_power_of_2 costs microseconds per call)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _log2_units(value: float) -> float:
@@ -133,10 +124,10 @@ def _split_count(rows: int, programs_per_block_row: int, lk: int, device: torch.
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = programs_per_block_row * _cdiv(rows, 64)
+    programs = programs_per_block_row * cdiv(rows, 64)
     if programs >= sms or lk < 1024:
         return 1
-    return max(1, min(_cdiv(2 * sms, programs), lk // 512, 64))
+    return max(1, min(cdiv(2 * sms, programs), lk // 512, 64))
 
 
 def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
@@ -156,7 +147,7 @@ def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, drop
     rows = group * lq if pack else lq
     # 32 at least: Triton 3.6 on the H100 reads past shared memory in the masked tiles' p·v dot with 16-wide
     # V blocks (compute-sanitizer, tiny DeepSeek-V3: Dv 16, causal + padding mask)
-    block_d, block_dv = max(32, _pow2(d)), max(32, _pow2(dv))
+    block_d, block_dv = max(32, next_pow2(d)), max(32, next_pow2(dv))
     can_skip = causal or window > 0 or mask is not None
     fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     constexprs = dict(
@@ -173,7 +164,7 @@ def build_plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, drop
         mask_strides=expanded.stride() if expanded is not None else (0, 0, 0, 0),
         is_bool_mask=mask is not None and mask.dtype == torch.bool, out_strides=output_strides(q, dv),
         pack_gqa=pack, splits=_split_count(rows, b * (hkv if pack else hq), lk, q.device),
-        keys=(_pow2(lq), _pow2(lk)))
+        keys=(next_pow2(lq), next_pow2(lk)))
 
 
 def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack_gqa: bool | None = None):
@@ -211,13 +202,13 @@ def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack
         targets = (out, stats, 0, *out.stride(), 0, *stats.stride()[:3])
     class_arg = classes if classes.numel() else q
     launch(
-        attention_forward_kernel, lambda meta: (_cdiv(rows, meta["BLOCK_M"]), b * heads_in_grid, splits),
+        attention_forward_kernel, lambda meta: (cdiv(rows, meta["BLOCK_M"]), b * heads_in_grid, splits),
         ("attention.forward", id(plan), pack, splits), q, k, v, kernel_mask_tensor, class_arg, *targets[:2], *common,
-        *targets[2:], *scalars, _pow2(rows), plan.keys[1], USE_CLASSES=use_classes, PACK_GQA=pack, **flags)
+        *targets[2:], *scalars, next_pow2(rows), plan.keys[1], USE_CLASSES=use_classes, PACK_GQA=pack, **flags)
     if splits > 1:
         block_m = 16 if interpreting() else 32
         launch(
-            _merge_splits_kernel, (_cdiv(rows, block_m), b * heads_in_grid),
+            _merge_splits_kernel, (cdiv(rows, block_m), b * heads_in_grid),
             ("attention.merge", id(plan), pack, splits),
             q, k, v, kernel_mask_tensor, class_arg, out, stats, part_out, part_stats, *common, *out.stride(),
             *stats.stride()[:3], *part_out.stride(), *part_stats.stride()[:4], splits, *scalars,
@@ -240,7 +231,7 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
     block_m = 16 if interpreting() else 64
     saturation_lse = plan.literals[5]
     launch(
-        backward_preprocess_kernel, (_cdiv(lq, block_m), b * hq), ("attention.preprocess", id(plan)),
+        backward_preprocess_kernel, (cdiv(lq, block_m), b * hq), ("attention.preprocess", id(plan)),
         out, grad_out, stats, delta, head_flags, *out.stride(), *grad_out.stride(), hq, lq, dv, saturation_lse,
         CAN_SKIP=flags["CAN_SKIP"], BLOCK_M=block_m, BLOCK_DV=flags["BLOCK_DV"], num_warps=4)
     mask_arg = kernel_mask(mask, b, hq, lq, lk) if mask is not None else q
@@ -249,10 +240,10 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
     scalars = (hq, group, lq, lk, d, dv, *plan.literals, 0 if seed is None else int(seed.item()))
     class_arg = classes if classes.numel() else q
     launch(
-        attention_dkdv_kernel, lambda meta: (_cdiv(lk, meta["BLOCK_N"]), b * (hq // group)),
+        attention_dkdv_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * (hq // group)),
         ("attention.dkdv", id(plan)), q, k, v, mask_arg, class_arg, grad_out, stats, delta, head_flags, dk, dv_out,
         *common, *dk.stride(), *dv_out.stride(), hq // group, *scalars, *plan.keys, **flags)
     launch(
-        attention_dq_kernel, lambda meta: (_cdiv(lq, meta["BLOCK_M"]), b * hq), ("attention.dq", id(plan)),
+        attention_dq_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * hq), ("attention.dq", id(plan)),
         q, k, v, mask_arg, class_arg, grad_out, stats, delta, dq, *common, *dq.stride(), *scalars, *plan.keys, **flags)
     return dq, dk, dv_out

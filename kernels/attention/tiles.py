@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, launch
+from .._common import cdiv, interpreting, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -213,7 +213,7 @@ window: int) -> torch.Tensor:
     cell = class_cell()
     batches = mask.shape[0] if mask.stride(0) != 0 else 1
     heads = mask.shape[1] if mask.stride(1) != 0 else 1
-    classes = torch.empty(batches, heads, triton.cdiv(lq, cell), triton.cdiv(lk, cell), dtype=torch.int8,
+    classes = torch.empty(batches, heads, cdiv(lq, cell), cdiv(lk, cell), dtype=torch.int8,
                           device=mask.device)
     if classes.numel() == 0:
         return classes

@@ -21,9 +21,8 @@ Expert ids outside [0, E) contribute nothing (transformers' expert-parallel sent
 """
 import torch
 import torch.nn.functional as F
-import triton
 
-from .._common import TORCH_TO_TRITON_SUPPORTED, direct_call, use_triton
+from .._common import TORCH_TO_TRITON_SUPPORTED, cdiv, direct_call, use_triton
 from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grad,
                    sum_over_topk)
 from .plan import PlanLayout, build_plan, build_plan_reference
@@ -197,7 +196,7 @@ def _backward_grads(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Ten
     grad_act = x.new_empty(layout.rows, 2 * intermediate)
     partials = None
     if needs_weights:  # zeros: rows of unrouted ids (no tile covers them) must get d(weight) = 0
-        partials = torch.zeros(layout.rows, triton.cdiv(intermediate, PARTIAL_GRAIN.value), dtype=torch.float32,
+        partials = torch.zeros(layout.rows, cdiv(intermediate, PARTIAL_GRAIN.value), dtype=torch.float32,
                                device=x.device)
     expert_rows_gemm(GRAD_H, plan, layout, grad_out, down_proj, down_proj.stride(), grad_act, intermediate, hidden,
                      top_k, act=gate_up_act, routing_weights=routing_weights, partials=partials,

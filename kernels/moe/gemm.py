@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, launch, to_dtype
+from .._common import cdiv, interpreting, launch, next_pow2, to_dtype
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)
@@ -272,7 +272,7 @@ def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, 
     if layout.max_tiles == 0:
         return
     b2, b2_strides = (b, b_strides) if b2 is None else (b2, b2_strides)
-    grid = lambda meta: (layout.max_tiles * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (layout.max_tiles * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     key = ("rows", epilogue.value, extra_output, layout.block_m, n, k, a.dtype, b.dtype, out.dtype,
            None if routing_weights is None else routing_weights.dtype, a.device)
     launch(_expert_rows_gemm_kernel, grid, key,
@@ -286,7 +286,7 @@ def expert_weight_grad(plan, layout, p, q, out, top_k, *, of_down):
     """out[e] = sum over expert e's rows of P[row]^T Q[row]: d(gate | up) (P = d(act) in plan order,
     Q = x gathered by token), or of_down, d(down) (P = grad_out gathered by token, Q = w * h in plan order)."""
     experts, p_size, q_size = out.shape
-    grid = lambda meta: (triton.cdiv(p_size, meta["BLOCK_P"]) * triton.cdiv(q_size, meta["BLOCK_Q"]), experts)  # noqa
+    grid = lambda meta: (cdiv(p_size, meta["BLOCK_P"]) * cdiv(q_size, meta["BLOCK_Q"]), experts)  # noqa
     key = ("weight_grad", of_down, p_size, q_size, p.dtype, q.dtype, out.dtype, p.device)
     launch(_expert_weight_grad_kernel, grid, key, plan, layout.rows, p, q, q.stride(0), out, p_size, q_size, top_k,
             OF_DOWN=of_down, PRECISION=dot_precision())
@@ -296,7 +296,7 @@ def sum_over_topk(rows, topk_ids, out, experts):
     """out [T, H] = rows [T*K, H] summed over k (rows of unrouted ids skipped)."""
     tokens, top_k = topk_ids.shape
     hidden = out.shape[1]
-    block_h = 16 if interpreting() else min(1024, triton.next_power_of_2(hidden))
+    block_h = 16 if interpreting() else min(1024, next_pow2(hidden))
     if tokens:
-        launch(_sum_over_topk_kernel, (tokens, triton.cdiv(hidden, block_h)), ("moe.sum_over_topk", tokens, hidden),
+        launch(_sum_over_topk_kernel, (tokens, cdiv(hidden, block_h)), ("moe.sum_over_topk", tokens, hidden),
                rows, topk_ids, out, hidden, experts, top_k, block_h, num_warps=4)

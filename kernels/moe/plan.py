@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import launch
+from .._common import cdiv, launch, next_pow2
 
 # One chunk's one-hot is CHUNK x E_POW2 int32, between these many elements; chunks grow with the rows so
 # that each program's prefix over all chunks stays short.
@@ -48,9 +48,9 @@ class PlanLayout:
 
 def _chunk_sizes(rows: int, experts: int):
     """(E_POW2, CHUNK rows per program, warps)."""
-    e_pow2 = triton.next_power_of_2(experts)
+    e_pow2 = next_pow2(experts)
     smallest, largest = (max(16, elements // e_pow2) for elements in _ONEHOT_ELEMENTS)
-    chunk = min(largest, max(smallest, triton.next_power_of_2(triton.cdiv(rows, _TARGET_CHUNKS))))
+    chunk = min(largest, max(smallest, next_pow2(cdiv(rows, _TARGET_CHUNKS))))
     return e_pow2, chunk, 8 if chunk > smallest else 4
 
 
@@ -123,13 +123,13 @@ def build_plan(topk_ids: torch.Tensor, experts: int, block_m: int) -> torch.Tens
     ids = topk_ids.reshape(-1)
     plan = torch.empty(layout.size, dtype=torch.int32, device=ids.device)
     e_pow2, chunk, warps = _chunk_sizes(layout.rows, experts)
-    num_chunks = triton.cdiv(layout.rows, chunk)
+    num_chunks = cdiv(layout.rows, chunk)
     chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=ids.device)
     if num_chunks:
         launch(_count_kernel, (num_chunks,), ("moe.count", layout.rows, experts),
                ids, chunk_counts, layout.rows, experts, chunk, e_pow2, num_warps=warps)
     programs = max(1, num_chunks)  # with no rows, one program still writes the (empty) offsets
-    tiles_per_program = triton.next_power_of_2(max(1, triton.cdiv(layout.max_tiles, programs)))
+    tiles_per_program = next_pow2(cdiv(layout.max_tiles, programs))
     launch(
         _place_kernel, (programs,), ("moe.place", layout.rows, experts),
         ids, chunk_counts, plan, layout.rows, experts, num_chunks, block_m, chunk, e_pow2,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import exp, interpreting, launch, to_dtype, use_triton
+from .._common import cdiv, direct_call, exp, interpreting, launch, next_pow2, to_dtype, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -104,9 +104,9 @@ def _route_backward_kernel(
 
 
 def _launch_shape(T: int, E: int):
-    e_pow2 = triton.next_power_of_2(E)
+    e_pow2 = next_pow2(E)
     block_t = 16 if interpreting() else max(1, min(16, _ROWS_PER_PROGRAM_ELEMENTS // e_pow2))
-    return e_pow2, block_t, (triton.cdiv(T, block_t),)
+    return e_pow2, block_t, (cdiv(T, block_t),)
 
 
 def route_reference(router_logits, top_k, scoring, renormalize, bias, scaling):
@@ -146,9 +146,8 @@ def _check(router_logits, top_k, scoring):
                          f"top_k={top_k}")
 
 
-@torch.library.custom_op("fuser::moe_route", mutates_args=())
-def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
-              bias: torch.Tensor | None, scaling: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+           bias: torch.Tensor | None, scaling: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, top_k] in out_dtype, ids [T, top_k] int64) of the k best experts of each token."""
     _check(router_logits, top_k, scoring)
     T, E = router_logits.shape
@@ -163,13 +162,16 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize
         launch(
             _route_forward_kernel, grid, ("moe.route", T, E),
             logits, logits.stride(0), bias if bias is not None else logits, weights, ids, T, E, scaling,
-            top_k, triton.next_power_of_2(top_k), scoring == "sigmoid", bias is not None, renormalize,
+            top_k, next_pow2(top_k), scoring == "sigmoid", bias is not None, renormalize,
             block_t, e_pow2,
         )
     return weights, ids
 
 
-@moe_route.register_fake
+moe_route_forward = torch.library.custom_op("fuser::moe_route_forward", _route, mutates_args=())
+
+
+@moe_route_forward.register_fake
 def _(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
     _check(router_logits, top_k, scoring)
     T = router_logits.shape[0]
@@ -177,9 +179,8 @@ def _(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
             router_logits.new_empty(T, top_k, dtype=torch.int64))
 
 
-@torch.library.custom_op("fuser::moe_route_backward", mutates_args=())
-def moe_route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor, scoring: str,
-                       renormalize: bool, scaling: float) -> torch.Tensor:
+def _route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor, scoring: str,
+                    renormalize: bool, scaling: float) -> torch.Tensor:
     T, E = router_logits.shape
     if not use_triton(router_logits, grad_weights):
         return route_backward_reference(grad_weights, router_logits, ids, scoring, renormalize, scaling)
@@ -193,6 +194,10 @@ def moe_route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, 
             ids.shape[1], scoring == "sigmoid", renormalize, block_t, e_pow2,
         )
     return grad_logits
+
+
+moe_route_backward = torch.library.custom_op("fuser::moe_route_backward", _route_backward, mutates_args=())
+_call_backward = direct_call(moe_route_backward, _route_backward)
 
 
 @moe_route_backward.register_fake
@@ -211,8 +216,20 @@ def _backward(ctx, grad_weights, _grad_ids):
     router_logits, ids = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_logits = torch.ops.fuser.moe_route_backward(grad_weights, router_logits, ids, *ctx.routing)
+        grad_logits = _call_backward(grad_weights, router_logits, ids, *ctx.routing)
     return grad_logits, None, None, None, None, None, None
 
 
-moe_route.register_autograd(_backward, setup_context=_setup_context)
+moe_route_forward.register_autograd(_backward, setup_context=_setup_context)
+_call_forward = direct_call(moe_route_forward, _route, _setup_context, _backward)
+
+torch.library.define(
+    "fuser::moe_route",
+    "(Tensor router_logits, int top_k, str scoring, bool renormalize, Tensor? bias, float scaling, "
+    "ScalarType out_dtype) -> (Tensor, Tensor)")
+
+
+@torch.library.impl("fuser::moe_route", "CompositeImplicitAutograd")
+def moe_route(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
+    """`fuser::moe_route_forward`: composite so that eager calls take the direct path (kernels/_common.py)."""
+    return _call_forward(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype)
