@@ -30,7 +30,10 @@ def _run_both_paths(fn, *leaves):
         else:
             with mode:
                 out = fn(*inputs)
-        grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.ones_like(out))
+        differentiable = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad(out, differentiable, torch.ones_like(out), retain_graph=True)
+        again = torch.autograd.grad(out, differentiable, torch.ones_like(out))  # a retained graph runs its backward twice
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
         results.append((out.detach(), grads, type(out.grad_fn).__name__))
     return results
 
