@@ -268,10 +268,10 @@ class _Replay:
                  self.packed_metadata, None, runtime.launch_enter_hook, runtime.launch_exit_hook, *args, *self.tail)
 
 
-# Eager calls. A composite op (attention, moe_experts) reaches its custom op through the dispatcher and,
-# where a gradient is recorded, through custom_op's autograd wrapper, which re-reads the op's schema for
-# every argument of every call (torch's fill_defaults: 45 us of the ~100 us host time of an attention
-# call with 13 arguments, on this project's CPU). Eager calls on plain tensors need none of those
+# Eager calls. A composite op (attention, moe_route, moe_experts) reaches its custom op through the
+# dispatcher and, where a gradient is recorded, through custom_op's autograd wrapper, which re-reads the
+# op's schema for every argument of every call (torch's fill_defaults: 45 us of the ~100 us host time of
+# an attention call with 13 arguments, on this project's CPU). Eager calls on plain tensors need none of those
 # layers: `direct_call` runs the implementation itself, under an autograd.Function that uses the op's
 # own setup_context and backward. Tracing, dispatch modes, functorch transforms, tensor subclasses and
 # the profiler (whose events name the op) take the op.
