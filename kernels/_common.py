@@ -35,7 +35,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cpu for t in present) and interpreting()
 
 
-
 def next_pow2(n: int) -> int:
     """The next power of two, 1 for n <= 1 (plain Python: triton.next_power_of_2 costs ~4 us a call on the
     host, and launch paths take several per call)."""
@@ -279,10 +278,9 @@ class _Replay:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
+def _plain_eager(tensors) -> bool:
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
-            and not torch._C._autograd._profiler_enabled()
-            and all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor)))
+            and not torch._C._autograd._profiler_enabled() and all(type(t) in _PLAIN_TENSORS for t in tensors))
 
 
 class _DirectAutograd(torch.autograd.Function):
@@ -305,9 +303,10 @@ def direct_call(op, implementation, setup_context=None, backward=None):
     """A function computing `op(*args)`: `implementation(*args)` on plain eager tensors (through the op's
     `setup_context` / `backward` where a gradient is recorded; without them such calls take the op)."""
     def call(*args):
-        if not _plain_eager(args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not _plain_eager(tensors):
             return op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return op(*args) if backward is None else _DirectAutograd.apply(implementation, setup_context,
                                                                              backward, *args)
         return implementation(*args)

@@ -32,7 +32,8 @@ def _run_both_paths(fn, *leaves):
                 out = fn(*inputs)
         differentiable = [t for t in inputs if t.requires_grad]
         grads = torch.autograd.grad(out, differentiable, torch.ones_like(out), retain_graph=True)
-        again = torch.autograd.grad(out, differentiable, torch.ones_like(out))  # a retained graph runs its backward twice
+        # a retained graph runs its backward again
+        again = torch.autograd.grad(out, differentiable, torch.ones_like(out))
         assert all(torch.equal(a, b) for a, b in zip(grads, again))
         results.append((out.detach(), grads, type(out.grad_fn).__name__))
     return results
