@@ -18,7 +18,7 @@ import triton
 
 import fuser
 from fuser.models import ARCHITECTURES, tiny_inputs, tiny_model
-from fuser.verify import numerics_error, numerics_problem, tolerance
+from fuser.numerics.contract import numerics_error, numerics_problem, tolerance
 
 
 def check_architectures() -> list[str]:

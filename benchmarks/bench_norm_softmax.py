@@ -32,9 +32,9 @@ import triton.language as tl
 import triton.testing
 
 from fuser.kernels import rms_norm as rms_kernels, softmax as softmax_kernels
-from fuser.kernels._common import interpreting
+from fuser.kernels.runtime import interpreting
 from fuser.kernels.rms_norm import RowTiling
-from fuser.verify import numerics_problem, tolerance
+from fuser.numerics.contract import numerics_problem, tolerance
 
 DTYPE = torch.bfloat16
 EPS = 1e-6

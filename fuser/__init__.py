@@ -4,13 +4,14 @@
     report = fuser.explain(model, *inputs)         # what matched where, near misses and why
 """
 from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
-from fuser.backend import Options, fuser_backend, last_report, reset_reports
-from fuser.convert import convert
-from fuser import experts  # noqa: F401  (the "fuser" experts implementation of transformers; match_moe_module)
+from fuser.backend import fuser_backend, last_report, reset_reports
+from fuser.options import Options
+from fuser.modules.convert import convert
+from fuser.modules import experts  # noqa: F401  (the "fuser" experts implementation of transformers)
 from fuser.explaining import explain
 from fuser.fuzzing import FuzzResult, fuzz
 from fuser.report import MatchRecord, NearMiss, Report
-from fuser.rewriter import RewriteError
+from fuser.engine.rewriter import RewriteError
 
 __all__ = ["Options", "fuser_backend", "last_report", "reset_reports", "explain", "Report", "MatchRecord",
            "NearMiss", "RewriteError", "fuzz", "FuzzResult", "convert"]

@@ -40,7 +40,7 @@ def demo(args) -> int:
     """Compile a tiny HF-architecture model with backend="fuser", show the rewrites, check the outputs."""
     import fuser
     from fuser.models import tiny_inputs, tiny_model
-    from fuser.verify import numerics_problem, tolerance
+    from fuser.numerics.contract import numerics_problem, tolerance
 
     device, dtype = _device_and_dtype(args)
     model = tiny_model(_architecture(args.model), layers=args.layers, dtype=dtype).to(device)

@@ -1,6 +1,6 @@
 """`fuser.explain(model, *args, **kwargs)`: what the backend would rewrite, without compiling anything.
 
-The model runs once under Dynamo (through `fuser.capture`, so that explaining the same model
+The model runs once under Dynamo (through `fuser.engine.capture`, so that explaining the same model
 class many times never meets Dynamo's recompile limit); each captured graph is rewritten on a
 copy, so no kernel is launched or compiled, and the reports are gathered.
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fuser.backend import Options, transform
-from fuser.capture import capture
+from fuser.backend import transform
+from fuser.options import Options
+from fuser.engine.capture import capture
 from fuser.report import Report
 
 

@@ -27,16 +27,17 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, seed as hypothesis_seed, settings, strategies as st
 from torch import fx
 
-from fuser.backend import Options, transform
-from fuser.capture import capture
-from fuser.graph import value
-from fuser.kernels._common import interpreting
-from fuser.matcher import Match, find
+from fuser.backend import transform
+from fuser.options import Options
+from fuser.engine.capture import capture
+from fuser.engine.canonical import value
+from fuser.kernels.runtime import interpreting
+from fuser.engine.matcher import Match, find
 from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
 from fuser.report import MatchRecord
-from fuser.rewriter import prepare, rewrite
-from fuser.verify import capture_values, numerics_error, numerics_problem, run_nodes, tolerance
+from fuser.engine.rewriter import prepare, rewrite
+from fuser.numerics.contract import capture_values, numerics_error, numerics_problem, run_nodes, tolerance
 
 log = logging.getLogger("fuser.fuzz")
 

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (RowTiling, as_rows, cdiv, kernels_apply, launch, load_rows, next_pow2, program_rows,
-                      program_slots, store_rows, to_dtype)
+from .language import load_rows, program_rows, store_rows, to_dtype
+from .runtime import RowTiling, as_rows, cdiv, kernels_apply, launch, next_pow2, program_slots
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

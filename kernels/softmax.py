@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RowTiling, as_rows, cdiv, exp, kernels_apply, launch, load_rows, program_rows, store_rows
+from .language import exp, load_rows, program_rows, store_rows
+from .runtime import RowTiling, as_rows, cdiv, kernels_apply, launch
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes

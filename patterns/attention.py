@@ -22,7 +22,7 @@ from torch import fx
 
 from fuser.kernels import attention as _kernel  # noqa: F401  (registers torch.ops.fuser.attention)
 from fuser.patterns.base import Example, Pattern, cast, dtype_name, structural
-from fuser.patterns.masks import MaskPlan, recognize
+from fuser.patterns.attention_masks import MaskPlan, recognize
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 

@@ -1,7 +1,7 @@
-"""The numerics contract of DESIGN.md for tests: relative L2 error against float64 (fuser.verify)."""
+"""The numerics contract of DESIGN.md for tests: relative L2 error against float64 (fuser.numerics.contract)."""
 import torch
 
-from fuser.verify import TF32_TOLERANCE, TOLERANCE, numerics_problem, tolerance  # noqa: F401
+from fuser.numerics.contract import TF32_TOLERANCE, TOLERANCE, numerics_problem, tolerance  # noqa: F401
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

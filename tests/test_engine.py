@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import fuser
-from fuser import backend as fuser_backend_module
+from fuser import backend as fuser_backend_module, options as fuser_options
 from fuser.patterns import PATTERNS
 from fuser.patterns.norms import RMS_NORM
-from fuser.rewriter import RewriteError, prepare, rewrite
+from fuser.engine.rewriter import RewriteError, prepare, rewrite
 from helpers import captured_graphs, compile_and_run
 from numerics import assert_close
 
@@ -137,7 +137,7 @@ def test_verify_catches_a_planted_wrong_kernel(monkeypatch):
         return torch.ops.fuser.rms_norm(m["x"], m.get("weight"), float(m["eps"]) * 1e4, 0.0, True,
                                         m.output.meta["example_value"].dtype)
 
-    monkeypatch.setattr(fuser_backend_module, "PATTERNS", tuple(
+    monkeypatch.setattr(fuser_options, "PATTERNS", tuple(
         _broken(p, replace=wrong) if p.name == "rms_norm" else p for p in PATTERNS))
     x, w = torch.randn(3, 16) * 0.01, torch.randn(16)
     out, report = compile_and_run(llama_norm, x, w, options={"verify": True})
@@ -220,8 +220,8 @@ def test_hypothesis_fuzz_catches_a_wrong_kernel(monkeypatch):
         return torch.ops.fuser.softmax(m["x"] * 1.01, m.output.meta["example_value"].dtype)
 
     monkeypatch.setitem(BY_NAME, "softmax", _broken(SOFTMAX, replace=wrong))
-    monkeypatch.setattr(fuser_backend_module, "BY_NAME", BY_NAME)
-    monkeypatch.setattr(fuser_backend_module, "PATTERNS", tuple(
+    monkeypatch.setattr(fuser_options, "BY_NAME", BY_NAME)
+    monkeypatch.setattr(fuser_options, "PATTERNS", tuple(
         BY_NAME["softmax"] if p.name == "softmax" else p for p in PATTERNS))
     result = fuser.fuzz("softmax", max_examples=20, seed=3, grads=False)
     assert not result.ok and "relative L2 error" in result.failure and result.seed == 3
@@ -265,7 +265,7 @@ def test_float64_reference_runs_grouped_mm():
     """The float64 reference of a site evaluates `torch._grouped_mm` (whose kernels take no float64:
     model fuzzing of transformers' grouped_mm experts on the GPU failed there) as plain matmuls."""
     from torch import fx
-    from fuser.verify import run_nodes
+    from fuser.numerics.contract import run_nodes
 
     def experts(x, weight, offs):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fuser
-from fuser import backend as fuser_backend_module
+from fuser import options as fuser_options
 from fuser.models import tiny_inputs, tiny_model
 from fuser.patterns import PATTERNS
 from fuser.patterns.norms import RMS_NORM
@@ -47,7 +47,7 @@ def test_a_planted_wrong_kernel_is_caught_and_shrunk(monkeypatch):
         return torch.ops.fuser.rms_norm(m["x"], m.get("weight"), float(m["eps"]) + 0.5, float(m.get("offset", 0.0)),
                                         True, m.output.meta["example_value"].dtype)
 
-    monkeypatch.setattr(fuser_backend_module, "PATTERNS", (dataclasses.replace(RMS_NORM, replace=wrong_eps),))
+    monkeypatch.setattr(fuser_options, "PATTERNS", (dataclasses.replace(RMS_NORM, replace=wrong_eps),))
     model = tiny_model("qwen2", layers=1)
     result = fuser.fuzz(model, tiny_inputs(model, batch=2, length=6), max_examples=5, seed=7, grads=False)
     assert not result.ok and result.seed == 7

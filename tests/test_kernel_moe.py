@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fuser.kernels.moe as moe
-from fuser.kernels._common import to_dtype
+from fuser.kernels.language import to_dtype
 from numerics import TOLERANCE, assert_close
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from fuser.kernels import rms_norm as kernel
-from fuser.kernels._common import RowTiling
+from fuser.kernels.runtime import RowTiling
 from fuser.kernels.rms_norm import rms_norm_reference
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 from helpers import assert_compiled_matches_eager

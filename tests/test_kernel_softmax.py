@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from fuser.kernels import softmax as kernel
-from fuser.kernels._common import RowTiling
+from fuser.kernels.runtime import RowTiling
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 from helpers import assert_compiled_matches_eager
 from numerics import assert_close, tolerance

@@ -1,5 +1,5 @@
-"""The host paths around the kernels: replayed launches (`_common.launch`, CUDA only) and the direct
-eager calls of composite ops (`_common.direct_call`), each against the path it shortcuts."""
+"""The host paths around the kernels: replayed launches (`kernels.runtime.launching`, CUDA only) and the direct
+eager calls of composite ops (`kernels.runtime.ops.direct_call`), each against the path it shortcuts."""
 from __future__ import annotations
 
 import weakref
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fuser.kernels import _common
+from fuser.kernels.runtime import launching
 
 
 class _PassThrough(TorchDispatchMode):
@@ -101,7 +101,7 @@ def test_replayed_launches_equal_triton_launches(kernel, monkeypatch):
     triton_launches = []
     run = jit.run
     monkeypatch.setattr(jit, "run", lambda *a, **kw: triton_launches.append(1) or run(*a, **kw))
-    monkeypatch.setattr(_common, "_REPLAYS", {})
+    monkeypatch.setattr(launching, "_REPLAYS", {})
     base = torch.randn(4096 + 8, device="cuda")
     constexprs = {"BLOCK": 128} if kernel is _scale_kernel else {}
     cases = [  # (offset, n, factor, dtype, expect a Triton launch)
@@ -112,7 +112,7 @@ def test_replayed_launches_equal_triton_launches(kernel, monkeypatch):
         x = base.to(dtype)[offset:offset + n]
         out = torch.full_like(x, float("nan"))
         before = len(triton_launches)
-        _common.launch(kernel, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), "scale", x, out, n, factor,
+        launching.launch(kernel, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), "scale", x, out, n, factor,
                        **constexprs)
         assert (len(triton_launches) > before) == expect_triton, (offset, n, factor, dtype)
         torch.testing.assert_close(out, x * factor, rtol=0, atol=0)

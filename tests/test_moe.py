@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import fuser
-from fuser.experts import FusedMoEBlock, match_moe_module, swap_in_place
+from fuser.modules.experts import FusedMoEBlock, match_moe_module, swap_in_place
 from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
 import fuser.patterns.moe as moe_patterns
@@ -124,7 +124,7 @@ def test_transformers_accepts_the_fuser_experts_implementation():
 def test_import_fuser_registers_once_transformers_loads():
     code = ("import sys, fuser; assert 'transformers' not in sys.modules; "
             "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS; "
-            "assert ALL_EXPERTS_FUNCTIONS['fuser'] is fuser.experts.fuser_experts_forward")
+            "assert ALL_EXPERTS_FUNCTIONS['fuser'] is fuser.modules.experts.fuser_experts_forward")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -189,7 +189,7 @@ FALLBACKS = {  # what makes the kernel not apply: (change to the experts, the re
 def test_experts_the_kernel_does_not_cover_run_grouped_mm_with_one_warning(case, monkeypatch):
     from transformers.integrations.moe import grouped_mm_experts_forward
 
-    monkeypatch.setattr(fuser.experts, "_warned", set())
+    monkeypatch.setattr(fuser.modules.experts, "_warned", set())
     change, reason = FALLBACKS[case]
     experts = _olmoe_experts()
     change(experts)

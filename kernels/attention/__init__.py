@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import direct_call
+from ..runtime import direct_call
 from . import launch
 from .forward import output_like
 from .launch import kernels_support

@@ -22,7 +22,8 @@ import functools
 import triton
 import triton.language as tl
 
-from .._common import interpreting, to_dtype
+from ..language import to_dtype
+from ..runtime import interpreting
 from .forward import load_tile, mma_operand, registers_fit, tuning_pays
 from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, probabilities, query_tiles, rows_saturated,
                     tile_scores)

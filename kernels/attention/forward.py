@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import interpreting, to_dtype
+from ..language import to_dtype
+from ..runtime import interpreting
 from .tiles import FULL, LOG2E, PARTIAL, SKIP, dropout_keep, key_tiles, rows_saturated, tile_scores
 
 

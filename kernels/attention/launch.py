@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._common import cdiv, interpreting, launch, next_pow2, use_triton
+from ..runtime import cdiv, interpreting, launch, next_pow2, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import _merge_splits_kernel, attention_forward_kernel, output_strides
 from .reference import MASKINGS

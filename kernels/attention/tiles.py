@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, interpreting, launch
+from ..runtime import cdiv, interpreting, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)

@@ -22,7 +22,7 @@ Expert ids outside [0, E) contribute nothing (transformers' expert-parallel sent
 import torch
 import torch.nn.functional as F
 
-from .._common import TORCH_TO_TRITON_SUPPORTED, cdiv, direct_call, use_triton
+from ..runtime import KERNEL_DTYPES, cdiv, direct_call, use_triton
 from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grad,
                    sum_over_topk)
 from .plan import PlanLayout, build_plan, build_plan_reference
@@ -61,7 +61,7 @@ def _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
 
 
 def _runs_triton(x, *tensors):
-    return use_triton(x, *tensors) and x.dtype in TORCH_TO_TRITON_SUPPORTED
+    return use_triton(x, *tensors) and x.dtype in KERNEL_DTYPES
 
 
 def _plan_layout(tokens, top_k, experts):

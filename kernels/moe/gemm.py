@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, interpreting, launch, next_pow2, to_dtype
+from ..language import to_dtype
+from ..runtime import cdiv, interpreting, launch, next_pow2
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, launch, next_pow2
+from ..runtime import cdiv, launch, next_pow2
 
 # One chunk's one-hot is CHUNK x E_POW2 int32, between these many elements; chunks grow with the rows so
 # that each program's prefix over all chunks stays short.

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, direct_call, exp, interpreting, launch, next_pow2, to_dtype, use_triton
+from ..language import exp, to_dtype
+from ..runtime import cdiv, direct_call, interpreting, launch, next_pow2, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -231,5 +232,5 @@ torch.library.define(
 
 @torch.library.impl("fuser::moe_route", "CompositeImplicitAutograd")
 def moe_route(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
-    """`fuser::moe_route_forward`: composite so that eager calls take the direct path (kernels/_common.py)."""
+    """`fuser::moe_route_forward`: composite so that eager calls take the direct path (kernels/runtime/ops.py)."""
     return _call_forward(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype)

@@ -1,38 +1,16 @@
-"""What every kernel module shares: when to launch Triton, dtype plumbing, row-wise tiling helpers."""
+"""Launching Triton kernels: launch sizes and the replay of recorded launches (host time per call)."""
 from __future__ import annotations
 
 import functools
 import inspect
 import math
 import operator
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
-from triton.language.extra import libdevice
 
-TORCH_TO_TRITON_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Launch the Triton kernel on CUDA tensors, or on CPU tensors under the interpreter.
-
-    Anything else (a laptop CPU without the interpreter) runs the plain-torch reference,
-    so the backend still works everywhere.
-    """
-    present = [t for t in tensors if t is not None]  # is_cuda / is_cpu: t.device.type costs ~1 us a tensor
-    if not present:
-        return False
-    if all(t.is_cuda for t in present):
-        return True
-    return all(t.is_cpu for t in present) and interpreting()
+from .dispatch import interpreting
 
 
 def next_pow2(n: int) -> int:
@@ -74,76 +52,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def kernels_apply(*tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
-    """Triton where the device allows and every dtype is one the kernels compute (not float64)."""
-    dtypes = [t.dtype for t in tensors if t is not None] + ([out_dtype] if out_dtype is not None else [])
-    return use_triton(*tensors) and all(d in TORCH_TO_TRITON_SUPPORTED for d in dtypes)
-
-
 @functools.lru_cache
 def program_slots(device: torch.device) -> int:
     """How many programs a persistent kernel launches: the multiprocessor count (4 when interpreting)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
-
-
-@triton.jit
-def program_rows(n_rows, BLOCK_M: tl.constexpr):
-    """This program's rows as a [BLOCK_M, 1] int64 column (for row pointers) and which of them exist."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return rows.to(tl.int64)[:, None], rows < n_rows
-
-
-@triton.jit
-def load_rows(row_ptrs, row_ok, cols, n_cols, other, EVICTION: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] block as float32 (`other` outside the matrix)."""
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    return tl.load(row_ptrs + cols[None, :], mask=mask, other=other, eviction_policy=EVICTION).to(tl.float32)
-
-
-@triton.jit
-def store_rows(row_ptrs, row_ok, cols, n_cols, value):
-    """Store a float32 block, rounded to the destination's dtype."""
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    tl.store(row_ptrs + cols[None, :], to_dtype(value, row_ptrs.dtype.element_ty), mask=mask)
-
-
-# fp32 -> bf16 rounding that is the GPU's under the interpreter too: the interpreter converts by
-# truncating the low 16 bits (and mangles subnormals), the GPU rounds to nearest even; on CPU, bf16
-# results came out about 3x further from float64 than on the GPU, and biased, so tests measured the
-# interpreter rather than the kernels. Under the interpreter the bf16 bits are computed here and
-# reinterpreted; on the GPU `to_dtype` is a plain cast.
-_INTERPRETING = tl.constexpr(interpreting())
-
-
-@triton.jit
-def to_dtype(x, dtype: tl.constexpr):
-    """`x` as `dtype`, rounded to nearest even."""
-    if _INTERPRETING and dtype == tl.bfloat16:
-        x = x.to(tl.float32)
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = tl.where(x != x, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)  # NaN: the quiet NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-# exp on the GPU: tl.exp computes 2^(x·log2 e) with the product rounded to float32 (an error of |t|·2^-24
-# in the exponent: 6e-6 relative at t = 100, 30x torch's expf) and an approximate 2^t that flushes
-# subnormal results to 0. Float32 softmax gradients amplify the first where dy − Σdy·y cancels, and
-# the second zeroes y = 1e-40 that torch keeps (the GPU fuzz found both: dx 2.1e-5 against the 1e-5
-# contract on a row of 87; dx = 0, relative error 1, on a row of 2). libdevice's expf is torch's.
-# The interpreter computes exp with numpy, exactly rounded.
-
-
-@triton.jit
-def exp(x):
-    """exp of float32 `x` within an ulp or two, subnormal results included, like torch's expf."""
-    if _INTERPRETING:
-        return tl.exp(x)
-    else:
-        return libdevice.exp(x)
 
 
 # Launching. Triton's own launch path binds every argument, recomputes its specialization and, for an
@@ -265,49 +179,3 @@ class _Replay:
         runtime = triton.knobs.runtime
         self.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device), self.function,
                  self.packed_metadata, None, runtime.launch_enter_hook, runtime.launch_exit_hook, *args, *self.tail)
-
-
-# Eager calls. A composite op (attention, moe_route, moe_experts) reaches its custom op through the
-# dispatcher and, where a gradient is recorded, through custom_op's autograd wrapper, which re-reads the
-# op's schema for every argument of every call (torch's fill_defaults: 45 us of the ~100 us host time of
-# an attention call with 13 arguments, on this project's CPU). Eager calls on plain tensors need none of those
-# layers: `direct_call` runs the implementation itself, under an autograd.Function that uses the op's
-# own setup_context and backward. Tracing, dispatch modes, functorch transforms, tensor subclasses and
-# the profiler (whose events name the op) take the op.
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain_eager(tensors) -> bool:
-    return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
-            and not torch._C._autograd._profiler_enabled() and all(type(t) in _PLAIN_TENSORS for t in tensors))
-
-
-class _DirectAutograd(torch.autograd.Function):
-    """An op's implementation with the op's registered autograd formula."""
-
-    @staticmethod
-    def forward(ctx, implementation, setup_context, backward, *inputs):
-        output = implementation(*inputs)
-        ctx.needs_input_grad = ctx.needs_input_grad[3:]  # the formula reads the op's inputs' flags
-        setup_context(ctx, inputs, output)
-        ctx.formula = backward
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, None, None, *ctx.formula(ctx, *grads))
-
-
-def direct_call(op, implementation, setup_context=None, backward=None):
-    """A function computing `op(*args)`: `implementation(*args)` on plain eager tensors (through the op's
-    `setup_context` / `backward` where a gradient is recorded; without them such calls take the op)."""
-    def call(*args):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not _plain_eager(tensors):
-            return op(*args)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return op(*args) if backward is None else _DirectAutograd.apply(implementation, setup_context,
-                                                                             backward, *args)
-        return implementation(*args)
-    return call

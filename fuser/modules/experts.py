@@ -11,7 +11,7 @@
   runs the block on random inputs with its own weights, in eval and training mode, and checks that
   it computes the canonical top-k MoE (softmax routing, top-k, optional renormalization, SwiGLU
   experts), its gradients included, before it returns a fused copy; otherwise it says why not.
-  `swap_in_place(block, fused)` then makes the block itself the fused one (what `fuser.convert` does).
+  `swap_in_place(block, fused)` then makes the block itself the fused one (what `fuser.modules.convert` does).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fus
 from fuser.patterns.base import dtype_name
 from fuser.patterns.moe import routing_tie_problem
 from fuser.patterns.strategies import FLOAT_DTYPES
-from fuser.verify import numerics_error, numerics_problem, tolerance
+from fuser.numerics.contract import numerics_error, numerics_problem, tolerance
 
 EXPERTS_IMPLEMENTATION = "fuser"
 
@@ -410,7 +410,7 @@ def _moe_children(block: nn.Module) -> tuple[str, str] | None:
 
 
 def looks_like_moe_block(module: nn.Module) -> bool:
-    """Cheap test for `fuser.convert`: a router nn.Linear child with one output per expert of an
+    """Cheap test for `fuser.modules.convert`: a router nn.Linear child with one output per expert of an
     nn.ModuleList child (whether it is a MoE block is `match_moe_module`'s to find out)."""
     return not isinstance(module, FusedMoEBlock) and _moe_children(module) is not None
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from torch import fx
 
-from fuser.graph import canonicalize, mutates, value, where
+from fuser.engine.canonical import canonicalize, mutates, value, where
 from fuser.patterns.base import UNCHECKED, Pattern, Structural
 
 COMMUTATIVE = {operator.mul, operator.add}

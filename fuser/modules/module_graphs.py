@@ -1,4 +1,4 @@
-"""Graph rewriting of whole modules, for `fuser.convert(model, *example_inputs)`.
+"""Graph rewriting of whole modules, for `fuser.modules.convert(model, *example_inputs)`.
 
 A module that convert's module-level converters (norms, MoE blocks) and transformers' attention
 interface leave alone may still compute a pattern: a hand-written attention, an RMSNorm spelled
@@ -39,12 +39,13 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fuser.backend import Options, rewrite_prepared
-from fuser.capture import capture
-from fuser.graph import where
+from fuser.backend import rewrite_prepared
+from fuser.options import Options
+from fuser.engine.capture import capture
+from fuser.engine.canonical import where
 from fuser.report import NearMiss, Report, Where
-from fuser.rewriter import prepare
-from fuser.verify import numerics_error, numerics_problem, run_nodes, tolerance
+from fuser.engine.rewriter import prepare
+from fuser.numerics.contract import numerics_error, numerics_problem, run_nodes, tolerance
 
 PLAIN_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -110,7 +111,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, modules: Iterable[
         with torch.no_grad():
             model(*args, **kwargs)
     except Exception as error:
-        raise ValueError(f"fuser.convert: the model raised {type(error).__name__} on the example inputs ({error}); "
+        raise ValueError(f"fuser.modules.convert: the model raised {type(error).__name__} on the example inputs ({error}); "
                          "give convert a call the model accepts, as convert(model, *args, **kwargs)") from error
     finally:
         for handle in handles:

@@ -1,4 +1,4 @@
-"""`fuser.convert(model)`: the same model object, running the fused kernels without torch.compile.
+"""`fuser.modules.convert(model)`: the same model object, running the fused kernels without torch.compile.
 
 - Modules, by the module-level matchers (`MODULE_CONVERTERS`), which need no example inputs:
   a module whose whole forward the backend's patterns turn into one fused op (an RMSNorm into
@@ -6,15 +6,15 @@
   other shapes against its own code run in float64 (its gradients too when it trains or its
   parameters require grad), and only then switched to a subclass of its class whose forward
   calls the op: the same parameters (state_dict keys and tensors unchanged), `isinstance` still
-  true. Hand-written MoE blocks go through `fuser.experts.match_moe_module` the same way.
+  true. Hand-written MoE blocks go through `fuser.modules.experts.match_moe_module` the same way.
 - MoE experts, in transformers models, likewise through transformers' `ExpertsInterface`: after each
-  experts module's check against its own code in float64 (`fuser.experts.fused_experts_problem`),
+  experts module's check against its own code in float64 (`fuser.modules.experts.fused_experts_problem`),
   the model's experts implementation becomes `"fuser"`.
 - Attention, in transformers models: their attention layers call whatever the model's
   `config._attn_implementation` names in transformers' `AttentionInterface`; convert registers
   `"fuser"` there (and in `AttentionMaskInterface`, so masks come as SDPA's boolean masks or
   none at all for plain causal attention) and sets the model's implementation to it.
-- Any other module, by rewriting its graph (`fuser.module_graphs`), when convert is given example
+- Any other module, by rewriting its graph (`fuser.modules.module_graphs`), when convert is given example
   inputs (`convert(model, *args, **kwargs)`, a call of the model): one calibration run records each
   module's arguments, and the smallest modules whose forward holds a pattern are captured, rewritten
   by the backend's rewriter, checked as a whole in float64 (gradients included) and switched to
@@ -33,20 +33,20 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from fuser.backend import Options
-from fuser.capture import capture
-from fuser.experts import (EXPERTS_IMPLEMENTATION, FusedMoEBlock, dispatches_experts, fused_experts_problem,
+from fuser.options import Options
+from fuser.engine.capture import capture
+from fuser.modules.experts import (EXPERTS_IMPLEMENTATION, FusedMoEBlock, dispatches_experts, fused_experts_problem,
                            looks_like_moe_block, match_moe_module, register_experts_implementation, swap_in_place)
-from fuser.module_graphs import Run, gradient_problems, rewrite_modules
+from fuser.modules.module_graphs import Run, gradient_problems, rewrite_modules
 from fuser.report import MatchRecord, NearMiss, Report, Where
-from fuser.rewriter import prepare, rewrite
-from fuser.verify import numerics_problem, run_nodes, tolerance
+from fuser.engine.rewriter import prepare, rewrite
+from fuser.numerics.contract import numerics_problem, run_nodes, tolerance
 
 ATTENTION_IMPLEMENTATION = "fuser"
 WITHOUT_EXAMPLES = ("no example inputs, so only norms, MoE blocks and transformers' attention were tried; "
-                    "fuser.convert(model, *args, **kwargs) with a call of the model rewrites other modules' "
+                    "fuser.modules.convert(model, *args, **kwargs) with a call of the model rewrites other modules' "
                     "graphs too (hand-written attention, say)")
-log = logging.getLogger("fuser.convert")
+log = logging.getLogger("fuser.modules.convert")
 
 
 @dataclass(frozen=True)
@@ -414,7 +414,7 @@ def _within(path: str, module: str) -> bool:
 
 
 def _rewrite_module_graphs(model: nn.Module, args: tuple, kwargs: dict, report: Report, swaps: list[Swap]) -> None:
-    """Graph rewriting of the modules no other converter handles (see `fuser.module_graphs`). Where it has
+    """Graph rewriting of the modules no other converter handles (see `fuser.modules.module_graphs`). Where it has
     its own word on a module a module-level converter turned down (a norm whose forward does more than
     the norm, say), that replaces the converter's near miss."""
     handled = {swap.module for swap in swaps} | {m for m in model.modules() if _dispatches_attention(m) or dispatches_experts(m)
@@ -431,10 +431,10 @@ def convert(model: nn.Module, *example_args: Any, dry_run: bool = False, **examp
     return the report of what would be converted and what would not, and why.
 
     Example inputs, a call of the model (`model(*example_args, **example_kwargs)`), let convert rewrite
-    the graphs of the modules no module-level converter handles (see `fuser.module_graphs`); without
+    the graphs of the modules no module-level converter handles (see `fuser.modules.module_graphs`); without
     them only norms, MoE blocks and transformers' attention are converted, and the report says so."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fuser.convert takes a torch.nn.Module, not {type(model).__name__}; "
+        raise TypeError(f"fuser.modules.convert takes a torch.nn.Module, not {type(model).__name__}; "
                         "for a function use torch.compile(fn, backend='fuser')")
     report = Report()
     swaps = _convert_modules(model, report)

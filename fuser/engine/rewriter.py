@@ -13,11 +13,11 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-from fuser.graph import mutates, value, where
-from fuser.matcher import Match, _Failure, find_all
+from fuser.engine.canonical import mutates, value, where
+from fuser.engine.matcher import Match, _Failure, find_all
 from fuser.patterns.base import Pattern
 from fuser.report import MatchRecord, NearMiss, Report, Where
-from fuser.verify import compare_site
+from fuser.numerics.contract import compare_site
 
 
 class RewriteError(RuntimeError):
@@ -196,5 +196,5 @@ def _add_near_miss(report: Report, miss: NearMiss) -> None:
 
 def prepare(gm: fx.GraphModule) -> None:
     """Canonicalize before matching (separate so verification can read values of the canonical graph)."""
-    from fuser.graph import canonicalize
+    from fuser.engine.canonical import canonicalize
     canonicalize(gm.graph)

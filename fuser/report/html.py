@@ -223,7 +223,7 @@ def _label(name: str, data: dict) -> tuple[str, str]:
 
 def _readable_input_name(target: str) -> str:
     """`L_args_0_modules_model_modules_layers_modules_0_modules_norm_parameters_weight_` → `model.layers.0.norm.weight`."""
-    name = re.sub(r"^[Ll]_(self_|target_|args_\d+_|kwargs_)?", "", target).rstrip("_")  # target_: fuser.capture
+    name = re.sub(r"^[Ll]_(self_|target_|args_\d+_|kwargs_)?", "", target).rstrip("_")  # target_: fuser.engine.capture
     name = re.sub(r"^modules_", "", name)
     return re.sub(r"_(modules|parameters|buffers)_", ".", name)
 

@@ -1,0 +1,1 @@
+"""The compiler's engine: canonical spellings, matching, capture, planning and applying rewrites."""

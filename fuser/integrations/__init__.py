@@ -1,0 +1,1 @@
+"""Seams into other libraries (transformers)."""

@@ -1,0 +1,1 @@
+"""Module-level rewriting: `convert`, the fused-module swap, module graphs, hand-written MoE blocks."""

@@ -1,0 +1,45 @@
+"""FX graphs as networkx graphs, built only when a picture or a caller asks for one."""
+from __future__ import annotations
+
+
+def graph_to_networkx(graph, prefix: str = ""):
+    """An FX graph as a networkx.DiGraph. Node attributes: op, target, args (its literal arguments,
+    e.g. "float32" for a cast, "-1, True" for a mean), shape (ints; a symbolic size as its name,
+    e.g. "s0"), dtype, match (the id of the match that covers or replaced it, or None)."""
+    import networkx as nx
+
+    from fuser.engine.canonical import tensor_meta
+
+    out = nx.DiGraph()
+    for node in graph.nodes:
+        meta = tensor_meta(node)
+        target = node.target if isinstance(node.target, str) else getattr(
+            node.target, "_qualified_op_name", getattr(node.target, "__name__", str(node.target)))
+        out.add_node(prefix + node.name, op=node.op, target=str(target), args=_literal_args(node),
+                     shape=tuple(d if isinstance(d, int) else str(d) for d in meta.shape) if meta is not None else None,
+                     dtype=str(meta.dtype).replace("torch.", "") if meta is not None else None,
+                     match=node.meta.get("fuser_match"))
+        for source in node.all_input_nodes:
+            out.add_edge(prefix + source.name, prefix + node.name)
+    return out
+
+
+def _literal_args(node) -> str:
+    """The arguments of a node that are not other nodes (nor None), as short text ("" for placeholders)."""
+    from torch import fx
+
+    def has_node(arg) -> bool:
+        return isinstance(arg, fx.Node) or (isinstance(arg, (list, tuple)) and any(map(has_node, arg)))
+
+    def show(arg) -> str:
+        if isinstance(arg, float):
+            return f"{arg:g}"
+        if isinstance(arg, (list, tuple)):
+            return "(" + ", ".join(map(show, arg)) + ")"
+        return str(arg).replace("torch.", "")
+
+    if node.op not in ("call_function", "call_method"):
+        return ""
+    literals = [show(a) for a in node.args if a is not None and not has_node(a)]
+    literals += [f"{k}={show(v)}" for k, v in node.kwargs.items() if v is not None and not has_node(v)]
+    return ", ".join(literals)
