@@ -6,19 +6,15 @@ the naive code) and the rest of the graph goes to Inductor (default) or runs eag
 from __future__ import annotations
 
 import contextlib
-import itertools
 from typing import Any, Callable
 
 from torch import fx
 
 from fuser.options import Options
 from fuser.report import Report
-from fuser.report.graphs import graph_to_networkx
-from fuser.engine.rewriter import prepare, rewrite
-from fuser.numerics.contract import capture_values
+from fuser.engine.rewriter import rewrite
 
 _reports: list[Report] = []
-_graph_ids = itertools.count()
 
 
 def last_report() -> Report:
@@ -33,30 +29,13 @@ def reset_reports() -> None:
     _reports.clear()
 
 
-def transform(gm: fx.GraphModule, example_inputs: list, options: Options) -> Report:
-    """Canonicalize and rewrite `gm` in place; return the report."""
-    prepare(gm)
-    return rewrite_prepared(gm, example_inputs, options)
-
-
-def rewrite_prepared(gm: fx.GraphModule, example_inputs: list, options: Options) -> Report:
-    """`transform` of a graph `prepare` has canonicalized already (for callers that read it in between)."""
-    values = capture_values(gm, example_inputs) if options.verify else None
-    tag = f"g{next(_graph_ids)}."
-    before = graph_to_networkx(gm.graph, tag)
-    report = rewrite(gm, options.selected_patterns(), strict=options.strict, verify_values=values, tag=tag)
-    for match in report.matches:
-        for name in match.nodes:
-            before.nodes[tag + name]["match"] = match.id
-    report.graphs.append((before, graph_to_networkx(gm.graph, tag)))
-    return report
-
-
 def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
                   mode: str | None = None, **_: Any) -> Callable:
-    """Dynamo backend: rewrite, then compile the rest with Inductor (honouring `mode`) or run it eagerly."""
+    """Dynamo backend: rewrite, then compile the rest with Inductor (honouring `mode`) or run it eagerly.
+    Where nothing is rewritten, Inductor gets Dynamo's graph as plain torch.compile would."""
     opts = Options.parse(options)
-    report = transform(gm, example_inputs, opts)
+    gm, report = rewrite(gm, opts.selected_patterns(), example_inputs, verify=opts.verify, strict=opts.strict,
+                         pictures=opts.pictures)
     _reports.append(report)
     if opts.codegen == "eager":
         return gm.forward
@@ -70,4 +49,3 @@ def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | N
         if report.matches and hasattr(functorch_config, "enable_autograd_cache") else contextlib.nullcontext()
     with fresh_autograd:
         return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
-

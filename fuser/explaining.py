@@ -1,16 +1,16 @@
 """`fuser.explain(model, *args, **kwargs)`: what the backend would rewrite, without compiling anything.
 
 The model runs once under Dynamo (through `fuser.engine.capture`, so that explaining the same model
-class many times never meets Dynamo's recompile limit); each captured graph is rewritten on a
-copy, so no kernel is launched or compiled, and the reports are gathered.
+class many times never meets Dynamo's recompile limit); each captured graph is planned and rewritten on a
+canonical copy (with the same verification as the backend), so nothing is compiled, and the reports are gathered.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from fuser.backend import transform
-from fuser.options import Options
 from fuser.engine.capture import capture
+from fuser.engine.rewriter import rewrite
+from fuser.options import Options
 from fuser.report import Report
 
 
@@ -19,5 +19,6 @@ def explain(model: Any, *args: Any, options: dict | None = None, **kwargs: Any) 
     opts = Options.parse(options)
     report = Report()
     for graph, example_inputs in capture(model, args, kwargs):
-        report.extend(transform(graph, example_inputs, opts))
+        report.extend(rewrite(graph, opts.selected_patterns(), example_inputs, verify=opts.verify, strict=opts.strict,
+                              pictures=True)[1])
     return report

@@ -17,7 +17,6 @@ and, on failure, hypothesis' shrunk example and the seed that reproduces it.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,16 +26,15 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, seed as hypothesis_seed, settings, strategies as st
 from torch import fx
 
-from fuser.backend import transform
 from fuser.options import Options
 from fuser.engine.capture import capture
 from fuser.engine.canonical import value
 from fuser.kernels.runtime import interpreting
-from fuser.engine.matcher import Match, find
+from fuser.engine.matcher import Match
 from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
-from fuser.report import MatchRecord
-from fuser.engine.rewriter import prepare, rewrite
+from fuser.report import Where
+from fuser.engine.rewriter import canonical_copy, plan, rewrite
 from fuser.numerics.contract import capture_values, numerics_error, numerics_problem, run_nodes, tolerance
 
 log = logging.getLogger("fuser.fuzz")
@@ -230,8 +228,9 @@ def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> di
     reports = []
 
     def backend(gm, example_inputs, **_):
-        reports.append(transform(gm, example_inputs, Options(patterns=(pattern.name,), strict=True)))
-        return gm.forward
+        rewritten, report = rewrite(gm, [pattern], example_inputs, strict=True)
+        reports.append(report)
+        return rewritten.forward
 
     def fn(**kw):
         return example.search(**kw, **literals)
@@ -338,8 +337,7 @@ class CapturedGraph:
     """One Dynamo graph of the model (canonicalized, not rewritten), its sites, and how to make new inputs."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, kept: set[int], patterns: tuple[Pattern, ...]):
-        prepare(gm)
-        self.gm = gm
+        gm = self.gm = canonical_copy(gm)
         self.example_inputs = example_inputs
         self.fakes = [value(n) for n in gm.graph.nodes if n.op == "placeholder"]
         self.drawn = {i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and id(x) not in kept}
@@ -350,27 +348,15 @@ class CapturedGraph:
         self.differentiable = self._differentiable()
 
     def _sites(self, patterns: tuple[Pattern, ...]) -> list[Site]:
-        """The sites `rewrite` rewrites (on a copy), found again in this graph."""
-        report = rewrite(copy.deepcopy(self.gm), patterns)
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        by_pattern = {p.name: p for p in patterns}
+        """The sites the engine's plan accepts in this graph (the graph stays as it is)."""
         sites = []
-        for record in report.matches:
-            name = f"{record.pattern}@{record.where.module or '<top>'}"
+        for m in plan(self.gm, patterns).matches:
+            name = f"{m.pattern.name}@{Where(*m.where()).module or '<top>'}"
             repeats = sum(s.name.split("#")[0] == name for s in sites)
-            sites.append(self._site(record, by_pattern[record.pattern], nodes, name + (f"#{repeats}" if repeats else "")))
+            inside = set(m.nodes)
+            outside = list(dict.fromkeys(a for n in m.nodes for a in n.all_input_nodes if a not in inside))
+            sites.append(Site(name + (f"#{repeats}" if repeats else ""), m, outside))
         return sites
-
-    @staticmethod
-    def _site(record: MatchRecord, pattern: Pattern, nodes: dict[str, fx.Node], name: str) -> Site:
-        for search in pattern.searches:
-            m = find(pattern, search, nodes[record.nodes[-1]])
-            if m is not None and tuple(n.name for n in m.nodes) == record.nodes:
-                inside = set(m.nodes)
-                outside = list(dict.fromkeys(a for n in m.nodes for a in n.all_input_nodes if a not in inside))
-                return Site(name, m, outside)
-        raise RuntimeError(f"fuser.fuzz: the {record.pattern} match at {record.where} was not found again "
-                           "in the graph (a matcher that is not deterministic?)")
 
     def _differentiable(self) -> set[fx.Node]:
         """Floating values that depend on a floating input (parameters included) through floating

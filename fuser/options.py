@@ -16,13 +16,16 @@ class Options:
     codegen: what runs the rest of the graph, "inductor" (default) or "eager";
     patterns: names of the patterns to use (default: all);
     strict: raise where a site fails instead of keeping the original there;
-    verify: on the first call, compare each rewritten site with its original on the real inputs;
-        a mismatch keeps the original and is reported.
+    verify: on the first call (default), compare each rewritten site with its original, run in float64,
+        on the real inputs; a mismatch keeps the original and is reported;
+    pictures: keep each graph before and after rewriting in the report (`report.graph_before`,
+        `save_html`); `fuser.explain` always does.
     """
     codegen: str = "inductor"
     patterns: tuple[str, ...] | None = None
     strict: bool = False
-    verify: bool = False
+    verify: bool = True
+    pictures: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "Options":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from torch import fx
 
 from fuser.kernels import attention as _kernel  # noqa: F401  (registers torch.ops.fuser.attention)
-from fuser.patterns.base import Example, Pattern, cast, dtype_name, structural
+from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.attention_masks import MaskPlan, recognize
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
@@ -59,7 +60,7 @@ def _repeat_kv_shapes(node):
 @structural(_repeat_kv_shapes)
 def repeat_kv(x, n_rep):
     b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 def _scaled_shapes(node):
@@ -159,7 +160,34 @@ def sdpa(q, k, v, n_rep, mask, dropout_p, is_causal, scale, enable_gqa):
                                           scale=scale, enable_gqa=enable_gqa)
 
 
-SEARCHES = (attention, sdpa)
+@dataclass(frozen=True)
+class AttentionSite:
+    """An attention site in the kernel's terms, whichever spelling matched (`Search.read`)."""
+    n_rep: int
+    scale: float
+    softcap: float
+    how: str                 # how the mask meets the scores: "add", "keep", "drop" or "none" (as in `masked`)
+    fill: float              # what a masked score becomes
+    is_causal: bool = False  # SDPA's is_causal flag
+    gqa_native: bool = False  # SDPA's enable_gqa: query head h reads key head h // group
+    softmax_dim: int = -1
+    compute_dtype: torch.dtype | None = None
+    empty_rows: str = "fill"  # fully masked rows: as the masked softmax gives them ("fill") or zeros ("sdpa")
+    only_where_it_pays: bool = False  # an SDPA call: rewritten only where the kernel removes work it does
+
+
+def _read_naive(m) -> AttentionSite:
+    return AttentionSite(m["n_rep"], m["q_scale"] * m["k_scale"] * m["scale"], m["softcap"], m["how"], m["fill"],
+                         softmax_dim=m["dim"], compute_dtype=m["compute_dtype"])
+
+
+def _read_sdpa(m) -> AttentionSite:
+    """SDPA adds a float mask and drops the scores a bool mask calls False; its default scale is 1/√d."""
+    mask = m.meta("mask")
+    how = "none" if mask is None else ("keep" if mask.dtype == torch.bool else "add")
+    scale = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(m.meta("q").shape[-1])
+    return AttentionSite(m["n_rep"], scale, 0.0, how, float("-inf"), is_causal=bool(m["is_causal"]),
+                         gqa_native=bool(m["enable_gqa"]), empty_rows="sdpa", only_where_it_pays=True)
 
 
 def _shapes(m):
@@ -177,45 +205,28 @@ def _large_negative(fill: float) -> bool:
     return fill == float("-inf") or fill <= -1e4
 
 
-def _how_masked(m) -> tuple[str, float]:
-    """How the mask meets the scores ("add", "keep", "drop" or "none", as in `masked`) and the fill."""
-    if m.search is attention:
-        return m["how"], m["fill"]
-    mask = m.meta("mask")  # SDPA adds a float mask and drops the scores a bool mask calls False
-    if mask is None:
-        return "none", float("-inf")
-    return ("keep" if mask.dtype == torch.bool else "add"), float("-inf")
-
-
 def _mask_plan(m) -> MaskPlan | None:
     """The recognized mask (positional modes + key padding), or None: read the mask as a tensor. An
     added mask with a small fill is read as a tensor too: its excluded scores keep weight, which
     skipping tiles would lose."""
     q, k, _ = _shapes(m)
-    mask = m.bindings["mask"]
-    if m.search is sdpa and m["is_causal"]:
+    site, mask = m.site, m.bindings["mask"]
+    if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
-    how, fill = _how_masked(m)
-    plan = recognize(mask, how, fill, q.shape[2], k.shape[2])
-    if plan is not None and how == "add" and not _large_negative(plan.fill):
+    plan = recognize(mask, site.how, site.fill, q.shape[2], k.shape[2])
+    if plan is not None and site.how == "add" and not _large_negative(plan.fill):
         return None
     return plan
 
 
 def _masking(m, plan: MaskPlan | None) -> str:
     """The code whose excluded scores and fully masked rows the kernel reproduces (see
-    kernels/attention/reference.py): an added mask passes gradient to the scores it hides; SDPA
-    gives zeros where every score is −inf."""
-    how, _ = _how_masked(m)
-    if m.search is attention:
-        return "add" if how == "add" else "fill"
-    return "add" if how == "add" and plan is not None and plan.fill != float("-inf") else "sdpa"
-
-
-def _scale(m) -> float:
-    if m.search is sdpa:
-        return m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(m.meta("q").shape[-1])
-    return m["q_scale"] * m["k_scale"] * m["scale"]
+    kernels/attention/reference.py): an added mask passes gradient to the scores it hides, unless its
+    fill is −inf, which leaves the rows' own rule (SDPA gives zeros where every score is −inf)."""
+    site = m.site
+    if site.how == "add" and (site.empty_rows == "fill" or plan is not None and plan.fill != float("-inf")):
+        return "add"
+    return site.empty_rows
 
 
 def check(m) -> str | None:
@@ -226,20 +237,19 @@ def check(m) -> str | None:
         return f"q/k/v dtypes {dtype_name(q.dtype)}/{dtype_name(k.dtype)}/{dtype_name(v.dtype)} not supported"
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not form an attention"
-    gqa_native = m.search is sdpa and m["enable_gqa"]  # SDPA maps query head h to key head h // group
-    if (q.shape[1] % (k.shape[1] * m["n_rep"]) if gqa_native else k.shape[1] * m["n_rep"] != q.shape[1]):
-        return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {m['n_rep']} times"
+    site = m.site
+    if (q.shape[1] % (k.shape[1] * site.n_rep) if site.gqa_native else k.shape[1] * site.n_rep != q.shape[1]):
+        return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {site.n_rep} times"
     if max(q.shape[-1], v.shape[-1]) > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256 (kernel limit)"
-    if _scale(m) <= 0:
-        return f"scale {_scale(m)} is not positive"
-    if m.search is attention:
-        if m["dim"] not in (-1, 3):
-            return f"softmax over dim {m['dim']}, not over the keys"
-        if m["compute_dtype"] not in (None, torch.float32):
-            return f"softmax computed in {dtype_name(m['compute_dtype'])}"
-        if m["how"] in ("keep", "drop") and not _large_negative(m["fill"]):
-            return f"masked scores are set to {m['fill']}, not a large negative number"
+    if site.scale <= 0:
+        return f"scale {site.scale} is not positive"
+    if site.softmax_dim not in (-1, 3):
+        return f"softmax over dim {site.softmax_dim}, not over the keys"
+    if site.compute_dtype not in (None, torch.float32):
+        return f"softmax computed in {dtype_name(site.compute_dtype)}"
+    if site.how in ("keep", "drop") and not _large_negative(site.fill):
+        return f"masked scores are set to {site.fill}, not a large negative number"
     mask = m.meta("mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
@@ -253,16 +263,14 @@ def check(m) -> str | None:
             fits = False
         if not fits:
             return f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape {scores}"
-    if m.search is sdpa:
-        return _sdpa_worth_it(m)
-    return None
+    return _sdpa_worth_it(m) if site.only_where_it_pays else None
 
 
 def _sdpa_worth_it(m) -> str | None:
     """An SDPA call is rewritten only where the kernel removes work SDPA does: K/V repeated in
     front, or a mask tensor the kernel runs natively (reading no L×L mask, where the mask keeps
     SDPA off its flash path). Fully masked rows get SDPA's zeros (masking "sdpa")."""
-    if m["n_rep"] > 1:
+    if m.site.n_rep > 1:
         return None
     if m.bindings["mask"] is None:
         return "left to SDPA: no repeat_kv and no mask tensor, its flash path applies"
@@ -278,16 +286,15 @@ def replace(m):
         mask = None if plan.padding is None else m.value_of(plan.padding)[:, None, None, :]
     else:  # a mask the kernel reads as a tensor, with the polarity and fill of the original
         causal, window, bottom_right = False, 0, False
-        how, fill = _how_masked(m)
+        how, fill = m.site.how, m.site.fill
         fill = fill if how in ("keep", "drop") else float("-inf")  # an added mask excludes nothing by itself
         mask = torch.logical_not(m["mask"]) if how == "drop" else m["mask"]
         if how == "add" and m.meta("mask").dtype == torch.bool:  # scores + bool adds 0 or 1
             mask = mask.to(m.meta("q").dtype)
         if m.meta("mask").dim() < 4:  # [Lq, Lk], [H, Lq, Lk], ...: broadcast from the right, as torch does
             mask = mask[(None,) * (4 - m.meta("mask").dim())]
-    softcap = m["softcap"] if m.search is attention else 0.0
-    return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, _scale(m), causal, window, bottom_right, softcap,
-                                     m["dropout_p"], fill, _masking(m, plan))
+    return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, m.site.scale, causal, window, bottom_right,
+                                     m.site.softcap, m["dropout_p"], fill, _masking(m, plan))
 
 
 def describe(m) -> str:
@@ -300,8 +307,8 @@ def describe(m) -> str:
     ratio = _head_ratio(m)
     if ratio > 1:
         parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")
-    if m.search is attention and m["softcap"]:
-        parts.append(f"softcap {m['softcap']:g}")
+    if m.site.softcap:
+        parts.append(f"softcap {m.site.softcap:g}")
     if m["dropout_p"]:
         parts.append(f"dropout {m['dropout_p']:g}")
     parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))
@@ -309,10 +316,10 @@ def describe(m) -> str:
     return ", ".join(parts)
 
 
-@st.composite
-def _examples(draw) -> Example:
+def _qkv(draw, n_rep_choices) -> tuple:
+    """(dtype, q, k, v, n_rep): any batch, heads, lengths (1 and unequal ones included) and head dims."""
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
-    batch, kv_heads, n_rep = draw(sizes(2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 4]))
+    batch, kv_heads, n_rep = draw(sizes(2)), draw(st.integers(1, 2)), draw(st.sampled_from(n_rep_choices))
     lq = draw(st.one_of(st.just(1), st.integers(1, 40)))
     lk = draw(st.one_of(st.just(lq), st.integers(1, 40)))
     d = draw(st.sampled_from([8, 16, 24]))
@@ -320,6 +327,14 @@ def _examples(draw) -> Example:
     q = draw(tensors((batch, kv_heads * n_rep, lq, d), dtype))
     k = draw(tensors((batch, kv_heads, lk, d), dtype))
     v = draw(tensors((batch, kv_heads, lk, dv), dtype))
+    return dtype, q, k, v, n_rep
+
+
+@st.composite
+def _examples(draw) -> Example:
+    dtype, q, k, v, n_rep = _qkv(draw, [1, 2, 3, 4])
+    batch, lq, lk, d = q.shape[0], q.shape[2], k.shape[2], q.shape[3]
+    kv_heads = k.shape[1]
     mask_kind = draw(st.sampled_from(["none", "additive", "keep", "drop"]))
     mask, how, fill = None, "none", 0.0
     mask_shape = draw(st.sampled_from([(batch, 1, lq, lk), (1, 1, lq, lk), (lq, lk), (kv_heads * n_rep, lq, lk)]))
@@ -339,4 +354,23 @@ def _examples(draw) -> Example:
         constants=("mask",))
 
 
-ATTENTION = Pattern("attention", SEARCHES, check, replace, _examples, describe, anchors=(torch.softmax,))
+@st.composite
+def _sdpa_examples(draw) -> Example:
+    """SDPA calls the pattern rewrites without a mask builder to read: K/V repeated in front (`repeat_kv`),
+    with no mask, a bool or float mask tensor, or is_causal."""
+    dtype, q, k, v, n_rep = _qkv(draw, [2, 3, 4])
+    lq, lk = q.shape[2], k.shape[2]
+    mask_kind = draw(st.sampled_from(["none", "causal", "keep", "additive"]))
+    mask = None
+    if mask_kind == "keep":
+        mask = draw(tensors((lq, lk), torch.float32, layout="contiguous")) > -0.3
+        mask[..., 0] = True  # at least one visible key per row
+    elif mask_kind == "additive":
+        mask = draw(tensors((1, 1, lq, lk), dtype, layout="contiguous"))
+    return Example(sdpa, dict(q=q, k=k, v=v, n_rep=n_rep, mask=mask, dropout_p=0.0, is_causal=mask_kind == "causal",
+                              scale=draw(st.sampled_from([None, 0.3])), enable_gqa=False), constants=("mask",))
+
+
+SEARCHES = (Search(attention, _examples, _read_naive), Search(sdpa, _sdpa_examples, _read_sdpa))
+ATTENTION = Pattern("attention", SEARCHES, check, replace, describe, anchors=(torch.softmax,
+                                                                              F.scaled_dot_product_attention))

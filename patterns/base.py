@@ -1,5 +1,5 @@
-"""The vocabulary of a pattern: what to find (search functions), what it accepts (check),
-what to put instead (replace), and the inputs to prove it on (examples).
+"""The vocabulary of a pattern: what to find (search rows: a function, its examples, how to read it),
+what it accepts (check), what to put instead (replace).
 
 Search functions are plain Python written like the code they match; the engine traces
 them with torch.fx and brings them to the same canonical spelling as the model's graph.
@@ -8,7 +8,7 @@ Every parameter of a search function is a wildcard: it binds a value of the mode
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -80,23 +80,57 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Search:
+    """One spelling of a family, as a row of the pattern's table (Inductor's fuse_attention keeps rows of
+    search, replacement, example inputs, extra check the same way):
+
+    - function: plain Python written like the code it matches (traced once by the engine);
+    - examples: () -> a hypothesis strategy of `Example`s whose code holds this spelling (shared by the
+      tests and `fuser.fuzz`, so every spelling the engine rewrites is proved);
+    - read: match -> the site in the family's own terms (scale, mask, weight placement ...), so that the
+      pattern's check and replace see one description whichever spelling matched (`match.site`).
+    """
+    function: Callable
+    examples: Callable[..., Any]
+    read: Callable[[Any], Any] = lambda match: None
+
+    @property
+    def __name__(self) -> str:
+        return self.function.__name__
+
+
+@dataclass(frozen=True)
 class Pattern:
     """A family of code shapes and the fused op that replaces them.
 
-    - searches: plain functions, most specific first (a node belongs to one match only);
+    - searches: `Search` rows, most specific first (a node belongs to one match only);
     - check(match) -> None, or the reason this site is not rewritten (kernel limits);
-    - replace(match) -> the fused op's value; `match[name]` gives each bound value;
+    - replace(match) -> the fused op's value; `match[name]` gives each bound value, `match.site` the
+      search's reading of it;
     - describe(match) -> a short note of the kernel mode chosen, for reports;
-    - examples: () -> a hypothesis strategy of `Example`s (shared by tests and `fuser.fuzz`);
-    - anchors: canonical targets that mark a site (for near-miss notes).
+    - anchors: the canonical targets every site of the family holds (softmax, rsqrt, sort, topk): the
+      engine tries the searches only where an anchor is, and an anchor left unrewritten is a near miss
+      with the matcher's reason.
     """
     name: str
-    searches: tuple[Callable, ...]
+    searches: tuple[Search, ...]
     check: Callable[[Any], str | None]
     replace: Callable[[Any], Any]
-    examples: Callable[[], Any]
     describe: Callable[[Any], str] = lambda match: ""
-    anchors: tuple[Any, ...] = field(default_factory=tuple)
+    anchors: tuple[Any, ...] = ()
+
+    def __post_init__(self):
+        if not self.anchors:
+            raise ValueError(f"pattern {self.name!r} names no anchor: the engine would never try it")
+        for search in self.searches:
+            if not isinstance(search, Search) or not callable(search.examples):
+                raise ValueError(f"pattern {self.name!r}: {getattr(search, '__name__', search)!r} is not a Search "
+                                 "row with examples; every spelling the engine rewrites must be fuzzable")
+
+    def examples(self) -> Any:
+        """Examples of every spelling of the family, each search drawn as often as the others."""
+        from hypothesis import strategies as st
+        return st.one_of(*(search.examples() for search in self.searches))
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

@@ -22,6 +22,8 @@ group-limited sigmoid router is not matched: it stays as it is and feeds the fus
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from hypothesis import strategies as st
 from torch import fx
 
 from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fuser.moe_*)
-from fuser.patterns.base import UNCHECKED, Example, Pattern, cast, dtype_name, structural
+from fuser.patterns.base import UNCHECKED, Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -120,8 +122,6 @@ def grouped_mm_experts(x, top_k_index, top_k_weights, gate_up_proj, down_proj, t
     inverse.__setitem__(perm, torch.arange(perm.numel(), device=perm.device))
     return cast(weighted[inverse].view(tokens, top_k, hidden).sum(dim=1), out_dtype)
 
-
-SEARCHES = (grouped_mm_experts,)
 
 
 def _ids_from_top_k(node, experts: int) -> bool:
@@ -250,7 +250,7 @@ def routed_experts(x, router_probs, top_k, **experts_arguments):
     return grouped_mm_experts(x, ids, weights, top_k=top_k, **experts_arguments)
 
 
-MOE = Pattern("moe", SEARCHES, check, replace, _examples, describe, anchors=(torch.sort,))
+MOE = Pattern("moe", (Search(grouped_mm_experts, _examples),), check, replace, describe, anchors=(torch.sort,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +326,24 @@ def routed_fused_experts(router_logits, compute_dtype, top_k, renormalize, weigh
     return torch.ops.fuser.moe_experts(x, top[1], weights, gate_proj, up_proj, down_proj)
 
 
+@dataclass(frozen=True)
+class RoutedExperts:
+    """The experts a matched router feeds, as that spelling holds them (`Search.read`)."""
+    problem: Any                 # match -> what the kernel does not take in these experts, or None
+    weights_dtype: torch.dtype   # the dtype the experts take their routing weights in
+    fused: Any                   # (match, ids, weights) -> the experts' output through fuser::moe_experts
+
+
+def _read_grouped_mm(m) -> RoutedExperts:
+    return RoutedExperts(_experts_problem, m.meta("x").dtype, _fused_experts)
+
+
+def _read_fused(m) -> RoutedExperts:
+    def fused(m, ids, weights):
+        return torch.ops.fuser.moe_experts(m["x"], ids, weights, m["gate_proj"], m["up_proj"], m["down_proj"])
+    return RoutedExperts(lambda m: None, m.output.args[2].meta["example_value"].dtype, fused)
+
+
 def check_router(m) -> str | None:
     logits, x = m.meta("router_logits"), m.meta("x")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES:
@@ -334,10 +352,7 @@ def check_router(m) -> str | None:
         return "the router and the experts see different tokens"
     if m["compute_dtype"] not in (None, torch.float32):
         return f"the softmax computes in {dtype_name(m['compute_dtype'])}; the kernel computes in float32"
-    problem = routing_tie_problem(m["top_k"], logits.shape[1])
-    if problem is None and m.search is routed_grouped_mm_experts:
-        problem = _experts_problem(m)
-    return problem
+    return routing_tie_problem(m["top_k"], logits.shape[1]) or m.site.problem(m)
 
 
 def _route(m, weights_dtype: torch.dtype):
@@ -347,38 +362,49 @@ def _route(m, weights_dtype: torch.dtype):
     return route[0], route[1]
 
 
-def _routing_weights_dtype(m) -> torch.dtype:
-    """The dtype the experts take their routing weights in."""
-    if m.search is routed_grouped_mm_experts:
-        return m.meta("x").dtype
-    return m.output.args[2].meta["example_value"].dtype
-
-
 def replace_router(m):
-    weights, ids = _route(m, _routing_weights_dtype(m))
-    if m.search is routed_grouped_mm_experts:
-        return _fused_experts(m, ids, weights)
-    return torch.ops.fuser.moe_experts(m["x"], ids, weights, m["gate_proj"], m["up_proj"], m["down_proj"])
+    weights, ids = _route(m, m.site.weights_dtype)
+    return m.site.fused(m, ids, weights)
 
 
 def describe_router(m) -> str:
     return (f"softmax top-{m['top_k']} of {m.meta('router_logits').shape[1]} experts"
-            f"{', renormalized' if m['renormalize'] else ''}, weights in {dtype_name(_routing_weights_dtype(m))}")
+            f"{', renormalized' if m['renormalize'] else ''}, weights in {dtype_name(m.site.weights_dtype)}")
 
 
-@st.composite
-def _router_examples(draw) -> Example:
-    """Routers check accepts (every expert chosen: see routing_tie_problem), tied logits and one token among them."""
-    dtype = draw(st.sampled_from(FLOAT_DTYPES))
-    tokens, experts = draw(sizes(24)), draw(st.integers(1, 6))
+def _router(draw, dtype: torch.dtype, tokens: int, experts: int) -> dict:
+    """Routers check accepts (every expert chosen: see routing_tie_problem), tied logits among them."""
     logits = draw(tensors((tokens, experts), dtype, scale=3.0))
     if draw(st.booleans()):  # integer logits: ties among the scores
         logits = logits.round()
     upcast = draw(st.booleans())
+    return dict(router_logits=logits, compute_dtype=torch.float32 if upcast else None, top_k=experts,
+                renormalize=draw(st.booleans()), weights_dtype=dtype if upcast else None)
+
+
+@st.composite
+def _router_examples(draw) -> Example:
+    """The router in front of transformers' grouped_mm experts path, one token among the sizes."""
+    dtype, tokens, experts = draw(st.sampled_from(FLOAT_DTYPES)), draw(sizes(24)), draw(st.integers(1, 6))
+    router = _router(draw, dtype, tokens, experts)
     return Example(routed_grouped_mm_experts, dict(
-        router_logits=logits, compute_dtype=torch.float32 if upcast else None, renormalize=draw(st.booleans()),
-        weights_dtype=dtype if upcast else None, **_experts_arguments(draw, dtype, tokens, experts, experts)))
+        router, **{k: v for k, v in _experts_arguments(draw, dtype, tokens, experts, experts).items() if k != "top_k"}))
 
 
-MOE_ROUTER = Pattern("moe_router", (routed_grouped_mm_experts, routed_fused_experts), check_router, replace_router,
-                     _router_examples, describe_router, anchors=(torch.topk,))
+@st.composite
+def _router_fused_examples(draw) -> Example:
+    """The router in front of `fuser::moe_experts` (transformers' "fuser" experts implementation): separate gate
+    and up weights [E, I, H], or one [E, 2I, H] (up None)."""
+    dtype, tokens, experts = draw(st.sampled_from(FLOAT_DTYPES)), draw(sizes(24)), draw(st.integers(1, 6))
+    hidden, intermediate = draw(sizes(40)), draw(sizes(40))
+    stacked = draw(st.booleans())
+    gate = draw(tensors((experts, intermediate * (2 if stacked else 1), hidden), dtype, scale=0.3))
+    up = None if stacked else draw(tensors((experts, intermediate, hidden), dtype, scale=0.3))
+    return Example(routed_fused_experts, dict(
+        _router(draw, dtype, tokens, experts), x=draw(tensors((tokens, hidden), dtype)), gate_proj=gate, up_proj=up,
+        down_proj=draw(tensors((experts, hidden, intermediate), dtype, scale=0.3))))
+
+
+MOE_ROUTER = Pattern("moe_router", (Search(routed_grouped_mm_experts, _router_examples, _read_grouped_mm),
+                                    Search(routed_fused_experts, _router_fused_examples, _read_fused)),
+                     check_router, replace_router, describe_router, anchors=(torch.topk,))

@@ -5,7 +5,7 @@ import torch
 from hypothesis import strategies as st
 
 from fuser.kernels import rms_norm as _kernel  # noqa: F401  (registers torch.ops.fuser.rms_norm)
-from fuser.patterns.base import Example, Pattern, cast, dtype_name
+from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -33,14 +33,14 @@ def rms_norm_no_weight(x, compute_dtype, dim, eps, out_dtype):
     return cast(normalized(x, compute_dtype, dim, eps), out_dtype)
 
 
-SEARCHES = (rms_norm_offset_weight, rms_norm_weight_before_cast, rms_norm_weight_after_cast, rms_norm_no_weight)
+WEIGHT_AFTER_CAST = "weight after cast"  # Llama's spelling: the weight multiplies x's dtype, not float32
 
 
 def _normalized_dtype(m) -> torch.dtype:
     """The dtype of the normalized value before the weight multiplies it, in the original code."""
     x = m.meta("x")
     inner = m.get("compute_dtype") or x.dtype
-    if m.search is rms_norm_weight_after_cast:
+    if m.site == WEIGHT_AFTER_CAST:
         return m.get("out_dtype") or inner
     return inner
 
@@ -71,7 +71,7 @@ def check(m) -> str | None:
 
 def _weight_before_cast(m) -> bool:
     """Whether the weight multiplies in float32 (Gemma, Olmo2) or after rounding to x's dtype (Llama)."""
-    return m.search is not rms_norm_weight_after_cast or _normalized_dtype(m) != m.meta("x").dtype
+    return m.site != WEIGHT_AFTER_CAST or _normalized_dtype(m) != m.meta("x").dtype
 
 
 def replace(m):
@@ -87,8 +87,7 @@ def describe(m) -> str:
 
 
 @st.composite
-def _examples(draw) -> Example:
-    search = draw(st.sampled_from(SEARCHES))
+def _examples(draw, search) -> Example:
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
     shape = tuple(draw(sizes(5)) for _ in range(draw(st.integers(1, 2)))) + (draw(sizes(300)),)
     kwargs = {"x": draw(tensors(shape, dtype)), "compute_dtype": torch.float32, "dim": -1,
@@ -100,4 +99,10 @@ def _examples(draw) -> Example:
     return Example(search, kwargs)
 
 
-RMS_NORM = Pattern("rms_norm", SEARCHES, check, replace, _examples, describe, anchors=(torch.rsqrt,))
+def _search(function, read=lambda m: None) -> Search:
+    return Search(function, lambda: _examples(function), read)
+
+
+SEARCHES = (_search(rms_norm_offset_weight), _search(rms_norm_weight_before_cast),
+            _search(rms_norm_weight_after_cast, read=lambda m: WEIGHT_AFTER_CAST), _search(rms_norm_no_weight))
+RMS_NORM = Pattern("rms_norm", SEARCHES, check, replace, describe, anchors=(torch.rsqrt,))

@@ -5,7 +5,7 @@ import torch
 from hypothesis import strategies as st
 
 from fuser.kernels import softmax as _kernel  # noqa: F401  (registers torch.ops.fuser.softmax)
-from fuser.patterns.base import Example, Pattern, cast, dtype_name
+from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -43,4 +43,4 @@ def _examples(draw) -> Example:
                              "out_dtype": dtype if upcast else None})
 
 
-SOFTMAX = Pattern("softmax", (softmax,), check, replace, _examples, describe, anchors=(torch.softmax,))
+SOFTMAX = Pattern("softmax", (Search(softmax, _examples),), check, replace, describe, anchors=(torch.softmax,))

@@ -11,7 +11,7 @@ import fuser
 from fuser import backend as fuser_backend_module, options as fuser_options
 from fuser.patterns import PATTERNS
 from fuser.patterns.norms import RMS_NORM
-from fuser.engine.rewriter import RewriteError, prepare, rewrite
+from fuser.engine.rewriter import RewriteError, rewrite
 from helpers import captured_graphs, compile_and_run
 from numerics import assert_close
 
@@ -120,14 +120,12 @@ def test_a_pattern_that_raises_leaves_its_site_and_strict_raises():
         raise ValueError("planted failure")
 
     gm, inputs = captured_graphs(llama_norm, torch.randn(3, 16), torch.randn(16))[0]
-    prepare(gm)
-    report = rewrite(gm, [_broken(RMS_NORM, replace=boom)])
+    gm, report = rewrite(gm, [_broken(RMS_NORM, replace=boom)])
     assert report.counts() == {} and "planted failure" in report.near_misses[0].reason
     x, w = torch.randn(3, 16), torch.randn(16)
     torch.testing.assert_close(gm(x, w)[0], llama_norm(x, w))
 
     gm, inputs = captured_graphs(llama_norm, torch.randn(3, 16), torch.randn(16))[0]
-    prepare(gm)
     with pytest.raises(RewriteError, match="planted failure"):
         rewrite(gm, [_broken(RMS_NORM, replace=boom)], strict=True)
 
@@ -300,3 +298,37 @@ def test_fuzz_accepts_a_gradient_below_float64_resolution(monkeypatch):
     monkeypatch.setattr(softmax_kernel, "softmax_backward_launch", lambda dy, x: launch(dy, x) * 1.01)
     with pytest.raises(AssertionError, match="gradient of x"):
         run_example(BY_NAME["softmax"], example([0.3, -1.2, 2.0]))
+
+
+def test_an_anchor_that_is_not_rewritten_gets_a_near_miss_with_the_matchers_reason():
+    """A softmax between two matmuls whose scale is a tensor (no literal to read back) is not attention:
+    the softmax alone is rewritten and attention says why it stopped."""
+    def tensor_scaled(q, k, v, t):
+        return torch.softmax(q @ k.transpose(-1, -2) * t, dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    out, report = compile_and_run(tensor_scaled, q, k, v, torch.tensor(0.3))
+    assert report.counts() == {"softmax": 1}
+    (miss,) = [n for n in report.near_misses if n.pattern == "attention"]
+    assert miss.reason.startswith("not attention: expected matmul, found mul"), miss.reason
+    torch.testing.assert_close(out, tensor_scaled(q, k, v, torch.tensor(0.3)))
+
+
+def test_the_library_refuses_a_search_without_examples_or_anchor():
+    softmax = PATTERNS[-1]
+    with pytest.raises(ValueError, match="not a Search row with examples"):
+        dataclasses.replace(softmax, searches=(softmax.searches[0].function,))
+    with pytest.raises(ValueError, match="names no anchor"):
+        dataclasses.replace(softmax, anchors=())
+    from fuser.engine.rewriter import plan
+    gm, _ = captured_graphs(torch.softmax, torch.randn(2, 3), -1)[0]
+    with pytest.raises(ValueError, match="holds none of its anchors"):
+        plan(gm, [dataclasses.replace(softmax, searches=(dataclasses.replace(softmax.searches[0],
+                                                                             function=lambda x: torch.rsqrt(x)),))])
+
+
+def test_where_nothing_is_rewritten_the_graph_is_dynamos_own():
+    """Canonicalization is for matching: a graph with nothing to rewrite goes on exactly as Dynamo made it."""
+    gm, inputs = captured_graphs(lambda x: (x / 2).softmax(0), torch.randn(3, 4))[0]
+    rewritten, report = rewrite(gm, PATTERNS, inputs)
+    assert rewritten is gm and report.counts() == {} and report.near_misses

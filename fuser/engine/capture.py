@@ -42,3 +42,47 @@ def capture(target: Callable, args: tuple = (), kwargs: dict | None = None, *, d
     with torch.no_grad():
         torch.compile(caller, backend=backend, dynamic=dynamic, fullgraph=fullgraph)(target, args, kwargs or {})
     return captured
+
+
+SMALL = 1 << 16  # elements: a value this small is kept whatever reads it (mask builders, position tables)
+
+
+def stash_values(gm: fx.GraphModule, inputs: list, matches: list) -> dict[fx.Node, Any]:
+    """The real values verification reads, from one run of `gm` on `inputs` under no_grad: each match's
+    inputs and output, and every small value (what a replacement may read besides, e.g. a padding table
+    behind a recognized mask). Nothing else is kept, so a large model's activations are not all held at
+    once. Inputs the graph writes into are cloned first; the others are read as they are."""
+    keep = {node for m in matches for node in (*m.inputs().values(), m.output)}
+    written = _written_inputs(gm.graph)
+    run_inputs = [x.clone() if isinstance(x, torch.Tensor) and i in written else x for i, x in enumerate(inputs)]
+    values: dict[fx.Node, Any] = {}
+
+    class Stash(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n in keep or not isinstance(result, torch.Tensor) or result.numel() <= SMALL:
+                values[n] = result
+            return result
+
+    with torch.no_grad():
+        Stash(gm).run(*run_inputs)
+    return values
+
+
+def _written_inputs(graph: fx.Graph) -> set[int]:
+    """Positions of the placeholders some node writes into, directly or through a view of it."""
+    from fuser.engine.canonical import mutates
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    written = set()
+    for node in graph.nodes:
+        if mutates(node) or node.kwargs.get("out") is not None:
+            target = node.args[0] if node.args else node.kwargs.get("out")
+            seen = set()
+            while isinstance(target, fx.Node) and target not in seen:
+                seen.add(target)
+                if target.op == "placeholder":
+                    written.add(placeholders.index(target))
+                    break
+                target = target.args[0] if target.args and isinstance(target.args[0], fx.Node) else None
+    return written

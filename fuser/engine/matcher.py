@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from torch import fx
 
 from fuser.engine.canonical import canonicalize, mutates, value, where
-from fuser.patterns.base import UNCHECKED, Pattern, Structural
+from fuser.patterns.base import UNCHECKED, Pattern, Search, Structural
 
 COMMUTATIVE = {operator.mul, operator.add}
 
@@ -30,7 +30,7 @@ class Match:
     the replacement computes with: an fx.Proxy when building the new graph, a real tensor when
     verifying; `match[name]` applies it to node bindings, literals come back as they are."""
     pattern: Pattern
-    search: Callable
+    search: Search
     bindings: dict[str, Any]
     nodes: list[fx.Node]  # the model's nodes the match covers, in graph order; the last is its output
     resolve: Callable[[fx.Node], Any] | None = None
@@ -38,6 +38,11 @@ class Match:
     @property
     def output(self) -> fx.Node:
         return self.nodes[-1]
+
+    @functools.cached_property
+    def site(self) -> Any:
+        """The search's reading of this match in its family's terms (`Search.read`)."""
+        return self.search.read(self)
 
     def __getitem__(self, name: str) -> Any:
         bound = self.bindings[name]
@@ -74,14 +79,16 @@ class _State:
 
 
 class _Failure:
-    """The deepest point a failed attempt reached: what a near miss reports."""
+    """The deepest point a failed attempt reached: why it stopped there and the model's nodes it had
+    matched by then (what a near miss reports)."""
 
     def __init__(self):
-        self.depth, self.reason = -1, "no node of this shape"
+        self.depth, self.reason, self.reached = -1, "no node of this shape", frozenset()
 
-    def note(self, depth: int, reason: str) -> None:
-        if depth > self.depth:
-            self.depth, self.reason = depth, reason
+    def note(self, state: "_State", reason: str) -> None:
+        if len(state.mapped) > self.depth:
+            self.depth, self.reason = len(state.mapped), reason
+            self.reached = frozenset(n for n in state.mapped.values() if isinstance(n, fx.Node))
 
 
 def _describe(node: Any) -> str:
@@ -89,6 +96,11 @@ def _describe(node: Any) -> str:
         return repr(node)
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return f"{target}({node.name})" if node.op != "placeholder" else node.name
+
+
+def _op(p: fx.Node) -> str:
+    """A search node as the user would read it: the function or method it calls."""
+    return p.target if isinstance(p.target, str) else getattr(p.target, "__name__", str(p.target))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -147,7 +159,7 @@ class SearchGraph:
             elif _same(bound, t):
                 yield state
             else:
-                failure.note(len(state.mapped), f"{p.target} bound to {_describe(bound)} and {_describe(t)}")
+                failure.note(state, f"{p.target} bound to {_describe(bound)} and {_describe(t)}")
             return
         if isinstance(p.target, Structural):
             for inner, params, covered in p.target.alternatives(t):
@@ -168,10 +180,10 @@ class SearchGraph:
                 yield state
             return
         if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
-            failure.note(len(state.mapped), f"expected {_describe(p)}, found {_describe(t)}")
+            failure.note(state, f"expected {_op(p)}, found {_describe(t)}")
             return
         if t in state.mapped.values() or len(t.args) != len(p.args) or set(t.kwargs) != set(p.kwargs):
-            failure.note(len(state.mapped), f"{_describe(t)} has other arguments than {_describe(p)}")
+            failure.note(state, f"{_describe(t)} has other arguments than the {_op(p)} of the search")
             return
         state = state.map(p, t)
         orders = [p.args]
@@ -196,11 +208,11 @@ class SearchGraph:
             if isinstance(t, (list, tuple)) and len(t) == len(p):
                 yield from self._sequence(list(zip(p, t)), state, failure)
             else:
-                failure.note(len(state.mapped), f"expected {p!r}, found {_describe(t)}")
+                failure.note(state, f"expected {p!r}, found {_describe(t)}")
         elif _literal_equal(p, t):
             yield state
         else:
-            failure.note(len(state.mapped), f"expected {p!r}, found {_describe(t)}")
+            failure.note(state, f"expected {p!r}, found {_describe(t)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,12 +221,12 @@ def search_graph(search: Callable) -> SearchGraph:
     return SearchGraph(search)
 
 
-def find_all(pattern: Pattern, search: Callable, node: fx.Node, failure: _Failure | None = None,
+def find_all(pattern: Pattern, search: Search, node: fx.Node, failure: _Failure | None = None,
              limit: int = 16) -> Iterator[Match]:
     """The ways `search` matches at `node` (at most `limit`: optional pieces multiply them)."""
-    for bindings, nodes in itertools.islice(search_graph(search).matches(node, failure), limit):
+    for bindings, nodes in itertools.islice(search_graph(search.function).matches(node, failure), limit):
         yield Match(pattern, search, bindings, nodes)
 
 
-def find(pattern: Pattern, search: Callable, node: fx.Node, failure: _Failure | None = None) -> Match | None:
+def find(pattern: Pattern, search: Search, node: fx.Node, failure: _Failure | None = None) -> Match | None:
     return next(find_all(pattern, search, node, failure), None)

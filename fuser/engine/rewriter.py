@@ -1,27 +1,46 @@
-"""The rewrite pass: canonicalize, match each pattern, check, replace each site by one fused op.
+"""The rewrite pass, in two phases every door shares: `plan` decides, `apply` changes the graph.
 
-Never crash, never silently wrong: a site is rewritten only when the match is convex (no
-value made inside it is used outside, nothing inside has side effects, no input is modified
-while the match reads it), the pattern's check accepts it, its replacement builds, and, with
-verification on, the replacement computes the same values as the original on real inputs.
-Every site turned down becomes a near miss with its reason; `strict` raises instead.
+`plan(gm, patterns)` matches each pattern on a canonical graph and decides each site without changing
+anything: the accepted matches and the near misses with their reasons. `apply(plan)` replaces each
+accepted match by its fused op and returns the report. `rewrite(gm, ...)` is what the doors call: it
+canonicalizes a copy (the original stays as Dynamo gave it, for Inductor, where nothing is rewritten),
+plans, verifies on real inputs, applies.
+
+Never crash, never silently wrong: a site is rewritten only when the match is convex (no value made
+inside it is used outside, nothing inside has side effects, no input is modified while the match reads
+it), the pattern's check accepts it, its replacement builds, and, with verification on, the replacement
+computes the same values as the original on real inputs. Every site turned down becomes a near miss
+with its reason; `strict` raises instead.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 from torch import fx
 
-from fuser.engine.canonical import mutates, value, where
-from fuser.engine.matcher import Match, _Failure, find_all
+from fuser.engine.canonical import canonicalize, mutates, value, where
+from fuser.engine.capture import stash_values
+from fuser.engine.matcher import Match, _Failure, find_all, search_graph
+from fuser.numerics.contract import compare_site
 from fuser.patterns.base import Pattern
 from fuser.report import MatchRecord, NearMiss, Report, Where
-from fuser.numerics.contract import compare_site
+from fuser.report.graphs import graph_to_networkx
 
 
 class RewriteError(RuntimeError):
     """Raised in strict mode when a site that matched cannot be rewritten."""
+
+
+@dataclass
+class Plan:
+    """What the engine decided for one canonical graph; the graph itself is unchanged until `apply`."""
+    gm: fx.GraphModule
+    matches: list[Match] = field(default_factory=list)      # accepted, in the order found (patterns in order)
+    near_misses: list[NearMiss] = field(default_factory=list)
 
 
 def convexity_problem(m: Match) -> str | None:
@@ -43,8 +62,177 @@ def convexity_problem(m: Match) -> str | None:
     return None
 
 
-def _record_where(node: fx.Node) -> Where:
-    return Where(*where(node))
+def _roots(anchors: list[fx.Node], hops: int) -> set[fx.Node]:
+    """The nodes a match holding one of `anchors` can end at: the anchors and their users up to `hops` away
+    (a search graph of n nodes reaches at most n − 1 nodes past any of its own)."""
+    found, frontier = set(anchors), list(anchors)
+    for _ in range(hops):
+        frontier = [user for node in frontier for user in node.users if user not in found]
+        found.update(frontier)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _reach(pattern: Pattern, search) -> int:
+    """How many nodes past an anchor a match of `search` can end: the longest path in its graph from an anchor
+    to its output, each step a structural piece that may cover up to 3 of the model's nodes (`repeat_kv`). A
+    search that holds none of its pattern's anchors could never be tried: an error in the pattern library."""
+    graph = search_graph(search.function).graph
+    longest: dict[fx.Node, int] = {}
+    for node in graph.nodes:  # topological order: a node's inputs come first
+        from_inputs = [longest[i] + 1 for i in node.all_input_nodes if i in longest]
+        if node.target in pattern.anchors:
+            from_inputs.append(0)
+        if from_inputs:
+            longest[node] = max(from_inputs)
+    output = next(n for n in graph.nodes if n.op == "output")
+    if output not in longest:
+        raise ValueError(f"pattern {pattern.name!r}: search {search.__name__} holds none of its anchors "
+                         f"{', '.join(getattr(a, '__name__', str(a)) for a in pattern.anchors)}")
+    return 3 * longest[output]
+
+
+def _problem(m: Match, strict: bool) -> str | None:
+    """Why `m` cannot be rewritten (convexity, the pattern's check), or None; a pattern's exception is a
+    problem too (a pattern bug must not break the user's model), raised in strict mode."""
+    try:
+        return convexity_problem(m) or m.pattern.check(m)
+    except Exception as error:
+        if strict:
+            raise RewriteError(f"{m.pattern.name} at {Where(*m.where())}: {type(error).__name__}: {error}") from error
+        return f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
+
+
+def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False) -> Plan:
+    """Decide every site of the canonical `gm` (see `canonicalize`): for each pattern in order, its searches
+    are tried at the nodes an anchor of the pattern can reach (outermost first: the largest match wins);
+    the first way of matching that is convex and accepted is taken. An anchor no accepted match covers is
+    a near miss with the reason of the attempt that came closest to it. Nothing is changed."""
+    graph, result = gm.graph, Plan(gm)
+    claimed: set[fx.Node] = set()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for pattern in patterns:
+        anchors = [n for n in graph.nodes if n.target in pattern.anchors and n.op != "get_attr"]
+        if not anchors:
+            continue
+        attempts: list[_Failure] = []
+        for search in pattern.searches:
+            roots = _roots(anchors, _reach(pattern, search))
+            for node in sorted(roots, key=order.__getitem__, reverse=True):
+                if node in claimed or node.op in ("placeholder", "output", "get_attr"):
+                    continue
+                failure = _Failure()
+                attempts.append(failure)
+                candidates = [m for m in find_all(pattern, search, node, failure) if not claimed.intersection(m.nodes)]
+                if not candidates:
+                    continue
+                problems = [(m, _problem(m, strict)) for m in candidates]
+                accepted = next((m for m, problem in problems if problem is None), None)
+                if accepted is None:  # why the largest way of matching was turned down
+                    _add_near_miss(result.near_misses, NearMiss(pattern.name, Where(*where(node)), problems[0][1],
+                                                                tuple(n.name for n in candidates[0].nodes)))
+                    continue
+                result.matches.append(accepted)
+                claimed.update(accepted.nodes)
+        reported = {name for miss in result.near_misses if miss.pattern == pattern.name for name in miss.nodes}
+        for anchor in anchors:
+            if anchor in claimed or anchor.name in reported:
+                continue
+            closest = max((f for f in attempts if anchor in f.reached), key=lambda f: f.depth, default=None)
+            if closest is not None:
+                reached = tuple(n.name for n in sorted(closest.reached, key=order.__getitem__))
+                result.near_misses.append(NearMiss(pattern.name, Where(*where(anchor)),
+                                                   f"not {pattern.name}: {closest.reason}", reached))
+                reported.update(reached)
+    return result
+
+
+def _positions(graph: fx.Graph) -> dict[str, int]:
+    return {n.name: i for i, n in enumerate(graph.nodes)}
+
+
+def verify_plan(result: Plan, values: dict[fx.Node, Any], *, strict: bool = False) -> None:
+    """Check each accepted match against its original on recorded real values (`stash_values`); a match
+    whose replacement computes other values leaves the plan as a near miss (strict: raises)."""
+    kept = []
+    for m in result.matches:
+        try:
+            problem = compare_site(m, values)
+        except Exception as error:
+            problem = f"could not be verified ({type(error).__name__}: {error}); kept the original"
+        if problem is None:
+            kept.append(m)
+            continue
+        if strict:
+            raise RewriteError(f"{m.pattern.name} at {Where(*m.where())}: {problem}")
+        result.near_misses.append(NearMiss(m.pattern.name, Where(*m.where()), problem, tuple(n.name for n in m.nodes)))
+    result.matches = kept
+
+
+def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Report:
+    """Replace every accepted match of `result` in its graph; the report of what was and was not rewritten
+    (with the graph before and after as networkx graphs when `pictures`)."""
+    gm, report = result.gm, Report(near_misses=list(result.near_misses))
+    graph = gm.graph
+    tag = f"g{next(_graph_ids)}."
+    before = graph_to_networkx(graph, tag) if pictures else None
+    position = _positions(graph)
+    replaced: dict[fx.Node, fx.Node] = {}  # an applied match's output -> its fused op's node
+    inputs_of_rewrites: set[fx.Node] = set()
+    for m in result.matches:
+        names, site, mode = tuple(n.name for n in m.nodes), Where(*m.where()), m.pattern.describe(m)
+        match_id = f"{tag}m{len(report.matches)}"
+        try:
+            new_nodes = _replace(m, replaced)
+        except Exception as error:  # a pattern bug must not break the user's model
+            if strict:
+                raise RewriteError(f"{m.pattern.name} at {site}: {type(error).__name__}: {error}") from error
+            report.near_misses.append(NearMiss(m.pattern.name, site, f"the rewrite failed here ({type(error).__name__}:"
+                                               f" {error}); kept the original", names))
+            continue
+        inputs_of_rewrites.update(replaced.get(i, i) for n in m.nodes for i in n.all_input_nodes)
+        replaced[m.output] = new_nodes[-1]
+        for new in new_nodes:
+            new.meta["fuser_match"] = match_id
+        fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
+        report.matches.append(MatchRecord(m.pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
+        if before is not None:
+            for name in names:
+                before.nodes[tag + name]["match"] = match_id
+    if report.matches:
+        _erase_dead_inputs(graph, inputs_of_rewrites - set(replaced))
+        graph.lint()
+        gm.recompile()
+    report.matches.sort(key=lambda r: position[r.nodes[-1]])
+    report.near_misses.sort(key=lambda r: position.get(r.nodes[-1], -1) if r.nodes else -1)
+    if pictures:
+        report.graphs.append((before, graph_to_networkx(graph, tag) if report.matches else before))
+    return report
+
+
+def _replace(m: Match, replaced: dict[fx.Node, fx.Node]) -> list[fx.Node]:
+    """Put what the match's pattern builds in place of its nodes; the new nodes (the output last). A node
+    an earlier match replaced is read as the fused op that took its place."""
+    graph = m.output.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    existing = set(graph.nodes)
+    m.resolve = lambda node: fx.Proxy(replaced.get(node, node), tracer)
+    try:
+        with graph.inserting_before(m.output):
+            result = m.pattern.replace(m)
+    finally:
+        m.resolve = None
+    new_nodes = [n for n in graph.nodes if n not in existing]
+    try:
+        _propagate_meta(new_nodes, m.output)
+    except Exception:
+        for node in reversed(new_nodes):
+            graph.erase_node(node)
+        raise
+    m.output.replace_all_uses_with(result.node)
+    for node in reversed(m.nodes):
+        graph.erase_node(node)
+    return new_nodes
 
 
 def _propagate_meta(new_nodes: Iterable[fx.Node], like: fx.Node) -> None:
@@ -70,100 +258,6 @@ def _fakes(args: Any, kwargs: Any) -> list:
     return found
 
 
-def apply(m: Match) -> list[fx.Node]:
-    """Replace the match's nodes by what its pattern's replace builds; returns the new nodes (the output last)."""
-    graph = m.output.graph
-    tracer = fx.proxy.GraphAppendingTracer(graph)
-    m.resolve = lambda node: fx.Proxy(node, tracer)
-    existing = set(graph.nodes)
-    with graph.inserting_before(m.output):
-        result = m.pattern.replace(m)
-    m.resolve = None
-    new_nodes = [n for n in graph.nodes if n not in existing]
-    _propagate_meta(new_nodes, m.output)
-    m.output.replace_all_uses_with(result.node)
-    for node in reversed(m.nodes):
-        graph.erase_node(node)
-    return new_nodes
-
-
-def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False,
-            verify_values: dict | None = None, tag: str = "") -> Report:
-    """Rewrite the canonicalized `gm` in place (see `prepare`). `verify_values` (node → real value,
-    from `verify.capture_values`) turns on verification of each site. Strict mode raises where a
-    site fails (an exception in a pattern, a verification mismatch) instead of keeping it.
-    Returns what was rewritten and what was not, and why; `tag` prefixes the match ids."""
-    graph = gm.graph
-    report = Report()
-    claimed: set[fx.Node] = set()
-    erased: set[fx.Node] = set()
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    inputs_of_rewrites: set[fx.Node] = set()
-    for pattern in patterns:
-        for search in pattern.searches:
-            for node in reversed(list(graph.nodes)):  # outermost first: the largest match wins
-                if node in erased or node in claimed or node.op in ("placeholder", "output", "get_attr"):
-                    continue
-                candidates = [m for m in find_all(pattern, search, node, _Failure())
-                              if not claimed.intersection(m.nodes)]
-                if not candidates:
-                    continue
-                accepted, problem = _first_acceptable(candidates, verify_values, strict)
-                if accepted is None:  # report why the largest way of matching was turned down
-                    _add_near_miss(report, NearMiss(pattern.name, _record_where(node), problem,
-                                                    tuple(n.name for n in candidates[0].nodes)))
-                    continue
-                m = accepted
-                names, site, mode = tuple(n.name for n in m.nodes), _record_where(m.output), pattern.describe(m)
-                match_id = f"{tag}m{len(report.matches)}"
-                inputs_of_rewrites.update(i for n in m.nodes for i in n.all_input_nodes)
-                try:
-                    new_nodes = apply(m)
-                except Exception as error:  # a pattern bug must not break the user's model
-                    if strict:
-                        raise RewriteError(f"{pattern.name} at {site}: {type(error).__name__}: {error}") from error
-                    _add_near_miss(report, NearMiss(pattern.name, site, f"the rewrite failed here ({type(error).__name__}: "
-                                                    f"{error}); kept the original", names))
-                    continue
-                for new in new_nodes:
-                    new.meta["fuser_match"] = match_id
-                erased.update(m.nodes)
-                claimed.update(new_nodes)
-                fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
-                report.matches.append(MatchRecord(pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
-    _erase_dead_inputs(graph, inputs_of_rewrites)
-    graph.lint()
-    gm.recompile()
-    by_name = {n.name: i for n, i in position.items()}
-    report.matches.sort(key=lambda m: by_name[m.nodes[-1]])
-    report.near_misses.sort(key=lambda m: by_name[m.nodes[-1]])
-    return report
-
-
-def _first_acceptable(candidates: list[Match], verify_values: dict | None, strict: bool) -> tuple[Match | None, str]:
-    """The first way of matching that is convex, that its pattern accepts and (verifying) that
-    computes the original's values; else None and why the first was turned down."""
-    first_problem = None
-    for m in candidates:
-        site = _record_where(m.output)
-        try:
-            problem = convexity_problem(m) or m.pattern.check(m)
-            if problem is None and verify_values is not None:
-                problem = compare_site(m, verify_values)
-                if problem is not None and strict:
-                    raise RewriteError(f"{m.pattern.name} at {site}: {problem}")
-        except RewriteError:
-            raise
-        except Exception as error:  # a pattern bug must not break the user's model
-            if strict:
-                raise RewriteError(f"{m.pattern.name} at {site}: {type(error).__name__}: {error}") from error
-            problem = f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
-        if problem is None:
-            return m, ""
-        first_problem = first_problem or problem
-    return None, first_problem
-
-
 def _erase_dead_inputs(graph: fx.Graph, candidates: set[fx.Node]) -> None:
     """Erase what only the replaced code used (a causal mask the kernel now computes itself), and
     what only that used, and so on; nothing that has side effects. No global dead-code removal:
@@ -185,16 +279,45 @@ def _op_name(node: fx.Node) -> str:
     return getattr(target, "_qualified_op_name", None) or getattr(target, "name", lambda: str(target))()
 
 
-def _add_near_miss(report: Report, miss: NearMiss) -> None:
+def _add_near_miss(near_misses: list[NearMiss], miss: NearMiss) -> None:
     """One near miss per site: a smaller variant of an already reported site is not news."""
     nodes = set(miss.nodes)
-    for seen in report.near_misses:
+    for seen in near_misses:
         if seen.pattern == miss.pattern and (nodes <= set(seen.nodes) or nodes >= set(seen.nodes)):
             return
-    report.near_misses.append(miss)
+    near_misses.append(miss)
 
 
-def prepare(gm: fx.GraphModule) -> None:
-    """Canonicalize before matching (separate so verification can read values of the canonical graph)."""
-    from fuser.engine.canonical import canonicalize
-    canonicalize(gm.graph)
+_graph_ids = itertools.count()
+
+
+def canonical_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A canonical copy of `gm`'s graph over the same modules and parameters (nothing is copied but nodes):
+    matching reads one spelling, and the original stays as Dynamo made it."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copied = fx.GraphModule(gm, graph)
+    canonicalize(copied.graph)
+    return copied
+
+
+def decide(gm: fx.GraphModule, patterns: Iterable[Pattern], example_inputs: list | None = None, *,
+           verify: bool = False, strict: bool = False) -> Plan:
+    """`plan` on the canonical `gm`, then (`verify`) each accepted site checked on `example_inputs`."""
+    decided = plan(gm, patterns, strict=strict)
+    if decided.matches and verify and example_inputs is not None:
+        verify_plan(decided, stash_values(gm, example_inputs, decided.matches), strict=strict)
+    return decided
+
+
+def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], example_inputs: list | None = None, *,
+            verify: bool = False, strict: bool = False, pictures: bool = False) -> tuple[fx.GraphModule, Report]:
+    """The graph module to run in place of `gm`, and the report: a canonical copy with the accepted sites
+    rewritten, or `gm` itself where nothing is (so Inductor sees what plain torch.compile gives it).
+    `verify` checks each site against its original on `example_inputs` (real values) first; `pictures`
+    keeps the graphs before and after for the report."""
+    copied = canonical_copy(gm)
+    report = apply(decide(copied, patterns, example_inputs, verify=verify, strict=strict), strict=strict,
+                   pictures=pictures)
+    return (copied if report.matches else gm), report

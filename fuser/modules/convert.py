@@ -24,7 +24,6 @@
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from fuser.modules.experts import (EXPERTS_IMPLEMENTATION, FusedMoEBlock, dispat
                            looks_like_moe_block, match_moe_module, register_experts_implementation, swap_in_place)
 from fuser.modules.module_graphs import Run, gradient_problems, rewrite_modules
 from fuser.report import MatchRecord, NearMiss, Report, Where
-from fuser.engine.rewriter import prepare, rewrite
+from fuser.engine.rewriter import canonical_copy, rewrite
 from fuser.numerics.contract import numerics_problem, run_nodes, tolerance
 
 ATTENTION_IMPLEMENTATION = "fuser"
@@ -158,9 +157,8 @@ def _one_op_forward(module: nn.Module, x: torch.Tensor, pattern: str) -> OneOpFo
         gm, example_inputs = _capture(module, x)
     except Exception as error:  # a forward Dynamo cannot capture whole is not one op
         return f"its forward cannot be captured as one graph ({type(error).__name__}: {error})"
-    prepare(gm)
-    original = copy.deepcopy(gm)
-    report = rewrite(gm, [p for p in Options().selected_patterns() if p.name == pattern])
+    original = canonical_copy(gm)
+    gm, report = rewrite(gm, [p for p in Options().selected_patterns() if p.name == pattern])
     if not report.matches:
         return report.near_misses[0].reason if report.near_misses else None
     parameters = {id(p): name for name, p in module.named_parameters(recurse=False)}

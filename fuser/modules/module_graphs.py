@@ -39,12 +39,11 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from fuser.backend import rewrite_prepared
 from fuser.options import Options
 from fuser.engine.capture import capture
 from fuser.engine.canonical import where
 from fuser.report import NearMiss, Report, Where
-from fuser.engine.rewriter import prepare
+from fuser.engine.rewriter import apply, canonical_copy, decide
 from fuser.numerics.contract import numerics_error, numerics_problem, run_nodes, tolerance
 
 PLAIN_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -510,12 +509,15 @@ def _module_paths(graph: fx.Graph, root: nn.Module) -> dict[str, str]:
     return {node.name: path(node) for node in graph.nodes}
 
 
-def _rewrite(gm: fx.GraphModule, root: nn.Module, example_inputs: list, options: Options) -> tuple[Report, dict[str, str]]:
-    """The backend's rewrite of `gm` (a graph of `root`) in place, with the module path of each node of its
-    canonical graph."""
-    prepare(gm)
-    paths = _module_paths(gm.graph, root)
-    return rewrite_prepared(gm, example_inputs, options), paths
+def _rewrite(gm: fx.GraphModule, root: nn.Module, example_inputs: list,
+             options: Options) -> tuple[fx.GraphModule, Report, dict[str, str]]:
+    """The backend's rewrite of a canonical copy of `gm` (a graph of `root`): the rewritten copy, its report, and
+    the module path of each node of the canonical graph."""
+    canonical = canonical_copy(gm)
+    paths = _module_paths(canonical.graph, root)  # before the rewrite erases the matched nodes
+    decided = decide(canonical, options.selected_patterns(), example_inputs, verify=options.verify,
+                     strict=options.strict)
+    return canonical, apply(decided, strict=options.strict, pictures=True), paths
 
 
 def _untraceable(name: str, module: nn.Module, call: Call, reason: str, ownership: _Ownership) -> Report:
@@ -528,7 +530,7 @@ def _untraceable(name: str, module: nn.Module, call: Call, reason: str, ownershi
     except Exception:  # nothing more to learn about a forward Dynamo cannot even run in pieces
         return report
     for gm, example_inputs in graphs:
-        found, paths = _rewrite(gm, copied, example_inputs, Options())
+        _, found, paths = _rewrite(gm, copied, example_inputs, Options(verify=False))
         own = _own_records(found, name, paths, ownership)
         report.near_misses += [NearMiss(m.pattern, m.where, f"its module's forward cannot be captured as one graph "
                                         f"({reason}); left as it is", m.nodes) for m in own.matches]
@@ -546,12 +548,11 @@ def _rewrite_module(name: str, module: nn.Module, call: Call, ownership: _Owners
     except Exception as error:  # Dynamo's refusals take many forms; each is a reason to leave the module alone
         return _untraceable(name, module, call, _capture_failure(error), ownership)
     program = _program(exported, module)
-    original = copy.deepcopy(program.graph)
-    found, paths = _rewrite(program, module, [module, *call.leaves()], Options(verify=True))
+    rewritten, found, paths = _rewrite(program, module, [module, *call.leaves()], Options(verify=True))
     own = _own_records(found, name, paths, ownership)
     if not own.matches:
         return Report([], own.near_misses)
-    checked = check_module_graph(module, original, program, call)
+    checked = check_module_graph(module, program.graph, rewritten, call)
     if checked.problem is not None:
         return Report([], [NearMiss(m.pattern, m.where, f"{checked.problem}; kept the original", m.nodes)
                            for m in own.matches] + own.near_misses)
@@ -560,7 +561,7 @@ def _rewrite_module(name: str, module: nn.Module, call: Call, ownership: _Owners
         own.notes.append(f"{name or type(module).__name__} runs its rewritten graph only where "
                          f"{', '.join(names[i] for i in checked.without_gradients)} needs no gradient "
                          "(the fused ops give none for it)")
-    return Rewritten(name, module, _module_graph(program, exported, module, call, checked.without_gradients), own)
+    return Rewritten(name, module, _module_graph(rewritten, exported, module, call, checked.without_gradients), own)
 
 
 def rewrite_modules(model: nn.Module, args: tuple, kwargs: dict, handled: set[nn.Module]) -> tuple[list[Rewritten], Report]:
