@@ -415,7 +415,8 @@ def _random_like(real: torch.Tensor, shape: list[int], generator: torch.Generato
     return torch.randint(low, high + 1, shape, generator=generator, dtype=real.dtype).to(real.device)
 
 
-def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pattern, ...]) -> list[CapturedGraph]:
+def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pattern, ...],
+                  grads: bool = False) -> list[CapturedGraph]:
     """Dynamo's graphs of `model(*args, **kwargs)` with every size of the tensor inputs dynamic where
     the model allows it (sizes the code fixes stay fixed). Parameters and buffers keep their values;
     every other tensor a graph takes (the model's inputs, activations after a graph break) is drawn."""
@@ -428,7 +429,8 @@ def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pa
         return x
 
     kept = {id(t) for t in (*model.parameters(), *model.buffers())} if isinstance(model, torch.nn.Module) else set()
-    captured = capture(model, tuple(map(dynamic, args)), {k: dynamic(v) for k, v in kwargs.items()}, dynamic=None)
+    captured = capture(model, tuple(map(dynamic, args)), {k: dynamic(v) for k, v in kwargs.items()}, dynamic=None,
+                       grad=grads)  # sites decided as compile decides them when gradients are wanted
     return [CapturedGraph(gm, inputs, kept, patterns) for gm, inputs in captured]
 
 
@@ -464,7 +466,7 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
 
 
 def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, seed: int, grads: bool) -> FuzzResult:
-    graphs = capture_model(model, args, kwargs, Options().selected_patterns())
+    graphs = capture_model(model, args, kwargs, Options().selected_patterns(), grads)
     name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
     devices = [t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     result = FuzzResult(name, ok=True, seed=seed, sites=[s.name for g in graphs for s in g.sites],

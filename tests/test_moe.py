@@ -224,7 +224,7 @@ def _edge_case_holds(routing: str, example) -> bool:
 @settings(max_examples=max(2, settings.default.max_examples // len(ROUTING_CASES)))
 @given(data=st.data())
 def test_moe_pattern_on_routing_edge_cases(routing, data):
-    example = data.draw(MOE.examples(routing), label="example")
+    example = data.draw(MOE.searches[0].examples(routing), label="example")
     assert _edge_case_holds(routing, example), example
     errors = run_example(MOE, example)
     assert {"out", "dx", "dgate_up_proj", "ddown_proj"} <= errors.keys()

@@ -28,9 +28,10 @@ _captures = itertools.count()
 
 
 def capture(target: Callable, args: tuple = (), kwargs: dict | None = None, *, dynamic: bool | None = False,
-            fullgraph: bool = False) -> list[tuple[fx.GraphModule, list]]:
-    """(graph module, example inputs) of each graph Dynamo captures for `target(*args, **kwargs)`,
-    run once under no_grad; the graphs are copies, free to rewrite."""
+            fullgraph: bool = False, grad: bool = False) -> list[tuple[fx.GraphModule, list]]:
+    """(graph module, example inputs) of each graph Dynamo captures for `target(*args, **kwargs)`, run once
+    with gradients recorded or not (`grad`: what a site must support, e.g. a learned bias's gradient, depends
+    on it); the graphs are copies, free to rewrite."""
     captured = []
 
     def backend(gm: fx.GraphModule, example_inputs: list, **_: Any):
@@ -39,7 +40,7 @@ def capture(target: Callable, args: tuple = (), kwargs: dict | None = None, *, d
 
     name = f"_capture_{next(_captures)}"
     caller = types.FunctionType(_call.__code__.replace(co_name=name, co_qualname=name), _call.__globals__, name)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         torch.compile(caller, backend=backend, dynamic=dynamic, fullgraph=fullgraph)(target, args, kwargs or {})
     return captured
 
@@ -48,13 +49,13 @@ SMALL = 1 << 16  # elements: a value this small is kept whatever reads it (mask 
 
 
 def stash_values(gm: fx.GraphModule, inputs: list, matches: list) -> dict[fx.Node, Any]:
-    """The real values verification reads, from one run of `gm` on `inputs` under no_grad: each match's
-    inputs and output, and every small value (what a replacement may read besides, e.g. a padding table
+    """The real values verification reads, from one run of `gm` on `inputs` under no_grad: what each match's
+    nodes read and its output, and every small value (what a replacement may read besides, e.g. a padding table
     behind a recognized mask). Nothing else is kept, so a large model's activations are not all held at
     once. Inputs the graph writes into are cloned first; the others are read as they are."""
-    keep = {node for m in matches for node in (*m.inputs().values(), m.output)}
+    keep = {m.output for m in matches} | {node for m in matches for n in m.nodes for node in n.all_input_nodes}
     written = _written_inputs(gm.graph)
-    run_inputs = [x.clone() if isinstance(x, torch.Tensor) and i in written else x for i, x in enumerate(inputs)]
+    run_inputs = [x.clone() if isinstance(x, torch.Tensor) and i in written else _concrete(x) for i, x in enumerate(inputs)]
     values: dict[fx.Node, Any] = {}
 
     class Stash(fx.Interpreter):
@@ -67,6 +68,13 @@ def stash_values(gm: fx.GraphModule, inputs: list, matches: list) -> dict[fx.Nod
     with torch.no_grad():
         Stash(gm).run(*run_inputs)
     return values
+
+
+def _concrete(x: Any) -> Any:
+    """A size Dynamo made symbolic as the value it has in this call (its hint)."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return x.node.hint if x.node.hint is not None else x.node.require_hint()
+    return x
 
 
 def _written_inputs(graph: fx.Graph) -> set[int]:

@@ -144,6 +144,7 @@ def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = Fals
                 result.near_misses.append(NearMiss(pattern.name, Where(*where(anchor)),
                                                    f"not {pattern.name}: {closest.reason}", reached))
                 reported.update(reached)
+    result.matches.sort(key=lambda m: order[m.output])
     return result
 
 
