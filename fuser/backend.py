@@ -15,7 +15,7 @@ from fuser.options import Options
 from fuser.report import Report
 from fuser.report.graphs import graph_to_networkx
 from fuser.engine.rewriter import prepare, rewrite
-from fuser.numerics.contract import capture_values
+from fuser.numerics.float64 import capture_values
 
 _reports: list[Report] = []
 _graph_ids = itertools.count()
