@@ -18,7 +18,7 @@ import triton
 
 import fuser
 from fuser.models import ARCHITECTURES, tiny_inputs, tiny_model
-from fuser.numerics.contract import numerics_error, numerics_problem, tolerance
+from fuser.numerics.contract import judge, numerics_error
 
 
 def check_architectures() -> list[str]:
@@ -45,9 +45,9 @@ def check_architectures() -> list[str]:
                     original = model(ids, attention_mask=mask).logits
                     torch.backends.cuda.matmul.allow_tf32 = False
                     ref = copy.deepcopy(model).float()(ids, attention_mask=mask).logits.double()
-                original_error = numerics_error(original, ref)
-                problem = numerics_problem(out.double(), ref, max(tolerance(torch.bfloat16), 2 * original_error))
-                errors = f"ours {numerics_error(out, ref):.1e}, bf16 original {original_error:.1e} from float32"
+                verdict = judge(out, ref, own=original)
+                problem = verdict.problem
+                errors = f"ours {verdict.error:.1e}, bf16 original {numerics_error(original, ref):.1e} from float32"
             except Exception as error:  # report it and go on: the table shows every architecture
                 problem = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             lines.append(f"{arch:12s} {impl:5s} {str(fuser.last_report().counts()):55s} "

@@ -40,7 +40,7 @@ def demo(args) -> int:
     """Compile a tiny HF-architecture model with backend="fuser", show the rewrites, check the outputs."""
     import fuser
     from fuser.models import tiny_inputs, tiny_model
-    from fuser.numerics.contract import numerics_problem, tolerance
+    from fuser.numerics.contract import judge
 
     device, dtype = _device_and_dtype(args)
     model = tiny_model(_architecture(args.model), layers=args.layers, dtype=dtype).to(device)
@@ -54,10 +54,10 @@ def demo(args) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         logits = compiled(ids).logits
-        reference = _float64_copy(model)(ids).logits
+        own, reference = model(ids).logits, _float64_copy(model)(ids).logits
     elapsed = time.perf_counter() - start
     counts = fuser.last_report().counts()
-    problem = numerics_problem(logits, reference, tolerance(dtype))
+    problem = judge(logits, reference, own=own).problem
     print(f"\ncompiled with backend='fuser' (codegen={args.codegen}) in {elapsed:.1f} s; rewrites: {counts}")
     print(f"logits vs the same model in float64: {'OK' if problem is None else 'MISMATCH: ' + problem}")
     return 0 if problem is None and counts else 1

@@ -17,6 +17,7 @@ and, on failure, hypothesis' shrunk example and the seed that reproduces it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
 from fuser.report import Where
 from fuser.engine.rewriter import canonical_copy, plan, rewrite
-from fuser.numerics.contract import capture_values, numerics_error, numerics_problem, run_nodes, tolerance
+from fuser.numerics.contract import float64_resolution, judge, neighbour_floors, nudged
+from fuser.numerics.float64 import capture_values, leaf64, random_like, run_nodes, to64
 
 log = logging.getLogger("fuser.fuzz")
 
@@ -79,20 +81,6 @@ def _what_runs(device: str) -> str:
             "kernels on the CPU)")
 
 
-def _to64(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().double().requires_grad_(value.requires_grad)
-    if isinstance(value, torch.dtype) and value.is_floating_point:
-        return torch.float64
-    return value
-
-
-# inputs about one ulp away from an example's, on which the original is measured again where a
-# rewrite misses the tolerance (4 underestimated the original's spread: a one-element fp16 RMSNorm row
-# whose dx the fp32 original gets 25% wrong there and at least 32% wrong at one of 8 neighbours)
-NEIGHBOURS = 8
-
-
 @dataclass(frozen=True)
 class Leaf:
     """One differentiable input, as each side sees it: the rewrite, the float64 reference, the original."""
@@ -108,7 +96,7 @@ def _leaves(named: dict[str, torch.Tensor], grads: bool, constants: tuple[str, .
     out = []
     for name, t in named.items():
         wants = grads and t.is_floating_point() and name not in constants
-        out.append(Leaf(name, t.detach().clone().requires_grad_(wants), _to64(t).requires_grad_(wants),
+        out.append(Leaf(name, t.detach().clone().requires_grad_(wants), leaf64(t, wants),
                         t.detach().clone().requires_grad_(wants)))
     return out
 
@@ -117,19 +105,8 @@ def _leaves(named: dict[str, torch.Tensor], grads: bool, constants: tuple[str, .
 Original = Callable[[list[Leaf]], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _nudged(named: dict[str, torch.Tensor], constants: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
-    """The tensors, each floating one not in `constants` moved by up to about one unit in its last place."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def nudge(t: torch.Tensor) -> torch.Tensor:
-        shift = (torch.rand(t.shape, generator=generator, dtype=torch.float64) * 2 - 1) * torch.finfo(t.dtype).eps
-        return (t.detach().double() * (1 + shift.to(t.device))).to(t.dtype)
-
-    return {name: nudge(t) if t.is_floating_point() and name not in constants else t for name, t in named.items()}
-
-
-def _neighbours(named: dict[str, torch.Tensor], grads: bool, constants: tuple[str, ...]) -> list[list[Leaf]]:
-    return [_leaves(_nudged(named, constants, seed), grads, constants) for seed in range(NEIGHBOURS)]
+def _neighbours(named: dict[str, torch.Tensor], grads: bool, constants: tuple[str, ...], seed: int) -> list[Leaf]:
+    return _leaves(nudged(named, constants, seed), grads, constants)
 
 
 def _results(out: torch.Tensor, leaves: list[Leaf], side: str, grad_out: torch.Tensor | None
@@ -144,76 +121,36 @@ def _results(out: torch.Tensor, leaves: list[Leaf], side: str, grad_out: torch.T
     return results
 
 
-def _attainable(original: Original, neighbours: list[list[Leaf]], want: dict, grad_out: torch.Tensor | None
-                ) -> dict[str, float]:
-    """Per result, the error no code in the original's precision can be held below: over inputs about an
-    ulp away, the worst of twice the original's own error and of how far the exact result moves. On an
-    ill-conditioned result of a few elements (a one-element dX summing cancelling terms) one error is
-    one rounding's luck: the original can be exact by chance where equally good code is not."""
-    floor: dict[str, float] = {}
-    for leaves in neighbours:
-        ref, plain = original(leaves)
-        exact, written = _results(ref, leaves, "ref", grad_out), _results(plain, leaves, "plain", grad_out)
-        for key, result in exact.items():
-            if result is not None and written.get(key) is not None and want.get(key) is not None:
-                floor[key] = max(floor.get(key, 0.0), 2 * numerics_error(written[key], result), numerics_error(result, want[key]))
-    return floor
-
-
-def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ over the positions finite in both."""
-    out, ref = out.detach().double(), ref.detach().double()
-    finite = out.isfinite() & ref.isfinite()
-    return (out - ref)[finite].norm().item()
-
-
-def _finite_norm(t: torch.Tensor) -> float:
-    t = t.detach().double()
-    return t[t.isfinite()].norm().item()
-
-
-def _float64_resolution(key: str, leaves: list[Leaf], want: dict, grad_out: torch.Tensor | None) -> float:
-    """The absolute difference below which the float64 reference cannot tell a gradient from its exact value:
-    2^-50 of the gradient's natural size, ‖grad_out‖·‖out‖/‖input‖. A gradient far below that size comes
-    out of cancelling terms, and float64 cancels too: a float32 softmax row [46.2, -8.8] has dx ≈ ±2.3e-24,
-    and float64 evaluation of the original gives [0, -2.3e-24] (its y rounds to [1, 1.3e-24]); the
-    kernel's 2.3e-24 is the exact value, the reference's 0 is not. Outputs: 0 (no floor)."""
-    leaf = next((leaf for leaf in leaves if f"d{leaf.name}" == key), None)
-    if leaf is None or grad_out is None or want.get("out") is None:
-        return 0.0
-    size = _finite_norm(leaf.ref)
-    if size == 0.0:
-        return 0.0
-    return 2.0 ** -50 * grad_out.norm().item() * _finite_norm(want["out"]) / size
-
-
 def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
-                     neighbours: Callable[[], list[list[Leaf]]], prefix: str = "") -> dict[str, float]:
-    """Relative errors of the output and of each input's gradient; AssertionError where the contract fails:
-    above the dtype's tolerance and twice the original's own error (the floor of ill-conditioned problems:
-    a one-element RMSNorm row, whose gradient is eps-sized and cancels in float32), and above what the
-    original's precision attains near these inputs (`_attainable`)."""
+                     neighbours: Callable[[int], list[Leaf]], prefix: str = "") -> dict[str, float]:
+    """Relative errors of the output and of each input's gradient; AssertionError where the contract
+    (`fuser.numerics.contract.judge`) fails, with every floor: the original's own error, float64's
+    resolution of a gradient, and the floor on inputs about an ulp away (`neighbours(seed)`)."""
     ref, plain = original(leaves)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.device) \
         if out.requires_grad and ref.requires_grad else None
     ours, want = _results(out, leaves, "ours", grad_out), _results(ref, leaves, "ref", grad_out)
     theirs = _results(plain, leaves, "plain", grad_out)
-    attainable = None
+
+    def measure(seed: int) -> dict:
+        near = neighbours(seed)
+        near_ref, near_plain = original(near)
+        exact, written = _results(near_ref, near, "ref", grad_out), _results(near_plain, near, "plain", grad_out)
+        return {key: (result, written.get(key)) for key, result in exact.items()}
+
+    floors = functools.cache(lambda: neighbour_floors(measure, want))
+    wrt = {f"d{leaf.name}": leaf.ref for leaf in leaves}
     errors = {}
     for key, got in ours.items():
         what = prefix + ("output" if key == "out" else f"gradient of {key[1:]}")
         if got is None or want[key] is None:
             assert got is None and want[key] is None, f"{what}: one side has none"
             continue
-        errors[key] = numerics_error(got, want[key])
-        tol = max(tolerance(got.dtype), 2 * numerics_error(theirs[key], want[key]))
-        if _difference(got, want[key]) <= _float64_resolution(key, leaves, want, grad_out):
-            tol = math.inf  # below what the float64 reference resolves: NaN and inf placement still count
-        problem = numerics_problem(got, want[key], tol)
-        if problem is not None:
-            attainable = attainable if attainable is not None else _attainable(original, neighbours(), want, grad_out)
-            problem = numerics_problem(got, want[key], max(tol, attainable.get(key, 0.0)))
-        assert problem is None, f"{what}: {problem}"
+        resolution = float64_resolution([grad_out], [want["out"]], wrt[key]) if key != "out" else 0.0
+        verdict = judge(got, want[key], own=theirs[key], resolution=resolution,
+                        attainable=lambda key=key: floors().get(key, 0.0))
+        errors[key] = verdict.error
+        assert verdict.problem is None, f"{what}: {verdict.problem}"
     return errors
 
 
@@ -242,10 +179,10 @@ def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> di
     assert sum(counts) == 1, f"expected one {pattern.name} rewrite, got {sum(counts)}; near misses: {misses}"
 
     def original(leaves: list[Leaf]) -> tuple[torch.Tensor, torch.Tensor]:
-        return (example.search(**{x.name: x.ref for x in leaves}, **{k: _to64(v) for k, v in literals.items()}),
+        return (example.search(**{x.name: x.ref for x in leaves}, **{k: to64(v) for k, v in literals.items()}),
                 example.search(**{x.name: x.plain for x in leaves}, **literals))
 
-    return _contract_errors(out, leaves, original, lambda: _neighbours(tensors, grads, example.constants))
+    return _contract_errors(out, leaves, original, functools.partial(_neighbours, tensors, grads, example.constants))
 
 
 def fuzz(target: str | Callable, *args: Any, max_examples: int = 100, seed: int | None = None, grads: bool = True,
@@ -396,23 +333,10 @@ class CapturedGraph:
             if isinstance(fake, torch.SymInt):
                 inputs[i] = size(fake)
             elif i in self.drawn:
-                inputs[i] = _random_like(self.example_inputs[i], [size(d) for d in fake.shape], generator)
+                inputs[i] = random_like(self.example_inputs[i], generator, [size(d) for d in fake.shape])
         if self.shape_env is not None and not self.shape_env.evaluate_guards_for_args(self.fakes, inputs):
             return None
         return inputs
-
-
-def _random_like(real: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """New values of `shape` in the range the real input has (token ids stay token ids, a mask of
-    ones stays ones), at its scale for floats."""
-    if real.dtype == torch.bool:
-        return torch.rand(shape, generator=generator) < 0.5
-    if real.is_floating_point():
-        scale = real.float().std().item() if real.numel() > 1 else 1.0
-        scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-        return (torch.randn(shape, generator=generator) * scale).to(real.dtype).to(real.device)
-    low, high = (int(real.min()), int(real.max())) if real.numel() else (0, 1)
-    return torch.randint(low, high + 1, shape, generator=generator, dtype=real.dtype).to(real.device)
 
 
 def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pattern, ...],
@@ -461,7 +385,7 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
         out = m.pattern.replace(m)
     finally:
         m.resolve = None
-    return _contract_errors(out, leaves, original, lambda: _neighbours(named, grads, constants),
+    return _contract_errors(out, leaves, original, functools.partial(_neighbours, named, grads, constants),
                             prefix=f"{site.name}: ")
 
 

@@ -1,4 +1,4 @@
-"""`fuser.modules.convert(model)`: the same model object on fused kernels without torch.compile, proven on
+"""`fuser.convert(model)`: the same model object on fused kernels without torch.compile, proven on
 tiny configs of real architectures: the kernels run, logits meet the float64 contract, greedy
 generation is unchanged, weights and checkpoints are untouched; modules are swapped only
 after a numerical check (gradients included), and a dry run changes nothing. Given example
@@ -50,7 +50,7 @@ def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     reference, original = float64_reference(model), copy.deepcopy(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
-    report = fuser.modules.convert(model, dry_run=True)
+    report = fuser.convert(model, dry_run=True)
     assert report.counts() == {k: v for k, v in zip(("rms_norm", "attention", "moe"), EXPECTED[arch]) if v}, report
     assert not report.near_misses, report
     experts_implementation = model.config._experts_implementation
@@ -58,7 +58,7 @@ def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     assert model.config._experts_implementation == experts_implementation
     assert report.notes == [WITHOUT_EXAMPLES]
 
-    assert fuser.modules.convert(model) is model
+    assert fuser.convert(model) is model
     assert len(_fused_modules(model)) == norms and model.config._attn_implementation == "fuser"
     assert (model.config._experts_implementation == "fuser") == bool(experts)
     assert model.state_dict().keys() == weights.keys()
@@ -77,8 +77,8 @@ def test_a_bfloat16_model_converts_every_norm():
     model = tiny_model("llama", dtype=torch.bfloat16)
     ids = tiny_inputs(model)
     reference = float64_reference(model)
-    assert fuser.modules.convert(model, dry_run=True).counts() == {"rms_norm": 5, "attention": 2}
-    fuser.modules.convert(model)
+    assert fuser.convert(model, dry_run=True).counts() == {"rms_norm": 5, "attention": 2}
+    fuser.convert(model)
     with torch.no_grad():
         assert_close(model(ids).logits, reference(ids).logits, torch.bfloat16)
 
@@ -91,7 +91,7 @@ def test_padding_masks_reach_the_kernel():
     mask[2, 6:] = 0   # right padding
     reference = float64_reference(model)
     reference.set_attn_implementation("sdpa")  # eager in float64 turns fully masked pad rows into NaN
-    fuser.modules.convert(model)
+    fuser.convert(model)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
         expected = reference(ids, attention_mask=mask).logits
@@ -102,7 +102,7 @@ def test_padding_masks_reach_the_kernel():
 def test_checkpoints_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = fuser.modules.convert(tiny_model("mistral"))
+    model = fuser.convert(tiny_model("mistral"))
     ids = tiny_inputs(model)
     model.save_pretrained(tmp_path)
     assert "fuser" not in (tmp_path / "config.json").read_text()  # loads anywhere, without fuser
@@ -112,11 +112,11 @@ def test_checkpoints_round_trip(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
         assert_close(reloaded(ids).logits, expected, torch.float32)
-        assert_close(fuser.modules.convert(reloaded)(ids).logits, expected, torch.float32)
+        assert_close(fuser.convert(reloaded)(ids).logits, expected, torch.float32)
 
 
 def test_converted_modules_copy_pickle_and_fall_back_for_other_dtypes():
-    model = fuser.modules.convert(tiny_model("llama", layers=1))
+    model = fuser.convert(tiny_model("llama", layers=1))
     norm = model.model.norm
     x = torch.randn(2, 3, 64)
     for copied in (copy.deepcopy(norm), _pickled(norm)):
@@ -157,7 +157,7 @@ class Scale(nn.Module):
 
 def test_only_modules_whose_forward_is_one_checked_op_are_swapped():
     model = nn.Sequential(Norm(16), Norm(16, dim=1), Norm(16, then=torch.relu), Scale(16), nn.LayerNorm(16))
-    report = fuser.modules.convert(model, dry_run=True)
+    report = fuser.convert(model, dry_run=True)
     assert [m.where.module for m in report.matches] == ["0"]
     assert {n.where.module: n.reason for n in report.near_misses} == {
         "1": "mean over dim -2, not over the last dim only",
@@ -165,10 +165,10 @@ def test_only_modules_whose_forward_is_one_checked_op_are_swapped():
     x = torch.randn(2, 5, 16)
     expected = model(x)
     # with an example input, graph rewriting takes the norm followed by a relu (and says its own word on "1")
-    report = fuser.modules.convert(model, x, dry_run=True)
+    report = fuser.convert(model, x, dry_run=True)
     assert [m.where.module for m in report.matches] == ["0", "2"] and not report.notes
     assert {n.where.module: n.reason for n in report.near_misses} == {"1": "mean over dim -2, not over the last dim only"}
-    fuser.modules.convert(model)
+    fuser.convert(model)
     assert _fused_modules(model) == ["0"]
     torch.testing.assert_close(model(x), expected)
 
@@ -183,9 +183,9 @@ def _planted_rms_norm(monkeypatch, op, eps_shift=0.0):
 
 def test_a_wrong_kernel_is_caught_before_any_swap(monkeypatch):
     _planted_rms_norm(monkeypatch, torch.ops.fuser.rms_norm, eps_shift=0.5)
-    model = fuser.modules.convert(tiny_model("llama", layers=1))
+    model = fuser.convert(tiny_model("llama", layers=1))
     assert _fused_modules(model) == []
-    report = fuser.modules.convert(model, dry_run=True)
+    report = fuser.convert(model, dry_run=True)
     assert report.counts() == {"attention": 1} and len(report.near_misses) == 3
     assert all(n.reason.startswith("on a random input of shape") and "the fused op: relative L2 error" in n.reason
                for n in report.near_misses), report
@@ -196,9 +196,9 @@ def test_hand_written_moe_blocks_are_swapped_after_their_check():
 
     model = LoopMoEModel(num_experts=4, top_k=2)
     reference = copy.deepcopy(model).double()
-    report = fuser.modules.convert(model, dry_run=True)
+    report = fuser.convert(model, dry_run=True)
     assert report.counts() == {"moe": 2} and not report.near_misses, report
-    assert fuser.modules.convert(model) is model and all(isinstance(block, FusedMoEBlock) for block in model.blocks)
+    assert fuser.convert(model) is model and all(isinstance(block, FusedMoEBlock) for block in model.blocks)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert_close(model(x), reference(x.double()), torch.float32)
@@ -206,9 +206,9 @@ def test_hand_written_moe_blocks_are_swapped_after_their_check():
 
 def test_convert_takes_modules_only_and_example_inputs_the_model_accepts():
     with pytest.raises(TypeError, match="takes a torch.nn.Module.*backend='fuser'"):
-        fuser.modules.convert(lambda x: x)
+        fuser.convert(lambda x: x)
     with pytest.raises(ValueError, match="raised RuntimeError on the example inputs"):
-        fuser.modules.convert(nn.Linear(4, 4), torch.randn(2, 5))
+        fuser.convert(nn.Linear(4, 4), torch.randn(2, 5))
 
 
 # --- plain modules, by graph rewriting ---------------------------------------------------------------
@@ -279,14 +279,14 @@ def test_a_plain_model_is_converted_by_rewriting_its_modules_graphs():
     reference = copy.deepcopy(model).double()
     weights = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
 
-    report = fuser.modules.convert(model, ids, dry_run=True)
+    report = fuser.convert(model, ids, dry_run=True)
     assert {(m.pattern, m.where.module) for m in report.matches} == {
         ("rms_norm", "blocks.0.norm1"), ("attention", "blocks.0.attn"), ("rms_norm", "blocks.0.norm2"),
         ("rms_norm", "norm")}, report
     assert not report.near_misses and not report.notes, report
     assert _fused_modules(model) == []
 
-    assert fuser.modules.convert(model, ids) is model
+    assert fuser.convert(model, ids) is model
     assert _fused_modules(model) == ["blocks.0.norm1", "blocks.0.attn", "blocks.0.norm2", "norm"]
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k][0]) and v.data_ptr() == weights[k][1] for k, v in model.state_dict().items())
@@ -330,12 +330,12 @@ def test_a_forward_that_cannot_be_captured_whole_is_left_alone_with_the_reason(a
     model = nn.Sequential(attention(16, 2))
     x = torch.randn(2, 5, 16)
     expected = model(x)
-    report = fuser.modules.convert(model, x, dry_run=True)
+    report = fuser.convert(model, x, dry_run=True)
     assert report.counts() == {}
     (miss,) = report.near_misses
     assert (miss.pattern, miss.where.module) == ("attention", "0")
     assert miss.reason.startswith("its module's forward cannot be captured as one graph") and reason in miss.reason, miss
-    fuser.modules.convert(model, x)
+    fuser.convert(model, x)
     assert _fused_modules(model) == []
     assert torch.equal(model(x), expected)
 
@@ -353,10 +353,10 @@ class MaskedAttention(Attention):
 def test_an_argument_whose_gradient_the_fused_op_gets_wrong_must_need_none():
     attention = MaskedAttention(16, 2)  # its scale is size arithmetic: (dim // heads) ** -0.5
     x, mask = torch.randn(2, 5, 16), torch.randn(1, 1, 5, 5)
-    report = fuser.modules.convert(attention, x, mask, dry_run=True)
+    report = fuser.convert(attention, x, mask, dry_run=True)
     assert report.counts() == {"attention": 1} and report.notes == [
         "MaskedAttention runs its rewritten graph only where mask needs no gradient (the fused ops give none for it)"]
-    fuser.modules.convert(attention, x, mask)
+    fuser.convert(attention, x, mask)
     assert _fused_op_calls(attention, x, mask) == Counter({"fuser::attention": 1})
     learned = mask.clone().requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -397,28 +397,28 @@ def test_a_wrong_gradient_is_caught_before_any_swap(monkeypatch):
     model = nn.Sequential(Norm(16), ScaleNorm(16))
     x = torch.randn(2, 5, 16)
     # the module-level converter (no example inputs) and graph rewriting (given them) both check gradients
-    (miss,) = fuser.modules.convert(model, dry_run=True).near_misses
+    (miss,) = fuser.convert(model, dry_run=True).near_misses
     assert miss.where.module == "0" and miss.reason.startswith(
         "on a random input of shape [1, 1, 16], the fused op: the gradient of weight: relative L2 error"), miss
-    report = fuser.modules.convert(model, x, dry_run=True)
+    report = fuser.convert(model, x, dry_run=True)
     assert report.counts() == {}
     assert {n.where.module: n.reason.split(": relative L2 error")[0] for n in report.near_misses} == {
         "0": "on random arguments, the gradient of weight", "1": "on random arguments, the gradient of scale"}, report
-    fuser.modules.convert(model, x)
+    fuser.convert(model, x)
     assert _fused_modules(model) == []
     # the forward alone is right: with nothing to train, the same op passes the checks
     model.eval().requires_grad_(False)
-    assert fuser.modules.convert(model, dry_run=True).counts() == {"rms_norm": 1}
-    assert fuser.modules.convert(model, x, dry_run=True).counts() == {"rms_norm": 2}
+    assert fuser.convert(model, dry_run=True).counts() == {"rms_norm": 1}
+    assert fuser.convert(model, x, dry_run=True).counts() == {"rms_norm": 2}
 
 
 def test_an_hf_model_with_example_inputs_converts_as_without():
     model = tiny_model("llama", layers=1)
     ids = tiny_inputs(model)
     original = copy.deepcopy(model)
-    report = fuser.modules.convert(model, ids, dry_run=True)
+    report = fuser.convert(model, ids, dry_run=True)
     assert report.counts() == {"rms_norm": 3, "attention": 1} and not report.near_misses and not report.notes, report
-    fuser.modules.convert(model, ids)
+    fuser.convert(model, ids)
     prompt = ids[:1, :5]
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False),
                        original.generate(prompt, max_new_tokens=5, do_sample=False))
@@ -432,9 +432,9 @@ def test_experts_that_fail_their_check_keep_their_implementation(monkeypatch):
     before = model.config._experts_implementation
     right = experts_module.fuser_experts_forward
     monkeypatch.setattr(experts_module, "fuser_experts_forward", lambda *args: right(*args) * 1.01)
-    report = fuser.modules.convert(model, dry_run=True)
+    report = fuser.convert(model, dry_run=True)
     misses = [m for m in report.near_misses if m.pattern == "moe"]
     assert len(misses) == 2 and all("differ from the module's own code: output" in m.reason for m in misses), report
     assert "moe" not in report.counts()
-    fuser.modules.convert(model)
+    fuser.convert(model)
     assert model.config._experts_implementation == before

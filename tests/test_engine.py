@@ -263,7 +263,7 @@ def test_float64_reference_runs_grouped_mm():
     """The float64 reference of a site evaluates `torch._grouped_mm` (whose kernels take no float64:
     model fuzzing of transformers' grouped_mm experts on the GPU failed there) as plain matmuls."""
     from torch import fx
-    from fuser.numerics.contract import run_nodes
+    from fuser.numerics.float64 import run_nodes
 
     def experts(x, weight, offs):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)

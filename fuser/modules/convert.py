@@ -1,4 +1,4 @@
-"""`fuser.modules.convert(model)`: the same model object, running the fused kernels without torch.compile.
+"""`fuser.convert(model)`: the same model object, running the fused kernels without torch.compile.
 
 - Modules, by the module-level matchers (`MODULE_CONVERTERS`), which need no example inputs:
   a module whose whole forward the backend's patterns turn into one fused op (an RMSNorm into
@@ -36,16 +36,17 @@ from fuser.options import Options
 from fuser.engine.capture import capture
 from fuser.modules.experts import (EXPERTS_IMPLEMENTATION, FusedMoEBlock, dispatches_experts, fused_experts_problem,
                            looks_like_moe_block, match_moe_module, register_experts_implementation, swap_in_place)
-from fuser.modules.module_graphs import Run, gradient_problems, rewrite_modules
+from fuser.modules.module_graphs import rewrite_modules
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.engine.rewriter import canonical_copy, rewrite
-from fuser.numerics.contract import numerics_problem, run_nodes, tolerance
+from fuser.numerics.contract import Run, gradient_problems, judge
+from fuser.numerics.float64 import leaf64, run_nodes
 
 ATTENTION_IMPLEMENTATION = "fuser"
 WITHOUT_EXAMPLES = ("no example inputs, so only norms, MoE blocks and transformers' attention were tried; "
-                    "fuser.modules.convert(model, *args, **kwargs) with a call of the model rewrites other modules' "
+                    "fuser.convert(model, *args, **kwargs) with a call of the model rewrites other modules' "
                     "graphs too (hand-written attention, say)")
-log = logging.getLogger("fuser.modules.convert")
+log = logging.getLogger("fuser.convert")
 
 
 @dataclass(frozen=True)
@@ -194,13 +195,13 @@ def _check_fused_call(call: FusedCall, module: nn.Module, forward: OneOpForward)
     for shape, scale in (((1, 1, hidden), 1.0), ((3, 7, hidden), 1.0), ((2, 5, hidden), 50.0)):
         x = (torch.randn(shape, generator=generator) * scale).to(call.input_dtype).to(_device(module))
         x_fused, x_own, x64 = (t.requires_grad_(gradients) for t in (x.clone(), x.clone(), x.double()))
-        parameters64 = {name: p.detach().double().requires_grad_(name in trained) for name, p in parameters.items()}
+        parameters64 = {name: leaf64(p, name in trained) for name, p in parameters.items()}
         inputs = {node: x64 if role == ("input",) else parameters64[role[1]]
                   for node, role in zip(placeholders, forward.inputs)}
         with torch.enable_grad() if gradients else torch.no_grad():
             ref = run_nodes(nodes, inputs, float64=True)
             fused, own = call(module, (x_fused,), {}), module(x_own)
-            problem = _forward_problem((("the fused op", fused), ("the module's own forward", own)), ref)
+            problem = _forward_problem(fused, own, ref)
             if problem is None and gradients:
                 trained_parameters = [parameters[n] for n in trained]
                 problems = gradient_problems(["the input", *trained], Run([fused], [x_fused, *trained_parameters]),
@@ -212,11 +213,12 @@ def _check_fused_call(call: FusedCall, module: nn.Module, forward: OneOpForward)
     return None
 
 
-def _forward_problem(outputs: tuple[tuple[str, torch.Tensor], ...], ref: torch.Tensor) -> str | None:
-    for what, out in outputs:
-        problem = numerics_problem(out, ref, tolerance(out.dtype))
-        if problem is not None:
-            return f"{what}: {problem}"
+def _forward_problem(fused: torch.Tensor, own: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """The fused op must meet the contract, and the module's own forward compute the captured graph's function
+    (`judge` with no `own`: it is the original)."""
+    for what, verdict in (("the fused op", judge(fused, ref, own=own)), ("the module's own forward", judge(own, ref))):
+        if verdict.problem is not None:
+            return f"{what}: {verdict.problem}"
     return None
 
 
@@ -432,7 +434,7 @@ def convert(model: nn.Module, *example_args: Any, dry_run: bool = False, **examp
     the graphs of the modules no module-level converter handles (see `fuser.modules.module_graphs`); without
     them only norms, MoE blocks and transformers' attention are converted, and the report says so."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fuser.modules.convert takes a torch.nn.Module, not {type(model).__name__}; "
+        raise TypeError(f"fuser.convert takes a torch.nn.Module, not {type(model).__name__}; "
                         "for a function use torch.compile(fn, backend='fuser')")
     report = Report()
     swaps = _convert_modules(model, report)

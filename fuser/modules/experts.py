@@ -11,7 +11,7 @@
   runs the block on random inputs with its own weights, in eval and training mode, and checks that
   it computes the canonical top-k MoE (softmax routing, top-k, optional renormalization, SwiGLU
   experts), its gradients included, before it returns a fused copy; otherwise it says why not.
-  `swap_in_place(block, fused)` then makes the block itself the fused one (what `fuser.modules.convert` does).
+  `swap_in_place(block, fused)` then makes the block itself the fused one (what `fuser.convert` does).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fus
 from fuser.patterns.base import dtype_name
 from fuser.patterns.moe import routing_tie_problem
 from fuser.patterns.strategies import FLOAT_DTYPES
-from fuser.numerics.contract import numerics_error, numerics_problem, tolerance
+from fuser.numerics.contract import Run, gradient_problems, judge
+from fuser.numerics.float64 import leaf64
 
 EXPERTS_IMPLEMENTATION = "fuser"
 
@@ -132,25 +133,21 @@ def fused_experts_problem(experts: nn.Module) -> str | None:
         return "its own forward is not reachable (no __wrapped__ on the dispatching forward)"
     reference = copy.deepcopy(experts).double()
     gradients = experts.training or any(p.requires_grad for p in experts.parameters())
-    ours_in = [t.detach().clone().requires_grad_(gradients) for t in (x, routing)]
-    ref_in = [t.detach().double().requires_grad_(gradients) for t in (x, routing)]
+    ours_in, own_in = ([t.detach().clone().requires_grad_(gradients) for t in (x, routing)] for _ in range(2))
+    ref_in = [leaf64(t, gradients) for t in (x, routing)]
     with torch.enable_grad() if gradients else torch.no_grad():
         got = fuser_experts_forward(experts, ours_in[0], ids, ours_in[1])
+        own = own_forward(experts, own_in[0], ids, own_in[1])
         expected = own_forward(reference, ref_in[0], ids, ref_in[1])
-        results = [("output", got, expected)]
-        if gradients:
-            grad = torch.randn(got.shape, generator=generator, dtype=torch.float64).to(got.device)
-            params, params64 = [experts.gate_up_proj, experts.down_proj], [reference.gate_up_proj, reference.down_proj]
-            ours = torch.autograd.grad(got, [*ours_in, *params], grad.to(got.dtype), allow_unused=True)
-            theirs = torch.autograd.grad(expected, [*ref_in, *params64], grad, allow_unused=True)
-            names = ("gradient of the hidden states", "gradient of the routing weights", "gradient of gate_up_proj",
-                     "gradient of down_proj")
-            results += [(n, a, b) for n, a, b in zip(names, ours, theirs) if a is not None and b is not None]
-    for what, value, ref in results:
-        problem = numerics_problem(value, ref, tolerance(gate_up.dtype))
-        if problem is not None:
-            return f"fuser's experts differ from the module's own code: {what}: {problem}"
-    return None
+        problem = judge(got, expected, own=own).problem
+        problem = f"output: {problem}" if problem else None
+        if problem is None and gradients:
+            weights = [experts.gate_up_proj, experts.down_proj]
+            problem = next((p for p in gradient_problems(
+                ("the hidden states", "the routing weights", "gate_up_proj", "down_proj"), Run([got], [*ours_in, *weights]),
+                Run([own], [*own_in, *weights]), Run([expected], [*ref_in, reference.gate_up_proj, reference.down_proj]),
+                generator) if p), None)
+    return f"fuser's experts differ from the module's own code: {problem}" if problem else None
 
 
 _INTERFACE_MODULE = "transformers.integrations.moe"
@@ -394,7 +391,7 @@ def _expert_roles(expert: nn.Module, x: torch.Tensor) -> tuple[tuple[str, str, s
         if g.shape != u.shape or g.shape[1] != hidden or d.shape != (hidden, g.shape[0]):
             continue
         for name, activation in _ACTIVATIONS.items():
-            if numerics_problem(y, (activation(x64 @ g.T) * (x64 @ u.T)) @ d.T, tolerance(x.dtype)) is None:
+            if judge(y, (activation(x64 @ g.T) * (x64 @ u.T)) @ d.T).problem is None:
                 return (gate, up, down), name
     return "its experts do not compute down(act(gate(x)) · up(x)) from their three linear layers"
 
@@ -410,7 +407,7 @@ def _moe_children(block: nn.Module) -> tuple[str, str] | None:
 
 
 def looks_like_moe_block(module: nn.Module) -> bool:
-    """Cheap test for `fuser.modules.convert`: a router nn.Linear child with one output per expert of an
+    """Cheap test for `fuser.convert`: a router nn.Linear child with one output per expert of an
     nn.ModuleList child (whether it is a MoE block is `match_moe_module`'s to find out)."""
     return not isinstance(module, FusedMoEBlock) and _moe_children(module) is not None
 
@@ -463,12 +460,13 @@ def _find_routing(block: nn.Module, router: nn.Linear, w: _Weights, x: torch.Ten
         candidates = {(top_k, renormalize): _mixture(x64, w, experts, choice, top_k, renormalize)
                       for top_k, renormalize in itertools.product(range(1, len(w.gates) + 1), (False, True))}
     out = out.reshape(tokens.shape)
-    for (top_k, renormalize), ref in candidates.items():
-        if numerics_problem(out, ref, tolerance(x.dtype)) is None:
+    verdicts = {choice: judge(out, ref) for choice, ref in candidates.items()}
+    for (top_k, renormalize), verdict in verdicts.items():
+        if verdict.problem is None:
             return top_k, renormalize, returns_logits
-    (top_k, renormalize), ref = min(candidates.items(), key=lambda item: numerics_error(out, item[1]))
+    (top_k, renormalize), verdict = min(verdicts.items(), key=lambda item: item[1].error)
     raise _Mismatch(f"its output is no softmax top-k mixture of its SwiGLU experts (the closest, top-{top_k}"
-                    f"{' renormalized' if renormalize else ''}: {numerics_problem(out, ref, tolerance(x.dtype))})")
+                    f"{' renormalized' if renormalize else ''}: {verdict.problem})")
 
 
 def _check_canonical(block: nn.Module, plan: MoEBlock, router: nn.Linear, w: _Weights, x: torch.Tensor,
@@ -489,7 +487,7 @@ def _check_canonical(block: nn.Module, plan: MoEBlock, router: nn.Linear, w: _We
         out = split[0].reshape(tokens.shape)
         x64 = tokens.detach().double().requires_grad_()
         ref = _mixture(x64, w, _expert_outputs(x64, w), choice, plan.top_k, plan.renormalize)
-        problem = numerics_problem(out, ref, tolerance(x.dtype))
+        problem = judge(out, ref).problem  # the block's own output: what it computes, not a rewrite
         if problem is not None:
             raise _Mismatch(f"in {mode} mode, on a random input of shape {list(x.shape)}: {problem}")
         grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
@@ -499,26 +497,26 @@ def _check_canonical(block: nn.Module, plan: MoEBlock, router: nn.Linear, w: _We
     for what, part in (("input", slice(0, split_at[0])), ("router weights", slice(*split_at)),
                        ("expert weights", slice(split_at[1], None))):
         params = [x, *router_params, *expert_params][part]
-        problem = numerics_problem(_flat(got[part], params), _flat(want[part], params), tolerance(x.dtype))
+        problem = judge(_flat(got[part], params), _flat(want[part], params)).problem
         if problem is not None:
             raise _Mismatch(f"in {mode} mode, the gradient of the {what} is not the canonical MoE's: {problem}")
 
 
 def _flat(grads, params) -> torch.Tensor:
-    """Gradients of several tensors as one float64 vector (zeros where a tensor got none)."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().double().flatten()
-                      for g, p in zip(grads, params)])
+    """Gradients of several tensors as one vector in their dtype (zeros where a tensor got none)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten() for g, p in zip(grads, params)])
 
 
-def _check_fused(fused: nn.Module, plan: MoEBlock, router: nn.Linear, w: _Weights, x: torch.Tensor) -> None:
-    """The fused copy's output on `x` against the canonical MoE in float64."""
-    with torch.no_grad(), _mode(fused, False):
+def _check_fused(fused: nn.Module, block: nn.Module, plan: MoEBlock, router: nn.Linear, w: _Weights,
+                 x: torch.Tensor) -> None:
+    """The fused copy's output on `x` against the canonical MoE in float64 (the block's own output there: the
+    original's own precision)."""
+    with torch.no_grad(), _mode(fused, False), _mode(block, False):
         tokens = x.reshape(-1, x.shape[-1])
-        out = fused(x)
-        out = out[0] if plan.returns_router_logits else out
+        out, own = (o[0] if plan.returns_router_logits else o for o in (fused(x), block(x)))
         x64 = tokens.double()
         ref = _mixture(x64, w, _expert_outputs(x64, w), router(tokens), plan.top_k, plan.renormalize)
-        problem = numerics_problem(out.reshape(tokens.shape), ref, tolerance(x.dtype))
+        problem = judge(out.reshape(tokens.shape), ref, own=own.reshape(tokens.shape)).problem
     if problem is not None:
         raise _Mismatch(f"the fused op on a random input of shape {list(x.shape)}: {problem}; kept the original")
 
@@ -569,7 +567,7 @@ def match_moe_module(block: nn.Module) -> tuple[nn.Module | None, str]:
         for x, training in itertools.product(inputs, (False, True)):
             _check_canonical(block, plan, router, w, x, training)
         fused = _fused_copy(block, plan)
-        _check_fused(fused, plan, router, w, inputs[1])  # the wiring: which weights are gate, up and down
+        _check_fused(fused, block, plan, router, w, inputs[1])  # the wiring: which weights are gate, up and down
     except _Mismatch as mismatch:
         return None, str(mismatch)
     return fused, plan.describe(len(experts))

@@ -1,4 +1,4 @@
-"""Graph rewriting of whole modules, for `fuser.modules.convert(model, *example_inputs)`.
+"""Graph rewriting of whole modules, for `fuser.convert(model, *example_inputs)`.
 
 A module that convert's module-level converters (norms, MoE blocks) and transformers' attention
 interface leave alone may still compute a pattern: a hand-written attention, an RMSNorm spelled
@@ -44,7 +44,8 @@ from fuser.engine.capture import capture
 from fuser.engine.canonical import where
 from fuser.report import NearMiss, Report, Where
 from fuser.engine.rewriter import apply, canonical_copy, decide
-from fuser.numerics.contract import numerics_error, numerics_problem, run_nodes, tolerance
+from fuser.numerics.contract import Run, gradient_problems, judge
+from fuser.numerics.float64 import leaf64, random_like, run_nodes
 
 PLAIN_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -110,7 +111,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, modules: Iterable[
         with torch.no_grad():
             model(*args, **kwargs)
     except Exception as error:
-        raise ValueError(f"fuser.modules.convert: the model raised {type(error).__name__} on the example inputs ({error}); "
+        raise ValueError(f"fuser.convert: the model raised {type(error).__name__} on the example inputs ({error}); "
                          "give convert a call the model accepts, as convert(model, *args, **kwargs)") from error
     finally:
         for handle in handles:
@@ -323,57 +324,15 @@ class _Evaluation:
         return run_nodes(nodes, inputs, float64=float64)
 
 
-def _random_like(leaves: list, generator: torch.Generator) -> list:
+def _drawn_like(leaves: list, generator: torch.Generator) -> list:
     """Random floating arguments of the recorded ones' shapes and scale (a leaf with inf or NaN, an additive
     mask say, is kept as recorded); other arguments as recorded."""
-    def draw(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point() or not leaf.isfinite().all():
-            return leaf
-        scale = leaf.double().pow(2).mean().sqrt().item() if leaf.numel() else 1.0
-        noise = torch.randn(leaf.shape, generator=generator, dtype=torch.float64)
-        return (noise * (scale or 1.0)).to(leaf.dtype).to(leaf.device)
-    return [draw(leaf) for leaf in leaves]
+    return [random_like(leaf, generator) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+            and bool(leaf.isfinite().all()) else leaf for leaf in leaves]
 
 
 def _floating(values: Iterable) -> list[tuple[int, torch.Tensor]]:
     return [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.is_floating_point()]
-
-
-def contract_problem(named: Iterable[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> str | None:
-    """(name, value, the original code's value in its own precision, float64 reference) each within the
-    dtype's tolerance, or twice the original's own error where even that misses it; else the first miss."""
-    for name, out, own, ref in named:
-        problem = numerics_problem(out, ref, max(tolerance(out.dtype), 2 * numerics_error(own, ref)))
-        if problem is not None:
-            return f"{name}: {problem}"
-    return None
-
-
-@dataclass(frozen=True)
-class Run:
-    """One side of a gradient check: its outputs, and the tensors to differentiate them by (in the same
-    order on every side)."""
-    outputs: Sequence
-    wrt: Sequence[torch.Tensor]
-
-
-def gradient_problems(names: Sequence[str], fused: Run, own: Run, ref: Run, generator: torch.Generator) -> list[str | None]:
-    """For each `wrt` tensor (named by `names`), what is wrong with its gradient in `fused` against `ref`
-    (float64) as `contract_problem` says, or None; `own` is the original code in its own precision. The
-    gradients are those of random cotangents of the floating outputs."""
-    outputs = [i for i, out in _floating(ref.outputs) if out.requires_grad and fused.outputs[i].requires_grad]
-    if not outputs:
-        return [None] * len(names)
-    cotangents = [torch.randn(ref.outputs[i].shape, generator=generator, dtype=torch.float64) for i in outputs]
-
-    def gradients(run: Run) -> list[torch.Tensor]:
-        outs = [run.outputs[i] for i in outputs]
-        grads = torch.autograd.grad(outs, run.wrt, [c.to(o.dtype).to(o.device) for c, o in zip(cotangents, outs)],
-                                    allow_unused=True)
-        return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, run.wrt)]
-
-    return [contract_problem([(f"the gradient of {name}", *grads)])
-            for name, *grads in zip(names, gradients(fused), gradients(own), gradients(ref))]
 
 
 @dataclass(frozen=True)
@@ -397,7 +356,7 @@ def check_module_graph(module: nn.Module, original: fx.Graph, rewritten: fx.Grap
     checked = Checked(None)
     with torch.random.fork_rng():
         for inputs, leaves, gradients in (("the recorded arguments", recorded, False),
-                                          ("random arguments", _random_like(recorded, generator), True)):
+                                          ("random arguments", _drawn_like(recorded, generator), True)):
             check_gradients = gradients and (module.training or bool(trained))
             with torch.enable_grad() if check_gradients else torch.no_grad():
                 checked = _check_on(evaluate, rewritten, leaves, call.argument_names(module.forward), parameters,
@@ -429,7 +388,7 @@ def _check_on(evaluate: _Evaluation, rewritten: fx.GraphModule, leaves: list, na
     if any(not torch.equal(a, b) for (_, a), (_, b) in zip(_floating(own), _floating(again))):
         return Checked("its forward is random (dropout while training?), so the rewrite cannot be checked; "
                        "convert in eval mode")
-    params64 = {path: p.detach().double().requires_grad_(path in (trained or ())) if p.is_floating_point() else p
+    params64 = {path: leaf64(p, path in (trained or ())) if p.is_floating_point() else p
                 for path, p in parameters.items()}
     fused_leaves, ref_leaves = copies(False), copies(True)
     try:
@@ -437,7 +396,8 @@ def _check_on(evaluate: _Evaluation, rewritten: fx.GraphModule, leaves: list, na
     except Exception as error:  # an op without a float64 kernel, say
         return Checked(f"its original code does not run in float64 for the check ({type(error).__name__}: {error})")
     fused = rewritten(evaluate.module, *fused_leaves)
-    problem = contract_problem((f"output {i}", out, own[i], ref[i]) for i, out in _floating(fused))
+    problem = next((f"output {i}: {verdict.problem}" for i, out in _floating(fused)
+                    for verdict in [judge(out, ref[i], own=own[i])] if verdict.problem), None)
     if problem is not None or trained is None:
         return Checked(problem)
     arguments = [i for i, leaf in enumerate(fused_leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
