@@ -2,7 +2,7 @@
 
     python examples/convert_a_plain_model.py
 
-Given a call of the model, `fuser.modules.convert(model, ids)` records what each module receives, captures
+Given a call of the model, `fuser.convert(model, ids)` records what each module receives, captures
 the forward of each module that holds a pattern (here a hand-written attention with an additive
 mask and an RMSNorm in fp32 with a `gain`), rewrites it into fused ops, checks it against its
 original code in float64 (gradients included) and switches the module to it. The parameters stay
@@ -62,9 +62,9 @@ model = Decoder().eval()
 reference = copy.deepcopy(model).double()
 ids = torch.randint(0, 64, (2, 9))
 
-print(fuser.modules.convert(model, ids, dry_run=True))  # what would change, and what would not (and why)
+print(fuser.convert(model, ids, dry_run=True))  # what would change, and what would not (and why)
 weights = {name: p.data_ptr() for name, p in model.state_dict().items()}
-fuser.modules.convert(model, ids)
+fuser.convert(model, ids)
 assert {name: p.data_ptr() for name, p in model.state_dict().items()} == weights
 
 other = torch.randint(0, 64, (3, 5))  # another batch and length: the rewritten graphs have symbolic sizes

@@ -2,7 +2,7 @@
 
     python examples/convert_and_generate.py
 
-`fuser.modules.convert(model)` swaps, in place, every module whose forward is one fused op (the
+`fuser.convert(model)` swaps, in place, every module whose forward is one fused op (the
 RMSNorms, checked on random inputs first) and routes attention through transformers'
 attention interface. The parameters are untouched: the checkpoint saves and loads as before.
 """
@@ -20,8 +20,8 @@ model = LlamaForCausalLM(config).eval()
 prompt = torch.randint(0, config.vocab_size, (1, 6))
 before = model.generate(prompt, max_new_tokens=8, do_sample=False)
 
-print(fuser.modules.convert(model, dry_run=True))  # what would change, and what would not (and why)
-fuser.modules.convert(model)
+print(fuser.convert(model, dry_run=True))  # what would change, and what would not (and why)
+fuser.convert(model)
 after = model.generate(prompt, max_new_tokens=8, do_sample=False)
 print("attention implementation:", model.config._attn_implementation)
 print("final norm is now:", model.model.norm)
