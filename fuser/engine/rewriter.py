@@ -8,6 +8,7 @@ Every site turned down becomes a near miss with its reason; `strict` raises inst
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -18,6 +19,9 @@ from fuser.engine.matcher import Match, _Failure, find_all
 from fuser.patterns.base import Pattern
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.numerics.contract import compare_site
+
+
+log = logging.getLogger(__name__)  # TORCH_LOGS="fuser": each rewrite and near miss as it is decided
 
 
 class RewriteError(RuntimeError):
@@ -131,6 +135,7 @@ def rewrite(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = F
                 claimed.update(new_nodes)
                 fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
                 report.matches.append(MatchRecord(pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
+                log.info("%s: rewrote %s at %s into %s (%s)", match_id, pattern.name, site, _op_name(fused), mode)
     _erase_dead_inputs(graph, inputs_of_rewrites)
     graph.lint()
     gm.recompile()
@@ -192,6 +197,7 @@ def _add_near_miss(report: Report, miss: NearMiss) -> None:
         if seen.pattern == miss.pattern and (nodes <= set(seen.nodes) or nodes >= set(seen.nodes)):
             return
     report.near_misses.append(miss)
+    log.info("near miss: %s at %s left as it was: %s", miss.pattern, miss.where, miss.reason)
 
 
 def prepare(gm: fx.GraphModule) -> None:
