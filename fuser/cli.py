@@ -167,7 +167,16 @@ def _architecture(name: str, otherwise: str = OWN_MODEL) -> str:
 
     if name not in ARCHITECTURES:
         raise UsageError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}; {otherwise}")
+    _require_transformers()
     return name
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("the architecture models are built with transformers, which is not installed here; "
+                         "pip install 'transformers>=5.0' (fuser's [hf] extra)") from None
 
 
 def _is_file_spec(spec: str) -> bool:
@@ -253,7 +262,9 @@ def fuzz(args) -> int:
     for target in args.targets:  # every name checked before anything is fuzzed
         if _is_file_spec(target):
             _file_and_function(target)
-        elif target not in BY_NAME and target not in ARCHITECTURES:
+        elif target in ARCHITECTURES:
+            _require_transformers()
+        elif target not in BY_NAME:
             raise UsageError(f"unknown pattern or architecture {target!r}; patterns: {', '.join(BY_NAME)}; "
                              f"architectures: {', '.join(ARCHITECTURES)}; {OWN_MODEL}")
     progress = logging.StreamHandler(sys.stderr)  # one line per example

@@ -1,6 +1,7 @@
 """The command line: each verb does its job, --help reads well, errors name the problem and the fix."""
 import re
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -83,6 +84,15 @@ def test_device_cuda_without_cuda_says_so(verb, capsys):
     err = capsys.readouterr().err
     assert f"fuser {verb}: error: --device cuda: this torch ({torch.__version__}) " in err
     assert "leave --device out (or give --device cpu) to run on the CPU" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["explain", "gpt2"], ["fuzz", "softmax", "llama"]])
+def test_architectures_without_transformers_say_how_to_install_it(argv, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    monkeypatch.setattr(fuser, "fuzz", _no_work)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "transformers, which is not installed here; pip install 'transformers>=5.0'" in err and err.count("\n") == 1
 
 
 def test_bench_from_an_installed_wheel_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
