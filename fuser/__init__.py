@@ -4,6 +4,7 @@
     report = fuser.explain(model, *inputs)         # what matched where, near misses and why
 """
 from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
+from fuser import logs  # noqa: F401  (TORCH_LOGS="fuser")
 from fuser.backend import fuser_backend, last_report, reset_reports
 from fuser.options import Options
 from fuser.modules.convert import convert

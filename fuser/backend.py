@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from torch import fx
 
+from fuser.cuda_graphs import eager_with_cuda_graphs, inductor_config, require_cuda
 from fuser.options import Options
 from fuser.report import Report
 from fuser.engine.rewriter import rewrite
@@ -31,16 +32,18 @@ def reset_reports() -> None:
 
 def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None,
                   mode: str | None = None, **_: Any) -> Callable:
-    """Dynamo backend: rewrite, then compile the rest with Inductor (honouring `mode`) or run it eagerly.
-    Where nothing is rewritten, Inductor gets Dynamo's graph as plain torch.compile would."""
+    """Dynamo backend: rewrite, then compile the rest with Inductor (honouring `mode`) or run it eagerly, as CUDA
+    graphs where the options ask. Where nothing is rewritten, Inductor gets Dynamo's graph as plain torch.compile
+    would."""
     opts = Options.parse(options)
+    if opts.cudagraphs:
+        require_cuda()
     gm, report = rewrite(gm, opts.selected_patterns(), example_inputs, verify=opts.verify, strict=opts.strict,
                          pictures=opts.pictures)
     _reports.append(report)
     if opts.codegen == "eager":
-        return gm.forward
+        return eager_with_cuda_graphs(gm, example_inputs) if opts.cudagraphs else gm.forward
     import torch._functorch.config as functorch_config
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     # AOTAutograd's cache keys a graph by its forward: a cached backward would outlive a change to a
@@ -48,4 +51,5 @@ def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | N
     fresh_autograd = functorch_config.patch(enable_autograd_cache=False) \
         if report.matches and hasattr(functorch_config, "enable_autograd_cache") else contextlib.nullcontext()
     with fresh_autograd:
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        return compile_fx(gm, example_inputs, config_patches=inductor_config(mode, opts.cudagraphs))
+

@@ -12,10 +12,13 @@ The same verbs as the Python API, for people who do not want to write Python:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,57 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+OWN_MODEL = "or give your own model as path/to/file.py:make_model"
+
+
 class UsageError(Exception):
     """A mistake on the command line: the message says what is wrong and how to fix it."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument mistake is one line (a UsageError), not the usage text."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` (to `high`)."""
+    span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"give a whole number {span}, not {text!r}")
+        return number
+    return parse
+
+
+def _new_file(text: str) -> str:
+    """An argparse type: a file that can be written (checked before any work is done)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name in it, e.g. {path / 'report.html'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"there is no directory {str(path.parent)!r} to write {path.name} in; "
+                                         "create it or give another path")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the directory {str(path.parent)!r} cannot be written; give another path")
+    return text
+
+
+def _check_device(device: str | None) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        here = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA device"
+        raise UsageError(f"--device cuda: this torch ({torch.__version__}) {here}; "
+                         "leave --device out (or give --device cpu) to run on the CPU")
+
+
 def _device_and_dtype(args) -> tuple[str, torch.dtype]:
+    _check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device == "cuda" else "float32")]
@@ -39,28 +88,70 @@ def _device_and_dtype(args) -> tuple[str, torch.dtype]:
 def demo(args) -> int:
     """Compile a tiny HF-architecture model with backend="fuser", show the rewrites, check the outputs."""
     import fuser
+    from fuser.kernels.runtime import what_runs
     from fuser.models import tiny_inputs, tiny_model
-    from fuser.numerics.contract import judge
+    from fuser.numerics.contract import judge, numerics_error
 
     device, dtype = _device_and_dtype(args)
-    model = tiny_model(_architecture(args.model), layers=args.layers, dtype=dtype).to(device)
+    arch = _architecture(args.model, "the demo builds one of these; fuser explain and fuser fuzz also take "
+                                     "your own model as path/to/file.py:make_model")
+    model = tiny_model(arch, layers=args.layers, dtype=dtype).to(device)
     ids = tiny_inputs(model, batch=2, length=args.length).to(device)
-    print(f"fuser demo: {args.model} ({args.layers} layers, {dtype}, {device}), torch {torch.__version__}")
-    print(fuser.explain(model, ids))
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"fuser demo: a tiny {arch} ({args.layers} layer{'s' * (args.layers > 1)}, {dtype_name}, {device}), "
+          f"torch {torch.__version__}")
+    with _progress("finding what to rewrite (fuser.explain)"):
+        report = fuser.explain(model, ids)
+    print(report)
 
     torch._dynamo.reset()
     fuser.reset_reports()
     compiled = torch.compile(model, backend="fuser", options={"codegen": args.codegen})
-    start = time.perf_counter()
     with torch.no_grad():
-        logits = compiled(ids).logits
-        own, reference = model(ids).logits, _float64_copy(model)(ids).logits
-    elapsed = time.perf_counter() - start
+        with _progress(f"compiling with backend='fuser' (codegen={args.codegen}) and running it"):
+            start = time.perf_counter()
+            logits = compiled(ids).logits
+            seconds = time.perf_counter() - start
+        with _progress("running the model uncompiled, and in float64 for reference"):
+            uncompiled = model(ids).logits
+            reference = _float64_copy(model)(ids).logits
     counts = fuser.last_report().counts()
-    problem = judge(logits, reference, own=own).problem
-    print(f"\ncompiled with backend='fuser' (codegen={args.codegen}) in {elapsed:.1f} s; rewrites: {counts}")
-    print(f"logits vs the same model in float64: {'OK' if problem is None else 'MISMATCH: ' + problem}")
+    verdict = judge(logits, reference, own=uncompiled)
+    problem, bound = verdict.problem, verdict.bound
+    print(f"\ncompiled with backend='fuser' (codegen={args.codegen}) in {seconds:.1f} s; rewrites: {counts}")
+    print(f"the fused ops ran as {what_runs(device)}")
+    print(f"logits vs the same model in float64: relative L2 error {verdict.error:.1e}, "
+          f"bound {bound:.0e} ({dtype_name}, or twice the uncompiled model's "
+          f"{numerics_error(uncompiled, reference):.1e}): {'OK' if problem is None else 'MISMATCH: ' + problem}")
     return 0 if problem is None and counts else 1
+
+
+@contextlib.contextmanager
+def _progress(step: str):
+    """Say on stderr what runs and, when it is done, how long it took; on a terminal the seconds tick meanwhile."""
+    start, live, done = time.perf_counter(), sys.stderr.isatty(), threading.Event()
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    def say(text: str, end: str = "\n") -> None:  # on a terminal, over the line said last
+        print("\r\033[K" * live + f"fuser: {step}{text}", end=end, file=sys.stderr, flush=True)
+
+    def tick() -> None:
+        while not done.wait(1):
+            say(f" ... {elapsed():.0f} s", end="")
+
+    say(" ...", end="" if live else "\n")
+    ticker = threading.Thread(target=tick, daemon=True)
+    if live:
+        ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if live:
+            ticker.join()
+        say(f": {elapsed():.1f} s")
 
 
 def _float64_copy(model):
@@ -71,13 +162,35 @@ def _float64_copy(model):
     return reference
 
 
-def _architecture(name: str) -> str:
+def _architecture(name: str, otherwise: str = OWN_MODEL) -> str:
     from fuser.models import ARCHITECTURES
 
     if name not in ARCHITECTURES:
-        raise UsageError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}; "
-                         "or give your own model as path/to/file.py:make_model")
+        raise UsageError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}; {otherwise}")
+    _require_transformers()
     return name
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("the architecture models are built with transformers, which is not installed here; "
+                         "pip install 'transformers>=5.0' (fuser's [hf] extra)") from None
+
+
+def _is_file_spec(spec: str) -> bool:
+    return ":" in spec or spec.endswith(".py")
+
+
+def _file_and_function(spec: str) -> tuple[str, str]:
+    """`path/to/file.py:factory` split, the file checked to exist (before anything runs)."""
+    path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if not name:
+        raise UsageError(f"name the function that builds the model: {spec}:make_model")
+    if not Path(path).is_file():
+        raise UsageError(f"no file {path!r} (from {spec!r}); give path/to/file.py:function")
+    return path, name
 
 
 def load_model(spec: str, args) -> tuple[torch.nn.Module, tuple, dict]:
@@ -87,14 +200,10 @@ def load_model(spec: str, args) -> tuple[torch.nn.Module, tuple, dict]:
     from fuser.models import tiny_inputs, tiny_model
 
     device, dtype = _device_and_dtype(args)
-    if ":" not in spec and not spec.endswith(".py"):
+    if not _is_file_spec(spec):
         model = tiny_model(_architecture(spec), layers=args.layers, dtype=dtype).to(device)
         return model, (tiny_inputs(model, length=args.length).to(device),), {}
-    path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    if not name:
-        raise UsageError(f"name the function that builds the model: {spec}:make_model")
-    if not Path(path).is_file():
-        raise UsageError(f"no file {path!r} (from {spec!r}); give path/to/file.py:function")
+    path, name = _file_and_function(spec)
     # registered as a module, as an import would: Dynamo looks up the globals of the code it inlines there
     module_name = Path(path).stem if Path(path).stem not in sys.modules else f"_fuser_user_{Path(path).stem}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -133,7 +242,8 @@ def explain(args) -> int:
     import fuser
 
     model, model_args, model_kwargs = load_model(args.model, args)
-    report = fuser.explain(model, *model_args, **model_kwargs)
+    with _progress("capturing the model with Dynamo and matching the patterns"):
+        report = fuser.explain(model, *model_args, **model_kwargs)
     print(report)
     if args.html:
         report.save_html(args.html)
@@ -145,8 +255,18 @@ def explain(args) -> int:
 def fuzz(args) -> int:
     """Fuzz patterns of the library, or every rewritten site of a model, with hypothesis."""
     import fuser
+    from fuser.models import ARCHITECTURES
     from fuser.patterns import BY_NAME
 
+    _check_device(args.device)
+    for target in args.targets:  # every name checked before anything is fuzzed
+        if _is_file_spec(target):
+            _file_and_function(target)
+        elif target in ARCHITECTURES:
+            _require_transformers()
+        elif target not in BY_NAME:
+            raise UsageError(f"unknown pattern or architecture {target!r}; patterns: {', '.join(BY_NAME)}; "
+                             f"architectures: {', '.join(ARCHITECTURES)}; {OWN_MODEL}")
     progress = logging.StreamHandler(sys.stderr)  # one line per example
     logger = logging.getLogger("fuser.fuzz")
     logger.addHandler(progress)
@@ -175,6 +295,9 @@ def _benchmark_scripts() -> dict[str, Path]:
 def bench(args) -> int:
     """Run the GPU benchmarks in benchmarks/ (all, or those named), each printing its table."""
     scripts = _benchmark_scripts()
+    if not scripts:
+        raise UsageError(f"the benchmarks are the scripts in benchmarks/ of a source checkout, and there is none "
+                         f"at {BENCHMARKS}; run fuser bench from a clone of the repository (pip install -e .)")
     unknown = [n for n in args.names if n not in scripts]
     if unknown:
         raise UsageError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(scripts) or 'none'}")
@@ -197,17 +320,18 @@ def bench(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fuser.models import ARCHITECTURES
+    from fuser.models import ARCHITECTURES, MAX_LENGTH
 
-    parser = argparse.ArgumentParser(prog="fuser", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="fuser", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{demo,explain,fuzz,bench}")
     model_help = (f"a transformers architecture, built tiny from its config ({', '.join(ARCHITECTURES)}), "
                   "or path/to/file.py:make_model, a function returning a model or (model, inputs)")
 
     def model_options(p, what_length: str = "sequence length of the random token ids"):
-        p.add_argument("--layers", type=int, default=2, help="layers of a tiny architecture model (default: 2)")
-        p.add_argument("--length", type=int, default=16, help=f"{what_length} (default: 16)")
+        p.add_argument("--layers", type=_whole_number(1), default=2,
+                       help="layers of a tiny architecture model (default: 2)")
+        p.add_argument("--length", type=_whole_number(1, MAX_LENGTH), default=16,
+                       help=f"{what_length}, 1 to {MAX_LENGTH} (default: 16)")
         p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="of a tiny architecture model (default: bfloat16 on cuda, float32 on cpu)")
@@ -223,13 +347,14 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("explain", help=explain.__doc__, description=explain.__doc__)
     p.add_argument("model", nargs="?", default="llama", metavar="MODEL", help=model_help + " (default: llama)")
     model_options(p)
-    p.add_argument("--html", metavar="PATH", help="also save the report as one self-contained HTML page")
+    p.add_argument("--html", metavar="PATH", type=_new_file,
+                   help="also save the report as one self-contained HTML page")
     p.set_defaults(run=explain)
 
     p = verbs.add_parser("fuzz", help=fuzz.__doc__, description=fuzz.__doc__)
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help="pattern names (default: every pattern), or models: " + model_help)
-    p.add_argument("--max-examples", type=int, default=100, help="per target (default: 100)")
+    p.add_argument("--max-examples", type=_whole_number(1), default=100, help="per target (default: 100)")
     p.add_argument("--seed", type=int, help="hypothesis seed, to reproduce a failure (default: random)")
     p.add_argument("--no-grads", action="store_true", help="check values only, not gradients")
     model_options(p)
@@ -247,15 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if passthrough and args.verb != "bench":
-        parser.error(f"only `fuser bench` passes arguments after --, not `fuser {args.verb}`")
-    args.passthrough = passthrough
+    command = "fuser"
     try:
+        args = _parser().parse_args(argv)  # an argument mistake raises UsageError (_Parser)
+        command = f"fuser {args.verb}"
+        if passthrough and args.verb != "bench":
+            raise UsageError(f"only `fuser bench` passes arguments after --, not `fuser {args.verb}`")
+        args.passthrough = passthrough
         return args.run(args)
     except UsageError as error:
-        print(f"fuser {args.verb}: error: {error}", file=sys.stderr)
+        print(f"{command}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -30,7 +30,7 @@ from torch import fx
 from fuser.options import Options
 from fuser.engine.capture import capture
 from fuser.engine.canonical import value
-from fuser.kernels.runtime import interpreting
+from fuser.kernels.runtime import what_runs
 from fuser.engine.matcher import Match
 from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
@@ -70,15 +70,6 @@ class FuzzResult:
             if errors else ""
         text += f"\n  the fused ops ran as {self.ran}" if self.ran else ""
         return text + (f"\n{self.failure}\nreproduce with seed={self.seed}" if self.failure else "")
-
-
-def _what_runs(device: str) -> str:
-    if device == "cuda":
-        return "Triton kernels on CUDA"
-    if interpreting():
-        return "Triton kernels through the interpreter"
-    return ("their plain-torch references (set TRITON_INTERPRET=1 before starting Python to fuzz the Triton "
-            "kernels on the CPU)")
 
 
 @dataclass(frozen=True)
@@ -235,7 +226,7 @@ def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[
 
 
 def _fuzz_pattern(pattern: Pattern, max_examples: int, seed: int, grads: bool, device: str) -> FuzzResult:
-    result = FuzzResult(pattern.name, ok=True, seed=seed, ran=_what_runs(device))
+    result = FuzzResult(pattern.name, ok=True, seed=seed, ran=what_runs(device))
     return _hunt(result, pattern.examples().map(lambda example: _on(example, device)),
                  lambda example: _record(result, pattern.name, run_example(pattern, example, grads=grads)),
                  max_examples)
@@ -394,7 +385,7 @@ def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, s
     name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
     devices = [t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     result = FuzzResult(name, ok=True, seed=seed, sites=[s.name for g in graphs for s in g.sites],
-                        ran=_what_runs(devices[0] if devices else "cpu"))
+                        ran=what_runs(devices[0] if devices else "cpu"))
     log.info("fuzz %s: %d graph(s), sites: %s", name, len(graphs), ", ".join(result.sites) or "none")
     if not result.sites:
         return result

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+MAX_LENGTH = 128  # the positions every tiny model embeds: the longest input it takes
+
 _COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+               max_position_embeddings=MAX_LENGTH, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -25,7 +27,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                         moe_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1),
     "gemma": dict(head_dim=16),
     "olmo2": {},
-    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_LENGTH),
     "bert": dict(num_key_value_heads=None),
 }
 

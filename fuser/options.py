@@ -19,13 +19,16 @@ class Options:
     verify: on the first call (default), compare each rewritten site with its original, run in float64,
         on the real inputs; a mismatch keeps the original and is reported;
     pictures: keep each graph before and after rewriting in the report (`report.graph_before`,
-        `save_html`); `fuser.explain` always does.
+        `save_html`); `fuser.explain` always does;
+    cudagraphs: replay the compiled graph as CUDA graphs, with either codegen (what mode="reduce-overhead"
+        does for Inductor, which torch.compile does not let a caller give together with options).
     """
     codegen: str = "inductor"
     patterns: tuple[str, ...] | None = None
     strict: bool = False
     verify: bool = True
     pictures: bool = False
+    cudagraphs: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "Options":
@@ -37,6 +40,8 @@ class Options:
                              f"valid options are {', '.join(valid)}")
         if options.get("codegen", "inductor") not in CODEGENS:
             raise ValueError(f"fuser: codegen must be one of {', '.join(CODEGENS)}, not {options['codegen']!r}")
+        if not isinstance(options.get("cudagraphs", False), bool):
+            raise ValueError(f"fuser: cudagraphs must be True or False, not {options['cudagraphs']!r}")
         if options.get("patterns") is not None:
             names = (options["patterns"],) if isinstance(options["patterns"], str) else tuple(options["patterns"])
             unknown = [n for n in names if n not in BY_NAME]

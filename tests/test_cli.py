@@ -1,12 +1,18 @@
 """The command line: each verb does its job, --help reads well, errors name the problem and the fix."""
+import re
 import subprocess
+import sys
 import textwrap
 
 import pytest
 import torch
 
+import fuser
+from fuser import cli
 from fuser.cli import main
+from fuser.kernels.runtime import what_runs
 from fuser.models import ARCHITECTURES
+from fuser.patterns import BY_NAME
 
 
 def test_explain_an_architecture_with_html(tmp_path, capsys):
@@ -38,16 +44,74 @@ def test_explain_a_users_factory(tmp_path, capsys):
     assert "fuser: 2 rewrite(s)" in out and "my_model.py" in out
 
 
+def _no_work(*args, **kwargs):
+    raise AssertionError("a mistake in the arguments must be found before any work is done")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["explain", "lama"], f"unknown architecture 'lama'; known: {', '.join(ARCHITECTURES)}; or give your own model"),
     (["explain", "nowhere.py:make"], "no file 'nowhere.py'"),
     (["explain", "model.py"], "name the function that builds the model: model.py:make_model"),
     (["demo", "lama"], "unknown architecture 'lama'"),
+    (["demo", "my_model.py:make"], "the demo builds one of these; fuser explain and fuser fuzz also take your own model"),
     (["bench", "nope"], "unknown benchmark(s) nope; known: "),
+    (["explain", "llama", "--", "--sweep"], "only `fuser bench` passes arguments after --"),
+    (["fuzz", "attention", "--max-examples", "0"], "argument --max-examples: give a whole number of at least 1, not '0'"),
+    (["explain", "llama", "--length", "0"], "argument --length: give a whole number from 1 to 128, not '0'"),
+    (["demo", "--length", "129"], "argument --length: give a whole number from 1 to 128, not '129'"),
+    (["demo", "--layers", "two"], "argument --layers: give a whole number of at least 1, not 'two'"),
+    (["explain", "llama", "--html", "/nonexistent/dir/r.html"],
+     "argument --html: there is no directory '/nonexistent/dir' to write r.html in; create it or give another path"),
+    (["explain", "llama", "--html", "/"], "argument --html: / is a directory; give a file name in it"),
+    (["fuzz", "nosuchpattern"], f"unknown pattern or architecture 'nosuchpattern'; patterns: {', '.join(BY_NAME)}; "
+                                f"architectures: {', '.join(ARCHITECTURES)}; or give your own model"),
+    (["fuzz", "softmax", "nosuch.py:make"], "no file 'nosuch.py'"),  # found before softmax is fuzzed
+    (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate (see fuser --help)"),
 ])
-def test_errors_name_the_problem_and_the_fix(argv, message, capsys):
+def test_mistakes_are_one_line_saying_what_to_do_before_any_work(argv, message, capsys, monkeypatch):
+    for name in ("explain", "fuzz"):
+        monkeypatch.setattr(fuser, name, _no_work)
+    monkeypatch.setattr(torch, "compile", _no_work)
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+@pytest.mark.parametrize("verb", ["demo", "explain", "fuzz"])
+def test_device_cuda_without_cuda_says_so(verb, capsys):
+    assert main([verb, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert f"fuser {verb}: error: --device cuda: this torch ({torch.__version__}) " in err
+    assert "leave --device out (or give --device cpu) to run on the CPU" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["explain", "gpt2"], ["fuzz", "softmax", "llama"]])
+def test_architectures_without_transformers_say_how_to_install_it(argv, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    monkeypatch.setattr(fuser, "fuzz", _no_work)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "transformers, which is not installed here; pip install 'transformers>=5.0'" in err and err.count("\n") == 1
+
+
+def test_bench_from_an_installed_wheel_says_where_the_benchmarks_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCHMARKS", tmp_path)  # a wheel has no benchmarks/
+    assert main(["bench"]) == 2
+    assert "the benchmarks are the scripts in benchmarks/ of a source checkout" in capsys.readouterr().err
+
+
+def test_demo_says_what_ran_the_error_and_its_bound(capsys):
+    assert main(["demo", "--layers", "1", "--length", "5", "--codegen", "eager", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "fuser demo: a tiny llama (1 layer, float32, cpu)" in captured.out
+    assert f"the fused ops ran as {what_runs('cpu')}\n" in captured.out
+    found = re.search(r"logits vs the same model in float64: relative L2 error (\S+), bound 1e-05 "
+                      r"\(float32; the uncompiled model: (\S+)\): OK", captured.out)
+    assert found and float(found[1]) <= 1e-5 and float(found[2]) <= 1e-5, captured.out
+    # progress on stderr, each step with its time
+    assert re.search(r"fuser: compiling with backend='fuser' \(codegen=eager\) and running it: \d+\.\d s",
+                     captured.err), captured.err
 
 
 def test_a_factory_without_the_function_lists_what_is_there(tmp_path, capsys):
@@ -72,12 +136,6 @@ def test_fuzz_a_model(capsys):
 def test_bench_without_a_gpu_says_so_and_fails(capsys):
     assert main(["bench"]) == 1
     assert "the benchmarks time kernels on a GPU" in capsys.readouterr().err
-
-
-def test_arguments_after_double_dash_are_for_bench_only(capsys):
-    with pytest.raises(SystemExit):
-        main(["explain", "llama", "--", "--sweep"])
-    assert "only `fuser bench` passes arguments after --" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("verb, mentions", [("demo", "ARCH"), ("explain", "file.py:make_model"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, field
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -29,6 +30,9 @@ from fuser.numerics.contract import compare_site
 from fuser.patterns.base import Pattern
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.report.graphs import graph_to_networkx
+
+
+log = logging.getLogger(__name__)  # TORCH_LOGS="fuser": each rewrite and near miss as it is decided
 
 
 class RewriteError(RuntimeError):
@@ -197,6 +201,7 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
             new.meta["fuser_match"] = match_id
         fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
         report.matches.append(MatchRecord(m.pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
+        log.info("%s: rewrote %s at %s into %s (%s)", match_id, m.pattern.name, site, _op_name(fused), mode)
         if before is not None:
             for name in names:
                 before.nodes[tag + name]["match"] = match_id
@@ -206,6 +211,8 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
         gm.recompile()
     report.matches.sort(key=lambda r: position[r.nodes[-1]])
     report.near_misses.sort(key=lambda r: position.get(r.nodes[-1], -1) if r.nodes else -1)
+    for miss in report.near_misses:
+        log.info("near miss: %s at %s left as it was: %s", miss.pattern, miss.where, miss.reason)
     if pictures:
         report.graphs.append((before, graph_to_networkx(graph, tag) if report.matches else before))
     return report

@@ -14,6 +14,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def what_runs(device: str) -> str:
+    """What computes the fused ops on `device`, for people: it decides what a check of them proves."""
+    if device == "cuda":
+        return "Triton kernels on CUDA"
+    if interpreting():
+        return "Triton kernels through the interpreter"
+    return ("their plain-torch references (set TRITON_INTERPRET=1 before starting Python to run the Triton "
+            "kernels on the CPU, slowly)")
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Launch the Triton kernel on CUDA tensors, or on CPU tensors under the interpreter.
 
