@@ -13,6 +13,7 @@ run the chunkwise reference.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,17 @@ def _(q, k, v, g, beta, initial_state, scale, l2norm):
     return q.new_empty(batch, length, heads, dv), q.new_empty(batch, heads, dk, dv, dtype=final_dtype)
 
 
+@contextlib.contextmanager
+def _autograd_inside_the_op():
+    """Autograd recording again inside a custom op's implementation, which the dispatcher runs with the
+    autograd keys excluded (the recomputing backward differentiates through the reference)."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(keys.AutogradFunctionality).remove(
+        keys.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
 @torch.library.custom_op("fuser::gated_delta_rule_backward", mutates_args=())
 def gated_delta_rule_backward(grad_out: torch.Tensor | None, grad_state: torch.Tensor | None, q: torch.Tensor,
                               k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -99,8 +111,9 @@ def gated_delta_rule_backward(grad_out: torch.Tensor | None, grad_state: torch.T
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dinitial_state), the last empty without an initial state."""
-    grads = backward_reference(grad_out, grad_state, q, k, v, g, beta, initial_state, scale, l2norm,
-                               chunk_size(k.shape[3]))
+    with _autograd_inside_the_op():
+        grads = backward_reference(grad_out, grad_state, q, k, v, g, beta, initial_state, scale, l2norm,
+                                   chunk_size(k.shape[3]))
     inputs = (q, k, v, g, beta, initial_state)
     return tuple(q.new_empty(0) if grad is None else grad.to(x.dtype) for grad, x in zip(grads, inputs))
 

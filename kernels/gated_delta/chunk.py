@@ -109,8 +109,10 @@ def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, fina
         rows, row_ok = _chunk_rows(chunk, length, CHUNK)
         key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                             eps, L2NORM)
-        g = load_token_values(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh)
-        log_decay, last = tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+        log_decay = tl.cumsum(load_token_values(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh), axis=0)
+        # the chunk's total decay as the cumulative sum's last row (g is 0 past the sequence): the same float
+        # as G at the chunk's last token, so its own write decays by exactly exp(0)
+        last = tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, log_decay, 0.0), axis=0)
         scratch_rows = (bh.to(tl.int64) * length + rows)[:, None]
         w = tl.load(w_ptr + scratch_rows * dk + kcols[None, :], mask=row_ok[:, None] & (kcols < dk)[None, :], other=0.0)
         u_pointers = u_ptr + scratch_rows * dv + vcols[None, :]
