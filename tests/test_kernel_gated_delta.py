@@ -136,7 +136,8 @@ def test_decay_per_key_channel():
     forgetting = torch.zeros(*g.shape, q.shape[-1], dtype=torch.float64)
     forgetting[..., 0] = float("-inf")
     _, final = recurrent_reference(q, zero_k, v, forgetting, beta, state, scale, l2norm)
-    assert torch.equal(final[:, :, 0], torch.zeros_like(final[:, :, 0])) and torch.equal(final[:, :, 1:], state[:, :, 1:])
+    assert torch.equal(final[:, :, 0], torch.zeros_like(final[:, :, 0]))
+    assert torch.equal(final[:, :, 1:], state[:, :, 1:])
 
 
 # ---------------------------------------------------------------------------------------------

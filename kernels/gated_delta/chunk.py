@@ -73,10 +73,11 @@ def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, hea
     log_decay = tl.cumsum(load_token_values(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh), axis=0)
     beta = load_token_values(beta_ptr, batch, head, rows, row_ok, b_st, b_sb, b_sh)
     a = tl.dot(key, tl.trans(key), input_precision=PRECISION) * beta[:, None] * _decay_within(log_decay, CHUNK, False)
-    # (I + A)⁻¹ = I + N, row by row: N_i = −A_i − Σ_{m<i} A_im N_m (rows 0 and 1 are −A's already)
+    # (I + A)⁻¹ = I + N, row by row: N_i = −A_i − Σ_{m<i} A_im N_m (rows 0 and 1 are −A's already; rows past
+    # the sequence are 0 in A and stay so)
     i = tl.arange(0, CHUNK)
     n = -a
-    for r in range(2, CHUNK):
+    for r in range(2, tl.minimum(length - chunk * CHUNK, CHUNK)):
         a_row = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)
         n_row = -a_row - tl.sum(a_row[:, None] * n, axis=0)
         n = tl.where((i == r)[:, None], n_row[None, :], n)
