@@ -156,8 +156,10 @@ def chunk_size(head_dim_k: int) -> int:
     return 64 if head_dim_k <= 128 else 32
 
 
-def value_block(head_dim_v: int) -> int:
-    return min(64, max(16, next_pow2(head_dim_v)))
+def value_block(head_dim_k: int, head_dim_v: int) -> int:
+    """Value columns per program of the scan and the output: the [Dk, BLOCK_V] state block stays in registers
+    (64 columns up to Dk 128, 32 above)."""
+    return min(64 if head_dim_k <= 128 else 32, max(16, next_pow2(head_dim_v)))
 
 
 def chunk_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out: torch.Tensor,
@@ -167,7 +169,7 @@ def chunk_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, e
     heads, dv = v.shape[2], v.shape[3]
     chunk = chunk or chunk_size(dk)
     n_chunks = cdiv(length, chunk)
-    block_k, block_v = max(16, next_pow2(dk)), value_block(dv)
+    block_k, block_v = max(16, next_pow2(dk)), value_block(dk, dv)
     f32 = dict(dtype=torch.float32, device=q.device)
     w = torch.empty(batch, heads, length, dk, **f32)
     written = torch.empty(batch, heads, length, dv, **f32)
@@ -178,7 +180,7 @@ def chunk_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, e
     common = (length, heads, groups, dk, dv)
     launch(_intra_chunk_kernel, (n_chunks, batch * heads), ("gated_delta.intra",),
            k, v, g, beta, w, written, *common, eps, *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
-           BLOCK_V=max(16, next_pow2(dv)), num_warps=4, **shape)
+           BLOCK_V=max(16, next_pow2(dv)), num_warps=4 if block_k <= 64 else 8, **shape)
     launch(_state_scan_kernel, (cdiv(dv, block_v), batch * heads), ("gated_delta.scan",),
            k, g, w, written, states, initial_state, final, *common, n_chunks, eps, *k.stride()[:3], *g.stride(),
            HAS_INITIAL=initial_state is not None, BLOCK_V=block_v, num_warps=4, **shape)
