@@ -1,0 +1,75 @@
+"""The gated delta rule token by token in one Triton kernel, for decode (one or a few tokens a call).
+
+Each program owns a [Dk, BLOCK_V] block of one head's state: read once, updated in registers for
+every token of the call (S ← S·exp(g_t); S ← S + k_t ⊗ β_t(v_t − Sᵀk_t); o_t = Sᵀq_t), written once.
+The call's cost is the state's read and write, so blocks are narrow enough for every SM to take part.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..language import exp, to_dtype
+from ..runtime import cdiv, launch, next_pow2
+from .chunk import l2_normalized
+
+
+@triton.jit
+def _token_row(ptr, batch, head, t, sb, st, sh, cols, n_cols):
+    """One token's row of a [B, T, H, D] tensor at `cols` as float32."""
+    row = ptr + batch.to(tl.int64) * sb + t * st + head * sh
+    return tl.load(row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _key_column(ptr, batch, head, t, sb, st, sh, cols, n_cols, eps, L2NORM: tl.constexpr):
+    """One token's query or key as a [Dk, 1] column (normalized when L2NORM)."""
+    return tl.trans(l2_normalized(_token_row(ptr, batch, head, t, sb, st, sh, cols, n_cols)[None, :], eps, L2NORM))
+
+
+@triton.jit
+def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, initial_ptr, out_ptr, final_ptr, length, heads, groups,
+                      dk, dv, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh,
+                      b_sb, b_st, b_sh, HAS_INITIAL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                      L2NORM: tl.constexpr):
+    vblock, bh = tl.program_id(0), tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    kcols = tl.arange(0, BLOCK_K)
+    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
+    state_offsets = bh.to(tl.int64) * dk * dv + kcols[:, None] * dv + vcols[None, :]
+    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
+    state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
+    if HAS_INITIAL:
+        state = tl.load(initial_ptr + state_offsets, mask=state_mask, other=0.0)
+    for t in range(length):
+        query = _key_column(q_ptr, batch, head // groups, t, q_sb, q_st, q_sh, kcols, dk, eps, L2NORM)
+        key = _key_column(k_ptr, batch, head // groups, t, k_sb, k_st, k_sh, kcols, dk, eps, L2NORM)
+        value = _token_row(v_ptr, batch, head, t, v_sb, v_st, v_sh, vcols, dv)
+        token = batch.to(tl.int64) * g_sb + t * g_st + head * g_sh
+        decay = exp(tl.load(g_ptr + token).to(tl.float32))
+        beta = tl.load(beta_ptr + batch.to(tl.int64) * b_sb + t * b_st + head * b_sh).to(tl.float32)
+        state = state * decay
+        predicted = tl.sum(state * key, axis=0)
+        state = state + key * ((value - predicted) * beta)[None, :]
+        out = tl.sum(state * query, axis=0) * scale
+        out_row = out_ptr + ((batch.to(tl.int64) * length + t) * heads + head) * dv
+        tl.store(out_row + vcols, to_dtype(out, out_ptr.dtype.element_ty), mask=vcols < dv)
+    tl.store(final_ptr + state_offsets, state, mask=state_mask)
+
+
+def recurrent_value_block(batch_heads: int, head_dim_v: int) -> int:
+    """Value columns per program: 32, or 16 when fewer than ~512 programs would run (a small decode batch)."""
+    block = 32 if batch_heads * cdiv(head_dim_v, 32) >= 512 else 16
+    return min(block, max(16, next_pow2(head_dim_v)))
+
+
+def recurrent_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out, final) -> None:
+    """Write o into `out` ([B, T, Hv, Dv], contiguous) and the final state into `final` (float32)."""
+    batch, length, heads_k, dk = k.shape
+    heads, dv = v.shape[2], v.shape[3]
+    block_v = recurrent_value_block(batch * heads, dv)
+    launch(_recurrent_kernel, (cdiv(dv, block_v), batch * heads), ("gated_delta.recurrent",),
+           q, k, v, g, beta, initial_state, out, final, length, heads, heads // heads_k, dk, dv, scale, eps,
+           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
+           HAS_INITIAL=initial_state is not None, BLOCK_K=max(16, next_pow2(dk)), BLOCK_V=block_v, L2NORM=l2norm,
+           num_warps=4)

@@ -1,0 +1,204 @@
+"""`fuser::gated_delta_rule` against the per-token recurrence in float64: outputs, final states, gradients.
+
+The Triton kernels run through the interpreter (conftest.py) at small shapes: the recurrent kernel up to
+RECURRENT_MAX_TOKENS tokens, the chunkwise kernels (64-token chunks at these head dims) past it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
+from hypothesis import given
+
+from fuser.kernels import gated_delta
+from fuser.kernels.gated_delta import RECURRENT_MAX_TOKENS, chunked_reference, recurrent_reference
+from fuser.patterns.linear_attention import DECAYS, gated_delta_arguments
+from numerics import assert_close, rel_l2
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def make(batch=1, length=5, heads_k=1, groups=2, dk=16, dv=16, dtype=torch.float32, decay="mixed", l2norm=True,
+         initial=True, seed=0):
+    """Arguments of the op (float32 g, as transformers computes it)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+    heads = heads_k * groups
+    low, high = DECAYS[decay]
+    g = low + (high - low) * torch.rand(batch, length, heads, generator=generator)
+    beta = torch.rand(batch, length, heads, generator=generator).to(dtype)
+    state = torch.randn(batch, heads, dk, dv, generator=generator) if initial else None
+    key_scale = 1.0 if l2norm else dk ** -0.5
+    return (randn(batch, length, heads_k, dk), randn(batch, length, heads_k, dk, scale=key_scale),
+            randn(batch, length, heads, dv), g, beta, state, dk ** -0.5, l2norm)
+
+
+def float64(args):
+    return tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def assert_matches_recurrence(args):
+    out, final = torch.ops.fuser.gated_delta_rule(*args)
+    ref_out, ref_final = recurrent_reference(*float64(args))
+    dtype = args[0].dtype
+    assert out.dtype == dtype and final.dtype == torch.float32
+    assert out.shape == ref_out.shape and final.shape == ref_final.shape
+    assert_close(out, ref_out, dtype)
+    assert_close(final, ref_final, dtype)
+
+
+@pytest.mark.parametrize("length", [1, 3, RECURRENT_MAX_TOKENS, RECURRENT_MAX_TOKENS + 1, 64, 130])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lengths_and_dtypes(length, dtype):
+    """Decode-sized calls (the recurrent kernel) and prefill past, at and across chunk boundaries."""
+    assert_matches_recurrence(make(length=length, dtype=dtype))
+
+
+@pytest.mark.parametrize("decay", sorted(DECAYS))
+@pytest.mark.parametrize("length", [7, 100])
+def test_decays(decay, length):
+    """exp(g) from 1 (no decay) to 1e-9 (the state forgotten at each token)."""
+    assert_matches_recurrence(make(length=length, decay=decay))
+
+
+@pytest.mark.parametrize("l2norm", [True, False])
+@pytest.mark.parametrize("initial", [True, False])
+@pytest.mark.parametrize("length", [9, 70])
+def test_normalization_and_initial_state(l2norm, initial, length):
+    assert_matches_recurrence(make(length=length, l2norm=l2norm, initial=initial, heads_k=2, groups=1, dk=32))
+
+
+@pytest.mark.parametrize("length", [4, 67])
+def test_grouped_heads_and_odd_head_dims(length):
+    """Three value heads per key head (value head h reads key head h // 3); head dims 24 and 40."""
+    assert_matches_recurrence(make(batch=2, length=length, heads_k=2, groups=3, dk=24, dv=40))
+
+
+@pytest.mark.parametrize("length", [5, 80])
+def test_beta_extremes(length):
+    """β = 0 (nothing written) and β = 1 (the old value at k overwritten) on every token; decays near 1, so
+    that with nothing written the initial state stays above float32's range."""
+    for value in (0.0, 1.0):
+        q, k, v, g, beta, state, scale, l2norm = make(length=length, decay="near one")
+        assert_matches_recurrence((q, k, v, g, torch.full_like(beta, value), state, scale, l2norm))
+
+
+@pytest.mark.parametrize("length", [6, 75])
+def test_strided_inputs(length):
+    """q, k, v as transformers hands them: views of one [B, T, 2·Dk·Hk + Dv·Hv] projection (row stride ≠ width);
+    g, beta transposed views."""
+    q, k, v, g, beta, state, scale, l2norm = make(length=length, heads_k=2, groups=2)
+    mixed = torch.cat([x.flatten(2) for x in (q, k, v)], dim=-1)
+    widths = [q[0, 0].numel(), k[0, 0].numel(), v[0, 0].numel()]
+    q2, k2, v2 = (part.unflatten(-1, x.shape[2:]) for part, x in zip(mixed.split(widths, dim=-1), (q, k, v)))
+    g2, beta2 = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (g, beta))
+    assert not q2.is_contiguous() and not g2.is_contiguous()
+    assert_matches_recurrence((q2, k2, v2, g2, beta2, state, scale, l2norm))
+
+
+@given(gated_delta_arguments(max_length=90, max_head_dim=33))
+def test_drawn_arguments(args):
+    assert_matches_recurrence(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The references
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_chunked_reference_is_the_recurrence(chunk):
+    args = float64(make(batch=2, length=37, heads_k=2, groups=2, dv=8))
+    for ours, recurrence in zip(chunked_reference(*args, chunk=chunk), recurrent_reference(*args)):
+        assert rel_l2(ours, recurrence) < 1e-12
+
+
+@pytest.mark.parametrize("l2norm", [True, False])
+def test_recurrence_is_transformers(l2norm):
+    """transformers' fallbacks (which compute in float32 whatever they are given) against ours in float64."""
+    q, k, v, g, beta, state, _, _ = float64(make(length=21, l2norm=l2norm))
+    ours = recurrent_reference(q, k, v, g, beta, state, q.shape[-1] ** -0.5, l2norm)
+    chunked = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(q, k, v, g, beta, 8, state, True, l2norm)
+    recurrent = qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__(q, k, v, g, beta, state, True, l2norm)
+    for theirs in (chunked, recurrent):
+        assert rel_l2(theirs[0], ours[0]) < 1e-5 and rel_l2(theirs[1], ours[1]) < 1e-5
+
+
+def test_decay_per_key_channel():
+    """g [B, T, H, Dk]: equal channels are the per-head decay; one channel decayed to nothing forgets
+    exactly that row of the state."""
+    q, k, v, g, beta, state, scale, l2norm = float64(make(length=6))
+    per_head = recurrent_reference(q, k, v, g, beta, state, scale, l2norm)
+    per_channel = recurrent_reference(q, k, v, g[..., None].expand(*g.shape, q.shape[-1]), beta, state, scale, l2norm)
+    assert rel_l2(per_channel[1], per_head[1]) < 1e-14
+    zero_k = torch.zeros_like(k)
+    forgetting = torch.zeros(*g.shape, q.shape[-1], dtype=torch.float64)
+    forgetting[..., 0] = float("-inf")
+    _, final = recurrent_reference(q, zero_k, v, forgetting, beta, state, scale, l2norm)
+    assert torch.equal(final[:, :, 0], torch.zeros_like(final[:, :, 0]))
+    assert torch.equal(final[:, :, 1:], state[:, :, 1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients, fake functions, errors
+# ---------------------------------------------------------------------------------------------
+
+def _gradients(function, args, grad_out, grad_state):
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    out, final = function(*leaves)
+    torch.autograd.backward([o for o, gr in ((out, grad_out), (final, grad_state)) if gr is not None],
+                            [gr for gr in (grad_out, grad_state) if gr is not None])
+    return [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad  # q does not reach the final state
+            for leaf in leaves[:6] if isinstance(leaf, torch.Tensor)]
+
+
+@pytest.mark.parametrize("which", ["both", "out", "state"])
+def test_gradients(which, monkeypatch):
+    """Gradients of every input, through three recomputed segments (one chunk each); decays near 1, so
+    that the initial state's gradient from the final state stays within float32's range."""
+    monkeypatch.setattr(gated_delta.reference, "SEGMENT_CHUNKS", 1)
+    args = make(length=150, heads_k=1, groups=2, dv=8, decay="near one")
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(1, 150, 2, 8, generator=generator) if which != "state" else None
+    grad_state = torch.randn(1, 2, 16, 8, generator=generator) if which != "out" else None
+    ours = _gradients(torch.ops.fuser.gated_delta_rule, args, grad_out, grad_state)
+    ref = _gradients(recurrent_reference, float64(args), *float64((grad_out, grad_state)))
+    for mine, exact in zip(ours, ref):
+        assert_close(mine, exact, torch.float32)
+
+
+def test_no_initial_state_gets_no_gradient_and_fake_matches():
+    args = make(length=20, dtype=torch.bfloat16, initial=False)
+    out, final = torch.ops.fuser.gated_delta_rule(*args)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake_out, fake_final = torch.ops.fuser.gated_delta_rule(*(mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                                                                   else a for a in args))
+    assert (fake_out.shape, fake_out.dtype, fake_final.shape, fake_final.dtype) == \
+        (out.shape, out.dtype, final.shape, final.dtype)
+    grads = _gradients(torch.ops.fuser.gated_delta_rule, args, torch.ones_like(out), None)
+    assert len(grads) == 5 and all(g is not None and g.dtype == a.dtype for g, a in zip(grads, args))
+
+
+def test_compiled_call_matches_eager():
+    args = make(length=19, heads_k=1, groups=2)
+    compiled = torch.compile(lambda *a: torch.ops.fuser.gated_delta_rule(*a), backend="aot_eager", fullgraph=True)
+    for ours, eager in zip(compiled(*args), torch.ops.fuser.gated_delta_rule(*args)):
+        assert torch.equal(ours, eager)
+
+
+def test_float64_runs_the_reference():
+    args = float64(make(length=30))
+    out, final = torch.ops.fuser.gated_delta_rule(*args)
+    assert out.dtype == final.dtype == torch.float64
+    assert rel_l2(out, recurrent_reference(*args)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: (*a[:3], a[3][..., None].expand(*a[3].shape, 16), *a[4:]), "one decay per head"),
+    (lambda a: (a[0], a[1], a[2][:, :, :1].expand(-1, -1, 3, -1), *a[3:]), "multiple of key heads"),
+    (lambda a: (*a[:5], a[5][:, :, :8], *a[6:]), "initial_state must be"),
+])
+def test_arguments_it_does_not_take(change, message):
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fuser.gated_delta_rule(*change(make(heads_k=2, groups=1)))

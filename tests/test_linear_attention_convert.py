@@ -1,0 +1,110 @@
+"""transformers' gated delta net layers (tiny Qwen3-Next, built from its config) switched to
+`fuser::gated_delta_rule` by `fuser.integrations.linear_attention.convert_linear_attention`."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+
+from fuser.integrations import linear_attention
+from fuser.report import Report
+from helpers import float64_reference
+from numerics import assert_close
+
+LINEAR_LAYERS = 2
+
+
+def tiny_qwen3_next(**overrides) -> torch.nn.Module:
+    """Two gated delta net layers (2 key heads, 4 value heads) and one attention layer, MoE MLPs."""
+    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, num_hidden_layers=LINEAR_LAYERS + 1,
+                    layer_types=["linear_attention"] * LINEAR_LAYERS + ["full_attention"],
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                    linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=32, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0)
+    torch.manual_seed(0)
+    return Qwen3NextForCausalLM(Qwen3NextConfig(**{**settings, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def converted():
+    """(original, its float64 copy, the converted copy, the report): the conversion runs once for the module."""
+    original = tiny_qwen3_next()
+    model, report = copy.deepcopy(original), Report()
+    linear_attention.convert_linear_attention(model, report)
+    return original, float64_reference(original), model, report
+
+
+def token_ids(length: int = 11) -> torch.Tensor:
+    return torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_linear_attention_layer_switches(converted):
+    _, _, model, report = converted
+    assert report.counts() == {"linear_attention": LINEAR_LAYERS} and not report.near_misses
+    fused = [m for m in model.modules() if isinstance(m, linear_attention._RebindsKernelFunctions)]
+    assert len(fused) == LINEAR_LAYERS and all(type(m).__name__ == "FusedQwen3NextGatedDeltaNet" for m in fused)
+
+
+def test_logits_against_float64(converted):
+    """Prefill (chunkwise kernels: 30 tokens) and a cached decode step (recurrent kernel)."""
+    _, reference, model, _ = converted
+    ids = token_ids(30)
+    with torch.no_grad():
+        ours, exact = model(ids, use_cache=True), reference(ids, use_cache=True)
+        assert_close(ours.logits, exact.logits, torch.float32)
+        step = token_ids(1)
+        ours = model(step, cache=ours.past_key_values, use_cache=True)
+        exact = reference(step, cache=exact.past_key_values, use_cache=True)
+    assert_close(ours.logits, exact.logits, torch.float32)
+
+
+def test_generate_gives_the_same_tokens(converted):
+    original, _, model, _ = converted
+    ids = token_ids()
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
+                       original.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_a_converted_layer_copies_and_pickles_converted(converted):
+    layer = converted[2].model.layers[0].linear_attn
+    for again in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(again) is type(layer)
+        hidden = torch.randn(1, 5, 64)
+        assert torch.equal(again(hidden), layer(hidden))
+
+
+def test_a_call_it_does_not_implement_runs_transformers_function():
+    """Packed sequences (cu_seqlens) are not implemented: the fused function hands the call to transformers',
+    which refuses them without flash-linear-attention."""
+    fused_chunk = linear_attention.fused_function(qwen3_next.torch_chunk_gated_delta_rule)
+    q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
+    g, beta = -torch.rand(1, 4, 1), torch.rand(1, 4, 1)
+    out, final = fused_chunk(q, k, v, g=g, beta=beta, cu_seqlens=None, output_final_state=True)
+    expected = qwen3_next.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True)
+    assert_close(out, expected[0], torch.float32)
+    assert_close(final, expected[1], torch.float32)
+    with pytest.raises(ValueError, match="packed sequences"):
+        fused_chunk(q, k, v, g=g, beta=beta, cu_seqlens=torch.tensor([0, 4]))
+
+
+def test_head_dims_past_the_kernels_stay_a_near_miss():
+    model = tiny_qwen3_next(linear_key_head_dim=272, linear_value_head_dim=8, num_hidden_layers=2,
+                            layer_types=["linear_attention", "full_attention"])
+    report = Report()
+    linear_attention.convert_linear_attention(model, report)
+    assert not report.matches and len(report.near_misses) == 1
+    assert "head dims 272/8" in report.near_misses[0].reason
+    assert not isinstance(model.model.layers[0].linear_attn, linear_attention._RebindsKernelFunctions)
+
+
+def test_dry_run_changes_nothing():
+    model, report = tiny_qwen3_next(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]), Report()
+    linear_attention.convert_linear_attention(model, report, dry_run=True)
+    assert report.counts() == {"linear_attention": 1}
+    assert not any(isinstance(m, linear_attention._RebindsKernelFunctions) for m in model.modules())
