@@ -15,3 +15,11 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: 
     """Assert the contract: error within the dtype's tolerance (or `tol`), NaN/inf where ref has them."""
     problem = numerics_problem(out, ref, tol if tol is not None else tolerance(dtype))
     assert problem is None, f"{problem} ({dtype})"
+
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where a test calling a kernel directly runs it
+
+
+def on_kernel_device(*tensors):
+    """The tensors on KERNEL_DEVICE (a kernel called directly needs CUDA tensors on a GPU machine)."""
+    return [None if t is None else t.to(KERNEL_DEVICE) for t in tensors]

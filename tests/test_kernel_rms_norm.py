@@ -15,7 +15,7 @@ from fuser.kernels.runtime import RowTiling
 from fuser.kernels.rms_norm import rms_norm_reference
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 from helpers import assert_compiled_matches_eager
-from numerics import assert_close, tolerance
+from numerics import assert_close, on_kernel_device, tolerance
 
 # (has weight, weight_offset, weight_before_cast): none, Llama, Olmo2, Gemma, and an offset after the cast.
 WEIGHT_MODES = [(False, 0.0, False), (True, 0.0, False), (True, 0.0, True), (True, 1.0, True), (True, 1.0, False)]
@@ -102,9 +102,10 @@ def test_rows_longer_than_a_block_loop_over_blocks(dtype, tiling, data):
     x, weight, eps, offset, before_cast, out_dtype = data.draw(cases(dtype, max_rows_dims=1, max_cols=200))
 
     def run(x, weight, grad_out):
+        x, weight, grad_out = on_kernel_device(x, weight, grad_out)
         out = kernel.rms_norm_forward(x, weight, eps, offset, before_cast, out_dtype, tiling)
         dx, dw = kernel.rms_norm_backward_launch(grad_out, x, weight, eps, offset, tiling)
-        return out, dx, dw
+        return out.cpu(), dx.cpu(), None if dw is None else dw.cpu()
     check_against_float64(x, weight, eps, offset, before_cast, out_dtype, run)
 
 

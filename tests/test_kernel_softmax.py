@@ -13,7 +13,7 @@ from fuser.kernels import softmax as kernel
 from fuser.kernels.runtime import RowTiling
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 from helpers import assert_compiled_matches_eager
-from numerics import assert_close, tolerance
+from numerics import assert_close, on_kernel_device, tolerance
 
 # Where -inf goes: nowhere, scattered, whole rows (NaN out, as in torch), the first half of every row
 # (the online pass starts on blocks of only -inf).
@@ -82,7 +82,9 @@ def test_rows_longer_than_a_block_take_the_online_pass(dtype, tiling, data):
     x, out_dtype = data.draw(cases(dtype, max_rows_dims=1, max_cols=200))
 
     def run(x, grad_out):
-        return kernel.softmax_forward(x, out_dtype, tiling), kernel.softmax_backward_launch(grad_out, x, tiling)
+        x, grad_out = on_kernel_device(x, grad_out)
+        return (kernel.softmax_forward(x, out_dtype, tiling).cpu(),
+                kernel.softmax_backward_launch(grad_out, x, tiling).cpu())
     check_against_float64(x, out_dtype, run)
 
 
