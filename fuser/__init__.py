@@ -7,7 +7,6 @@ from fuser import kernels  # noqa: F401  (registers torch.ops.fuser.*)
 from fuser.backend import fuser_backend, last_report, reset_reports
 from fuser.options import Options
 from fuser.modules.convert import convert
-from fuser.modules import experts  # noqa: F401  (the "fuser" experts implementation of transformers)
 from fuser.explaining import explain
 from fuser.fuzzing import FuzzResult, fuzz
 from fuser.report import MatchRecord, NearMiss, Report
