@@ -10,20 +10,8 @@ import sys
 import torch
 
 import fuser
-from fuser.models import ARCHITECTURES, tiny_inputs, tiny_model
+from fuser.models import ARCHITECTURES, tiny_gpt_oss, tiny_inputs, tiny_model
 from fuser.numerics.contract import judge
-
-
-def tiny_gpt_oss() -> torch.nn.Module:
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    config = GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                          num_experts_per_tok=2, max_position_embeddings=128, sliding_window=8,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return GptOssForCausalLM(config).eval()
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ from fuser import options as fuser_options
 from fuser.modules.convert import WITHOUT_EXAMPLES
 from fuser.modules.moe_blocks import MoEBlock
 from fuser.modules.swap import FusedModule
-from fuser.models import tiny_inputs, tiny_model
+from fuser.models import tiny_gpt_oss, tiny_inputs, tiny_model
 from fuser.patterns.norms import RMS_NORM
 from helpers import float64_reference
 from numerics import assert_close
@@ -444,28 +444,10 @@ def test_experts_that_fail_their_check_keep_their_implementation(monkeypatch):
 
 # --- what transformers hands the attention function ---------------------------------------------------
 
-def _tiny_gpt_oss():
-    """A tiny GPT-OSS (no hub): its attention layers hand their attention function sinks (`s_aux`), one learned
-    logit per head that joins each softmax's denominator."""
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    config = GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                          num_experts_per_tok=2, max_position_embeddings=128, sliding_window=8,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0.0, 1.0)  # sinks that weigh: half the mass of a row, or more
-    return model
-
-
 def test_attention_given_sinks_stays_as_it_was_and_says_why():
     """fuser::attention has no sinks: convert keeps the model's attention (before, the "fuser" implementation
     handed them to SDPA, which ignores them: logits 0.2 off, and the dry run said "converted")."""
-    model = _tiny_gpt_oss()
+    model = tiny_gpt_oss()
     ids = tiny_inputs(model)
     reference = float64_reference(model)
     report = fuser.convert(model, dry_run=True)
@@ -483,7 +465,7 @@ def test_the_fuser_attention_refuses_what_it_does_not_implement():
     from fuser.integrations.transformers import register
 
     register()
-    model = _tiny_gpt_oss()
+    model = tiny_gpt_oss()
     model.set_attn_implementation("fuser")
     with pytest.raises(NotImplementedError, match=r"passes s_aux \(attention sinks\), which fuser::attention does not"):
         model(tiny_inputs(model))
