@@ -8,7 +8,6 @@ from fuser import logs  # noqa: F401  (TORCH_LOGS="fuser")
 from fuser.backend import fuser_backend, last_report, reset_reports
 from fuser.options import Options
 from fuser.modules.convert import convert
-from fuser.modules import experts  # noqa: F401  (the "fuser" experts implementation of transformers)
 from fuser.explaining import explain
 from fuser.fuzzing import FuzzResult, fuzz
 from fuser.report import MatchRecord, NearMiss, Report

@@ -56,6 +56,24 @@ def tiny_model(arch: str, layers: int = 2, attn_implementation: str = "eager", d
     return factory.from_config(config).to(dtype).eval()
 
 
+def tiny_gpt_oss(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny GPT-OSS, in eval mode with eager attention. Not among ARCHITECTURES: its attention layers hand
+    their attention function sinks (`s_aux`, one learned logit per head that joins each softmax's denominator),
+    which fuser::attention does not implement; drawn here to weigh (about half a row's mass)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(**{**_COMMON, "intermediate_size": 32}, num_hidden_layers=layers, head_dim=16,
+                          num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model
+
+
 def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
     """Random token ids for `model`."""
     generator = torch.Generator().manual_seed(seed)

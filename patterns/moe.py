@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from torch import fx
 
 from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fuser.moe_*)
+from fuser.kernels.moe.route import routing_tie_problem
 from fuser.patterns.base import UNCHECKED, Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
@@ -256,24 +257,6 @@ MOE = Pattern("moe", (Search(grouped_mm_experts, _examples),), check, replace, d
 # ---------------------------------------------------------------------------------------------
 # The router in front: softmax → top-k → renormalization → fuser::moe_route
 # ---------------------------------------------------------------------------------------------
-
-def routing_tie_problem(top_k: int, experts: int) -> str | None:
-    """Why `fuser::moe_route` would not choose the experts `torch.topk` chooses, or None.
-
-    The kernel chooses the lowest experts among equal scores. torch.topk on CPU does so only on its
-    partial-sort path (k·64 ≤ E); elsewhere std::nth_element chooses by where the other scores
-    lie (top-2 of zeros with a 5 at index 4 is [4, 3]; with the last score -1, [4, 1]). CUDA's
-    single-block top-k keeps the first equal scores too, but the kernel's fp32 softmax may differ
-    from torch's in the last bit (exp, summation order), which makes or breaks a tie. So no device
-    or size rule makes the choice torch's where a tie straddles the k-th place: the token would go
-    to another expert. Only when every expert is chosen (top-k = number of experts) is the choice
-    the same whatever the ties (the experts sum over the k choices in any order)."""
-    if top_k == experts:
-        return None
-    return (f"not exact: on a tie in the router's scores at the k-th place fuser::moe_route chooses the lowest "
-            f"expert index and torch.topk its own order, so a token would go to another expert (exact only for "
-            f"top-k = number of experts, here {top_k} of {experts})")
-
 
 def _sum_over_last_dim(node, source) -> bool:
     """`source.sum(dim=-1, keepdim=True)` in any spelling."""

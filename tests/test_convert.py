@@ -16,9 +16,10 @@ from torch import nn
 
 import fuser
 from fuser import options as fuser_options
-from fuser.modules.convert import WITHOUT_EXAMPLES, FusedModule
-from fuser.modules.experts import FusedMoEBlock
-from fuser.models import tiny_inputs, tiny_model
+from fuser.modules.convert import WITHOUT_EXAMPLES
+from fuser.modules.moe_blocks import MoEBlock
+from fuser.modules.swap import FusedModule
+from fuser.models import tiny_gpt_oss, tiny_inputs, tiny_model
 from fuser.patterns.norms import RMS_NORM
 from helpers import float64_reference
 from numerics import assert_close
@@ -198,7 +199,8 @@ def test_hand_written_moe_blocks_are_swapped_after_their_check():
     reference = copy.deepcopy(model).double()
     report = fuser.convert(model, dry_run=True)
     assert report.counts() == {"moe": 2} and not report.near_misses, report
-    assert fuser.convert(model) is model and all(isinstance(block, FusedMoEBlock) for block in model.blocks)
+    assert fuser.convert(model) is model
+    assert all(isinstance(block, FusedModule) and isinstance(block.fuser_call, MoEBlock) for block in model.blocks)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert_close(model(x), reference(x.double()), torch.float32)
@@ -427,14 +429,43 @@ def test_an_hf_model_with_example_inputs_converts_as_without():
 def test_experts_that_fail_their_check_keep_their_implementation(monkeypatch):
     """A wrong fused experts result (planted: 1% off) is caught before the model switches: every
     experts module is a near miss saying what differed, and the model keeps its implementation."""
-    import fuser.modules.experts as experts_module
+    import fuser.integrations.transformers as seams
     model = tiny_model("olmoe")
     before = model.config._experts_implementation
-    right = experts_module.fuser_experts_forward
-    monkeypatch.setattr(experts_module, "fuser_experts_forward", lambda *args: right(*args) * 1.01)
+    right = seams.fuser_experts_forward
+    monkeypatch.setattr(seams, "fuser_experts_forward", lambda *args: right(*args) * 1.01)
     report = fuser.convert(model, dry_run=True)
     misses = [m for m in report.near_misses if m.pattern == "moe"]
     assert len(misses) == 2 and all("differ from the module's own code: output" in m.reason for m in misses), report
     assert "moe" not in report.counts()
     fuser.convert(model)
     assert model.config._experts_implementation == before
+
+
+# --- what transformers hands the attention function ---------------------------------------------------
+
+def test_attention_given_sinks_stays_as_it_was_and_says_why():
+    """fuser::attention has no sinks: convert keeps the model's attention (before, the "fuser" implementation
+    handed them to SDPA, which ignores them: logits 0.2 off, and the dry run said "converted")."""
+    model = tiny_gpt_oss()
+    ids = tiny_inputs(model)
+    reference = float64_reference(model)
+    report = fuser.convert(model, dry_run=True)
+    misses = [m for m in report.near_misses if m.pattern == "attention"]
+    assert "attention" not in report.counts() and len(misses) == 2, report
+    assert all(m.reason == "its attention function is given s_aux (attention sinks), which fuser::attention does not "
+               "implement; the model keeps its attention implementation ('eager')" for m in misses), misses
+    assert fuser.convert(model) is model and model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, torch.float32)
+
+
+def test_the_fuser_attention_refuses_what_it_does_not_implement():
+    """Set by hand, the "fuser" attention implementation raises on sinks rather than ignore them."""
+    from fuser.integrations.transformers import register
+
+    register()
+    model = tiny_gpt_oss()
+    model.set_attn_implementation("fuser")
+    with pytest.raises(NotImplementedError, match=r"passes s_aux \(attention sinks\), which fuser::attention does not"):
+        model(tiny_inputs(model))

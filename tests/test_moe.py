@@ -15,13 +15,22 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import fuser
-from fuser.modules.experts import FusedMoEBlock, match_moe_module, swap_in_place
+from fuser.integrations import transformers as fuser_transformers
+from fuser.modules.moe_blocks import MoEBlock, match_moe_module
+from fuser.modules.swap import FusedModule, install
 from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
 import fuser.patterns.moe as moe_patterns
 from fuser.patterns.moe import MOE, MOE_ROUTER, ROUTING_CASES, experts_arguments, routed_example
 from helpers import float64_reference
 from numerics import TOLERANCE, assert_close
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuser_registered_with_transformers():
+    """The "fuser" experts implementation, registered as anyone who asks for it by name does."""
+    fuser_transformers.register()
+
 
 # `moe` sites per tiny model (2 layers); DeepSeek-V3's first layer is dense (first_k_dense_replace=1)
 EXPECTED_MOE = {"olmoe": 2, "mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "deepseek_v3": 1}
@@ -121,10 +130,16 @@ def test_transformers_accepts_the_fuser_experts_implementation():
         model.get_correct_experts_implementation("no such experts")
 
 
-def test_import_fuser_registers_once_transformers_loads():
+def test_import_fuser_registers_nothing_and_register_registers_both_implementations():
     code = ("import sys, fuser; assert 'transformers' not in sys.modules; "
+            "assert not any(type(f).__module__.startswith('fuser') for f in sys.meta_path), sys.meta_path; "
             "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS; "
-            "assert ALL_EXPERTS_FUNCTIONS['fuser'] is fuser.modules.experts.fuser_experts_forward")
+            "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS; "
+            "assert 'fuser' not in ALL_EXPERTS_FUNCTIONS and 'fuser' not in ALL_ATTENTION_FUNCTIONS; "
+            "from fuser.integrations.transformers import fuser_attention, fuser_experts_forward, register; "
+            "register(); "
+            "assert ALL_EXPERTS_FUNCTIONS['fuser'] is fuser_experts_forward; "
+            "assert ALL_ATTENTION_FUNCTIONS['fuser'] is fuser_attention")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -189,7 +204,7 @@ FALLBACKS = {  # what makes the kernel not apply: (change to the experts, the re
 def test_experts_the_kernel_does_not_cover_run_grouped_mm_with_one_warning(case, monkeypatch):
     from transformers.integrations.moe import grouped_mm_experts_forward
 
-    monkeypatch.setattr(fuser.modules.experts, "_warned", set())
+    monkeypatch.setattr(fuser_transformers, "_warned", set())
     change, reason = FALLBACKS[case]
     experts = _olmoe_experts()
     change(experts)
@@ -384,7 +399,8 @@ def test_loop_moe_blocks_are_fused_with_their_own_weights(block, mode):
     reference = copy.deepcopy(model).double()
     weights = dict(model.state_dict())
     assert _convert_blocks(model) == [mode, mode]
-    assert all(isinstance(b, FusedMoEBlock) and isinstance(b, LoopMoE) for b in model.blocks)
+    assert all(isinstance(b, FusedModule) and isinstance(b.fuser_call, MoEBlock) and isinstance(b, LoopMoE)
+               for b in model.blocks)
     state = model.state_dict()
     assert state.keys() == weights.keys()
     assert all(state[k].data_ptr() == weights[k].data_ptr() and torch.equal(state[k], weights[k]) for k in state)
@@ -402,8 +418,8 @@ def test_loop_moe_blocks_are_fused_with_their_own_weights(block, mode):
 
 def test_stacked_expert_weights_are_kept_until_a_weight_changes():
     block = LoopMoE()
-    swap_in_place(block, match_moe_module(block)[0])
-    assert isinstance(block, FusedMoEBlock)
+    install(block, match_moe_module(block)[0].fuser_call)
+    assert isinstance(block, FusedModule) and isinstance(block.fuser_call, MoEBlock)
     x = torch.randn(1, 4, 32)
     with torch.no_grad():
         block(x)

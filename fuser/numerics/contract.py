@@ -103,7 +103,8 @@ def _finite_norm(tensors: Sequence[torch.Tensor]) -> float:
 
 def float64_resolution(cotangents: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], wrt: torch.Tensor) -> float:
     """The absolute difference below which the float64 reference cannot tell the gradient with respect to `wrt`
-    (of `outputs` along `cotangents`) from its exact value: 2^-50 of its natural size, ‖cotangents‖·‖outputs‖/‖wrt‖.
+    (of `outputs` along `cotangents`) from its exact value: 2^-50 of its natural size,
+    ‖cotangents‖·‖outputs‖/‖wrt‖.
     A gradient far below that size comes out of cancelling terms, and float64 cancels too: a float32 softmax
     row [46.2, -8.8] has dx ≈ ±2.3e-24, and float64 evaluation of the original gives [0, -2.3e-24] (its y
     rounds to [1, 1.3e-24]); the kernel's 2.3e-24 is the exact value, the reference's 0 is not."""

@@ -10,7 +10,7 @@ own (on CPU it depends on E, k and the other scores), and this kernel's fp32 sof
 from torch's in the last bit, which makes or breaks a tie: where a tie straddles the k-th place
 the two send the token to different experts, and the block's output changes (tied experts get
 equal weights, not equal weight matrices). The chosen set is torch's whatever the ties only when
-top_k = E (patterns/moe.py: `routing_tie_problem`).
+top_k = E (`routing_tie_problem` below).
 """
 import torch
 import triton
@@ -234,3 +234,21 @@ torch.library.define(
 def moe_route(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
     """`fuser::moe_route_forward`: composite so that eager calls take the direct path (kernels/runtime/ops.py)."""
     return _call_forward(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype)
+
+
+def routing_tie_problem(top_k: int, experts: int) -> str | None:
+    """Why `fuser::moe_route` would not choose the experts `torch.topk` chooses, or None.
+
+    The kernel chooses the lowest experts among equal scores. torch.topk on CPU does so only on its
+    partial-sort path (k·64 ≤ E); elsewhere std::nth_element chooses by where the other scores
+    lie (top-2 of zeros with a 5 at index 4 is [4, 3]; with the last score -1, [4, 1]). CUDA's
+    single-block top-k keeps the first equal scores too, but the kernel's fp32 softmax may differ
+    from torch's in the last bit (exp, summation order), which makes or breaks a tie. So no device
+    or size rule makes the choice torch's where a tie straddles the k-th place: the token would go
+    to another expert. Only when every expert is chosen (top-k = number of experts) is the choice
+    the same whatever the ties (the experts sum over the k choices in any order)."""
+    if top_k == experts:
+        return None
+    return (f"not exact: on a tie in the router's scores at the k-th place fuser::moe_route chooses the lowest "
+            f"expert index and torch.topk its own order, so a token would go to another expert (exact only for "
+            f"top-k = number of experts, here {top_k} of {experts})")

@@ -1,28 +1,17 @@
-"""MoE experts on `fuser::moe_experts` without torch.compile.
+"""Hand-written loop MoE blocks on `fuser::moe_experts` (and `fuser::moe_route` where it routes exactly).
 
-- transformers' experts interface: `import fuser` makes "fuser" an experts implementation, so
-  `from_config(config, experts_implementation="fuser")` (or `model.set_experts_implementation("fuser")`)
-  runs the fused op on the 3-D weights in place: `gate_up_proj [E, 2I, H]` whole, `down_proj [E, H, I]`.
-  Experts the kernel does not cover (bias, no gate, transposed or interleaved weights, a norm after
-  each expert, their own gating, an activation other than SiLU, expert parallelism, mixed dtypes)
-  run transformers' `grouped_mm` implementation instead, with a warning that says why (once per reason).
-- hand-written MoE blocks (a router `nn.Linear` and an `nn.ModuleList` of SwiGLU experts looped
-  over in Python, as transformers 4.x and most research code write them): `match_moe_module(block)`
-  runs the block on random inputs with its own weights, in eval and training mode, and checks that
-  it computes the canonical top-k MoE (softmax routing, top-k, optional renormalization, SwiGLU
-  experts), its gradients included, before it returns a fused copy; otherwise it says why not.
-  `swap_in_place(block, fused)` then makes the block itself the fused one (what `fuser.convert` does).
+A router `nn.Linear` and an `nn.ModuleList` of SwiGLU experts looped over in Python, as transformers 4.x
+and most research code write them: `match_moe_module(block)` runs the block on random inputs with its
+own weights, in eval and training mode, and checks that it computes the canonical top-k MoE (softmax
+routing, top-k, optional renormalization, SwiGLU experts), its gradients included, before it returns a
+fused copy (`fuser.modules.swap.fused_copy`); otherwise it says why not. `fuser.convert` installs the
+checked plan (`MoEBlock`) on the block itself (`fuser.modules.swap.install`).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import importlib.abc
-import importlib.util
 import itertools
-import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,173 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fuser.moe_*)
-from fuser.patterns.base import dtype_name
-from fuser.patterns.moe import routing_tie_problem
-from fuser.patterns.strategies import FLOAT_DTYPES
-from fuser.numerics.contract import Run, gradient_problems, judge
+from fuser.kernels.moe.route import routing_tie_problem
+from fuser.modules.swap import FusedModule, fused_copy
+from fuser.numerics.contract import judge
 from fuser.numerics.float64 import leaf64
-
-EXPERTS_IMPLEMENTATION = "fuser"
-
-# ---------------------------------------------------------------------------------------------
-# transformers' experts interface
-# ---------------------------------------------------------------------------------------------
-
-# (attribute `use_experts_implementation` sets, its value the kernel does not cover, why)
-_UNSUPPORTED_LAYOUTS = (
-    ("has_bias", True, "its experts have bias terms"),
-    ("has_gate", False, "its experts are not gated (an up projection only)"),
-    ("is_transposed", True, "its expert weights are stored transposed ([E, H, 2I])"),
-    ("is_concatenated", False, "its gate and up rows are interleaved"),
-    ("has_post_expert_norm", True, "a norm follows each expert"),
-    ("_is_expert_parallel", True, "it runs expert-parallel (ids of other ranks' experts are sentinels)"),
-)
-
-
-def _is_silu(activation: Any) -> bool:
-    from transformers import activations
-    return activation is F.silu or isinstance(activation, (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU)))
-
-
-def unsupported_experts(experts: nn.Module, hidden_states: torch.Tensor) -> str | None:
-    """Why `fuser::moe_experts` cannot run these transformers experts on `hidden_states`, or None."""
-    from transformers.integrations.moe import _default_apply_gate
-
-    for attribute, unsupported, reason in _UNSUPPORTED_LAYOUTS:
-        if getattr(experts, attribute, not unsupported) == unsupported:
-            return reason
-    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        return "it has its own gating (`_apply_gate`)"
-    if not _is_silu(getattr(experts, "act_fn", None)):
-        return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
-    weights = sorted({dtype_name(experts.gate_up_proj.dtype), dtype_name(experts.down_proj.dtype)})
-    if hidden_states.dtype not in FLOAT_DTYPES or weights != [dtype_name(hidden_states.dtype)]:
-        return (f"hidden states in {dtype_name(hidden_states.dtype)}, expert weights in {' and '.join(weights)} "
-                "(the kernel takes one of float16, bfloat16, float32 for both)")
-    return None
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message)
-
-
-def fuser_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' experts interface on `fuser::moe_experts`: hidden states [T, H], the router's
-    top-k ids and weights [T, K]; the weights `gate_up_proj [E, 2I, H]` (gate rows first) and
-    `down_proj [E, H, I]` are read in place. What the kernel does not cover runs `grouped_mm`."""
-    problem = unsupported_experts(self, hidden_states)
-    if problem is not None:
-        from transformers.integrations.moe import grouped_mm_experts_forward
-        if not torch.compiler.is_compiling():  # Dynamo cannot trace a warning; the eager call gives it
-            _warn_once(f"fuser experts: {type(self).__name__} runs transformers' grouped_mm experts: {problem}")
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return torch.ops.fuser.moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
-                                      self.gate_up_proj, None, self.down_proj)
-
-
-def register_experts_implementation() -> None:
-    """Make "fuser" an experts implementation transformers knows (idempotent)."""
-    from transformers.integrations.moe import ExpertsInterface
-    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, fuser_experts_forward)
-
-
-def dispatches_experts(module: nn.Module) -> bool:
-    """A transformers experts module: `use_experts_implementation` made its forward look its function
-    up in an experts interface by `config._experts_implementation`."""
-    forward = getattr(type(module), "forward", None)
-    return "experts_interface" in getattr(getattr(forward, "__code__", None), "co_freevars", ())
-
-
-def fused_experts_problem(experts: nn.Module) -> str | None:
-    """Why the "fuser" experts implementation cannot stand in for these experts, or None: what the kernel
-    does not cover, or a result (and, when they train or their weights require grad, gradients) off
-    the experts' own code run in float64 on random tokens routed at random."""
-    gate_up = experts.gate_up_proj
-    generator = torch.Generator().manual_seed(0)
-    tokens, num_experts, hidden = 7, gate_up.shape[0], gate_up.shape[-1]
-    x = torch.randn(tokens, hidden, generator=generator).to(gate_up)
-    problem = unsupported_experts(experts, x)
-    if problem is not None:
-        return problem
-    top_k = min(2, num_experts)
-    ids = torch.rand(tokens, num_experts, generator=generator).argsort(-1)[:, :top_k].to(gate_up.device)
-    routing = torch.rand(tokens, top_k, generator=generator).to(gate_up)
-    own_forward = getattr(type(experts).forward, "__wrapped__", None)
-    if own_forward is None:
-        return "its own forward is not reachable (no __wrapped__ on the dispatching forward)"
-    reference = copy.deepcopy(experts).double()
-    gradients = experts.training or any(p.requires_grad for p in experts.parameters())
-    ours_in, own_in = ([t.detach().clone().requires_grad_(gradients) for t in (x, routing)] for _ in range(2))
-    ref_in = [leaf64(t, gradients) for t in (x, routing)]
-    with torch.enable_grad() if gradients else torch.no_grad():
-        got = fuser_experts_forward(experts, ours_in[0], ids, ours_in[1])
-        own = own_forward(experts, own_in[0], ids, own_in[1])
-        expected = own_forward(reference, ref_in[0], ids, ref_in[1])
-        problem = judge(got, expected, own=own).problem
-        problem = f"output: {problem}" if problem else None
-        if problem is None and gradients:
-            weights = [experts.gate_up_proj, experts.down_proj]
-            problem = next((p for p in gradient_problems(
-                ("the hidden states", "the routing weights", "gate_up_proj", "down_proj"), Run([got], [*ours_in, *weights]),
-                Run([own], [*own_in, *weights]), Run([expected], [*ref_in, reference.gate_up_proj, reference.down_proj]),
-                generator) if p), None)
-    return f"fuser's experts differ from the module's own code: {problem}" if problem else None
-
-
-_INTERFACE_MODULE = "transformers.integrations.moe"
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers "fuser" as transformers imports its experts interface: `import fuser` does not
-    import transformers (1.8 s), and a model built afterwards still finds the implementation."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _INTERFACE_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenRegister(spec.loader)
-        return spec
-
-
-class _ThenRegister(importlib.abc.Loader):
-    """The interface module's own loader, then the registration."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        register_experts_implementation()
-
-    def __getattr__(self, name):  # get_source, get_filename...: inspect and linecache read the module through these
-        return getattr(self.loader, name)
-
-
-def _register_with_transformers() -> None:
-    """Now if transformers' experts interface is loaded, else when it is; nothing without transformers."""
-    if _INTERFACE_MODULE in sys.modules:
-        register_experts_implementation()
-    elif importlib.util.find_spec("transformers") is not None \
-            and not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
-
-
-_register_with_transformers()
-
-# ---------------------------------------------------------------------------------------------
-# Hand-written MoE blocks
-# ---------------------------------------------------------------------------------------------
+from fuser.patterns.base import dtype_name
+from fuser.patterns.strategies import FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -218,15 +46,20 @@ class MoEBlock:
                 f"{dtype_name(self.dtype)}, routed by "
                 f"{'fuser::moe_route' if routing_tie_problem(self.top_k, num_experts) is None else 'torch.topk'}")
 
-    def accepts(self, block: nn.Module, hidden_states: Any) -> bool:
-        """The inputs the check covered: [batch, length, hidden] in the checked dtype, the weights still in it."""
+    def accepts(self, block: nn.Module, args: tuple, kwargs: dict) -> bool:
+        """The calls the check covered: one positional [batch, length, hidden] input in the checked dtype, the
+        weights still in it."""
+        if len(args) != 1 or kwargs:
+            return False
+        (hidden_states,) = args
         router = getattr(block, self.router)
         gate = getattr(block, self.experts)[0].get_submodule(self.gate)
         return (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
                 and hidden_states.dtype == self.dtype == router.weight.dtype == gate.weight.dtype
                 and hidden_states.shape[-1] == router.in_features)
 
-    def __call__(self, block: nn.Module, hidden_states: torch.Tensor):
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
+        (hidden_states,) = args
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         router_logits = getattr(block, self.router)(x)
         weights, ids = softmax_top_k(router_logits, self.top_k, self.renormalize, x.dtype)
@@ -285,47 +118,6 @@ def _weights_of(experts: nn.ModuleList, path: str) -> list[torch.Tensor]:
     return weights
 
 
-class FusedMoEBlock(nn.Module):
-    """Mixed into a hand-written MoE block's class: for the inputs `match_moe_module` checked, its
-    forward runs `fuser::moe_experts`; for anything else, the block's own forward."""
-    fuser_moe: MoEBlock
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args or kwargs or not self.fuser_moe.accepts(self, hidden_states):
-            return super().forward(hidden_states, *args, **kwargs)
-        return self.fuser_moe(self, hidden_states)
-
-    def __reduce_ex__(self, protocol):
-        """Pickle (and deepcopy) as the original class turned fused again; the stacked weights stay behind."""
-        return _rebuild_fused, (type(self).__mro__[2],), _state(self)
-
-
-@functools.lru_cache(maxsize=None)
-def fused_moe_class(cls: type) -> type:
-    """`FusedMoE<cls>`: a subclass of `cls` whose forward runs the fused op (`isinstance` stays true)."""
-    return type(f"FusedMoE{cls.__name__}", (FusedMoEBlock, cls), {"__module__": __name__})
-
-
-def _rebuild_fused(cls: type) -> nn.Module:
-    block = cls.__new__(cls)
-    block.__class__ = fused_moe_class(cls)
-    return block
-
-
-def _state(block: nn.Module) -> dict:
-    """What a copy of the block takes: not its stacked weights, nor a `module.compile()` of its old forward."""
-    return {k: v for k, v in block.__getstate__().items() if k != "_fuser_stacked"}
-
-
-def _fused_copy(block: nn.Module, plan: MoEBlock) -> nn.Module:
-    """A new module of the fused class holding the very same parameters, submodules and attributes
-    (containers copied, so that changing one module's registrations leaves the other's alone)."""
-    fused = _rebuild_fused(type(block))
-    fused.__setstate__({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in _state(block).items()})
-    fused.fuser_moe = plan
-    return fused
-
-
 # --- what the block computes ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -345,12 +137,9 @@ class _Weights:
 
 
 def _weights64(router: nn.Linear, experts: nn.ModuleList, roles: tuple[str, str, str]) -> _Weights:
-    def leaf(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().double().requires_grad_()
-
-    gates, ups, downs = ([leaf(e.get_submodule(name).weight) for e in experts] for name in roles)
-    return _Weights(leaf(router.weight), None if router.bias is None else leaf(router.bias), tuple(gates), tuple(ups),
-                    tuple(downs))
+    gates, ups, downs = ([leaf64(e.get_submodule(name).weight, True) for e in experts] for name in roles)
+    return _Weights(leaf64(router.weight, True), None if router.bias is None else leaf64(router.bias, True),
+                    tuple(gates), tuple(ups), tuple(downs))
 
 
 def _expert_outputs(x: torch.Tensor, w: _Weights) -> torch.Tensor:
@@ -409,7 +198,7 @@ def _moe_children(block: nn.Module) -> tuple[str, str] | None:
 def looks_like_moe_block(module: nn.Module) -> bool:
     """Cheap test for `fuser.convert`: a router nn.Linear child with one output per expert of an
     nn.ModuleList child (whether it is a MoE block is `match_moe_module`'s to find out)."""
-    return not isinstance(module, FusedMoEBlock) and _moe_children(module) is not None
+    return not isinstance(module, FusedModule) and _moe_children(module) is not None
 
 
 @contextlib.contextmanager
@@ -525,7 +314,7 @@ def match_moe_module(block: nn.Module) -> tuple[nn.Module | None, str]:
     """(a fused copy of `block`, what it runs) when the block computes the canonical top-k MoE, else
     (None, why not). The copy holds the block's own parameters and submodules (state_dict keys and
     tensors unchanged) and is an instance of a subclass of the block's class; the block is left as it was."""
-    if isinstance(block, FusedMoEBlock):
+    if isinstance(block, FusedModule):
         return None, "it is fused already"
     children = _moe_children(block)
     if children is None:
@@ -566,14 +355,8 @@ def match_moe_module(block: nn.Module) -> tuple[nn.Module | None, str]:
         plan = MoEBlock(router_name, experts_name, *roles, top_k, renormalize, returns_logits, dtype)
         for x, training in itertools.product(inputs, (False, True)):
             _check_canonical(block, plan, router, w, x, training)
-        fused = _fused_copy(block, plan)
+        fused = fused_copy(block, plan)
         _check_fused(fused, block, plan, router, w, inputs[1])  # the wiring: which weights are gate, up and down
     except _Mismatch as mismatch:
         return None, str(mismatch)
     return fused, plan.describe(len(experts))
-
-
-def swap_in_place(block: nn.Module, fused: nn.Module) -> None:
-    """Make `block` itself what `match_moe_module(block)` returned as `fused`: the same object (its
-    parent, hooks and references to it keep working), its class now the fused subclass."""
-    block.__class__, block.fuser_moe = type(fused), fused.fuser_moe
