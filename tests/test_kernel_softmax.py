@@ -82,7 +82,7 @@ def test_rows_longer_than_a_block_take_the_online_pass(dtype, tiling, data):
     x, out_dtype = data.draw(cases(dtype, max_rows_dims=1, max_cols=200))
 
     def run(x, grad_out):
-        return kernel.softmax_forward(x, out_dtype, tiling), kernel.softmax_backward_launch(grad_out, x, tiling)
+        return kernel.softmax_forward_launch(x, out_dtype, tiling), kernel.softmax_backward_launch(grad_out, x, tiling)
     check_against_float64(x, out_dtype, run)
 
 

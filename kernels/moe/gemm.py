@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..language import to_dtype
-from ..runtime import cdiv, interpreting, launch, next_pow2
+from ..runtime import autotune, cdiv, interpreting, launch, next_pow2
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)
@@ -128,8 +128,8 @@ def _weight_grad_candidates(configs, named_args, **kwargs):
     return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]
 
 
-@triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
-                 prune_configs_by={"early_config_prune": _accumulators_fit})
+@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
+          prune_configs_by={"early_config_prune": _accumulators_fit})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _expert_rows_gemm_kernel(
@@ -213,8 +213,8 @@ def _expert_rows_gemm_kernel(
         tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], to_dtype(acc, out_ty), mask=keep)
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"],
-                 prune_configs_by={"early_config_prune": _weight_grad_candidates})
+@autotune(_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"],
+          prune_configs_by={"early_config_prune": _weight_grad_candidates})
 @triton.jit
 def _expert_weight_grad_kernel(
     plan_ptr, R,
