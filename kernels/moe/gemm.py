@@ -269,17 +269,20 @@ def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, 
 def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, *, b2=None, b2_strides=None,
                      act=None, routing_weights=None, partials=None, extra_output=False):
     """The row-grouped GEMM over the plan's tiles. B[e][k, n] lives at b + e*s0 + k*s1 + n*s2 for
-    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up)."""
+    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up). Pointers the epilogue does
+    not use get an empty tensor, never an output: where Inductor cannot tell which arguments a kernel writes, it
+    takes each as written, and an output passed twice would come back as the copy the kernel did not write."""
     if layout.max_tiles == 0:
         return
     b2, b2_strides = (b, b_strides) if b2 is None else (b2, b2_strides)
+    unused = out.new_empty(0)
     grid = lambda meta: (layout.max_tiles * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     key = ("rows", epilogue.value, extra_output, layout.block_m, n, k, a.dtype, b.dtype, out.dtype,
            None if routing_weights is None else routing_weights.dtype, a.device)
     launch(_expert_rows_gemm_kernel, grid, key,
             plan, layout.rows, layout.experts, a, a.stride(0), b, *b_strides, b2, *b2_strides, out,
-            out if act is None else act, out if routing_weights is None else routing_weights,
-            out if partials is None else partials, n, k, top_k,
+            unused if act is None else act, unused if routing_weights is None else routing_weights,
+            unused if partials is None else partials, n, k, top_k,
             EPILOGUE=epilogue.value, EXTRA_OUTPUT=extra_output, BLOCK_M=layout.block_m, PRECISION=dot_precision())
 
 
