@@ -253,7 +253,8 @@ def host_breakdown(case: Case) -> None:
 
     x_grad = x.detach().clone().requires_grad_()
     layers = {"Triton launch alone": launch_only,
-              "launcher (rms_norm_forward)": lambda: rms_kernels.rms_norm_forward(x, weight, EPS, 0.0, False, DTYPE),
+              "launcher (rms_norm_forward_launch)":
+                  lambda: rms_kernels.rms_norm_forward_launch(x, weight, EPS, 0.0, False, DTYPE),
               "op, no grad": lambda: ours_rms_norm(x, weight),
               "op, x requires grad": lambda: ours_rms_norm(x_grad, weight),
               **{f"peer: {name}": (lambda fn=fn: fn(x, weight)) for name, fn in case.peers.items()}}
@@ -271,7 +272,8 @@ def sweep(cfg: Config, cases: list[Case]) -> None:
         block_ms = (1,) if case.cols > 8192 else (1, 2, 4)
         if case.name == "rms_norm fwd":
             weight = case.inputs[1]
-            candidates = {f"{t}": (lambda t=t: rms_kernels.rms_norm_forward(x, weight, EPS, 0.0, False, DTYPE, t))
+            candidates = {f"{t}": (lambda t=t: rms_kernels.rms_norm_forward_launch(x, weight, EPS, 0.0, False, DTYPE,
+                                                                                    t))
                           for t in [None, *tilings(case.cols, block_ms)]}
         elif case.name == "rms_norm fwd+bwd":  # the backward launcher alone
             weight, dy = case.inputs[1].detach(), case.inputs[2]
@@ -281,7 +283,7 @@ def sweep(cfg: Config, cases: list[Case]) -> None:
                           for s in (1, 2, 3)}
         else:
             block_ns = [b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= triton.next_power_of_2(case.cols)]
-            candidates = {f"{t}": (lambda t=t: softmax_kernels.softmax_forward(x, DTYPE, t))
+            candidates = {f"{t}": (lambda t=t: softmax_kernels.softmax_forward_launch(x, DTYPE, t))
                           for t in [None, *tilings(case.cols, block_ms, block_ns[-4:], warps=(4, 8, 16))]}
         reference = next(iter(candidates.values()))()  # the default tiling (None)
         timed = []

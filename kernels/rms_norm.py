@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .language import load_rows, program_rows, store_rows, to_dtype
-from .runtime import RowTiling, as_rows, cdiv, kernels_apply, launch, next_pow2, program_slots
+from .runtime import (RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch, next_pow2,
+                      program_slots)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -91,7 +92,7 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride
                                  WEIGHT_BEFORE_CAST, INPUT_DTYPE, PRODUCT_DTYPE)
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
+def rms_norm_forward_launch(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
                      weight_before_cast: bool, out_dtype: torch.dtype, tiling: RowTiling | None = None) -> torch.Tensor:
     """Launch the forward kernel (`tiling` defaults to the tuned heuristic; tests and sweeps pass their own)."""
     rows = as_rows(x)
@@ -242,37 +243,40 @@ def rms_norm_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight:
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops
+# The ops (kernels/runtime/ops.py): fuser::rms_norm over fuser::rms_norm_forward, fuser::rms_norm_backward
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fuser::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
-             weight_before_cast: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """RMSNorm over the last dim; see the module docstring for the two weight forms."""
-    if kernels_apply(x, weight, out_dtype=out_dtype):
-        return rms_norm_forward(x, weight, eps, weight_offset, weight_before_cast, out_dtype)
-    return rms_norm_reference(x, weight, eps, weight_offset, weight_before_cast, out_dtype).contiguous()
-
-
-@rms_norm.register_fake
-def _(x, weight, eps, weight_offset, weight_before_cast, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-@torch.library.custom_op("fuser::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                      weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                     weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is empty when there is no weight."""
-    if kernels_apply(grad_out, x, weight):
-        return rms_norm_backward_launch(grad_out, x, weight, eps, weight_offset)
+    return rms_norm_backward_launch(grad_out, x, weight, eps, weight_offset)
+
+
+def _backward_reference(grad_out, x, weight, eps, weight_offset):
     dx, dw = rms_norm_backward_reference(grad_out, x, weight, eps, weight_offset)
     return dx.contiguous(), dw
 
 
-@rms_norm_backward.register_fake
-def _(grad_out, x, weight, eps, weight_offset):
+def _backward_fake(grad_out, x, weight, eps, weight_offset):
     dw = x.new_empty(0, dtype=torch.float32) if weight is None else weight.new_empty(weight.shape)
     return x.new_empty(x.shape), dw
+
+
+_call_backward = fused_op("rms_norm_backward", _backward_kernel, _backward_reference, _backward_fake,
+                          lambda grad_out, x, weight, *_: kernels_apply(grad_out, x, weight))
+
+
+def _forward_kernel(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
+                    weight_before_cast: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return rms_norm_forward_launch(x, weight, eps, weight_offset, weight_before_cast, out_dtype)
+
+
+def _forward_reference(x, weight, eps, weight_offset, weight_before_cast, out_dtype):
+    return rms_norm_reference(x, weight, eps, weight_offset, weight_before_cast, out_dtype).contiguous()
+
+
+def _forward_fake(x, weight, eps, weight_offset, weight_before_cast, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -283,8 +287,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
-    dx, dw = torch.ops.fuser.rms_norm_backward.default(grad_out, x, weight, ctx.eps, ctx.weight_offset)
+    dx, dw = _call_backward(grad_out, x, weight, ctx.eps, ctx.weight_offset)
     return dx, (dw if weight is not None else None), None, None, None, None
 
 
-rms_norm.register_autograd(_backward, setup_context=_setup_context)
+_call_forward = fused_op("rms_norm_forward", _forward_kernel, _forward_reference, _forward_fake,
+                         lambda x, weight, eps, offset, before_cast, out_dtype: kernels_apply(x, weight,
+                                                                                             out_dtype=out_dtype),
+                         setup_context=_setup_context, backward=_backward)
+
+
+@entry_op
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
+             weight_before_cast: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm over the last dim; see the module docstring for the two weight forms."""
+    return _call_forward(x, weight, eps, weight_offset, weight_before_cast, out_dtype)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .language import exp, load_rows, program_rows, store_rows
-from .runtime import RowTiling, as_rows, cdiv, kernels_apply, launch
+from .runtime import RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
@@ -111,7 +111,7 @@ def _softmax_backward_kernel(dy_ptr, x_ptr, dx_ptr, n_rows, n_cols, dy_row_strid
             store_rows(dx_rows, row_ok, start + block, n_cols, y * (dy - dot[:, None]))
 
 
-def softmax_forward(x: torch.Tensor, out_dtype: torch.dtype, tiling: RowTiling | None = None) -> torch.Tensor:
+def softmax_forward_launch(x: torch.Tensor, out_dtype: torch.dtype, tiling: RowTiling | None = None) -> torch.Tensor:
     """Launch the forward kernel (`tiling` defaults to the tuned heuristic; tests and sweeps pass their own)."""
     rows = as_rows(x)
     n_rows, n_cols = rows.shape
@@ -152,30 +152,35 @@ def softmax_backward_reference(grad_out: torch.Tensor, x: torch.Tensor) -> torch
     return (y * (dy - (dy * y).sum(-1, keepdim=True))).to(x.dtype)
 
 
-@torch.library.custom_op("fuser::softmax", mutates_args=())
-def softmax(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Softmax over the last dim, float32 inside, result in `out_dtype`."""
-    if kernels_apply(x, out_dtype=out_dtype):
-        return softmax_forward(x, out_dtype)
-    return softmax_reference(x, out_dtype).contiguous()
+# The ops (kernels/runtime/ops.py): fuser::softmax over fuser::softmax_forward, fuser::softmax_backward
 
-
-@softmax.register_fake
-def _(x, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-@torch.library.custom_op("fuser::softmax_backward", mutates_args=())
-def softmax_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dx = y * (grad_out - Σ grad_out·y) for y = softmax(x) in float32, in x's dtype."""
-    if kernels_apply(grad_out, x, out_dtype=x.dtype):
-        return softmax_backward_launch(grad_out, x)
+    return softmax_backward_launch(grad_out, x)
+
+
+def _backward_reference(grad_out, x):
     return softmax_backward_reference(grad_out, x).contiguous()
 
 
-@softmax_backward.register_fake
-def _(grad_out, x):
+def _backward_fake(grad_out, x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_call_backward = fused_op("softmax_backward", _backward_kernel, _backward_reference, _backward_fake,
+                          lambda grad_out, x: kernels_apply(grad_out, x, out_dtype=x.dtype))
+
+
+def _forward_kernel(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return softmax_forward_launch(x, out_dtype)
+
+
+def _forward_reference(x, out_dtype):
+    return softmax_reference(x, out_dtype).contiguous()
+
+
+def _forward_fake(x, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -186,7 +191,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
-    return torch.ops.fuser.softmax_backward.default(grad_out, x), None
+    return _call_backward(grad_out, x), None
 
 
-softmax.register_autograd(_backward, setup_context=_setup_context)
+_call_forward = fused_op("softmax_forward", _forward_kernel, _forward_reference, _forward_fake,
+                         lambda x, out_dtype: kernels_apply(x, out_dtype=out_dtype),
+                         setup_context=_setup_context, backward=_backward)
+
+
+@entry_op
+def softmax(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim, float32 inside, result in `out_dtype`."""
+    return _call_forward(x, out_dtype)

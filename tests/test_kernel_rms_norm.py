@@ -103,7 +103,7 @@ def test_rows_longer_than_a_block_loop_over_blocks(dtype, tiling, data):
 
     def run(x, weight, grad_out):
         x, weight, grad_out = on_kernel_device(x, weight, grad_out)
-        out = kernel.rms_norm_forward(x, weight, eps, offset, before_cast, out_dtype, tiling)
+        out = kernel.rms_norm_forward_launch(x, weight, eps, offset, before_cast, out_dtype, tiling)
         dx, dw = kernel.rms_norm_backward_launch(grad_out, x, weight, eps, offset, tiling)
         return out.cpu(), dx.cpu(), None if dw is None else dw.cpu()
     check_against_float64(x, weight, eps, offset, before_cast, out_dtype, run)

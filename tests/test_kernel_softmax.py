@@ -83,7 +83,7 @@ def test_rows_longer_than_a_block_take_the_online_pass(dtype, tiling, data):
 
     def run(x, grad_out):
         x, grad_out = on_kernel_device(x, grad_out)
-        return (kernel.softmax_forward(x, out_dtype, tiling).cpu(),
+        return (kernel.softmax_forward_launch(x, out_dtype, tiling).cpu(),
                 kernel.softmax_backward_launch(grad_out, x, tiling).cpu())
     check_against_float64(x, out_dtype, run)
 

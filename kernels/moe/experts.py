@@ -4,8 +4,8 @@
 
 `moe_experts` is a composite op: it calls `moe_experts_forward`, which also returns what the
 backward needs (the routing plan, gate/up pre-activations and w * h in plan order) when a gradient
-is required, and whose autograd formula is `moe_experts_backward`. Both stay opaque to
-torch.compile; neither syncs the host.
+is required, and whose autograd formula is `moe_experts_backward`. Neither syncs the host: the plan's
+sizes follow from shapes, so Inductor can launch the kernels itself (kernels/runtime/ops.py).
 
 Numerics: dots accumulate in fp32. The routing weight scales h before the down GEMM (down is
 linear: down(w h) = w down(h)); w * h is rounded to x.dtype once, as it feeds the GEMM, where
@@ -22,7 +22,7 @@ Expert ids outside [0, E) contribute nothing (transformers' expert-parallel sent
 import torch
 import torch.nn.functional as F
 
-from ..runtime import KERNEL_DTYPES, cdiv, direct_call, use_triton
+from ..runtime import KERNEL_DTYPES, cdiv, entry_op, fused_op, use_triton
 from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grad,
                    sum_over_topk)
 from .plan import PlanLayout, build_plan, build_plan_reference
@@ -33,7 +33,7 @@ def gate_up_views(gate_proj, up_proj):
     if up_proj is not None:
         return gate_proj, up_proj
     intermediate = gate_proj.shape[1] // 2
-    return gate_proj[:, :intermediate], gate_proj[:, intermediate:]
+    return gate_proj.narrow(1, 0, intermediate), gate_proj.narrow(1, intermediate, intermediate)
 
 
 def _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
@@ -123,20 +123,24 @@ def experts_backward_reference(grad_out, x, topk_ids, topk_weights, gate, up, do
             d_down.to(down.dtype))
 
 
-def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_proj: torch.Tensor,
-             up_proj: torch.Tensor | None, down_proj: torch.Tensor, save_for_backward: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# The ops (kernels/runtime/ops.py): fuser::moe_experts over fuser::moe_experts_forward, fuser::moe_experts_backward
+
+def _layout(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
+    """((T, H, K, E, I), the plan's layout) of a call, after checking its arguments."""
+    dims = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
+    tokens, _, top_k, experts, _ = dims
+    return dims, _plan_layout(tokens, top_k, experts)
+
+
+def _forward_kernel(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_proj: torch.Tensor,
+                    up_proj: torch.Tensor | None, down_proj: torch.Tensor, save_for_backward: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [T, H], plan int32, gate|up pre-activations [R, 2I], w * h [R, I]); the last two are empty
     unless save_for_backward. R = T * K rows, in the plan's order."""
-    tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
-    gate, up = gate_up_views(gate_proj, up_proj)
-    layout = _plan_layout(tokens, top_k, experts)
+    (tokens, hidden, top_k, experts, intermediate), layout = _layout(x, topk_ids, topk_weights, gate_proj, up_proj,
+                                                                     down_proj)
     saved_rows = layout.rows if save_for_backward else 0
-    if not _runs_triton(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
-        plan = build_plan_reference(topk_ids, experts, layout.block_m)
-        out, act, h = experts_reference(x, topk_ids, topk_weights, gate, up, down_proj, layout.split(plan))
-        return out, plan, act[:saved_rows], h[:saved_rows]
-
+    gate, up = gate_up_views(gate_proj, up_proj)
     plan = build_plan(topk_ids.contiguous(), experts, layout.block_m)
     x = x if x.stride(1) == 1 else x.contiguous()
     weighted_h = x.new_empty(layout.rows, intermediate)
@@ -150,7 +154,23 @@ def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
                      intermediate, top_k)
     out = x.new_empty(tokens, hidden)
     sum_over_topk(contributions, topk_ids.contiguous(), out, experts)
-    return out, plan, act, weighted_h[:saved_rows]
+    return out, plan, act, weighted_h.narrow(0, 0, saved_rows)
+
+
+def _forward_reference(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, save_for_backward):
+    (_, _, _, experts, _), layout = _layout(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
+    saved_rows = layout.rows if save_for_backward else 0
+    plan = build_plan_reference(topk_ids, experts, layout.block_m)
+    out, act, h = experts_reference(x, topk_ids, topk_weights, *gate_up_views(gate_proj, up_proj), down_proj,
+                                    layout.split(plan))
+    return out, plan, act[:saved_rows], h[:saved_rows]
+
+
+def _forward_fake(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, save_for_backward):
+    (tokens, hidden, _, _, intermediate), layout = _layout(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
+    saved_rows = layout.rows if save_for_backward else 0
+    return (x.new_empty(tokens, hidden), x.new_empty(layout.size, dtype=torch.int32),
+            x.new_empty(saved_rows, 2 * intermediate), x.new_empty(saved_rows, intermediate))
 
 
 def _transposed(weight):
@@ -158,37 +178,19 @@ def _transposed(weight):
     return weight.stride(0), weight.stride(2), weight.stride(1)
 
 
-moe_experts_forward = torch.library.custom_op("fuser::moe_experts_forward", _forward, mutates_args=())
-
-
-@moe_experts_forward.register_fake
-def _(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, save_for_backward):
-    tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
-    layout = _plan_layout(tokens, top_k, experts)
-    saved_rows = layout.rows if save_for_backward else 0
-    return (x.new_empty(tokens, hidden), x.new_empty(layout.size, dtype=torch.int32),
-            x.new_empty(saved_rows, 2 * intermediate), x.new_empty(saved_rows, intermediate))
-
-
 def _empty(like):
     return like.new_empty(0)
 
 
-def _backward_grads(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                    gate_proj: torch.Tensor, up_proj: torch.Tensor | None, down_proj: torch.Tensor,
-                    plan: torch.Tensor, gate_up_act: torch.Tensor, weighted_h: torch.Tensor,
-                    needs_x: bool, needs_weights: bool, needs_params: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     gate_proj: torch.Tensor, up_proj: torch.Tensor | None, down_proj: torch.Tensor,
+                     plan: torch.Tensor, gate_up_act: torch.Tensor, weighted_h: torch.Tensor,
+                     needs_x: bool, needs_weights: bool, needs_params: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [T, H], d(topk_weights) [T, K], d(gate|up) [E, 2I, H], d(down) [E, H, I]); each empty unless needed."""
-    tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
+    (tokens, hidden, top_k, experts, intermediate), layout = _layout(x, topk_ids, topk_weights, gate_proj, up_proj,
+                                                                     down_proj)
     gate, up = gate_up_views(gate_proj, up_proj)
-    layout = _plan_layout(tokens, top_k, experts)
-    if not _runs_triton(x, grad_out, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
-        dx, d_weights, d_gate_up, d_down = experts_backward_reference(grad_out, x, topk_ids, topk_weights, gate, up,
-                                                                      down_proj, layout.split(plan))
-        return (dx if needs_x else _empty(x), d_weights if needs_weights else _empty(x),
-                d_gate_up if needs_params else _empty(x), d_down if needs_params else _empty(x))
-
     grad_out = grad_out.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
     routing_weights = topk_weights.contiguous().view(-1)
@@ -218,18 +220,27 @@ def _backward_grads(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Ten
     return dx, d_weights, d_gate_up, d_down
 
 
-moe_experts_backward = torch.library.custom_op("fuser::moe_experts_backward", _backward_grads, mutates_args=())
-_call_backward = direct_call(moe_experts_backward, _backward_grads)
+def _backward_reference(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, plan, gate_up_act,
+                        weighted_h, needs_x, needs_weights, needs_params):
+    _, layout = _layout(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
+    dx, d_weights, d_gate_up, d_down = experts_backward_reference(
+        grad_out, x, topk_ids, topk_weights, *gate_up_views(gate_proj, up_proj), down_proj, layout.split(plan))
+    return (dx if needs_x else _empty(x), d_weights if needs_weights else _empty(x),
+            d_gate_up if needs_params else _empty(x), d_down if needs_params else _empty(x))
 
 
-@moe_experts_backward.register_fake
-def _(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, plan, gate_up_act, weighted_h,
-      needs_x, needs_weights, needs_params):
+def _backward_fake(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, plan, gate_up_act,
+                   weighted_h, needs_x, needs_weights, needs_params):
     tokens, hidden, top_k, experts, intermediate = _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj)
     return (x.new_empty(tokens, hidden) if needs_x else _empty(x),
             topk_weights.new_empty(tokens, top_k) if needs_weights else _empty(x),
             gate_proj.new_empty(experts, 2 * intermediate, hidden) if needs_params else _empty(x),
             down_proj.new_empty(experts, hidden, intermediate) if needs_params else _empty(x))
+
+
+_call_backward = fused_op("moe_experts_backward", _backward_kernel, _backward_reference, _backward_fake,
+                          lambda grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, *_:
+                          _runs_triton(x, grad_out, topk_ids, topk_weights, gate_proj, up_proj, down_proj))
 
 
 def _setup_context(ctx, inputs, output):
@@ -260,16 +271,15 @@ def _backward(ctx, grad_out, *_):
             d_up if needs[4] else None, d_down if needs[5] else None, None)
 
 
-moe_experts_forward.register_autograd(_backward, setup_context=_setup_context)
-_call_forward = direct_call(moe_experts_forward, _forward, _setup_context, _backward)
-
-torch.library.define(
-    "fuser::moe_experts",
-    "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_proj, Tensor? up_proj, Tensor down_proj) -> Tensor")
+_call_forward = fused_op("moe_experts_forward", _forward_kernel, _forward_reference, _forward_fake,
+                         lambda x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, _:
+                         _runs_triton(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj),
+                         setup_context=_setup_context, backward=_backward)
 
 
-@torch.library.impl("fuser::moe_experts", "CompositeImplicitAutograd")
-def moe_experts(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
+@entry_op
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_proj: torch.Tensor,
+                up_proj: torch.Tensor | None, down_proj: torch.Tensor) -> torch.Tensor:
     """out [T, H]; saves the backward's activations only when a gradient will be asked for."""
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, topk_weights, gate_proj, up_proj, down_proj))

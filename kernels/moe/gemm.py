@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..language import to_dtype
-from ..runtime import cdiv, interpreting, launch, next_pow2
+from ..runtime import autotune, cdiv, interpreting, launch, next_pow2
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)
@@ -128,8 +128,8 @@ def _weight_grad_candidates(configs, named_args, **kwargs):
     return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]
 
 
-@triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
-                 prune_configs_by={"early_config_prune": _accumulators_fit})
+@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
+          prune_configs_by={"early_config_prune": _accumulators_fit})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _expert_rows_gemm_kernel(
@@ -213,8 +213,8 @@ def _expert_rows_gemm_kernel(
         tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], to_dtype(acc, out_ty), mask=keep)
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"],
-                 prune_configs_by={"early_config_prune": _weight_grad_candidates})
+@autotune(_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"],
+          prune_configs_by={"early_config_prune": _weight_grad_candidates})
 @triton.jit
 def _expert_weight_grad_kernel(
     plan_ptr, R,
@@ -269,17 +269,20 @@ def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, 
 def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, *, b2=None, b2_strides=None,
                      act=None, routing_weights=None, partials=None, extra_output=False):
     """The row-grouped GEMM over the plan's tiles. B[e][k, n] lives at b + e*s0 + k*s1 + n*s2 for
-    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up)."""
+    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up). Pointers the epilogue does
+    not use get an empty tensor, never an output: where Inductor cannot tell which arguments a kernel writes, it
+    takes each as written, and an output passed twice would come back as the copy the kernel did not write."""
     if layout.max_tiles == 0:
         return
     b2, b2_strides = (b, b_strides) if b2 is None else (b2, b2_strides)
+    unused = out.new_empty(0)
     grid = lambda meta: (layout.max_tiles * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     key = ("rows", epilogue.value, extra_output, layout.block_m, n, k, a.dtype, b.dtype, out.dtype,
            None if routing_weights is None else routing_weights.dtype, a.device)
     launch(_expert_rows_gemm_kernel, grid, key,
             plan, layout.rows, layout.experts, a, a.stride(0), b, *b_strides, b2, *b2_strides, out,
-            out if act is None else act, out if routing_weights is None else routing_weights,
-            out if partials is None else partials, n, k, top_k,
+            unused if act is None else act, unused if routing_weights is None else routing_weights,
+            unused if partials is None else partials, n, k, top_k,
             EPILOGUE=epilogue.value, EXTRA_OUTPUT=extra_output, BLOCK_M=layout.block_m, PRECISION=dot_precision())
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..language import exp, to_dtype
-from ..runtime import cdiv, direct_call, interpreting, launch, next_pow2, use_triton
+from ..runtime import cdiv, entry_op, fused_op, interpreting, launch, next_pow2, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -147,14 +147,13 @@ def _check(router_logits, top_k, scoring):
                          f"top_k={top_k}")
 
 
-def _route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
-           bias: torch.Tensor | None, scaling: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+# The ops (kernels/runtime/ops.py): fuser::moe_route over fuser::moe_route_forward, fuser::moe_route_backward
+
+def _route_kernel(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, bias: torch.Tensor | None,
+                  scaling: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, top_k] in out_dtype, ids [T, top_k] int64) of the k best experts of each token."""
     _check(router_logits, top_k, scoring)
     T, E = router_logits.shape
-    if not use_triton(router_logits, bias):
-        weights, ids = route_reference(router_logits, top_k, scoring, renormalize, bias, scaling)
-        return weights.to(out_dtype), ids
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     weights = torch.empty(T, top_k, dtype=out_dtype, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
@@ -169,22 +168,22 @@ def _route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: b
     return weights, ids
 
 
-moe_route_forward = torch.library.custom_op("fuser::moe_route_forward", _route, mutates_args=())
+def _route_reference(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
+    _check(router_logits, top_k, scoring)
+    weights, ids = route_reference(router_logits, top_k, scoring, renormalize, bias, scaling)
+    return weights.to(out_dtype), ids
 
 
-@moe_route_forward.register_fake
-def _(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
+def _route_fake(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
     _check(router_logits, top_k, scoring)
     T = router_logits.shape[0]
     return (router_logits.new_empty(T, top_k, dtype=out_dtype),
             router_logits.new_empty(T, top_k, dtype=torch.int64))
 
 
-def _route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor, scoring: str,
-                    renormalize: bool, scaling: float) -> torch.Tensor:
+def _backward_kernel(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor, scoring: str,
+                     renormalize: bool, scaling: float) -> torch.Tensor:
     T, E = router_logits.shape
-    if not use_triton(router_logits, grad_weights):
-        return route_backward_reference(grad_weights, router_logits, ids, scoring, renormalize, scaling)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     grad_logits = torch.empty(T, E, dtype=router_logits.dtype, device=logits.device)
     if T:
@@ -197,13 +196,12 @@ def _route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, ids
     return grad_logits
 
 
-moe_route_backward = torch.library.custom_op("fuser::moe_route_backward", _route_backward, mutates_args=())
-_call_backward = direct_call(moe_route_backward, _route_backward)
-
-
-@moe_route_backward.register_fake
-def _(grad_weights, router_logits, ids, scoring, renormalize, scaling):
+def _backward_fake(grad_weights, router_logits, ids, scoring, renormalize, scaling):
     return torch.empty_like(router_logits, memory_format=torch.contiguous_format)
+
+
+_call_backward = fused_op("moe_route_backward", _backward_kernel, route_backward_reference, _backward_fake,
+                          lambda grad_weights, router_logits, *_: use_triton(router_logits, grad_weights))
 
 
 def _setup_context(ctx, inputs, output):
@@ -221,18 +219,15 @@ def _backward(ctx, grad_weights, _grad_ids):
     return grad_logits, None, None, None, None, None, None
 
 
-moe_route_forward.register_autograd(_backward, setup_context=_setup_context)
-_call_forward = direct_call(moe_route_forward, _route, _setup_context, _backward)
-
-torch.library.define(
-    "fuser::moe_route",
-    "(Tensor router_logits, int top_k, str scoring, bool renormalize, Tensor? bias, float scaling, "
-    "ScalarType out_dtype) -> (Tensor, Tensor)")
+_call_forward = fused_op("moe_route_forward", _route_kernel, _route_reference, _route_fake,
+                         lambda router_logits, top_k, scoring, renormalize, bias, *_: use_triton(router_logits, bias),
+                         setup_context=_setup_context, backward=_backward)
 
 
-@torch.library.impl("fuser::moe_route", "CompositeImplicitAutograd")
-def moe_route(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype):
-    """`fuser::moe_route_forward`: composite so that eager calls take the direct path (kernels/runtime/ops.py)."""
+@entry_op
+def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, bias: torch.Tensor | None,
+              scaling: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, top_k] in out_dtype, ids [T, top_k] int64) of the k best experts of each token."""
     return _call_forward(router_logits, top_k, scoring, renormalize, bias, scaling, out_dtype)
 
 

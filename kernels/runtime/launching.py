@@ -1,10 +1,12 @@
 """Launching Triton kernels: launch sizes and the replay of recorded launches (host time per call)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import operator
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,36 @@ def program_slots(device: torch.device) -> int:
     return 4
 
 
+# Tuning kept on disk. Triton's autotuner benchmarks every candidate in each new process unless its results are
+# cached (`cache_results`, Triton 3.3 on: keyed by the kernel's source, the device, the tuning key and the
+# candidates); launches Inductor generates keep their tuning in Inductor's own cache.
+_CACHES_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs, key, **options):
+    """`triton.autotune` with its results kept on disk across processes where this Triton can keep them."""
+    if _CACHES_RESULTS:
+        options["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **options)
+
+
+# Launches traced for Inductor. While a fused op's body is traced for Inductor (runtime/ops.py), each launch is
+# recorded through `torch.library.wrap_triton`: Inductor's generated code then launches the kernel itself,
+# with no Python of ours per call.
+_TRACING = threading.local()
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Launches inside this block are traced into the graph being built rather than run."""
+    previous = getattr(_TRACING, "active", False)
+    _TRACING.active = True
+    try:
+        yield
+    finally:
+        _TRACING.active = previous
+
+
 # Launching. Triton's own launch path binds every argument, recomputes its specialization and, for an
 # autotuned kernel, its tuning key on each call: for the ~60 arguments of an attention kernel that is
 # ~90 us of host time per launch on the H100's VM, more than the GPU work of many calls. `launch`
@@ -74,7 +106,10 @@ def launch(kernel, grid, key, *args, **constexprs):
     launch recorded under `key` had the same argument types, scalar values, constexprs, tensor dtypes
     and 16-byte alignments, on the same device (only tensor addresses differ). Any difference, the
     interpreter, or an active launch hook (profilers) takes Triton's path, and a new record. Results
-    never depend on `key`: it only says which record to try."""
+    never depend on `key`: it only says which record to try. Inside `traced_launches` the launch is traced."""
+    if getattr(_TRACING, "active", False):
+        torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
+        return
     replay = _REPLAYS.get(key)
     if replay is not None and replay.accepts(args, constexprs):
         replay.launch(grid, args)

@@ -1,0 +1,250 @@
+"""The fused-op recipe (`kernels.runtime.ops`) on every op built with it: opcheck (schema, fake against real,
+autograd registration, AOT dispatch), the direct eager call against the op path, and what Inductor gets when
+it traces the ops on CUDA tensors (Triton launches, no op call), checked on CPU with fake CUDA tensors.
+
+The cases are shared with tests/test_ops_cuda.py, which runs them on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+import fuser  # noqa: F401  (registers torch.ops.fuser.*)
+from fuser.kernels.runtime import ops
+
+
+@dataclass
+class Case:
+    """An entry op on inputs: `entry(*leaves)` is a tensor; `ops` are (op overload, arguments) of the fused ops
+    beneath, forward and backward; `kernels` the Triton kernels those launch."""
+    entry: Callable
+    leaves: tuple
+    ops: list = field(default_factory=list)
+    kernels: frozenset = frozenset()
+
+
+def _draw(generator, device, dtype, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
+
+
+def rms_norm_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    x, weight, grad = _draw(g, device, dtype, 3, 5, 40), _draw(g, device, dtype, 40), _draw(g, device, dtype, 3, 5, 40)
+    return Case(lambda x, w: torch.ops.fuser.rms_norm(x, w, 1e-6, 0.0, False, dtype), (x, weight),
+                [(torch.ops.fuser.rms_norm_forward.default, (x, weight, 1e-6, 0.0, False, dtype)),
+                 (torch.ops.fuser.rms_norm_backward.default, (grad, x, weight, 1e-6, 0.0))],
+                frozenset({"_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_sum_partials_kernel"}))
+
+
+def softmax_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    x, grad = _draw(g, device, dtype, 4, 3, 33, scale=3.0), _draw(g, device, dtype, 4, 3, 33)
+    return Case(lambda x: torch.ops.fuser.softmax(x, dtype), (x,),
+                [(torch.ops.fuser.softmax_forward.default, (x, dtype)),
+                 (torch.ops.fuser.softmax_backward.default, (grad, x))],
+                frozenset({"_softmax_forward_kernel", "_softmax_backward_kernel"}))
+
+
+def moe_route_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    # scores half a unit apart: no ties, even in bf16, so every dtype chooses the same experts
+    ranks = torch.stack([torch.randperm(6, generator=g) for _ in range(9)])
+    logits = (ranks * 0.5 + torch.rand(9, 6, generator=g) * 0.1).to(dtype).to(device)
+    arguments = (2, "softmax", True, None, 1.5, torch.float32)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(9)]).to(device)
+    return Case(lambda logits: torch.ops.fuser.moe_route(logits, *arguments)[0], (logits,),
+                [(torch.ops.fuser.moe_route_forward.default, (logits, *arguments)),
+                 (torch.ops.fuser.moe_route_backward.default,
+                  (_draw(g, device, torch.float32, 9, 2), logits, ids, "softmax", True, 1.5))],
+                frozenset({"_route_forward_kernel", "_route_backward_kernel"}))
+
+
+def moe_experts_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    tokens, hidden, intermediate, experts, top_k = 9, 16, 12, 4, 2
+    x = _draw(g, device, dtype, tokens, hidden)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).to(device)
+    weights = torch.rand(tokens, top_k, generator=g).to(dtype).to(device)
+    gate_up = _draw(g, device, dtype, experts, 2 * intermediate, hidden, scale=hidden ** -0.5)
+    down = _draw(g, device, dtype, experts, hidden, intermediate, scale=intermediate ** -0.5)
+    forward = (x, ids, weights, gate_up, None, down, True)
+    _, plan, act, h = torch.ops.fuser.moe_experts_forward(*forward)
+    backward = (_draw(g, device, dtype, tokens, hidden), x, ids, weights, gate_up, None, down, plan, act, h,
+                True, True, True)
+    def entry(x, ids, weights, gate_up, down):
+        return torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down)
+    return Case(entry, (x, ids, weights, gate_up, down),
+                [(torch.ops.fuser.moe_experts_forward.default, forward),
+                 (torch.ops.fuser.moe_experts_backward.default, backward)],
+                frozenset({"_count_kernel", "_place_kernel", "_expert_rows_gemm_kernel", "_sum_over_topk_kernel",
+                           "_expert_weight_grad_kernel"}))
+
+
+CASES = {"rms_norm": rms_norm_case, "softmax": softmax_case, "moe_route": moe_route_case,
+         "moe_experts": moe_experts_case}
+
+
+def _detached(args):
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_opcheck(name):
+    """Schema, fake against real outputs, autograd registration, AOT dispatch (static and dynamic shapes)."""
+    for op, args in CASES[name]().ops:
+        leaves = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                       and op._name.endswith("_forward") else a for a in _detached(args))
+        torch.library.opcheck(op, leaves)
+
+
+def run_both_paths(fn, leaves):
+    """(outputs, grads, grad_fn names) of fn on the direct eager path and through the dispatcher."""
+    from test_launch import _PassThrough
+
+    results = []
+    for mode in (None, _PassThrough()):
+        inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
+        with mode or torch.autograd.grad_mode.enable_grad():
+            out = fn(*inputs)
+        differentiable = [t for t in inputs if t.requires_grad]
+        grad = torch.ones_like(out)
+        grads = torch.autograd.grad(out, differentiable, grad, retain_graph=True)
+        again = torch.autograd.grad(out, differentiable, grad)  # a retained graph runs its backward again
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
+        results.append((out.detach(), grads, type(out.grad_fn).__name__))
+    return results
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "softmax"])
+def test_direct_call_equals_the_op_path(name):
+    """The entry ops built on the recipe take the direct path in eager (moe_route and moe_experts: test_launch.py)."""
+    case = CASES[name]()
+    (direct, direct_grads, direct_node), (dispatched, op_grads, op_node) = run_both_paths(case.entry, case.leaves)
+    assert direct_node == "_DirectAutogradBackward" and op_node != direct_node
+    assert torch.equal(direct, dispatched)
+    for a, b in zip(direct_grads, op_grads):
+        assert torch.equal(a, b)
+
+
+def test_symbolic_sizes_keep_the_op():
+    """Tiles are fixed at trace time: a call with a symbolic size is not traced into launches."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(*dims):
+        return mode.from_tensor(torch.empty(8, 16), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    symbolic, static = fake(DimDynamic.DYNAMIC, DimDynamic.STATIC), fake(DimDynamic.STATIC, DimDynamic.STATIC)
+    assert ops._static((static, 1.0, 3)) and not ops._static((static, symbolic, 1.0))
+    assert not ops._static((static, symbolic.shape[0]))
+
+
+# --- what Inductor traces: a subprocess without the interpreter, fake CUDA tensors ---------------------------
+
+class _Traced(Exception):
+    def __init__(self, graph):
+        self.graph = graph
+
+
+def _capture(gm, _):
+    raise _Traced(gm.graph)
+
+
+def _traced_graph(op, args):
+    """The graph AOTAutograd hands to its compiler for `op(*args)` (args fake), inference only."""
+    from torch._functorch.aot_autograd import aot_function
+
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def call(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return op(*full)
+    try:
+        aot_function(call, fw_compiler=_capture)(*[args[i] for i in positions])
+    except _Traced as traced:
+        return traced.graph
+    raise AssertionError("AOTAutograd compiled nothing")
+
+
+def _launched_kernels(graph) -> tuple[list[str], list[str]]:
+    """(Triton kernels launched through wrap_triton, other fuser:: / host-sync ops called) in `graph`."""
+    import triton
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernels, calls = [], []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            while not isinstance(kernel, triton.runtime.JITFunction):
+                kernel = kernel.fn
+            kernels.append(kernel.fn.__name__)
+        elif str(node.target).startswith("fuser.") or "_local_scalar_dense" in str(node.target):
+            calls.append(str(node.target))
+    return kernels, calls
+
+
+def _trace_every_case() -> dict:
+    """{case/op: [kernels, calls]} for every op of every case on fake CUDA tensors, plus two that keep the op."""
+    import logging
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fuser.kernels.rms_norm as rms_norm_kernels
+
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU: no TTIR
+    rms_norm_kernels.program_slots = lambda device: 132  # the H200's multiprocessors; no device to ask
+    traced = [(f"{name}/{op._name}", op, args, "cuda") for name, make in CASES.items()
+              for op, args in make("cpu", torch.bfloat16).ops]
+    traced += [(f"{label}/{op._name}", op, args, device) for label, dtype, device in
+               (("float64", torch.float64, "cuda"), ("cpu", torch.bfloat16, "cpu"))
+               for op, args in rms_norm_case("cpu", dtype).ops[:1]]
+    found = {}
+    with FakeTensorMode():
+        for key, op, args, device in traced:
+            fake = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=device)
+                         if isinstance(a, torch.Tensor) else a for a in args)
+            found[key] = _launched_kernels(_traced_graph(op, fake))
+    return found
+
+
+@pytest.fixture(scope="module")
+def traced():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_inductor_gets_the_launches_not_the_op(traced, name):
+    """Traced on CUDA tensors, each op becomes its Triton launches (planned at trace time, no host sync);
+    Inductor's generated code launches them and never calls the op."""
+    launched = set()
+    for key, (kernels, calls) in traced.items():
+        if key.startswith(name + "/"):
+            assert kernels and not calls, (key, kernels, calls)
+            launched.update(kernels)
+    assert launched == CASES[name]().kernels
+
+
+def test_calls_the_kernels_do_not_take_keep_the_op(traced):
+    for key in ("float64/fuser::rms_norm_forward", "cpu/fuser::rms_norm_forward"):
+        kernels, calls = traced[key]
+        assert kernels == [] and calls == ["fuser.rms_norm_forward.default"], key
+
+
+if __name__ == "__main__":  # the traced fixture's subprocess
+    print(json.dumps(_trace_every_case()))
