@@ -71,6 +71,7 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride
                              weight_offset, HAS_WEIGHT: tl.constexpr, WEIGHT_BEFORE_CAST: tl.constexpr,
                              INPUT_DTYPE: tl.constexpr, PRODUCT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr):
+    eps, weight_offset = tl.cast(eps, tl.float32), tl.cast(weight_offset, tl.float32)  # Inductor passes floats as fp64
     rows, row_ok = program_rows(n_rows, BLOCK_M)
     x_rows = x_ptr + rows * x_row_stride
     out_rows = out_ptr + rows * out_row_stride
@@ -135,6 +136,7 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_ro
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_FITS: tl.constexpr,
                               NUM_STAGES: tl.constexpr):
     """Persistent: program p takes row tiles p, p + programs, ... and owns row p of the partial buffer."""
+    eps, weight_offset = tl.cast(eps, tl.float32), tl.cast(weight_offset, tl.float32)  # Inductor passes floats as fp64
     program = tl.program_id(0)
     block = tl.arange(0, BLOCK_N)
     dw_partial_row = dw_partial_ptr + program * n_cols
@@ -238,7 +240,7 @@ def rms_norm_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight:
     dx = rstd * (g - xf * rstd.pow(2) * (g * xf).mean(-1, keepdim=True))
     if weight is None:
         return dx.to(x.dtype), x.new_empty(0, dtype=torch.float32)
-    dw = (dy * xf * rstd).reshape(-1, x.shape[-1]).sum(0)
+    dw = (dy * xf * rstd).flatten(0, -2).sum(0) if x.dim() > 1 else dy * xf * rstd
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
