@@ -30,7 +30,7 @@ from torch import fx
 from fuser.backend import transform
 from fuser.options import Options
 from fuser.engine.capture import capture
-from fuser.engine.canonical import value
+from fuser.patterns.nodes import value
 from fuser.kernels.runtime import interpreting
 from fuser.engine.matcher import Match, find
 from fuser.patterns import BY_NAME
