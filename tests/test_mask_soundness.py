@@ -21,16 +21,19 @@ def _scores(q, k):
     return q @ k.transpose(-2, -1) * 0.3
 
 
-def _dropping(mask):  # masked_fill: True = masked
-    return lambda q, k, v: torch.softmax(_scores(q, k).masked_fill(mask(), INF), -1) @ v
+def _attention(apply):
+    """Attention whose scores meet a mask built first (as `mask()` builds it) as `apply` says."""
+    def with_mask(mask):
+        def fn(q, k, v):
+            m = mask()
+            return torch.softmax(apply(_scores(q, k), m), -1) @ v
+        return fn
+    return with_mask
 
 
-def _keeping(mask):  # where: True = kept
-    return lambda q, k, v: torch.softmax(torch.where(mask(), _scores(q, k), INF), -1) @ v
-
-
-def _adding(mask):
-    return lambda q, k, v: torch.softmax(_scores(q, k) + mask(), -1) @ v
+_dropping = _attention(lambda s, m: s.masked_fill(m, INF))  # True = masked
+_keeping = _attention(lambda s, m: torch.where(m, s, INF))   # True = kept
+_adding = _attention(lambda s, m: s + m)
 
 
 def _prefix_lm():
@@ -186,6 +189,16 @@ def _written_after_the_read(q, k, v):
 @pytest.mark.parametrize("fn", [_keeping(_written_through_a_view), _keeping(_view_made_before_the_write)],
                          ids=["a write through a view", "a view made before the write"])
 def test_writes_through_aliases_make_the_mask_a_tensor(fn):
+    _check(fn, "mask read as a tensor")
+
+
+def test_a_mask_edited_while_the_scores_are_computed_is_read_after_the_edit():
+    """The edit comes after the match's first node but before the mask is read: the site is rewritten
+    with the edited mask (read as a tensor)."""
+    def fn(q, k, v):
+        s = _scores(q, k)
+        return torch.softmax(s.masked_fill(_prefix_lm(), INF), -1) @ v
+
     _check(fn, "mask read as a tensor")
 
 
