@@ -214,6 +214,13 @@ def _scale(m) -> float:
     return m["q_scale"] * m["k_scale"] * m["scale"]
 
 
+def _constant_sdpa_arguments(m) -> bool:
+    """The flags are Python bools and the numbers Python numbers (a SymBool or SymFloat node is read at run time)."""
+    b = m.bindings
+    return isinstance(b["is_causal"], bool) and isinstance(b["enable_gqa"], bool) and _literal(b["dropout_p"]) \
+        and (b["scale"] is None or _literal(b["scale"]))
+
+
 def check(m) -> str | None:
     q, k, v = _shapes(m)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
@@ -227,6 +234,8 @@ def check(m) -> str | None:
         return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {m['n_rep']} times"
     if max(q.shape[-1], v.shape[-1]) > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256 (kernel limit)"
+    if m.search is sdpa and not _constant_sdpa_arguments(m):
+        return "SDPA's is_causal, enable_gqa, dropout_p or scale is computed in the graph, not a constant"
     if _scale(m) <= 0:
         return f"scale {_scale(m)} is not positive"
     if m.search is attention:

@@ -31,6 +31,7 @@ from torch import fx
 
 from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fuser.moe_*)
 from fuser.patterns.base import UNCHECKED, Example, Pattern, cast, dtype_name, structural
+from fuser.patterns.nodes import tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -132,7 +133,7 @@ def _ids_from_top_k(node, experts: int) -> bool:
         return False
     top_k = node.args[0]
     scores = top_k.args[0] if isinstance(top_k, fx.Node) and top_k.target in (torch.topk, "topk") else None
-    meta = scores.meta.get("example_value") if isinstance(scores, fx.Node) else None
+    meta = tensor_meta(scores)
     dim = top_k.kwargs.get("dim", top_k.args[2] if len(top_k.args) > 2 else -1) if scores is not None else None
     return isinstance(meta, torch.Tensor) and dim in (-1, meta.dim() - 1) and meta.shape[-1] == experts
 
@@ -175,7 +176,7 @@ def _fused_experts(m, ids, weights):
     """`fuser::moe_experts` in place of the grouped_mm experts path of `m` (weights in the activations' dtype)."""
     out = torch.ops.fuser.moe_experts(m["x"], ids, weights.to(m.meta("x").dtype), m["gate_up_proj"], None,
                                       m["down_proj"])
-    return out.to(m.output.meta["example_value"].dtype)
+    return out.to(tensor_meta(m.output).dtype)
 
 
 def replace(m):
@@ -281,7 +282,7 @@ def _sum_over_last_dim(node, source) -> bool:
         return False
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    meta = source.meta.get("example_value") if isinstance(source, fx.Node) else None
+    meta = tensor_meta(source)
     last = (-1, meta.dim() - 1) if isinstance(meta, torch.Tensor) else (-1,)
     return keepdim is True and (dim in last or isinstance(dim, (tuple, list)) and len(dim) == 1 and dim[0] in last)
 
@@ -351,7 +352,7 @@ def _routing_weights_dtype(m) -> torch.dtype:
     """The dtype the experts take their routing weights in."""
     if m.search is routed_grouped_mm_experts:
         return m.meta("x").dtype
-    return m.output.args[2].meta["example_value"].dtype
+    return tensor_meta(m.output.args[2]).dtype
 
 
 def replace_router(m):

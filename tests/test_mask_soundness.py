@@ -218,3 +218,27 @@ def test_dropout_with_train_false_is_no_dropout():
     out = _check(fn, "no mask")
     assert "dropout" not in compile_and_run(fn, *_qkv())[1].matches[0].mode
     assert out.isfinite().all()
+
+
+def test_sdpa_arguments_computed_in_the_graph_are_not_read_as_constants():
+    """With dynamic shapes `scale=q.shape[-1] ** -0.5` is a SymFloat node, read at run time: a near miss."""
+    import torch.nn.functional as F
+
+    import fuser
+
+    def repeated(x):
+        b, h, s, d = x.shape
+        return x[:, :, None, :, :].expand(b, h, 2, s, d).reshape(b, h * 2, s, d)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, repeated(k), repeated(v), scale=q.shape[-1] ** -0.5)
+
+    q, k, v = _qkv()
+    q, k, v = q[:, :, :1], k[:, :1], v[:, :1]  # one query (a size Dynamo specializes), one key/value head
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    out = torch.compile(fn, backend="fuser", options={"codegen": "eager"}, dynamic=True)(q, k, v)
+    assert_close(out, fn(q.double(), k.double(), v.double()), torch.float32)
+    report = fuser.last_report()
+    assert "attention" not in report.counts(), report
+    assert any("not a constant" in n.reason for n in report.near_misses), report
