@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, strategies as st
 
-from fuser.fuzzing import FuzzResult, _hunt
+from fuser.fuzzing import FuzzResult, _hunt, log
 from fuser.numerics.contract import numerics_error, tolerance
 
 FILLS = ('float("-inf")', "torch.finfo(s.dtype).min", "-1e9", "-1e4", "-5.0")
@@ -318,6 +318,7 @@ def fuzz_programs(max_examples: int = 100, seed: int | None = None, keep_going: 
                 raise
             result.ok = False
             result.failures.append(f"{type(error).__name__}: {error}\n{program!r}")
+            log.warning("fuzz programs: failure %d: %s", len(result.failures), result.failures[-1])
 
     _hunt(result, programs(), check_one, max_examples)
     if result.failure:

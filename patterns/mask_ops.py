@@ -30,8 +30,7 @@ ELEMENTWISE: dict[str, tuple[tuple[str, ...], dict]] = {
         "bitwise_xor", "__and__", "__or__", "__xor__", "iand", "ior", "ixor", "__iand__", "__ior__", "__ixor__",
         "logical_and_", "logical_or_", "logical_xor_", "bitwise_and_", "bitwise_or_", "bitwise_xor_", "mul_", "div_")},
     **{name: (_UNARY, {}) for name in ("neg", "abs", "invert", "__invert__", "logical_not", "bitwise_not",
-                                        "logical_not_", "bitwise_not_", "neg_", "zero_", "bool", "float", "half",
-                                        "double", "bfloat16", "int", "long")},
+                                        "logical_not_", "bitwise_not_", "neg_", "zero_")},
     **{name: (("input", "other", "alpha"), {"alpha": 1}) for name in ("add", "sub", "rsub", "add_", "sub_")},
     "div": (("input", "other", "rounding_mode"), {"rounding_mode": None}),
     "where": (("condition", "input", "other"), {}),
@@ -99,9 +98,9 @@ def _index_mapping(selector: Any, source: tuple, shape: tuple) -> list[Lin]:
             start = 0 if entry.start is None else integer(entry.start)
             if not (isinstance(step, int) and step > 0):
                 raise Unknown("a slice step that is not a positive integer")
-            if known_true(start < 0):
+            if known_true(start < 0):  # counted from the end, clamped at 0
                 start = size + start if known_true(size + start >= 0) else 0 if known_true(size + start <= 0) else None
-            elif not known_true(start <= size) and not known_true(shape[out_dim] == 0):
+            elif not (known_true(start >= 0) and (known_true(start <= size) or known_true(shape[out_dim] == 0))):
                 start = None
             if start is None:
                 raise Unknown("a slice start that may be clamped")
@@ -124,12 +123,12 @@ def selected(selector: Any, shape: tuple) -> frozenset:
         if isinstance(entry, slice):
             if entry.step not in (None, 1):
                 raise Unknown("a strided write")
-            if entry.start is not None:  # x ≥ start, or x ≥ size + start for a negative start (clamped at 0)
-                start = integer(entry.start)
-                literals.add(Lin(-(_index(start, size) if known_true(start < 0) else start), {dim: 1}))
-            if entry.stop is not None:   # x < stop, or x < size + stop
-                stop = integer(entry.stop)
-                literals.add(Lin((_index(stop, size) if known_true(stop < 0) else stop) - 1, {dim: -1}))
+            # x ≥ start and x < stop, each counted from the end when negative: clamping them to [0, size]
+            # changes no coordinate of the tensor
+            if entry.start is not None:
+                literals.add(Lin(-_index(integer(entry.start), size), {dim: 1}))
+            if entry.stop is not None:
+                literals.add(Lin(_index(integer(entry.stop), size) - 1, {dim: -1}))
         else:
             i = _index(integer(entry), size)
             literals |= {Lin(-i, {dim: 1}), Lin(i, {dim: -1})}
@@ -231,7 +230,6 @@ def triangle(upper: bool, base: Pieces, diagonal: Any) -> Pieces:
 def overwritten(old: Pieces, region: frozenset, v: Any) -> Pieces:
     return Pieces.of(old.shape, old.dtype, [(both(r, negation(region, old.shape), old.shape), w) for r, w in old.pieces]
                      + [(region, v)])
-
 
 
 def constant(node: fx.Node, name: str, shape: tuple, dtype: torch.dtype) -> Pieces:

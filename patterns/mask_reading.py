@@ -76,6 +76,8 @@ class MaskReader:
         if returned_target(node) is not None:  # an in-place op or `out=` returns the tensor it wrote
             return self.at(returned_target(node), when)
         if self._is_view(node, name):
+            if not node.args:
+                raise Unknown(f"{name} with its input by keyword")
             source = self.at(node.args[0], when)
             if name in MAYBE_VIEWS and self.writes(node, when):
                 raise Unknown("a write after a reshape or cast that may or may not copy")
@@ -85,7 +87,7 @@ class MaskReader:
         for write in self.writes(node, when):
             if any(self._root(t) is not node for t in written(write)):
                 raise Unknown(f"{write.name} writes into {node.name} through another alias")
-            value = self._write(write, value)
+            value = self._write(write, tensor_meta(node), value)
         if value is None:
             raise Unknown(f"{node.name} is not initialized")
         return value
@@ -204,8 +206,9 @@ class MaskReader:
                     raise Unknown(f"{name} on one element: {error}") from error
         return Pieces.of(shape, dtype, pairs)
 
-    def _write(self, write: fx.Node, old: Any) -> Any:
-        """The value of a tensor after `write` writes into it (`old`: its value before, None if uninitialized)."""
+    def _write(self, write: fx.Node, target: torch.Tensor, old: Any) -> Any:
+        """The value of a tensor (example value `target`) after `write` writes into it (`old`: its value
+        before, None if uninitialized)."""
         name, when = op_name(write), self.position[write]
         out = write.kwargs.get("out")
         if isinstance(out, fx.Node):  # the whole tensor becomes the op's value
@@ -214,7 +217,6 @@ class MaskReader:
                     not all(known_equal(a, b) for a, b in zip(value.shape, tensor_meta(out).shape)):
                 raise Unknown("an out= tensor of another shape or dtype")
             return value
-        target = tensor_meta(write.args[0])
         shape, dtype = tuple(target.shape), target.dtype
         if old is None and name in OVERWRITES:
             old = Pieces.constant(shape, dtype, torch.zeros((), dtype=dtype).item())
@@ -232,10 +234,12 @@ class MaskReader:
             return overwritten(old, selected(write.args[1], shape), element.item())
         if name in ("triu_", "tril_"):
             bound = arguments(write, ("input", "diagonal"), {"diagonal": 0})
+            if bound is None:
+                raise Unknown(f"{name} with other arguments")
             return triangle(name == "triu_", old, integer(bound["diagonal"]))
         if name == "fill_diagonal_":
             bound = arguments(write, ("input", "fill_value", "wrap"), {"wrap": False})
-            if len(shape) < 2 or not all(known_equal(s, shape[0]) for s in shape[2:]) or \
+            if bound is None or len(shape) < 2 or not all(known_equal(s, shape[0]) for s in shape[2:]) or \
                     (bound["wrap"] and not known_true(shape[0] <= shape[1])):
                 raise Unknown("fill_diagonal_ that wraps")
             diagonal = frozenset({frozenset(g for d in range(1, len(shape))
