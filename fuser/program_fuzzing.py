@@ -29,8 +29,9 @@ from fuser.fuzzing import FuzzResult, _hunt, log
 from fuser.numerics.contract import numerics_error, tolerance
 
 FILLS = ('float("-inf")', "torch.finfo(s.dtype).min", "-1e9", "-1e4", "-5.0")
-SOFTMAXES = ("torch.softmax({x}, -1)", "({x}).softmax(dim=-1)", "F.softmax({x}, dim=-1, dtype=torch.float32).to(q.dtype)",
-             "torch.softmax(({x}).float(), -1).type_as(q)", "torch.softmax({x}, dim=3)", "torch.softmax({x}, -2)")
+SOFTMAXES = ("torch.softmax({x}, -1)", "({x}).softmax(dim=-1)",
+             "F.softmax({x}, dim=-1, dtype=torch.float32).to(q.dtype)", "torch.softmax(({x}).float(), -1).type_as(q)",
+             "torch.softmax({x}, dim=3)", "torch.softmax({x}, -2)")
 SCORES = ("q @ k.transpose(-2, -1) * 0.35", "torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])",
           "(q * 0.35) @ k.mT", "q @ k.transpose(2, 3) * q.shape[-1] ** -0.5",
           'torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.35')
@@ -102,7 +103,8 @@ def positions(draw, axis: str, rank: int) -> tuple[str, int]:
         f"torch.arange(start={c}, end={n} + {c})", f"torch.arange({c}, {n} + {c}, 1)", f"torch.arange({n}) + {c}",
         f"torch.arange(0, 2 * {n}, 2)", f"torch.arange({n}, dtype=torch.int32)", f"torch.arange({n}).flip(0)",
         f"torch.arange({n}, dtype=torch.float32)", f"(torch.arange({n}) * 1 - 0)"]
-        + (["torch.arange(P, P + Lq)", "torch.arange(start=P, end=Lk)", "torch.arange(Lq) + P"] if axis == "q" else [])))
+        + (["torch.arange(P, P + Lq)", "torch.arange(start=P, end=Lk)", "torch.arange(Lq) + P"]
+           if axis == "q" else [])))
     if axis == "q":
         places = ["{v}[:, None]", "{v}.unsqueeze(-1)", "{v}.view(-1, 1)", "{v}.reshape(Lq, 1)"]
         places += ["{v}[None, None, :, None]"] if rank == 4 else []
@@ -167,7 +169,8 @@ def edits(draw, name: str, rank: int, value: str) -> list[str]:
     """In-place writes into `name` (a fresh tensor of `rank` dims), `value` a Python literal to write."""
     r, c = draw(st.integers(0, 3)), draw(st.integers(0, 4))
     forms = [f"{name}[..., :{c}] = {value}", f"{name}[..., {r}:, :{c}] = {value}", f"{name}[..., -{c + 1}:] = {value}",
-             f"{name}[..., :, {c} % Lk] = {value}", f"{name}[..., ::2, :] = {value}", f"{name}[..., {r} % Lq, :] = {value}",
+             f"{name}[..., :, {c} % Lk] = {value}", f"{name}[..., ::2, :] = {value}",
+             f"{name}[..., {r} % Lq, :] = {value}",
              f"{name}.view(-1)[{c} % Lk] = {value}", f"{name}[..., 0, :].fill_({value})",
              f"{name}.transpose(-1, -2)[..., 0, :] = {value}", f"{name}.tril_({c - 2})", f"{name}.triu_({c - 2})",
              f"{name}.masked_fill_(torch.eye(Lq, Lk, dtype=torch.bool), {value})"]
@@ -189,11 +192,13 @@ def additive(draw) -> tuple[str, int]:
     keep, rank = draw(booleans())
     d = draw(small)
     return draw(st.sampled_from([
-        (f'torch.where({keep}, 0.0, float("-inf"))', rank), (f"torch.where({keep}, 0.0, torch.finfo(torch.float32).min)", rank),
+        (f'torch.where({keep}, 0.0, float("-inf"))', rank),
+        (f"torch.where({keep}, 0.0, torch.finfo(torch.float32).min)", rank),
         (f'torch.zeros(B, H, Lq, Lk).masked_fill(~({keep}), float("-inf"))', 4),
         (f"(1.0 - ({keep}).float()) * -1e9", rank), (f"({keep}).float().log()", rank), (f"({keep}).float()", rank),
         (f"torch.where({keep}, torch.zeros(()), -1e4)", rank),
-        (f'torch.triu(torch.full((Lq, Lk), float("-inf")), {d})', 2), (f'torch.full((Lq, Lk), float("-inf")).tril({d})', 2),
+        (f'torch.triu(torch.full((Lq, Lk), float("-inf")), {d})', 2),
+        (f'torch.full((Lq, Lk), float("-inf")).tril({d})', 2),
         (f'torch.where({keep}, 0.0, float("-inf")).to(torch.bfloat16)', rank),
         (f'torch.where({keep}, 0.0, -1e9) + torch.triu(torch.full((Lq, Lk), -1e9), {d})', 4 if rank == 4 else 2)]))
 
@@ -221,10 +226,12 @@ def mask_statements(draw, kind: str) -> tuple[list[str], str]:
 @st.composite
 def programs(draw) -> Program:
     """A whole program: sizes, a mask, and attention that uses it."""
-    batch, lq, lk, dim = draw(st.integers(1, 2)), draw(st.integers(1, 7)), draw(st.integers(1, 9)), draw(st.sampled_from([4, 8]))
+    batch, lq, lk = draw(st.integers(1, 2)), draw(st.integers(1, 7)), draw(st.integers(1, 9))
+    dim = draw(st.sampled_from([4, 8]))
     gqa = draw(st.integers(0, 3)) == 0
     heads, kv_heads = (2, 1) if gqa else (draw(st.integers(1, 2)),) * 2
-    use = draw(st.sampled_from(["keep", "drop", "drop_inverted", "add", "sdpa_bool", "sdpa_float", "sdpa_causal", "none"]))
+    use = draw(st.sampled_from(["keep", "drop", "drop_inverted", "add", "sdpa_bool", "sdpa_float", "sdpa_causal",
+                                "none"]))
     lines = ["B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]", "P = Lk - Lq"]
     if gqa:
         lines.append(draw(st.sampled_from(["k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)",

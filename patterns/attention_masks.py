@@ -1,25 +1,11 @@
 """Recognizing attention masks from how they are built, so the kernel runs its native causal /
 sliding-window / key-padding modes and reads no L×L mask.
 
-The mask's producer nodes are evaluated abstractly and exactly (patterns/mask_algebra.py): each op
-below is modeled with every argument it takes, positional or keyword, or the value is not
-understood and the mask is read as a tensor. The graph is not functionalized, so a node's value is
-its value *when it is read*: its producer, then every write into its storage made before the read
-(setitem, `masked_fill_`, `fill_diagonal_`, `triu_`, `&=`, `out=`, ...), each modeled too; a write
-into it through another alias (a view, a reshape) or one not modeled makes it not understood. A
-boolean tensor that is not understood and is never written after it is made is a `Cell` (read as
-it is: a padding table). Modeled exactly:
-- factories: `arange` (start/end/step, keyword or positional, integer dtypes), `ones`/`zeros`/`full`
-  (and `_like`, `new_`), `tensor(number)`, `eye`; `empty` only once fully overwritten;
-- integer arithmetic of positions (+, −, × by an integer, −x) and comparisons (< ≤ > ≥ == ≠);
-- elementwise ops on piecewise-constant tensors, computed by torch itself on one element per
-  piece (& | ^ ~, logical_*, where, masked_fill, + − × ÷, casts, clamp, ...), `triu`/`tril`;
-- views (basic indexing, `None`, slices with steps, expand, unsqueeze, squeeze, transpose, permute,
-  reshapes that only add or drop unit axes), advanced indexing by position tensors in range;
-- writes: setitem with a basic index and a constant, in-place elementwise ops, `fill_`, `zero_`,
-  `copy_`, `triu_`/`tril_`, `fill_diagonal_`, `out=` of a modeled op.
-The result, broadcast to the scores [B, H, Lq, Lk], must be lo ≤ i − j ≤ hi and at most a
-[B, Lk] table read at (batch, key): anything else is read as a tensor.
+The mask's value where the attention reads it is evaluated exactly (patterns/mask_reading.py: every
+op modeled with every argument it takes, every write into it before the read modeled too, or the
+value is not understood). Broadcast to the scores [B, H, Lq, Lk], the positions it keeps must be
+lo ≤ i − j ≤ hi and at most one [B, Lk] boolean table read at (batch, key), and an added mask must
+take two values, 0 where kept; anything else, understood or not, is read as a tensor.
 """
 from __future__ import annotations
 

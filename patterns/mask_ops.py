@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fuser.patterns.mask_algebra import TRUE, Affine, Ge, Lin, Pieces, Unknown, atom, both, broadcast_mapping, negation
+from fuser.patterns.mask_algebra import Affine, Ge, Lin, Pieces, Unknown, atom, both, broadcast_mapping, negation
 from fuser.patterns.nodes import arguments, known_equal, known_true, literal, tensor_meta
 
 INTEGERS = (torch.int64, torch.int32)
@@ -40,8 +40,8 @@ ELEMENTWISE: dict[str, tuple[tuple[str, ...], dict]] = {
 }
 OVERWRITES = {"fill_", "zero_", "copy_"}  # in-place ops whose result does not depend on the old value
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
-AFFINE_ARITHMETIC = {"add": (("input", "other", "alpha"), {"alpha": 1}), "sub": (("input", "other", "alpha"), {"alpha": 1}),
-                      "rsub": (("input", "other", "alpha"), {"alpha": 1}), "mul": (_BINARY, {}), "neg": (_UNARY, {})}
+AFFINE_ARITHMETIC = {**{name: (("input", "other", "alpha"), {"alpha": 1}) for name in ("add", "sub", "rsub")},
+                     "mul": (_BINARY, {}), "neg": (_UNARY, {})}
 CASTS = {"to", "type", "bool", "float", "half", "double", "bfloat16", "int", "long"}
 UNIT_AXES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze"}
 VIEWS = {"getitem", "view", "view_as", "expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "transpose",

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from fuser.patterns.mask_algebra import TRUE, Affine, Cell, Ge, Lin, Pieces, Unknown, both, broadcast_mapping, negation, remapped
-from fuser.patterns.mask_ops import (AFFINE_ARITHMETIC, CASTS, ELEMENTWISE, FACTORY_KWARGS, FILL_AT, FILLS, INTEGERS, MAYBE_VIEWS,
-                                     OVERWRITES, UNINITIALIZED, VIEWS, arange, call, constant, integer, number, one_element,
-                                     overwritten, positions, selected, standin, triangle, view_mapping)
-from fuser.patterns.nodes import (alias_class, arguments, known_equal, known_true, op_name, returned_target, tensor_meta,
-                                  written, writers)
+from fuser.patterns.mask_algebra import (TRUE, Affine, Cell, Ge, Lin, Pieces, Unknown, both, broadcast_mapping,
+                                         negation, remapped)
+from fuser.patterns.mask_ops import (AFFINE_ARITHMETIC, CASTS, ELEMENTWISE, FACTORY_KWARGS, FILL_AT, FILLS,
+                                     INTEGERS, MAYBE_VIEWS, OVERWRITES, UNINITIALIZED, VIEWS, arange, call,
+                                     constant, integer, number, one_element, overwritten, positions, selected,
+                                     standin, triangle, view_mapping)
+from fuser.patterns.nodes import (alias_class, arguments, known_equal, known_true, op_name, returned_target,
+                                  tensor_meta, written, writers)
 
 
 class MaskReader:
@@ -101,8 +103,8 @@ class MaskReader:
 
     def _is_view(self, node: fx.Node, name: str | None) -> bool:
         if name == "getitem":
-            selector = node.args[1]
-            return not any(tensor_meta(e) is not None for e in (selector if isinstance(selector, tuple) else (selector,)))
+            selector = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            return not any(tensor_meta(e) is not None for e in selector)
         if name in CASTS:  # a cast to the dtype it has returns its input
             source = tensor_meta(node.args[0]) if node.args else None
             return source is not None and source.dtype == tensor_meta(node).dtype and not node.kwargs.get("copy")

@@ -102,7 +102,8 @@ def dropout_arguments(node: Any) -> dict[str, Any] | None:
     bound = arguments(node, params, defaults)
     if bound is None:
         return None
-    return {"input": bound["input"], "p": bound["p"], "training": bound[params[2]], "inplace": bound.get("inplace", False)}
+    return {"input": bound["input"], "p": bound["p"], "training": bound[params[2]],
+            "inplace": bound.get("inplace", False)}
 
 
 _IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.iand, operator.ior, operator.ixor, operator.isub,

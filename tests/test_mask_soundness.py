@@ -242,3 +242,23 @@ def test_sdpa_arguments_computed_in_the_graph_are_not_read_as_constants():
     report = fuser.last_report()
     assert "attention" not in report.counts(), report
     assert any("not a constant" in n.reason for n in report.near_misses), report
+
+
+def _writes(x, y):
+    a = x & y                                   # operator.and_: a new tensor
+    x &= y                                      # operator.iand: into x
+    torch.ge(y, False, out=a)                   # into a
+    z = x.float()
+    torch.nn.functional.relu(z, inplace=True)   # into z
+    torch.nn.functional.dropout(z, 0.0, True, True)  # into z, inplace given positionally
+    return a, z
+
+
+def test_written_names_every_tensor_a_node_writes_into():
+    from fuser.patterns.nodes import written
+    from helpers import captured_graphs
+
+    (gm, _), = captured_graphs(_writes, torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
+    writes = {node.name: [t.name for t in written(node)] for node in gm.graph.nodes}
+    assert writes == {"l_x_": [], "l_y_": [], "a": [], "x": ["l_x_"], "ge": ["a"], "z": [], "relu": ["z"],
+                      "dropout": ["z"], "output": []}, writes
