@@ -29,7 +29,7 @@ from torch import fx
 
 from fuser.options import Options
 from fuser.engine.capture import capture
-from fuser.engine.canonical import value
+from fuser.patterns.nodes import value
 from fuser.kernels.runtime import what_runs
 from fuser.engine.matcher import Match
 from fuser.patterns import BY_NAME

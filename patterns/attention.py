@@ -24,11 +24,8 @@ from torch import fx
 from fuser.kernels import attention as _kernel  # noqa: F401  (registers torch.ops.fuser.attention)
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.attention_masks import MaskPlan, recognize
+from fuser.patterns.nodes import dropout_arguments, tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
-
-
-def _meta(node):
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def _sole_user(node) -> bool:
@@ -48,11 +45,11 @@ def _repeat_kv_shapes(node):
             index = expand.args[0]
             full = slice(None)
             if _sole_user(index) and index.op == "call_function" and index.target == operator.getitem \
-                    and index.args[1] == (full, full, None, full, full) and _meta(expand) is not None:
-                yield index.args[0], (_meta(expand).shape[2],), (index, expand, node)
+                    and index.args[1] == (full, full, None, full, full) and tensor_meta(expand) is not None:
+                yield index.args[0], (tensor_meta(expand).shape[2],), (index, expand, node)
     if isinstance(node, fx.Node) and node.target in ("repeat_interleave", torch.repeat_interleave) \
             and len(node.args) >= 2 and _literal(node.args[1]) \
-            and (node.args[2:3] == (1,) or node.kwargs.get("dim") == 1) and _meta(node) is not None:
+            and (node.args[2:3] == (1,) or node.kwargs.get("dim") == 1) and tensor_meta(node) is not None:
         yield node.args[0], (node.args[1],), (node,)
     yield node, (1,), ()
 
@@ -96,8 +93,8 @@ def softcapped(scores, cap):
 
 def _broadcasts_to(mask, scores) -> bool:
     """Whether the mask's shape broadcasts to the scores' shape (and not the scores to a larger one)."""
-    mask, scores = _meta(mask), _meta(scores)
-    if not (isinstance(mask, torch.Tensor) and isinstance(scores, torch.Tensor)) or mask.dim() > scores.dim():
+    mask, scores = tensor_meta(mask), tensor_meta(scores)
+    if mask is None or scores is None or mask.dim() > scores.dim():
         return False
     try:
         return tuple(torch.broadcast_shapes(mask.shape, scores.shape)) == tuple(scores.shape)
@@ -113,7 +110,7 @@ def _masked_shapes(node):
         # not broadcast to the scores; the order whose mask does is tried first
         orders = sorted((node.args, node.args[::-1]), key=lambda pair: not _broadcasts_to(pair[1], pair[0]))
         for scores, mask in orders:
-            if isinstance(mask, fx.Node) and isinstance(_meta(mask), torch.Tensor) and isinstance(scores, fx.Node):
+            if isinstance(mask, fx.Node) and tensor_meta(mask) is not None and isinstance(scores, fx.Node):
                 yield scores, (mask, 0.0, "add"), (node,)
     if isinstance(node, fx.Node) and node.target in ("masked_fill", torch.masked_fill) and _literal(node.args[2]):
         yield node.args[0], (node.args[1], float(node.args[2]), "drop"), (node,)
@@ -132,11 +129,9 @@ def masked(scores, mask, fill, how):
 
 
 def _dropout_shapes(node):
-    if isinstance(node, fx.Node) and node.target in (F.dropout, torch.dropout):
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        if _literal(p) and training is True and not node.kwargs.get("inplace"):
-            yield node.args[0], (float(p),), (node,)
+    bound = dropout_arguments(node)  # `torch.dropout(x, p, train=False)` is no dropout
+    if bound is not None and _literal(bound["p"]) and bound["training"] is True and not bound["inplace"]:
+        yield bound["input"], (float(bound["p"]),), (node,)
     yield node, (0.0,), ()
 
 
@@ -174,6 +169,7 @@ class AttentionSite:
     compute_dtype: torch.dtype | None = None
     empty_rows: str = "fill"  # fully masked rows: as the masked softmax gives them ("fill") or zeros ("sdpa")
     only_where_it_pays: bool = False  # an SDPA call: rewritten only where the kernel removes work it does
+    unreadable: str | None = None  # why the spelling's literals cannot be read (computed in the graph), or None
 
 
 def _read_naive(m) -> AttentionSite:
@@ -183,6 +179,9 @@ def _read_naive(m) -> AttentionSite:
 
 def _read_sdpa(m) -> AttentionSite:
     """SDPA adds a float mask and drops the scores a bool mask calls False; its default scale is 1/√d."""
+    if not _constant_sdpa_arguments(m):
+        return AttentionSite(1, 1.0, 0.0, "none", float("-inf"), unreadable=(
+            "SDPA's is_causal, enable_gqa, dropout_p or scale is computed in the graph, not a constant"))
     mask = m.meta("mask")
     how = "none" if mask is None else ("keep" if mask.dtype == torch.bool else "add")
     scale = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(m.meta("q").shape[-1])
@@ -213,7 +212,8 @@ def _mask_plan(m) -> MaskPlan | None:
     site, mask = m.site, m.bindings["mask"]
     if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
-    plan = recognize(mask, site.how, site.fill, q.shape[2], k.shape[2])
+    reader = next((n for n in m.nodes if mask in n.all_input_nodes), m.output)  # the mask's value there counts
+    plan = recognize(mask, site.how, site.fill, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), reader)
     if plan is not None and site.how == "add" and not _large_negative(plan.fill):
         return None
     return plan
@@ -229,6 +229,13 @@ def _masking(m, plan: MaskPlan | None) -> str:
     return site.empty_rows
 
 
+def _constant_sdpa_arguments(m) -> bool:
+    """The flags are Python bools and the numbers Python numbers (a SymBool or SymFloat node is read at run time)."""
+    b = m.bindings
+    return isinstance(b["is_causal"], bool) and isinstance(b["enable_gqa"], bool) and _literal(b["dropout_p"]) \
+        and (b["scale"] is None or _literal(b["scale"]))
+
+
 def check(m) -> str | None:
     q, k, v = _shapes(m)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
@@ -242,6 +249,8 @@ def check(m) -> str | None:
         return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {site.n_rep} times"
     if max(q.shape[-1], v.shape[-1]) > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256 (kernel limit)"
+    if site.unreadable:
+        return site.unreadable
     if site.scale <= 0:
         return f"scale {site.scale} is not positive"
     if site.softmax_dim not in (-1, 3):

@@ -34,6 +34,7 @@ from torch import fx
 from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fuser.moe_*)
 from fuser.kernels.moe.route import routing_tie_problem
 from fuser.patterns.base import UNCHECKED, Example, Pattern, Search, cast, dtype_name, structural
+from fuser.patterns.nodes import tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -133,7 +134,7 @@ def _ids_from_top_k(node, experts: int) -> bool:
         return False
     top_k = node.args[0]
     scores = top_k.args[0] if isinstance(top_k, fx.Node) and top_k.target in (torch.topk, "topk") else None
-    meta = scores.meta.get("example_value") if isinstance(scores, fx.Node) else None
+    meta = tensor_meta(scores)
     dim = top_k.kwargs.get("dim", top_k.args[2] if len(top_k.args) > 2 else -1) if scores is not None else None
     return isinstance(meta, torch.Tensor) and dim in (-1, meta.dim() - 1) and meta.shape[-1] == experts
 
@@ -176,7 +177,7 @@ def _fused_experts(m, ids, weights):
     """`fuser::moe_experts` in place of the grouped_mm experts path of `m` (weights in the activations' dtype)."""
     out = torch.ops.fuser.moe_experts(m["x"], ids, weights.to(m.meta("x").dtype), m["gate_up_proj"], None,
                                       m["down_proj"])
-    return out.to(m.output.meta["example_value"].dtype)
+    return out.to(tensor_meta(m.output).dtype)
 
 
 def replace(m):
@@ -264,7 +265,7 @@ def _sum_over_last_dim(node, source) -> bool:
         return False
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    meta = source.meta.get("example_value") if isinstance(source, fx.Node) else None
+    meta = tensor_meta(source)
     last = (-1, meta.dim() - 1) if isinstance(meta, torch.Tensor) else (-1,)
     return keepdim is True and (dim in last or isinstance(dim, (tuple, list)) and len(dim) == 1 and dim[0] in last)
 
@@ -324,7 +325,7 @@ def _read_grouped_mm(m) -> RoutedExperts:
 def _read_fused(m) -> RoutedExperts:
     def fused(m, ids, weights):
         return torch.ops.fuser.moe_experts(m["x"], ids, weights, m["gate_proj"], m["up_proj"], m["down_proj"])
-    return RoutedExperts(lambda m: None, m.output.args[2].meta["example_value"].dtype, fused)
+    return RoutedExperts(lambda m: None, tensor_meta(m.output.args[2]).dtype, fused)
 
 
 def check_router(m) -> str | None:

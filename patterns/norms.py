@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from fuser.kernels import rms_norm as _kernel  # noqa: F401  (registers torch.ops.fuser.rms_norm)
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
+from fuser.patterns.nodes import tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -76,7 +77,7 @@ def _weight_before_cast(m) -> bool:
 
 def replace(m):
     return torch.ops.fuser.rms_norm(m["x"], m.get("weight"), float(m["eps"]), float(m.get("offset", 0.0)),
-                                    _weight_before_cast(m), m.output.meta["example_value"].dtype)
+                                    _weight_before_cast(m), tensor_meta(m.output).dtype)
 
 
 def describe(m) -> str:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from fuser.kernels import softmax as _kernel  # noqa: F401  (registers torch.ops.fuser.softmax)
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
+from fuser.patterns.nodes import tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -26,11 +27,11 @@ def check(m) -> str | None:
 
 
 def replace(m):
-    return torch.ops.fuser.softmax(m["x"], m.output.meta["example_value"].dtype)
+    return torch.ops.fuser.softmax(m["x"], tensor_meta(m.output).dtype)
 
 
 def describe(m) -> str:
-    return f"{dtype_name(m.meta('x').dtype)} → {dtype_name(m.output.meta['example_value'].dtype)}, fp32 inside"
+    return f"{dtype_name(m.meta('x').dtype)} → {dtype_name(tensor_meta(m.output).dtype)}, fp32 inside"
 
 
 @st.composite

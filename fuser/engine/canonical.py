@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fuser.patterns.base import is_cast
+from fuser.patterns.nodes import dropout_arguments, known_equal, tensor_meta, value
 
 _FLOAT_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64,
                   "int": torch.int32, "long": torch.int64}
@@ -72,31 +73,6 @@ _SPELLINGS: dict[Any, tuple[list[tuple[str, Any]], list[str]]] = {
 _CANONICAL_OF = {spelling: canon for canon, (spellings, _) in _SPELLINGS.items() for spelling in spellings}
 # F.softmax's _stacklevel and the like carry no meaning for the value
 _DROPPED_DEFAULTS = {"_stacklevel", "alpha", "rounding_mode", "dtype"}
-
-
-_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def mutates(node: fx.Node) -> bool:
-    """Whether a node writes into its first argument (`x.add_(y)`, `x[i] = y`, `x /= 2`)."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _MUTATING_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
-    return False
-
-
-def value(node: Any) -> Any:
-    """The example value Dynamo recorded for a node (a FakeTensor, SymInt, ...), or None."""
-    if isinstance(node, fx.Node):
-        return node.meta.get("example_value", node.meta.get("val"))
-    return node
-
-
-def tensor_meta(node: Any) -> torch.Tensor | None:
-    v = value(node)
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def dtype_of(node: Any) -> torch.dtype | None:
@@ -199,10 +175,9 @@ def _canonical_cast(node: fx.Node) -> fx.Node | None:
 
 def _is_identity(node: fx.Node) -> fx.Node | None:
     """The input a value-preserving node passes on, or None."""
-    if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
-        bound = _normalized_args(node, ["input", "p", "training", "inplace"])
-        if bound is not None and (bound.get("p", 0.5) == 0 or bound.get("training", True) is False):
-            return bound["input"]
+    dropout = dropout_arguments(node)
+    if dropout is not None and not dropout["inplace"] and (dropout["p"] == 0 or dropout["training"] is False):
+        return dropout["input"]
     if is_cast(node):
         src = dtype_of(node.args[0])
         if src is not None and src == node.args[1]:
@@ -217,12 +192,11 @@ def _negative_dim(dim: Any, rank: int | None) -> Any:
 
 
 def _known_same_sizes(a: Any, b: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
     ta, tb = tensor_meta(a), tensor_meta(b)
     if ta is None or tb is None or ta.dim() != tb.dim():
         return False
-    return all(statically_known_true(x == y) for x, y in zip(ta.shape, tb.shape)) and \
-        all(statically_known_true(x == y) for x, y in zip(ta.stride(), tb.stride()))
+    return all(known_equal(x, y) for x, y in zip(ta.shape, tb.shape)) and \
+        all(known_equal(x, y) for x, y in zip(ta.stride(), tb.stride()))
 
 
 def _is_full_slice(node: fx.Node) -> bool:

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
+from fuser.patterns.nodes import alias_class, written
+
 
 def _call(target, args, kwargs):
     return target(*args, **kwargs)
@@ -78,19 +80,7 @@ def _concrete(x: Any) -> Any:
 
 
 def _written_inputs(graph: fx.Graph) -> set[int]:
-    """Positions of the placeholders some node writes into, directly or through a view of it."""
-    from fuser.engine.canonical import mutates
-
+    """Positions of the placeholders some node writes into, directly or through a tensor sharing their storage."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    written = set()
-    for node in graph.nodes:
-        if mutates(node) or node.kwargs.get("out") is not None:
-            target = node.args[0] if node.args else node.kwargs.get("out")
-            seen = set()
-            while isinstance(target, fx.Node) and target not in seen:
-                seen.add(target)
-                if target.op == "placeholder":
-                    written.add(placeholders.index(target))
-                    break
-                target = target.args[0] if target.args and isinstance(target.args[0], fx.Node) else None
-    return written
+    targets = {alias for node in graph.nodes for target in written(node) for alias in alias_class(target)}
+    return {i for i, node in enumerate(placeholders) if node in targets}

@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterator
 
 from torch import fx
 
-from fuser.engine.canonical import canonicalize, mutates, value, where
+from fuser.engine.canonical import canonicalize, where
 from fuser.patterns.base import UNCHECKED, Pattern, Search, Structural
+from fuser.patterns.nodes import value, written
 
 COMMUTATIVE = {operator.mul, operator.add}
 
@@ -127,7 +128,7 @@ def _writes_into(covered: set[fx.Node], output: fx.Node, order: dict) -> set[fx.
     """In-place writes into tensors the match creates (`inv[perm] = arange(n)` after `inv = empty_like(perm)`)
     belong to the match: a search function can show them, but its walk from the output never meets them."""
     return {user for node in covered for user in node.users
-            if user not in covered and mutates(user) and user.args[0] is node and order[user] < order[output]}
+            if user not in covered and node in written(user) and order[user] < order[output]}
 
 
 class SearchGraph:

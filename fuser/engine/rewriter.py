@@ -23,11 +23,12 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-from fuser.engine.canonical import canonicalize, mutates, value, where
+from fuser.engine.canonical import canonicalize, where
 from fuser.engine.capture import stash_values
 from fuser.engine.matcher import Match, _Failure, find_all, search_graph
 from fuser.numerics.contract import compare_site
 from fuser.patterns.base import Pattern
+from fuser.patterns.nodes import alias_class, mutates, value, writers, written
 from fuser.report import MatchRecord, NearMiss, Report, Where
 from fuser.report.graphs import graph_to_networkx
 
@@ -51,18 +52,19 @@ def convexity_problem(m: Match) -> str | None:
     """Why the matched nodes cannot be replaced as one unit, or None."""
     inside = set(m.nodes)
     for node in m.nodes:
-        if mutates(node) and node.args[0] not in inside:
+        if any(target not in inside for target in written(node)):
             return f"{node.name} inside the match modifies a tensor it did not create"
     for node in m.nodes[:-1]:
         outside = [u for u in node.users if u not in inside]
         if outside:
             return f"a value inside the match ({node.name}) is also used outside it (by {outside[0].name})"
     order = {n: i for i, n in enumerate(m.output.graph.nodes)}
-    start, end = order[m.nodes[0]], order[m.output]
-    for name, node in m.inputs().items():
-        for user in node.users:
-            if user not in inside and mutates(user) and start < order[user] < end:
-                return f"input {name} ({node.name}) is modified in place ({user.name}) while the match reads it"
+    end = order[m.output]
+    for name, node in m.inputs().items():  # a write through any alias, between its first reader and the end
+        start = min((order[n] for n in m.nodes if node in n.all_input_nodes), default=end)
+        for writer in sorted(writers(alias_class(node)) - inside, key=order.__getitem__):
+            if start < order[writer] < end:
+                return f"input {name} ({node.name}) is modified in place ({writer.name}) while the match reads it"
     return None
 
 

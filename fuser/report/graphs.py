@@ -8,7 +8,7 @@ def graph_to_networkx(graph, prefix: str = ""):
     e.g. "s0"), dtype, match (the id of the match that covers or replaced it, or None)."""
     import networkx as nx
 
-    from fuser.engine.canonical import tensor_meta
+    from fuser.patterns.nodes import tensor_meta
 
     out = nx.DiGraph()
     for node in graph.nodes:
