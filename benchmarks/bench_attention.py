@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fuser.kernels.attention import attention_reference, launch
+from fuser.kernels.attention import AttentionLiterals, attention_reference, plan as attention_plan
 from fuser.kernels.attention.backward import attention_dkdv_kernel, attention_dq_kernel
 from fuser.kernels.attention.forward import attention_forward_kernel
 from fuser.kernels.attention.reference import reference_backward
@@ -223,7 +223,7 @@ def run_check(check) -> str:
     plain = [t.detach().double() for t in (q, k, v)]
     mask64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
     ref = attention_reference(*plain, mask64, *literals)
-    ref_grads = reference_backward(grad.double(), *plain, mask64, *literals)
+    ref_grads = reference_backward(grad.double(), *plain, mask64, AttentionLiterals(*literals))
     errors = []
     for value, expected in zip((out, *grads), (ref, *ref_grads)):
         same_nan = torch.equal(value.isnan(), expected.isnan())
@@ -262,9 +262,9 @@ def _warm(task) -> str:
     with autotuning_slot(slot, slots):
         try:
             q, k, v = (t.detach() for t in make_inputs(b, hq, hkv, length, length, d))
-            plan = launch.build_plan(q, k, v, mask, *literals)
-            out, stats, classes = launch.forward(plan, q, k, v, mask, None)
-            launch.backward(plan, torch.randn_like(out), q, k, v, mask, out, stats, classes, None)
+            plan = attention_plan.build_plan(q, k, v, mask, AttentionLiterals(*literals))
+            out, stats, classes = attention_plan.forward(plan, q, k, v, mask, None)
+            attention_plan.backward(plan, torch.randn_like(out), q, k, v, mask, out, stats, classes, None)
             torch.cuda.synchronize()
             return "ok"
         except Exception as error:  # noqa: BLE001
@@ -302,7 +302,7 @@ def recording_autotune():
             log(f"    candidate {config} failed: {type(error).__name__}: {str(error)[:200]}")
             result = [math.inf] * 3
         median = result[0] if isinstance(result, (list, tuple)) else result
-        shape = {k: meta[k] for k in ("BLOCK_D", "CAUSAL", "MASK_KIND", "PACK_GQA", "ATOMIC_DQ") if k in meta}
+        shape = {k: meta[k] for k in ("HEAD", "RULE", "PACK_GQA") if k in meta}
         TUNING_LOG.append((f"{self.base_fn.__name__} {shape}", f"{config}", median))
         return result
 
@@ -346,11 +346,12 @@ def host_breakdown():
     q, k, v = make_inputs(8, 16, 16, 1024, 1024, 64)
     plain = [t.detach() for t in (q, k, v)]
     literals = (64 ** -0.5, True, 0, False, 0.0, 0.0, -math.inf)
-    plan = launch.build_plan(*plain, None, *literals)
+    plan = attention_plan.build_plan(*plain, None, AttentionLiterals(*literals))
     flash = sdpa(SDPBackend.FLASH_ATTENTION)
     with autotuning_slot(slot=1, slots=1):  # the config does not change host time: no tuning
         ours(*plain, True)
-    for name, fn in (("launch.forward (kernel launch + allocations)", lambda: launch.forward(plan, *plain, None, None)),
+    for name, fn in (("plan.forward (kernel launch + allocations)", lambda: attention_plan.forward(plan, *plain, None,
+                                                                                                  None)),
                      ("fuser::attention, no grad", lambda: ours(*plain, True)),
                      ("fuser::attention, inputs requiring grad", lambda: ours(q, k, v, True)),
                      ("SDPA flash, no grad", lambda: flash(*plain, True)),

@@ -21,13 +21,16 @@ import triton
 import triton.language as tl
 
 from .language import load_rows, program_rows, store_rows, to_dtype
-from .runtime import (RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch, next_pow2,
+from .runtime import (KernelLimits, RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch, next_pow2,
                       program_slots)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # Row machinery shared with softmax.py: tiling, the [rows, N] view, when to launch, block loads and stores.
+
+LIMITS = KernelLimits()  # x and the weight each in one of `dtypes`, normalized in float32
+
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
 def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:

@@ -14,7 +14,10 @@ import triton
 import triton.language as tl
 
 from .language import exp, load_rows, program_rows, store_rows
-from .runtime import RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch
+from .runtime import KernelLimits, RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch
+
+
+LIMITS = KernelLimits()  # x in one of `dtypes`, the softmax in float32
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes

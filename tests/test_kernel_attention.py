@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fuser.kernels.attention import attention_reference, launch
+from fuser.kernels.attention import AttentionLiterals, attention_reference, plan
+from fuser.kernels.attention.tiles import HeadBlocks
 from fuser.kernels.attention.reference import MASKINGS, reference_backward, reference_forward
 from numerics import assert_close, tolerance
 
@@ -136,7 +137,7 @@ def test_reference_backward_is_autograd_of_the_formula(case):
                 case["masking"])
     grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64)
     _, expected = float64_reference(q, k, v, mask, literals, grad_out)
-    for grad, ref_grad in zip(reference_backward(grad_out, q, k, v, mask, *literals), expected):
+    for grad, ref_grad in zip(reference_backward(grad_out, q, k, v, mask, AttentionLiterals(*literals)), expected):
         assert_close(grad, ref_grad, torch.float64, 1e-12)
 
 
@@ -228,12 +229,12 @@ def test_split_keys_and_packed_heads(pack_gqa, mask_kind):
                                           (True, 9, torch.finfo(torch.float32).min, "fill"),
                                           (False, 0, torch.finfo(torch.float32).min, "fill"),
                                           (True, 0, -math.inf, "sdpa")]:
-        literals = (d ** -0.5, causal, window, True, 0.0, 0.0, fill, masking)
-        plan = launch.build_plan(q, k, v, mask, *literals)
-        out, stats, _ = launch.forward(plan, q, k, v, mask, None, num_splits=3, pack_gqa=pack_gqa)
+        literals = AttentionLiterals(d ** -0.5, causal, window, True, 0.0, 0.0, fill, masking)
+        launches = plan.build_plan(q, k, v, mask, literals)
+        out, stats, _ = plan.forward(launches, q, k, v, mask, None, num_splits=3, pack_gqa=pack_gqa)
         mask64 = None if mask is None or mask.dtype == torch.bool else mask.double()
         ref, lse = reference_forward(q.double(), k.double(), v.double(), mask if mask64 is None else mask64,
-                                     *literals)
+                                     literals)
         assert_close(out, ref, torch.float32)
         seen = lse > -1e30  # rows that see a key: a finfo.min row keeps the fill as clamped in log2 units
         assert_close((stats.sum(-1) * math.log(2))[seen], lse[seen], torch.float32)
@@ -362,7 +363,7 @@ def test_tiny_problems_are_not_tuned():
     candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2)
                   for m, n in ((64, 64), (64, 32), (32, 64), (128, 64))]
     q = torch.empty(1, dtype=torch.bfloat16)
-    sizes = dict(BLOCK_D=64, BLOCK_DV=64)
+    sizes = dict(HEAD=HeadBlocks(64, 64, False, False))
     assert len(forward._prune_forward_configs(candidates, dict(Q=q, ROWS_KEY=64, LK_KEY=64), **sizes)) == 1
     assert len(forward._prune_forward_configs(candidates, dict(Q=q, ROWS_KEY=64, LK_KEY=4096), **sizes)) > 1
     tiny, long = dict(Q=q, LQ_KEY=64, LK_KEY=64), dict(Q=q, LQ_KEY=2048, LK_KEY=2048)

@@ -119,3 +119,84 @@ def test_replayed_launches_equal_triton_launches(kernel, monkeypatch):
     alive = weakref.ref(out)
     del x, out
     assert alive() is None
+
+
+@triton.jit
+def _strided_affine_kernel(x_ptr, out_ptr, strides, sizes, factors, BLOCK: tl.constexpr):
+    """out[i · strides[1]] = x[i · strides[0]] · factors[0] + factors[1] for i < sizes[0]: tuple arguments."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < sizes[0]
+    x = tl.load(x_ptr + offsets * strides[0], mask=inside)
+    tl.store(out_ptr + offsets * strides[1], x * factors[0] + factors[1], mask=inside)
+
+
+@triton.jit
+def _copy_first_kernel(inputs, out_ptr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.load(inputs[0] + offsets).to(tl.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays are compiled launches (the GPU)")
+def test_tuple_arguments_are_fingerprinted_by_value_and_type(monkeypatch):
+    """Triton specializes each element of a tuple argument (== 1, divisibility by 16) and types it (an int
+    and a float of equal value compile differently): a replay needs the same values and element types, and a
+    tuple holding a tensor is never recorded."""
+    triton_launches = []
+    run = _strided_affine_kernel.run
+    monkeypatch.setattr(_strided_affine_kernel, "run", lambda *a, **kw: triton_launches.append(1) or run(*a, **kw))
+    monkeypatch.setattr(launching, "_REPLAYS", {})
+    base = torch.randn(2 * 4096, device="cuda")
+    cases = [  # (strides, factors, expect a Triton launch)
+        ((1, 1), (2.0, 1.0), True), ((1, 1), (2.0, 1.0), False), ((2, 1), (2.0, 1.0), True),
+        ((2, 1), (2.0, 1.0), False), ((2, 1), (2.0, 3.0), True), ((2, 1), (2, 3.0), True), ((2, 1), (2, 3.0), False),
+        ((2, 1), (2.0, 3.0), True)]
+    for strides, factors, expect_triton in cases:
+        n = 4096
+        out = torch.full((n,), float("nan"), device="cuda")
+        before = len(triton_launches)
+        launching.launch(_strided_affine_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), "affine", base, out,
+                         strides, (n,), factors, BLOCK=256)
+        assert (len(triton_launches) > before) == expect_triton, (strides, factors)
+        torch.testing.assert_close(out, base[::strides[0]][:n] * factors[0] + factors[1], rtol=0, atol=0)
+    copies = []
+    run_copy = _copy_first_kernel.run
+    monkeypatch.setattr(_copy_first_kernel, "run", lambda *a, **kw: copies.append(1) or run_copy(*a, **kw))
+    for dtype in (torch.float32, torch.float32, torch.float16):  # a tensor inside a tuple: Triton's path each time
+        x = base[:n].to(dtype)
+        out = torch.empty(n, device="cuda")
+        launching.launch(_copy_first_kernel, (n // 256,), "copy", (x,), out, BLOCK=256)
+        torch.testing.assert_close(out, x.float(), rtol=0, atol=0)
+    assert len(copies) == 3 and "copy" not in launching._REPLAYS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays are compiled launches (the GPU)")
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "key_padding"])
+def test_attention_launches_replay_with_the_same_results(masked, monkeypatch):
+    """The attention kernels take strides, sizes and literals as tuples: a second call of the same layout
+    replays every launch (no Triton launch) and gives what Triton's own launches give."""
+    from fuser.kernels.attention import AttentionLiterals
+    triton_launches = []
+    run = triton.runtime.JITFunction.run
+    monkeypatch.setattr(triton.runtime.JITFunction, "run",
+                        lambda self, *a, **kw: triton_launches.append(self) or run(self, *a, **kw))
+    monkeypatch.setattr(launching, "_REPLAYS", {})
+    literals = AttentionLiterals(0.125, causal=True)
+
+    def call(seed):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (torch.randn(2, 4, 100, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
+                   .requires_grad_() for _ in range(3))
+        mask = (torch.rand(2, 1, 1, 100, device="cuda", generator=generator) > 0.2) if masked else None
+        out = literals.call(q, k, v, mask)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    call(0)
+    assert triton_launches
+    triton_launches.clear()
+    replayed = call(1)
+    assert not triton_launches
+    monkeypatch.setattr(launching, "_REPLAYS", {})
+    launched = call(1)
+    assert triton_launches
+    for a, b in zip(replayed, launched):
+        assert torch.equal(a, b)

@@ -2,6 +2,7 @@
 
     attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window,
               bool bottom_right, float softcap, float dropout_p, float mask_value, str masking="fill") -> Tensor
+    AttentionLiterals(scale, causal=True, ...).call(q, k, v, mask)      # the same call, literals by name
 
 q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], any strides; query head h reads KV head
 h // (Hq // Hkv). Output [B, Hq, Lq, Dv] in q's dtype (laid out [B, Lq, Hq, Dv] in memory when q
@@ -17,44 +18,49 @@ for "add", zeros for "sdpa" (and their gradients: see backward.py). Scores below
 (≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
 added to them. Gradients flow to q, k, v, never to the mask (a mask requiring grad gets none).
 Dropout draws its own Philox stream (not torch's); the backward regenerates the same keep-mask.
-The kernels take scale > 0, head dims ≤ 256 and fp16/bf16/fp32; anything else (and CPU without
-TRITON_INTERPRET=1) runs `attention_reference` and its explicit backward.
+The kernels take what `LIMITS` says; anything else (and CPU without TRITON_INTERPRET=1) runs
+`attention_reference` and its explicit backward.
 
 Ops: `attention` is CompositeImplicitAutograd: it draws the dropout seed on the CPU generator (no
 device sync) and calls `attention_forward` -> (out, row statistics, tile classes), whose autograd calls
-`attention_backward`. Both are custom ops with fake functions and a reference path.
+`attention_backward`. Both are custom ops with fake functions and a reference path; their Python
+signatures below are their schemas.
+
+Reading order: plan.py (what a call means in kernel terms, and its launches), forward.py, backward.py,
+tiles.py (what they share), reference.py (the formula they compute).
 """
 from __future__ import annotations
 
 import torch
 
 from ..runtime import direct_call
-from . import launch
+from . import plan
 from .forward import output_like
-from .launch import kernels_support
-from .reference import LOG2E, attention_reference, reference_backward, reference_forward
+from .plan import LIMITS, AttentionLimits
+from .reference import LOG2E, AttentionLiterals, attention_reference, reference_backward, reference_forward
 from .tiles import class_map_shape
 
-__all__ = ["attention_reference", "attention_forward", "attention_backward"]
+__all__ = ["LIMITS", "AttentionLimits", "AttentionLiterals", "attention_reference", "attention_forward",
+           "attention_backward"]
 
 _LIBRARY = torch.library.Library("fuser", "FRAGMENT")
 _LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
                 "bool bottom_right, float softcap, float dropout_p, float mask_value, str masking=\"fill\") -> Tensor")
 
 
-def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking="fill"):
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
-    return _call_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking,
-                         seed)[0]
+def _attention(q, k, v, mask, *literals):
+    literals = AttentionLiterals(*literals)
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if literals.dropout_p > 0 else None
+    return _call_forward(q, k, v, mask, *literals, seed)[0]
 
 
 _LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
 
 
-def _plan(q, k, v, mask, *literals) -> launch.Plan | None:
+def _plan(q, k, v, mask, literals: AttentionLiterals) -> plan.Plan | None:
     """The launch plan of this call, cached per signature; None where the reference runs."""
-    return launch.plan_for(launch.signature(q, k, v, mask, literals=literals),
-                           lambda: launch.build_plan(q, k, v, mask, *literals))
+    return plan.plan_for(plan.signature(q, k, v, mask, literals=literals),
+                         lambda: plan.build_plan(q, k, v, mask, literals))
 
 
 def _generator(seed: torch.Tensor | None, device: torch.device) -> torch.Generator | None:
@@ -67,11 +73,11 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores (+inf on
     rows "sdpa" zeroes), tile classes of the mask)."""
-    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
-    if plan is not None:
-        return launch.forward(plan, q, k, v, mask, seed)
-    ref, lse = reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                                 masking, _generator(seed, q.device))
+    literals = AttentionLiterals(scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
+    launches = _plan(q, k, v, mask, literals)
+    if launches is not None:
+        return plan.forward(launches, q, k, v, mask, seed)
+    ref, lse = reference_forward(q, k, v, mask, literals, _generator(seed, q.device))
     out = output_like(q, v.shape[3])
     out.copy_(ref)
     stats = torch.stack([lse * LOG2E, torch.zeros_like(lse)], dim=-1).float()
@@ -82,12 +88,13 @@ attention_forward = torch.library.custom_op("fuser::attention_forward", _forward
 
 
 @attention_forward.register_fake
-def _(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking, seed):
-    launch.check_arguments(q, k, v, mask, masking)
+def _(q, k, v, mask, *literals_and_seed):
+    literals = AttentionLiterals(*literals_and_seed[:-1])
+    plan.check_arguments(q, k, v, mask, literals.masking)
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
-    triton_mask = mask.expand(b, hq, lq, lk) if mask is not None and kernels_support(
-        q, k, v, mask, scale, softcap, dropout_p) else None
+    triton_mask = mask.expand(b, hq, lq, lk) if mask is not None and plan.kernels_support(
+        q, k, v, mask, literals) else None
     classes = q.new_empty(class_map_shape(triton_mask, lq, lk), dtype=torch.int8)
     return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
 
@@ -98,11 +105,11 @@ def _backward_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                     softcap: float, dropout_p: float, mask_value: float, masking: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), laid out like q, k, v."""
-    plan = _plan(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
-    if plan is not None:
-        return launch.backward(plan, grad_out, q, k, v, mask, out, stats, classes, seed)
-    grads = reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p,
-                               mask_value, masking, _generator(seed, q.device))
+    literals = AttentionLiterals(scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
+    launches = _plan(q, k, v, mask, literals)
+    if launches is not None:
+        return plan.backward(launches, grad_out, q, k, v, mask, out, stats, classes, seed)
+    grads = reference_backward(grad_out, q, k, v, mask, literals, _generator(seed, q.device))
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
@@ -111,8 +118,7 @@ _call_backward = direct_call(attention_backward, _backward_grads)
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, mask, out, stats, classes, seed, scale, causal, window, bottom_right, softcap, dropout_p,
-      mask_value, masking):
+def _(grad_out, q, k, v, *_):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

@@ -14,6 +14,9 @@ replaced code's gradients for fully masked rows: with a finite fill, dV gets the
 weights over all keys, and dQ/dK get nothing from replaced scores (masked_fill cuts their
 gradient; an added mask, a float tensor or masking "add", passes it, as in the naive code).
 Rows SDPA zeroes have a log-sum-exp of +inf: every probability, so every gradient, is 0 there.
+
+Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
+The saved statistics [B, Hq, Lq, 2] and Δ [B, Hq, Lq] are contiguous.
 """
 from __future__ import annotations
 
@@ -24,25 +27,24 @@ import triton.language as tl
 
 from ..language import to_dtype
 from ..runtime import interpreting
-from .forward import load_tile, mma_operand, registers_fit, tuning_pays
-from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, probabilities, query_tiles, rows_saturated,
-                    tile_scores)
+from .forward import registers_fit, tuning_pays
+from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, load_tile, mma_operand, probabilities, query_tiles,
+                    rows_saturated, tile_scores)
 
 
 @triton.jit
-def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, sob, soh, sol, sod, sgb, sgh, sgl, sgd,
-                                Hq, Lq, Dv, saturation_lse, CAN_SKIP: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_DV: tl.constexpr):
+def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, so, sg, Hq, Lq, Dv, saturation_lse,
+                                CAN_SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     bh = tl.program_id(1)
     batch = (bh // Hq).to(tl.int64)
     head = (bh % Hq).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     dv = tl.arange(0, BLOCK_DV)
-    o = load_tile(Out + batch * sob + head * soh + rows[:, None] * sol + dv[None, :] * sod, row_ok, dv < Dv,
+    o = load_tile(Out + batch * so[0] + head * so[1] + rows[:, None] * so[2] + dv[None, :] * so[3], row_ok, dv < Dv,
                   True, True).to(tl.float32)
-    do = load_tile(dOut + batch * sgb + head * sgh + rows[:, None] * sgl + dv[None, :] * sgd, row_ok, dv < Dv,
-                   True, True).to(tl.float32)
+    do = load_tile(dOut + batch * sg[0] + head * sg[1] + rows[:, None] * sg[2] + dv[None, :] * sg[3], row_ok,
+                   dv < Dv, True, True).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * Lq + rows, tl.sum(o * do, 1), mask=row_ok)
     if CAN_SKIP:
         stats = Stats + (bh.to(tl.int64) * Lq + rows) * 2
@@ -51,20 +53,19 @@ def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, sob, soh, so
 
 
 @triton.jit
-def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head, stream,
-              sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale, softcap,
-              mask_value_log2, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr,
-              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head, stream, sq, sg, sm,
+              sizes, literals, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
+              NUMERICS: tl.constexpr):
     """One query tile's share of dK and dV, in the transposed orientation
     (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q."""
+    Lq, Lk, D, Dv = sizes[2], sizes[3], sizes[4], sizes[5]
+    dropout_p, seed = literals[6], literals[7]
     q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = q_idx < Lq
-    d = tl.arange(0, BLOCK_D)
-    dvi = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q_head + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D, MASKED, PAD_D)
-    do = load_tile(dO_head + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok, dvi < Dv, MASKED, PAD_DV)
+    d = tl.arange(0, HEAD.block_d)
+    dvi = tl.arange(0, HEAD.block_dv)
+    q = load_tile(Q_head + q_idx[:, None] * sq[2] + d[None, :] * sq[3], q_ok, d < D, MASKED, HEAD.pad_d)
+    do = load_tile(dO_head + q_idx[:, None] * sg[2] + dvi[None, :] * sg[3], q_ok, dvi < Dv, MASKED, HEAD.pad_dv)
     if MASKED:  # rows past Lq get p = 0 and Δ = 0
         shift = tl.load(Stats_head + 2 * q_idx, mask=q_ok, other=float("inf"))
         log2_sum = tl.load(Stats_head + 2 * q_idx + 1, mask=q_ok, other=0.0)
@@ -73,29 +74,29 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
         shift = tl.load(Stats_head + 2 * q_idx)
         log2_sum = tl.load(Stats_head + 2 * q_idx + 1)
         delta = tl.load(Delta_head + q_idx)
-    q = mma_operand(q, UPCAST)
-    do = mma_operand(do, UPCAST)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    q = mma_operand(q, NUMERICS)
+    do = mma_operand(do, NUMERICS)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=NUMERICS.dot_precision)
     scores_t, keep_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_ok[None, :], k_idx[:, None],
-                                   mask_head + q_idx[None, :].to(tl.int64) * sml + k_idx[:, None] * smk, Lk,
-                                   pos_offset, window, scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED,
-                                   MASK_KIND, ADD_MASK_VALUE, SOFTCAP)
+                                                   mask_head + q_idx[None, :].to(tl.int64) * sm[2]
+                                                   + k_idx[:, None] * sm[3], Lk, literals, MASKED, RULE)
     p_t = probabilities(scores_t, shift[None, :], log2_sum[None, :], MASKED)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    if DROPOUT:
+    dp_t = tl.dot(v, tl.trans(do), input_precision=NUMERICS.dot_precision)
+    if RULE.dropout:
         undropped_t = dropout_keep(seed, stream, q_idx[None, :], k_idx[:, None], dropout_p)
         dropped_t = tl.where(undropped_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
         dp_t = tl.where(undropped_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
     else:
         dropped_t = p_t
-    dv = tl.dot(mma_operand(to_dtype(dropped_t, Q_head.dtype.element_ty), UPCAST), do, dv, input_precision=DOT_PRECISION)
+    dv = tl.dot(mma_operand(to_dtype(dropped_t, Q_head.dtype.element_ty), NUMERICS), do, dv,
+                input_precision=NUMERICS.dot_precision)
     ds_t = p_t * (dp_t - delta[None, :])
-    if SOFTCAP:
+    if RULE.softcap:
         ds_t = ds_t * softcap_grad_t
     if MASKED:  # excluded scores were replaced, they pass no gradient (not even NaN)
         ds_t = tl.where(keep_t, ds_t, 0.0)
-    ds_t = mma_operand(to_dtype(ds_t, Q_head.dtype.element_ty), UPCAST)
-    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    ds_t = mma_operand(to_dtype(ds_t, Q_head.dtype.element_ty), NUMERICS)
+    dk = tl.dot(ds_t, q, dk, input_precision=NUMERICS.dot_precision)
     return dk, dv
 
 
@@ -109,65 +110,59 @@ def tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _attention_dkdv_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV,
-        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-        sgb, sgh, sgl, sgd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
-        Hkv, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
-        dropout_p, seed, LQ_KEY, LK_KEY,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv, sizes,
+        literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+        CELL: tl.constexpr, RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (key blocks, batch × KV heads)."""
+    BLOCK_D: tl.constexpr = HEAD.block_d
+    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    Hq, group, Lq, Lk, D, Dv = sizes
+    pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
     n_block = tl.program_id(0)
     batch = (tl.program_id(1) // Hkv).to(tl.int64)
     kv_head = (tl.program_id(1) % Hkv).to(tl.int64)
     k_idx = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_idx < Lk
-    d = tl.arange(0, BLOCK_D)
-    dvi = tl.arange(0, BLOCK_DV)
-    k = load_tile(K + batch * skb + kv_head * skh + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, True,
-                  PAD_D)
-    v = load_tile(V + batch * svb + kv_head * svh + k_idx[:, None] * svl + dvi[None, :] * svd, k_ok, dvi < Dv, True,
-                  PAD_DV)
-    k = mma_operand(k, UPCAST)
-    v = mma_operand(v, UPCAST)
+    d = tl.arange(0, HEAD.block_d)
+    dvi = tl.arange(0, HEAD.block_dv)
+    k = load_tile(K + batch * sk[0] + kv_head * sk[1] + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D,
+                  True, HEAD.pad_d)
+    v = load_tile(V + batch * sv[0] + kv_head * sv[1] + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok,
+                  dvi < Dv, True, HEAD.pad_dv)
+    k = mma_operand(k, NUMERICS)
+    v = mma_operand(v, NUMERICS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     t_lo, f_lo, f_hi, t_hi = query_tiles(n_block * BLOCK_N, tl.minimum(n_block * BLOCK_N + BLOCK_N, Lk) - 1, Lq,
-                                         pos_offset, window, CAUSAL, WINDOWED, BLOCK_M)
+                                         pos_offset, window, RULE.causal, RULE.windowed, BLOCK_M)
     n_q_tiles = tl.cdiv(Lq, BLOCK_M)
     for g in range(group):
         head = kv_head * group + g
-        Q_head = Q + batch * sqb + head * sqh
-        dO_head = dOut + batch * sgb + head * sgh
+        Q_head = Q + batch * sq[0] + head * sq[1]
+        dO_head = dOut + batch * sg[0] + head * sg[1]
         Stats_head = Stats + (batch * Hq + head) * Lq * 2
         Delta_head = Delta + (batch * Hq + head) * Lq
-        mask_head = Mask + batch * smb + head * smh
-        class_col = Classes + batch * scb + head * sch + (n_block * BLOCK_N // CELL) * scn
+        mask_head = Mask + batch * sm[0] + head * sm[1]
+        class_col = Classes + batch * sc[0] + head * sc[1] + (n_block * BLOCK_N // CELL) * sc[3]
         stream = (batch * Hq + head).to(tl.int32)
-        if MASK_KIND == 0:  # the masked edge before the fully visible run, the run, the masked edge after it
+        if RULE.mask_kind == 0:  # the masked edge before the fully visible run, the run, the masked edge after it
             for part in tl.static_range(3):
                 lo = t_lo if part == 0 else (f_lo if part == 1 else f_hi)
                 hi = f_lo if part == 0 else (f_hi if part == 1 else t_hi)
                 for m in range(lo, hi):
                     dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                       stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale,
-                                       softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D, BLOCK_DV, PAD_D,
-                                       PAD_DV, part != 1, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
-                                       DROPOUT, UPCAST, DOT_PRECISION)
+                                       stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, part != 1, RULE, NUMERICS)
         # tiles chosen one by one: by the mask's classes (FULL unmasked, PARTIAL masked), and in a flagged
         # head the skipped tiles holding rows that skipping would change (masked)
         flagged = False
         if CAN_SKIP:
             flagged = tl.load(HeadFlags + batch * Hq + head) != 0
         lo = tl.where(flagged, 0, t_lo)
-        hi = tl.where(flagged, n_q_tiles, t_hi if MASK_KIND != 0 else t_lo)
+        hi = tl.where(flagged, n_q_tiles, t_hi if RULE.mask_kind != 0 else t_lo)
         for m in range(lo, hi):
             in_run = (m >= t_lo) & (m < t_hi)
-            if MASK_KIND != 0:
-                cls = tl.load(class_col + (m * BLOCK_M // CELL) * scm)
+            if RULE.mask_kind != 0:
+                cls = tl.load(class_col + (m * BLOCK_M // CELL) * sc[2])
                 visit_full = in_run & (cls == FULL)
                 visit_masked = in_run & (cls == PARTIAL)
                 skipped = ~in_run | (cls == SKIP)
@@ -180,105 +175,97 @@ def _attention_dkdv_kernel(
             for masked in tl.static_range(2):
                 if visit_masked if masked else visit_full:
                     dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                       stream, sql, sqd, sgl, sgd, sml, smk, Lq, Lk, D, Dv, pos_offset, window, scale,
-                                       softcap, mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_D, BLOCK_DV, PAD_D,
-                                       PAD_DV, masked == 1, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
-                                       DROPOUT, UPCAST, DOT_PRECISION)
-    tl.store(dK + batch * sdkb + kv_head * sdkh + k_idx[:, None] * sdkl + d[None, :] * sdkd,
-             to_dtype(dk * scale, dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
-    tl.store(dV + batch * sdvb + kv_head * sdvh + k_idx[:, None] * sdvl + dvi[None, :] * sdvd,
+                                       stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, masked == 1, RULE,
+                                       NUMERICS)
+    tl.store(dK + batch * sdk[0] + kv_head * sdk[1] + k_idx[:, None] * sdk[2] + d[None, :] * sdk[3],
+             to_dtype(dk * literals[2], dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
+    tl.store(dV + batch * sdv[0] + kv_head * sdv[1] + k_idx[:, None] * sdv[2] + dvi[None, :] * sdv[3],
              to_dtype(dv, dV.dtype.element_ty), mask=k_ok[:, None] & (dvi < Dv)[None, :])
 
 
 @triton.jit
-def dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-            mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
-            PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-            MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end)."""
+def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
+            BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
+            NUMERICS: tl.constexpr):
+    """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end);
+    row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream) of the program's rows."""
+    shift, log2_sum, delta = row_stats
+    q_idx, q_ok, stream = rows
+    Lk, D, Dv = sizes[3], sizes[4], sizes[5]
+    dropout_p, seed = literals[6], literals[7]
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_idx < Lk
-    d = tl.arange(0, BLOCK_D)
-    dvi = tl.arange(0, BLOCK_DV)
-    k = mma_operand(load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, PAD_D),
-                    UPCAST)
-    v = mma_operand(load_tile(v_base + k_idx[:, None] * svl + dvi[None, :] * svd, k_ok, dvi < Dv, MASKED,
-                              PAD_DV), UPCAST)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    d = tl.arange(0, HEAD.block_d)
+    dvi = tl.arange(0, HEAD.block_dv)
+    k = mma_operand(load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD.pad_d),
+                    NUMERICS)
+    v = mma_operand(load_tile(v_base + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok, dvi < Dv, MASKED,
+                              HEAD.pad_dv), NUMERICS)
+    qk = tl.dot(q, tl.trans(k), input_precision=NUMERICS.dot_precision)
     scores, keep, softcap_grad = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
-                               mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window, scale, softcap,
-                               mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP)
+                                             mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED,
+                                             RULE)
     p = probabilities(scores, shift[:, None], log2_sum[:, None], MASKED)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if DROPOUT:
+    dp = tl.dot(do, tl.trans(v), input_precision=NUMERICS.dot_precision)
+    if RULE.dropout:
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         dp = tl.where(undropped, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
-    if SOFTCAP:
+    if RULE.softcap:
         ds = ds * softcap_grad
     if MASKED:
         ds = tl.where(keep, ds, 0.0)
-    return tl.dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), UPCAST), k, dq, input_precision=DOT_PRECISION)
+    return tl.dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), NUMERICS), k, dq,
+                  input_precision=NUMERICS.dot_precision)
 
 
 @triton.jit
-def dq_tiles(dq, q, do, shift, log2_sum, delta, lo, hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-             mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
-             PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-             MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
+             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
+             NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
-        dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                     mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p,
-                     seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, MASKED, CAUSAL, WINDOWED, MASK_KIND,
-                     ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
+                     BLOCK_N, HEAD, MASKED, RULE, NUMERICS)
     return dq
 
 
 @triton.jit
 def _attention_dq_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ,
-        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-        sgb, sgh, sgl, sgd, sdqb, sdqh, sdql, sdqd,
-        Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p,
-        seed, LQ_KEY, LK_KEY,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-        CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-        ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, CAN_SKIP: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, LQ_KEY,
+        LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (query blocks, batch × query heads). A block with rows that skipping would change
     visits every key tile with full masking."""
+    BLOCK_D: tl.constexpr = HEAD.block_d
+    Hq, group, Lq, Lk, D, Dv = sizes
+    pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
     m_block = tl.program_id(0)
-    if CAUSAL:  # the longest rows first
+    if RULE.causal:  # the longest rows first
         m_block = tl.num_programs(0) - 1 - m_block
     batch = (tl.program_id(1) // Hq).to(tl.int64)
     head = (tl.program_id(1) % Hq).to(tl.int64)
     kv_head = head // group
     q_idx = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = q_idx < Lq
-    d = tl.arange(0, BLOCK_D)
-    dvi = tl.arange(0, BLOCK_DV)
-    q = mma_operand(load_tile(Q + batch * sqb + head * sqh + q_idx[:, None] * sql + d[None, :] * sqd, q_ok, d < D,
-                              True, PAD_D), UPCAST)
-    do = mma_operand(load_tile(dOut + batch * sgb + head * sgh + q_idx[:, None] * sgl + dvi[None, :] * sgd, q_ok,
-                               dvi < Dv, True, PAD_DV), UPCAST)
+    d = tl.arange(0, HEAD.block_d)
+    dvi = tl.arange(0, HEAD.block_dv)
+    q = mma_operand(load_tile(Q + batch * sq[0] + head * sq[1] + q_idx[:, None] * sq[2] + d[None, :] * sq[3], q_ok,
+                              d < D, True, HEAD.pad_d), NUMERICS)
+    do = mma_operand(load_tile(dOut + batch * sg[0] + head * sg[1] + q_idx[:, None] * sg[2] + dvi[None, :] * sg[3],
+                               q_ok, dvi < Dv, True, HEAD.pad_dv), NUMERICS)
     stats = Stats + ((batch * Hq + head) * Lq + q_idx) * 2
     shift = tl.load(stats, mask=q_ok, other=0.0)
     log2_sum = tl.load(stats + 1, mask=q_ok, other=0.0)
-    delta = tl.load(Delta + (batch * Hq + head) * Lq + q_idx, mask=q_ok, other=0.0)
-    k_base = K + batch * skb + kv_head * skh
-    v_base = V + batch * svb + kv_head * svh
-    mask_row_ptrs = Mask + batch * smb + head * smh + q_idx.to(tl.int64) * sml
-    class_row = Classes + batch * scb + head * sch + (m_block * BLOCK_M // CELL) * scm
-    stream = (batch * Hq + head).to(tl.int32) + q_idx * 0
+    row_stats = (shift, log2_sum, tl.load(Delta + (batch * Hq + head) * Lq + q_idx, mask=q_ok, other=0.0))
+    k_base = K + batch * sk[0] + kv_head * sk[1]
+    v_base = V + batch * sv[0] + kv_head * sv[1]
+    mask_row_ptrs = Mask + batch * sm[0] + head * sm[1] + q_idx.to(tl.int64) * sm[2]
+    class_row = Classes + batch * sc[0] + head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
+    rows = (q_idx, q_ok, (batch * Hq + head).to(tl.int32) + q_idx * 0)
     q_pos_lo = m_block * BLOCK_M + pos_offset
     q_pos_hi = tl.minimum(m_block * BLOCK_M + BLOCK_M, Lq) - 1 + pos_offset
-    t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, CAUSAL, WINDOWED, BLOCK_N)
+    t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE.causal, RULE.windowed, BLOCK_N)
     respect_classes = t_lo == t_lo
     if CAN_SKIP:
         exact = rows_saturated(shift + log2_sum, q_ok, saturation_lse)
@@ -288,41 +275,31 @@ def _attention_dq_kernel(
         f_hi = tl.where(exact, 0, f_hi)
         t_hi = tl.where(exact, tl.cdiv(Lk, BLOCK_N), t_hi)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if MASK_KIND != 0:
+    if RULE.mask_kind != 0:
         for n in range(t_lo, t_hi):
-            cls = tl.load(class_row + (n * BLOCK_N // CELL) * scn, mask=respect_classes, other=PARTIAL)
+            cls = tl.load(class_row + (n * BLOCK_N // CELL) * sc[3], mask=respect_classes, other=PARTIAL)
             if cls != SKIP:
                 if cls == FULL:
-                    dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx,
-                                 q_ok, stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                 mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False,
-                                 CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                    dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
+                                 literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
                 else:
-                    dq = dq_tile(dq, q, do, shift, log2_sum, delta, n, k_base, v_base, skl, skd, svl, svd, q_idx,
-                                 q_ok, stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                 mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True,
-                                 CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
+                    dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
+                                 literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
     else:  # masked edges around the fully visible run, like the forward
-        dq = dq_tiles(dq, q, do, shift, log2_sum, delta, t_lo, f_lo, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                      stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                      dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
-                      ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
-        dq = dq_tiles(dq, q, do, shift, log2_sum, delta, f_lo, f_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                      stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                      dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND,
-                      ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
-        dq = dq_tiles(dq, q, do, shift, log2_sum, delta, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                      stream, mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                      dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND,
-                      ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST, DOT_PRECISION)
-    tl.store(dQ + batch * sdqb + head * sdqh + q_idx[:, None] * sdql + d[None, :] * sdqd,
-             to_dtype(dq * scale, dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
+        dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
+                      literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
+        dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
+                      literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
+        dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
+                      literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
+    tl.store(dQ + batch * sdq[0] + head * sdq[1] + q_idx[:, None] * sdq[2] + d[None, :] * sdq[3],
+             to_dtype(dq * literals[2], dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
 
 
 def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):
     """Keep configs that fit shared memory (one block resident, the other side's tiles pipelined)
     and registers: dK/dV (key_blocks) or dQ accumulators plus four [rows, keys] float32 temporaries."""
-    block_d, block_dv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+    block_d, block_dv = kwargs["HEAD"].block_d, kwargs["HEAD"].block_dv
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
@@ -342,7 +319,7 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-_BACKWARD_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOWED", "MASK_KIND", "SOFTCAP", "DROPOUT"]
+_BACKWARD_KEY = ["LQ_KEY", "LK_KEY", "HEAD", "RULE"]
 # (query rows, key rows, warps, stages) per program
 attention_dkdv_kernel = triton.autotune(
     _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2),

@@ -12,6 +12,8 @@ query blocks (decode), the group's query heads are packed into the rows of one p
 (PACK_GQA), so K/V are read once per KV head. When there are too few programs to fill the GPU,
 the keys are split across programs (flash-decoding); a second kernel merges their partial
 softmaxes (and does the exact recompute for rows that need it).
+
+Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 """
 from __future__ import annotations
 
@@ -21,29 +23,8 @@ import triton.language as tl
 
 from ..language import to_dtype
 from ..runtime import interpreting
-from .tiles import FULL, LOG2E, PARTIAL, SKIP, dropout_keep, key_tiles, rows_saturated, tile_scores
-
-
-@triton.jit
-def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """A 2-D tile, zero outside; the bounds checks that cannot fail are left out at compile time."""
-    if CHECK_ROWS and CHECK_COLS:
-        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    elif CHECK_ROWS:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    elif CHECK_COLS:
-        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def mma_operand(x, UPCAST: tl.constexpr):
-    """The interpreter's bf16/fp16 arithmetic is wrong: it multiplies float32 copies instead."""
-    if UPCAST:
-        return x.to(tl.float32)
-    else:
-        return x
+from .tiles import (FULL, LOG2E, PARTIAL, SKIP, dropout_keep, key_tiles, load_tile, mma_operand, rows_saturated,
+                    tile_scores)
 
 
 @triton.jit
@@ -69,24 +50,22 @@ def query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M: tl.constexpr, PAC
 
 
 @triton.jit
-def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
-                Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
-                PAD_DV: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr,
-                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile into the running (acc, max, sum) of the online softmax."""
+def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
+                BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
+                NUMERICS: tl.constexpr):
+    """One key tile into the running (acc, max, sum) of the online softmax; rows = (q_idx, q_ok, stream)."""
+    q_idx, q_ok, stream = rows
+    Lk, D, Dv = sizes[3], sizes[4], sizes[5]
+    scale, dropout_p, seed = literals[2], literals[6], literals[7]
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
+    d = tl.arange(0, HEAD.block_d)
+    dv = tl.arange(0, HEAD.block_dv)
     k_ok = k_idx < Lk
-    k = load_tile(k_base + k_idx[:, None] * skl + d[None, :] * skd, k_ok, d < D, MASKED, PAD_D)
-    qk = tl.dot(q, tl.trans(mma_operand(k, UPCAST)), input_precision=DOT_PRECISION)
-    if MASKED or SOFTCAP:
+    k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD.pad_d)
+    qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS.dot_precision)
+    if MASKED or RULE.softcap:
         scores, _, _ = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
-                                mask_row_ptrs[:, None] + k_idx[None, :] * smk, Lk, pos_offset, window,
-                                scale, softcap, mask_value_log2, MASKED, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE,
-                                SOFTCAP)
+                                   mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED, RULE)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:  # a row may have seen only −inf so far
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,140 +78,110 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, 
         p = tl.exp2(qk * (scale * LOG2E) - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if DROPOUT:
+    if RULE.dropout:
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         p = tl.where(undropped, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    v = load_tile(v_base + k_idx[:, None] * svl + dv[None, :] * svd, k_ok, dv < Dv, MASKED, PAD_DV)
-    acc = tl.dot(mma_operand(to_dtype(p, v.dtype), UPCAST), mma_operand(v, UPCAST), acc * alpha[:, None],
-                 input_precision=DOT_PRECISION)
+    v = load_tile(v_base + k_idx[:, None] * sv[2] + dv[None, :] * sv[3], k_ok, dv < Dv, MASKED, HEAD.pad_dv)
+    acc = tl.dot(mma_operand(to_dtype(p, v.dtype), NUMERICS), mma_operand(v, NUMERICS), acc * alpha[:, None],
+                 input_precision=NUMERICS.dot_precision)
     return acc, m_new, l_i
 
 
 @triton.jit
-def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
-                 Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr,
-                 PAD_DV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                 MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
+                 BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
+                 NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into the running (acc, max, sum)."""
     for n in range(lo, hi):
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                                    mask_row_ptrs, smk, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                    mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
-                                    MASKED, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
-                                    DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
+                                    literals, BLOCK_N, HEAD, MASKED, RULE, NUMERICS)
     return acc, m_i, l_i
 
 
 @triton.jit
-def attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-                dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr,
-                RESPECT_CLASSES: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, USE_CLASSES: tl.constexpr,
-                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(acc, max, sum) of the rows over key tiles [t_lo, t_hi); [f_lo, f_hi) are known fully visible.
+def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, class_ptr, sc, sizes, literals,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+                RESPECT_CLASSES: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
+                NUMERICS: tl.constexpr):
+    """(acc, max, sum) of the rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi): all of [t_lo, t_hi),
+    of which [f_lo, f_hi) are known fully visible.
 
     With a mask tensor every tile's class decides (with RESPECT_CLASSES; without, every tile is masked).
     """
+    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    t_lo, f_lo, f_hi, t_hi = tiles
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if MASK_KIND != 0:
+    if RULE.mask_kind != 0:
         for n in range(t_lo, t_hi):
             if RESPECT_CLASSES and USE_CLASSES:
-                cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * scn)
+                cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * sc[3])
             else:
                 cls = PARTIAL
             if cls != SKIP:
                 if cls == FULL:
-                    acc, m_i, l_i = attend_tile(
-                        acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs,
-                        smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N,
-                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
-                        DROPOUT, UPCAST, DOT_PRECISION)
+                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                                sizes, literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
                 else:
-                    acc, m_i, l_i = attend_tile(
-                        acc, m_i, l_i, q, n, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs,
-                        smk, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N,
-                        BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP,
-                        DROPOUT, UPCAST, DOT_PRECISION)
+                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                                sizes, literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
     else:  # masked edges before and after the fully visible run (a causal diagonal, a window's edge, the end)
-        acc, m_i, l_i = attend_tiles(
-            acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
-            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
-            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
-            DOT_PRECISION)
-        acc, m_i, l_i = attend_tiles(
-            acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
-            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
-            BLOCK_DV, PAD_D, PAD_DV, False, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
-            DOT_PRECISION)
-        acc, m_i, l_i = attend_tiles(
-            acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream, mask_row_ptrs, smk,
-            Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_N, BLOCK_D,
-            BLOCK_DV, PAD_D, PAD_DV, True, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, SOFTCAP, DROPOUT, UPCAST,
-            DOT_PRECISION)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                     sizes, literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                     sizes, literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                     sizes, literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
     return acc, m_i, l_i
 
 
 @triton.jit
-def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_splits,
-                        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk,
-                        scb, sch, scm, scn, heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale,
-                        softcap, mask_value_log2, saturation_lse, dropout_p, seed,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr,
-                        WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr,
-                        USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                        PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_splits, sq, sk, sv, sm, sc,
+                        heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
+                        PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Attention of one block of rows: (rows' head and index, acc, max, sum).
 
     `exact` visits every key tile without skipping; otherwise the rows' visible tiles (their
     `split`-th share), followed by an exact recompute when skipping may have changed a row
     (only when not split: then the merge decides).
     """
+    Hq, group, Lq, Lk, D = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]
+    pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M,
                                                                  PACK_GQA)
     batch = batch.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    q_rows = Q + batch * sqb + q_head.to(tl.int64) * sqh + q_idx.to(tl.int64) * sql
-    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sqd, q_ok, d < D, True, PAD_D), UPCAST)
-    k_base = K + batch * skb + kv_head.to(tl.int64) * skh
-    v_base = V + batch * svb + kv_head.to(tl.int64) * svh
-    mask_row_ptrs = Mask + batch * smb + q_head.to(tl.int64) * smh + q_idx.to(tl.int64) * sml
-    class_ptr = Classes + batch * scb + grid_head * sch + (m_block * BLOCK_M // CELL) * scm
-    stream = batch.to(tl.int32) * Hq + q_head
+    d = tl.arange(0, HEAD.block_d)
+    q_rows = Q + batch * sq[0] + q_head.to(tl.int64) * sq[1] + q_idx.to(tl.int64) * sq[2]
+    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sq[3], q_ok, d < D, True, HEAD.pad_d), NUMERICS)
+    k_base = K + batch * sk[0] + kv_head.to(tl.int64) * sk[1]
+    v_base = V + batch * sv[0] + kv_head.to(tl.int64) * sv[1]
+    mask_row_ptrs = Mask + batch * sm[0] + q_head.to(tl.int64) * sm[1] + q_idx.to(tl.int64) * sm[2]
+    class_ptr = Classes + batch * sc[0] + grid_head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
+    rows = (q_idx, q_ok, batch.to(tl.int32) * Hq + q_head)
     n_tiles = tl.cdiv(Lk, BLOCK_N)
     if exact:
         t_lo, f_lo, f_hi, t_hi = 0, 0, 0, n_tiles
     else:
         q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
         q_pos_hi = tl.max(tl.where(q_ok, q_idx, 0), 0) + pos_offset
-        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, CAUSAL, WINDOWED, BLOCK_N)
+        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE.causal, RULE.windowed, BLOCK_N)
         share = tl.cdiv(t_hi - t_lo, num_splits)
         s_lo = tl.minimum(t_lo + split * share, t_hi)
         s_hi = tl.minimum(s_lo + share, t_hi)
         t_lo, t_hi = s_lo, s_hi
         f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
         f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
-    acc, m_i, l_i = attend_rows(q, t_lo, f_lo, f_hi, t_hi, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok, stream,
-                                mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset, window, scale, softcap,
-                                mask_value_log2, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
-                                CELL, not exact, CAUSAL, WINDOWED, MASK_KIND, ADD_MASK_VALUE, USE_CLASSES, SOFTCAP,
-                                DROPOUT, UPCAST, DOT_PRECISION)
+    acc, m_i, l_i = attend_rows(q, (t_lo, f_lo, f_hi, t_hi), k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, not exact, RULE,
+                                USE_CLASSES, NUMERICS)
     if CAN_SKIP and not exact:
         if num_splits == 1:
             if rows_saturated(m_i + tl.log2(l_i), q_ok, saturation_lse):
-                acc, m_i, l_i = attend_rows(q, 0, 0, 0, n_tiles, k_base, v_base, skl, skd, svl, svd, q_idx, q_ok,
-                                            stream, mask_row_ptrs, smk, class_ptr, scn, Lk, D, Dv, pos_offset,
-                                            window, scale, softcap, mask_value_log2, dropout_p, seed, BLOCK_M,
-                                            BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, False, CAUSAL, WINDOWED,
-                                            MASK_KIND, ADD_MASK_VALUE, USE_CLASSES, SOFTCAP, DROPOUT, UPCAST,
-                                            DOT_PRECISION)
+                acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
+                                            class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, False, RULE,
+                                            USE_CLASSES, NUMERICS)
     return batch, q_head, q_idx, q_ok, acc, m_i, l_i
 
 
@@ -251,102 +200,89 @@ def finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS: tl.constexpr):
 
 
 @triton.jit
-def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, sob, soh, sol, sod, ssb, ssh, ssl, Dv,
-               BLOCK_DV: tl.constexpr):
-    """Write a block of output rows (rounded to Out's dtype) and their softmax statistics.
+def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, BLOCK_DV: tl.constexpr):
+    """Write a block of output rows (rounded to Out's dtype) and their softmax statistics; so and ss are
+    the [B, H, L, Dv] and [B, H, L] strides.
 
     The log-sum-exp of a row is kept as two floats, shift + log2(sum): for a fully masked row with a
     finfo.min fill the shift is ≈ −FLT_MAX, and their float32 sum would lose the log2(sum) part.
     """
     dv = tl.arange(0, BLOCK_DV)
-    rows = batch * sob + q_head.to(tl.int64) * soh + q_idx.to(tl.int64) * sol
-    tl.store(Out + rows[:, None] + dv[None, :] * sod, to_dtype(out, Out.dtype.element_ty),
+    rows = batch * so[0] + q_head.to(tl.int64) * so[1] + q_idx.to(tl.int64) * so[2]
+    tl.store(Out + rows[:, None] + dv[None, :] * so[3], to_dtype(out, Out.dtype.element_ty),
              mask=q_ok[:, None] & (dv < Dv)[None, :])
-    stats = Stats + batch * ssb + q_head.to(tl.int64) * ssh + q_idx.to(tl.int64) * ssl
+    stats = Stats + batch * ss[0] + q_head.to(tl.int64) * ss[1] + q_idx.to(tl.int64) * ss[2]
     tl.store(stats, shift, mask=q_ok)
     tl.store(stats + 1, log2_sum, mask=q_ok)
 
 
 @triton.jit
 def _attention_forward_kernel(
-        Q, K, V, Mask, Classes, Out, Stats,
-        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-        sos, sob, soh, sol, sod, sss, ssb, ssh, ssl,
-        heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-        saturation_lse, dropout_p, seed, ROWS_KEY, LK_KEY,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-        MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, USE_CLASSES: tl.constexpr, SOFTCAP: tl.constexpr,
-        DROPOUT: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (row blocks, batch × heads in grid, splits). With splits, Out/Stats are the float32
-    partial buffers (normalized partial output, 0 where a split saw nothing, and its statistics)."""
+        Q, K, V, Mask, Classes, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
+        ROWS_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+        RULE: tl.constexpr, USE_CLASSES: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr,
+        ZERO_EMPTY_ROWS: tl.constexpr, NUMERICS: tl.constexpr):
+    """Grid (row blocks, batch × heads in grid, splits). so / ss lead with the split stride: with splits,
+    Out/Stats are the float32 partial buffers (normalized partial output, 0 where a split saw nothing, and
+    its statistics)."""
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     m_block = tl.program_id(0)
-    if CAUSAL:  # the longest rows first: fewer idle multiprocessors at the end
+    if RULE.causal:  # the longest rows first: fewer idle multiprocessors at the end
         m_block = tl.num_programs(0) - 1 - m_block
     batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
-        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, split, num_splits,
-        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-        heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2, saturation_lse,
-        dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, CAUSAL, WINDOWED, MASK_KIND,
-        ADD_MASK_VALUE, USE_CLASSES, SOFTCAP, DROPOUT, PACK_GQA, CAN_SKIP, UPCAST, DOT_PRECISION)
+        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, split, num_splits, sq, sk, sv, sm, sc,
+        heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, PACK_GQA, CAN_SKIP,
+        NUMERICS)
     if num_splits > 1:  # the merge finishes the rows
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
         shift = m_i
         log2_sum = tl.log2(l_i)
     else:
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
-    store_rows(Out + split * sos, Stats + split * sss, batch, q_head, q_idx, q_ok, out, shift, log2_sum,
-               sob, soh, sol, sod, ssb, ssh, ssl, Dv, BLOCK_DV)
+    store_rows(Out + split * so[0], Stats + split * ss[0], batch, q_head, q_idx, q_ok, out, shift, log2_sum,
+               (so[1], so[2], so[3], so[4]), (ss[1], ss[2], ss[3]), sizes[5], HEAD.block_dv)
 
 
 @triton.jit
 def _merge_splits_kernel(
-        Q, K, V, Mask, Classes, Out, Stats, PartOut, PartStats,
-        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-        sob, soh, sol, sod, ssb, ssh, ssl, sps, spb, sph, spl, spd, sts, stb, sth, stl,
-        num_splits, heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-        saturation_lse, dropout_p, seed,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        PAD_D: tl.constexpr, PAD_DV: tl.constexpr, CELL: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-        MASK_KIND: tl.constexpr, ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-        PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Merge the splits' partial softmaxes; rows that skipping may have changed are recomputed exactly."""
+        Q, K, V, Mask, Classes, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st, num_splits,
+        heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+        CELL: tl.constexpr, RULE: tl.constexpr, PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
+        NUMERICS: tl.constexpr):
+    """Merge the splits' partial softmaxes (sp / st: their strides, split first); rows that skipping may
+    have changed are recomputed exactly."""
+    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    group, Lq, Dv = sizes[1], sizes[2], sizes[5]
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
                                                                  group, Lq, BLOCK_M, PACK_GQA)
     batch = batch.to(tl.int64)
-    dv = tl.arange(0, BLOCK_DV)
-    part_rows = batch * spb + q_head.to(tl.int64) * sph + q_idx.to(tl.int64) * spl
-    stat_rows = PartStats + batch * stb + q_head.to(tl.int64) * sth + q_idx.to(tl.int64) * stl
+    dv = tl.arange(0, HEAD.block_dv)
+    part_rows = batch * sp[1] + q_head.to(tl.int64) * sp[2] + q_idx.to(tl.int64) * sp[3]
+    stat_rows = PartStats + batch * st[1] + q_head.to(tl.int64) * st[2] + q_idx.to(tl.int64) * st[3]
     lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(num_splits):
-        lse = tl.maximum(lse, tl.load(stat_rows + s * sts, mask=q_ok, other=0.0)
-                         + tl.load(stat_rows + s * sts + 1, mask=q_ok, other=0.0))
-    if rows_saturated(lse, q_ok, saturation_lse):
+        lse = tl.maximum(lse, tl.load(stat_rows + s * st[0], mask=q_ok, other=0.0)
+                         + tl.load(stat_rows + s * st[0] + 1, mask=q_ok, other=0.0))
+    if rows_saturated(lse, q_ok, literals[5]):
         _, _, _, _, acc, m_i, l_i = attend_program_rows(
-            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, 0, 1,
-            sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, sml, smk, scb, sch, scm, scn,
-            heads_in_grid, Hq, group, Lq, Lk, D, Dv, pos_offset, window, scale, softcap, mask_value_log2,
-            saturation_lse, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, CELL, CAUSAL,
-            WINDOWED, MASK_KIND, ADD_MASK_VALUE, False, SOFTCAP, DROPOUT, PACK_GQA, True, UPCAST, DOT_PRECISION)
+            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, 0, 1, sq, sk, sv, sm, sc,
+            heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, PACK_GQA, True, NUMERICS)
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for s in range(num_splits):
-            weight = tl.exp2(tl.load(stat_rows + s * sts, mask=q_ok, other=0.0)
-                             + tl.load(stat_rows + s * sts + 1, mask=q_ok, other=0.0) - lse)
-            part = tl.load(PartOut + s * sps + part_rows[:, None] + dv[None, :] * spd,
+            weight = tl.exp2(tl.load(stat_rows + s * st[0], mask=q_ok, other=0.0)
+                             + tl.load(stat_rows + s * st[0] + 1, mask=q_ok, other=0.0) - lse)
+            part = tl.load(PartOut + s * sp[0] + part_rows[:, None] + dv[None, :] * sp[4],
                            mask=q_ok[:, None] & (dv < Dv)[None, :], other=0.0)
             acc += weight[:, None] * part
             total += weight
         out = acc / total[:, None]
         shift = lse
         log2_sum = tl.log2(total)
-    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, sob, soh, sol, sod, ssb, ssh, ssl, Dv,
-               BLOCK_DV)
+    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD.block_dv)
 
 
 def _forward_configs():
@@ -373,7 +309,7 @@ def tuning_pays(rows_key: int, lk_key: int) -> bool:
 def _prune_forward_configs(configs, named_args, **kwargs):
     """Keep configs whose K/V pipeline fits in shared memory, whose registers do not spill and whose
     rows suit the row count."""
-    rows, block_d, block_dv = named_args["ROWS_KEY"], kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+    rows, block_d, block_dv = named_args["ROWS_KEY"], kwargs["HEAD"].block_d, kwargs["HEAD"].block_dv
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
@@ -386,11 +322,10 @@ def _prune_forward_configs(configs, named_args, **kwargs):
     return kept if tuning_pays(rows, named_args["LK_KEY"]) else kept[:1]
 
 
-_FORWARD_KEY = ["ROWS_KEY", "LK_KEY", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOWED", "MASK_KIND", "SOFTCAP", "DROPOUT",
-                "PACK_GQA"]
-attention_forward_kernel = triton.autotune(_forward_configs(), key=_FORWARD_KEY,
+attention_forward_kernel = triton.autotune(_forward_configs(), key=["ROWS_KEY", "LK_KEY", "HEAD", "RULE", "PACK_GQA"],
                                            prune_configs_by={"early_config_prune": _prune_forward_configs})(
     _attention_forward_kernel)
+merge_splits_kernel = _merge_splits_kernel
 
 
 def output_strides(q: torch.Tensor, last_dim: int) -> tuple:

@@ -13,11 +13,28 @@ was, as excluded scores and fully masked rows differ between them:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 LOG2E = 1.0 / math.log(2.0)
 MASKINGS = ("fill", "add", "sdpa")
+
+
+class AttentionLiterals(NamedTuple):
+    """The literals of `fuser::attention` by name, in the op's schema order (`*literals` spreads them so)."""
+    scale: float
+    causal: bool = False
+    window: int = 0
+    bottom_right: bool = False
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    mask_value: float = -math.inf
+    masking: str = "fill"
+
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`torch.ops.fuser.attention(q, k, v, mask, ...)` with these literals."""
+        return torch.ops.fuser.attention(q, k, v, mask, *self)
 
 
 def visible_positions(lq: int, lk: int, causal: bool, window: int, bottom_right: bool,
@@ -50,27 +67,29 @@ def _softmax(scores, zero_empty_rows: bool):
             torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], math.inf))
 
 
-def _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value, masking):
+def _probabilities(q, k, mask, literals: AttentionLiterals):
     """(softmax probabilities, natural lse, kept scores where the others pass no gradient (None: all
     pass), tanh of the softcapped scores or None) with K repeated over the query heads, in the compute dtype."""
     compute = torch.promote_types(q.dtype, torch.float32)
     kf = k.to(compute).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = q.to(compute) @ kf.transpose(-1, -2) * scale
+    scores = q.to(compute) @ kf.transpose(-1, -2) * literals.scale
     tanh = None
-    if softcap > 0:
-        tanh = torch.tanh(scores / softcap)
-        scores = softcap * tanh
-    keep = visible_positions(q.shape[2], k.shape[2], causal, window, bottom_right, q.device)
+    if literals.softcap > 0:
+        tanh = torch.tanh(scores / literals.softcap)
+        scores = literals.softcap * tanh
+    keep = visible_positions(q.shape[2], k.shape[2], literals.causal, literals.window, literals.bottom_right,
+                             q.device)
     if mask is not None:
         if mask.dtype == torch.bool:
             keep = mask if keep is None else keep & mask
         else:
             scores = scores + mask.to(compute)
+    adds = literals.masking == "add"
     if keep is not None:
-        scores = torch.where(keep, scores, scores + mask_value) if masking == "add" else scores.masked_fill(
-            ~keep, mask_value)
-    probs, lse = _softmax(scores, zero_empty_rows=masking == "sdpa")
-    return probs, lse, None if masking == "add" else keep, tanh
+        fill = literals.mask_value
+        scores = torch.where(keep, scores, scores + fill) if adds else scores.masked_fill(~keep, fill)
+    probs, lse = _softmax(scores, zero_empty_rows=literals.masking == "sdpa")
+    return probs, lse, None if adds else keep, tanh
 
 
 def _dropout_scale(probs, dropout_p, generator):
@@ -81,26 +100,25 @@ def _dropout_scale(probs, dropout_p, generator):
     return (uniform >= dropout_p).to(probs.dtype) / (1 - dropout_p)
 
 
-def reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                      masking="fill", generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
-    probs, lse, _, _ = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value, masking)
-    dropout = _dropout_scale(probs, dropout_p, generator)
+    probs, lse, _, _ = _probabilities(q, k, mask, literals)
+    dropout = _dropout_scale(probs, literals.dropout_p, generator)
     if dropout is not None:
         probs = probs * dropout
     vf = v.to(probs.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return (probs @ vf).to(q.dtype), lse
 
 
-def reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                       masking="fill", generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them: masked_fill passes no
     gradient to excluded scores (not even NaN), an added mask passes it."""
     group = q.shape[1] // k.shape[1]
-    probs, _, keep, tanh = _probabilities(q, k, mask, scale, causal, window, bottom_right, softcap, mask_value,
-                                          masking)
+    probs, _, keep, tanh = _probabilities(q, k, mask, literals)
     compute = probs.dtype
-    dropout = _dropout_scale(probs, dropout_p, generator)
+    dropout = _dropout_scale(probs, literals.dropout_p, generator)
     do = grad_out.to(compute)
     qf = q.to(compute)
     kf = k.to(compute).repeat_interleave(group, dim=1)
@@ -115,8 +133,8 @@ def reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_ri
         ds = ds.masked_fill(~keep, 0.0)
     if tanh is not None:
         ds = ds * (1 - tanh * tanh)
-    dq = ds @ kf * scale
-    dk = ds.transpose(-1, -2) @ qf * scale
+    dq = ds @ kf * literals.scale
+    dk = ds.transpose(-1, -2) @ qf * literals.scale
 
     def per_kv_head(x):
         return x.unflatten(1, (k.shape[1], group)).sum(2)
@@ -124,8 +142,6 @@ def reference_backward(grad_out, q, k, v, mask, scale, causal, window, bottom_ri
     return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
 
 
-def attention_reference(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                        masking="fill", generator: torch.Generator | None = None) -> torch.Tensor:
-    """`fuser::attention` in plain torch (same arguments); dropout draws from `generator`."""
-    return reference_forward(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value,
-                             masking, generator)[0]
+def attention_reference(q, k, v, mask, *literals, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`fuser::attention` in plain torch (the op's arguments); dropout draws from `generator`."""
+    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), generator)[0]

@@ -1,4 +1,4 @@
-"""What the forward and backward kernels share: which tiles to visit, and one tile's scores.
+"""What the forward and backward kernels share: loading tiles, which tiles to visit, one tile's scores.
 
 Scores are kept in log2 units (natural score · log2 e) so the softmax runs on exp2. A value
 below −FLT_MAX/log2 e (finfo.min fills) would overflow there; it is clamped to −FLT_MAX, so
@@ -10,13 +10,22 @@ FULL (every score visible, mask zero, cell inside the matrix) or PARTIAL. A skip
 is at most `skipped_bound` = max(mask_value, −FLT_MAX) in log2 units, so skipping cannot change a row
 whose log-sum-exp is above skipped_bound + 160 (2^−160 is zero in float32). With an added mask value
 a skipped score is score + skipped_bound: the bound is then skipped_bound / 2 where that is higher
-(exact while scores stay below half the fill's size). Rows at or below the bound (fully masked rows
+(exact while scores stay below half its size). Rows at or below the bound (fully masked rows
 and their kin) are recomputed without skipping: that keeps the replaced code's answer for them
 (reference.py) — NaN for a −inf fill, the average of V over all keys for a finite one, a softmax
 over score + fill when added. Rows SDPA zeroes keep a log-sum-exp of +inf, which gives them
 zero probabilities (and gradients) in the backward.
+
+The kernels take related values together. Runtime tuples (Triton specializes each element as it
+would a lone argument: == 1, divisibility by 16):
+    strides      one tuple per tensor, in its dimension order
+    sizes        (Hq, group, Lq, Lk, D, Dv)
+    literals     (pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p, seed)
+and constexpr named tuples, read by attribute (HEAD.block_d): HeadBlocks, ScoreRule, Numerics below.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,9 +42,55 @@ NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
 SATURATION_MARGIN = 160.0
 
 
+class HeadBlocks(NamedTuple):
+    """HEAD: the head dims as the kernels tile them (powers of two, 32 at least) and whether they pad."""
+    block_d: int
+    block_dv: int
+    pad_d: bool
+    pad_dv: bool
+
+
+class ScoreRule(NamedTuple):
+    """RULE: which scores a row sees and how they are formed (tile_scores); mask_kind 0 none, 1 bool, 2 float."""
+    causal: bool
+    windowed: bool
+    mask_kind: int
+    add_mask_value: bool
+    softcap: bool
+    dropout: bool
+
+
+class Numerics(NamedTuple):
+    """NUMERICS: float32 copies of 16-bit operands (the interpreter), and the dots' input precision."""
+    upcast: bool
+    dot_precision: str
+
+
 def class_cell() -> int:
     """Side of a tile-class cell; every kernel block divides it (blocks are powers of two ≤ 128)."""
     return 32 if interpreting() else 128
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A 2-D tile, zero outside; the bounds checks that cannot fail are left out at compile time."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def mma_operand(x, NUMERICS: tl.constexpr):
+    """A dot operand; the interpreter's bf16/fp16 arithmetic is wrong: it multiplies float32 copies instead."""
+    if NUMERICS.upcast:
+        return x.to(tl.float32)
+    else:
+        return x
 
 
 @triton.jit
@@ -99,17 +154,17 @@ def tanh(x):
 
 
 @triton.jit
-def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, pos_offset, window, scale, softcap, mask_value_log2,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-                ADD_MASK_VALUE: tl.constexpr, SOFTCAP: tl.constexpr):
+def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED: tl.constexpr, RULE: tl.constexpr):
     """(scores in log2 units, kept, d(softcapped score)/d(scaled score)) of one tile.
 
     q_idx/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
-    (position, False in a bool mask) become mask_value, or get it added with ADD_MASK_VALUE; keys
+    (position, False in a bool mask) become mask_value, or get it added with RULE.add_mask_value; keys
     past Lk −inf. `kept` is False where a score was replaced: no gradient reaches it. With MASKED
     False the tile is known fully visible and inside the matrix (`kept` is then a constant True).
     """
-    if SOFTCAP:
+    pos_offset, window, scale, softcap, mask_value_log2 = literals[0], literals[1], literals[2], literals[3], \
+        literals[4]
+    if RULE.softcap:
         t = tanh(qk * (scale / softcap))
         scores = t * (softcap * LOG2E)
         softcap_grad = 1.0 - t * t
@@ -121,16 +176,16 @@ def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, pos_offset, window, scale
         in_range = k_idx < Lk
         keep = in_range
         q_pos = q_idx + pos_offset
-        if CAUSAL:
+        if RULE.causal:
             keep = keep & (k_idx <= q_pos)
-        if WINDOWED:
+        if RULE.windowed:
             keep = keep & (q_pos - k_idx < window)
-        if MASK_KIND == 1:
+        if RULE.mask_kind == 1:
             keep = keep & (tl.load(mask_ptrs, mask=in_range & q_ok, other=1) != 0)
-        if MASK_KIND == 2:
+        if RULE.mask_kind == 2:
             added = tl.load(mask_ptrs, mask=in_range & q_ok, other=0.0).to(tl.float32)
             scores = scores + mask_to_log2(added)
-        if ADD_MASK_VALUE:
+        if RULE.add_mask_value:
             scores = tl.where(keep, scores, scores + mask_value_log2)
             keep = in_range
         else:
@@ -165,9 +220,8 @@ def rows_saturated(lse, row_ok, saturation_lse):
 
 
 @triton.jit
-def _classify_tiles_kernel(Mask, Classes, smb, smh, sml, smk, scb, sch, scm, scn, heads_in_map, Lq, Lk,
-                           pos_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-                           IS_BOOL: tl.constexpr, CELL: tl.constexpr):
+def _classify_tiles_kernel(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offset, window, CAUSAL: tl.constexpr,
+                           WINDOWED: tl.constexpr, IS_BOOL: tl.constexpr, CELL: tl.constexpr):
     n_cell = tl.program_id(0)
     m_cell = tl.program_id(1)
     batch = tl.program_id(2) // heads_in_map
@@ -175,11 +229,11 @@ def _classify_tiles_kernel(Mask, Classes, smb, smh, sml, smk, scb, sch, scm, scn
     rows = m_cell * CELL + tl.arange(0, CELL)
     cols = n_cell * CELL + tl.arange(0, CELL)
     # a broadcast dimension (stride 0) is read once
-    row_ok = (rows < Lq) & ((rows * 0 + sml != 0) | (rows == m_cell * CELL))
-    col_ok = (cols < Lk) & ((cols * 0 + smk != 0) | (cols == n_cell * CELL))
+    row_ok = (rows < Lq) & ((rows * 0 + sm[2] != 0) | (rows == m_cell * CELL))
+    col_ok = (cols < Lk) & ((cols * 0 + sm[3] != 0) | (cols == n_cell * CELL))
     inside = row_ok[:, None] & col_ok[None, :]
-    ptrs = Mask + batch.to(tl.int64) * smb + head.to(tl.int64) * smh + rows[:, None].to(tl.int64) * sml \
-        + cols[None, :].to(tl.int64) * smk
+    ptrs = Mask + batch.to(tl.int64) * sm[0] + head.to(tl.int64) * sm[1] + rows[:, None].to(tl.int64) * sm[2] \
+        + cols[None, :].to(tl.int64) * sm[3]
     values = tl.load(ptrs, mask=inside, other=0)
     if IS_BOOL:
         hidden = values == 0
@@ -203,11 +257,11 @@ def _classify_tiles_kernel(Mask, Classes, smb, smh, sml, smk, scb, sch, scm, scn
         position_skips = position_skips | (q_lo - k_hi >= window)
         position_shows = position_shows & (q_hi - k_lo < window)
     cls = tl.where(mask_skips | position_skips, SKIP, tl.where(mask_shows & position_shows, FULL, PARTIAL))
-    tl.store(Classes + batch * scb + head * sch + m_cell * scm + n_cell * scn, cls.to(tl.int8))
+    tl.store(Classes + batch * sc[0] + head * sc[1] + m_cell * sc[2] + n_cell * sc[3], cls.to(tl.int8))
 
 
 def classify_tiles(mask: torch.Tensor, is_bool: bool, lq: int, lk: int, pos_offset: int, causal: bool,
-window: int) -> torch.Tensor:
+                   window: int) -> torch.Tensor:
     """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of an expanded [B, H, Lq, Lk] mask
     (B', H' are 1 where the mask broadcasts), positions folded in."""
     cell = class_cell()
@@ -219,7 +273,7 @@ window: int) -> torch.Tensor:
         return classes
     grid = (classes.shape[3], classes.shape[2], batches * heads)
     launch(_classify_tiles_kernel, grid, ("attention.classify", lq, lk),
-           mask, classes, *mask.stride(), *classes.stride(), heads, lq, lk, pos_offset, max(window, 0),
+           mask, classes, mask.stride(), classes.stride(), heads, lq, lk, pos_offset, max(window, 0),
            CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=cell, num_warps=4)
     return classes
 

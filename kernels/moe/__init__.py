@@ -4,9 +4,9 @@
     out = torch.ops.fuser.moe_experts(x, ids, weights, gate_up_proj, None, down_proj)   # or gate, up views
 """
 from . import experts, route  # noqa: F401  (registers torch.ops.fuser.moe_*)
-from .experts import experts_reference, gate_up_views
+from .experts import LIMITS, MoELimits, experts_reference, gate_up_views
 from .plan import PlanLayout, build_plan, build_plan_reference
 from .route import route_reference
 
-__all__ = ["experts_reference", "gate_up_views", "PlanLayout", "build_plan", "build_plan_reference",
-           "route_reference"]
+__all__ = ["LIMITS", "MoELimits", "experts_reference", "gate_up_views", "PlanLayout", "build_plan",
+           "build_plan_reference", "route_reference"]

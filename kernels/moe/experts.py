@@ -19,13 +19,25 @@ of a [E, 2I, H] buffer that separate views cost.
 
 Expert ids outside [0, E) contribute nothing (transformers' expert-parallel sentinel).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ..runtime import KERNEL_DTYPES, cdiv, entry_op, fused_op, use_triton
+from ..runtime import KernelLimits, cdiv, entry_op, fused_op, use_triton
 from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grad,
                    sum_over_topk)
 from .plan import PlanLayout, build_plan, build_plan_reference
+
+
+@dataclass(frozen=True)
+class MoELimits(KernelLimits):
+    """x, the expert weights and the router logits in one of `dtypes` (x and the weights share one); routing
+    and the experts' dots compute in float32; the experts fuse SwiGLU, silu(gate) · up, and no other activation."""
+    activation: str = "silu"
+
+
+LIMITS = MoELimits()
 
 
 def gate_up_views(gate_proj, up_proj):
@@ -61,7 +73,7 @@ def _check(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj):
 
 
 def _runs_triton(x, *tensors):
-    return use_triton(x, *tensors) and x.dtype in KERNEL_DTYPES
+    return use_triton(x, *tensors) and x.dtype in LIMITS.dtypes
 
 
 def _plan_layout(tokens, top_k, experts):

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 # The one set of dtypes the kernels compute (patterns' checks and hypothesis strategies read it here).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    """What a kernel family computes, stated once: patterns' checks read `kernels.<family>.LIMITS` rather
+    than restating it, and calls outside it run the family's plain-torch reference."""
+    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+    compute_dtype: torch.dtype = torch.float32  # what they compute in: code computing in another is not theirs
 
 
 def interpreting() -> bool:

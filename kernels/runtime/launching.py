@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import operator
 import threading
@@ -104,9 +105,11 @@ _REPLAYS: dict = {}
 def launch(kernel, grid, key, *args, **constexprs):
     """`kernel[grid](*args, **constexprs)`, replayed through the compiled kernel's launcher when the
     launch recorded under `key` had the same argument types, scalar values, constexprs, tensor dtypes
-    and 16-byte alignments, on the same device (only tensor addresses differ). Any difference, the
-    interpreter, or an active launch hook (profilers) takes Triton's path, and a new record. Results
-    never depend on `key`: it only says which record to try. Inside `traced_launches` the launch is traced."""
+    and 16-byte alignments, on the same device (only tensor addresses differ). A tuple argument (strides,
+    sizes: Triton specializes each element) counts as its values and their types; a launch with a
+    tuple holding anything but numbers is never replayed. Any difference, the interpreter, or an active
+    launch hook (profilers) takes Triton's path, and a new record. Results never depend on `key`: it
+    only says which record to try."""
     if getattr(_TRACING, "active", False):
         torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
         return
@@ -143,6 +146,14 @@ def _derived(heuristics, args, params) -> dict:
     return derived
 
 
+def _element_types(tuples: tuple) -> tuple:
+    """The types of the tuples' elements, in one flat tuple (the values' equality fixes each tuple's length)."""
+    return tuple(map(type, itertools.chain.from_iterable(tuples)))
+
+
+_NUMBERS = (int, float, bool)
+
+
 def _picker(positions: tuple):
     """A function returning args at `positions` as a tuple (itemgetter returns a bare item for one)."""
     if not positions:
@@ -159,8 +170,10 @@ class _Replay:
         tensor_positions = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
         self.pick_tensors = _picker(tensor_positions)
         self.pick_scalars = _picker(tuple(i for i in range(len(args)) if i not in tensor_positions))
+        self.pick_tuples = _picker(tuple(i for i, a in enumerate(args) if type(a) is tuple))
         self.types = tuple(map(type, args))
-        self.scalars = self.pick_scalars(args)
+        self.scalars = self.pick_scalars(args)  # tuples compare by value here (1 == 1.0 == True: types below)
+        self.tuple_types = _element_types(self.pick_tuples(args))
         tensors = self.pick_tensors(args)
         self.dtypes = tuple(map(_DTYPE, tensors))
         self.alignments = tuple(address % 16 == 0 for address in map(_ADDRESS, tensors))
@@ -192,12 +205,15 @@ class _Replay:
         tail = list(bound.arguments.values())[len(args):]
         if any(isinstance(value, torch.Tensor) for value in tail):  # a tensor passed by keyword: not replayed
             return None
+        if any(type(value) not in _NUMBERS for a in args if type(a) is tuple for value in a):
+            return None  # a tensor or tuple inside a tuple: its fingerprint would not cover it
         meta = {name: None if isinstance(value, torch.Tensor) else value for name, value in bound.arguments.items()}
         return cls(compiled, args, constexprs, tail, meta, heuristics, torch.cuda.current_device())
 
     def accepts(self, args, constexprs) -> bool:
         if not (tuple(map(type, args)) == self.types and self.pick_scalars(args) == self.scalars
-                and constexprs == self.constexprs and torch._C._cuda_getDevice() == self.device and _hooks_idle()):
+                and constexprs == self.constexprs and torch._C._cuda_getDevice() == self.device and _hooks_idle()
+                and _element_types(self.pick_tuples(args)) == self.tuple_types):
             return False
         tensors = self.pick_tensors(args)
         if tuple(map(_DTYPE, tensors)) != self.dtypes:
