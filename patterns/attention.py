@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import fx
 
-from fuser.kernels import attention as _kernel  # noqa: F401  (registers torch.ops.fuser.attention)
+from fuser.kernels.attention import LIMITS
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.attention_masks import MaskPlan, recognize
 from fuser.patterns.nodes import dropout_arguments, tensor_meta
@@ -240,17 +240,17 @@ def check(m) -> str | None:
     q, k, v = _shapes(m)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "q, k and v are not all 4-D [batch, heads, length, head_dim] tensors"
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in FLOAT_DTYPES:
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in LIMITS.dtypes:
         return f"q/k/v dtypes {dtype_name(q.dtype)}/{dtype_name(k.dtype)}/{dtype_name(v.dtype)} not supported"
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not form an attention"
     site = m.site
-    if (q.shape[1] % (k.shape[1] * site.n_rep) if site.gqa_native else k.shape[1] * site.n_rep != q.shape[1]):
-        return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {site.n_rep} times"
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        return f"head dim {max(q.shape[-1], v.shape[-1])} > 256 (kernel limit)"
     if site.unreadable:
         return site.unreadable
+    if (q.shape[1] % (k.shape[1] * site.n_rep) if site.gqa_native else k.shape[1] * site.n_rep != q.shape[1]):
+        return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {site.n_rep} times"
+    if max(q.shape[-1], v.shape[-1]) > LIMITS.max_head_dim:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > {LIMITS.max_head_dim} (kernel limit)"
     if site.scale <= 0:
         return f"scale {site.scale} is not positive"
     if site.softmax_dim not in (-1, 3):

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from torch import fx
 
-from fuser.kernels import moe as _kernel  # noqa: F401  (registers torch.ops.fuser.moe_*)
+from fuser.kernels.moe import LIMITS
 from fuser.kernels.moe.route import routing_tie_problem
 from fuser.patterns.base import UNCHECKED, Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.nodes import tensor_meta
@@ -147,7 +147,7 @@ def _experts_problem(m) -> str | None:
     if m["activation"] != "silu":
         return (f"the experts' activation is {m['activation']}, not SiLU: the kernel fuses SwiGLU (silu(gate) · up) "
                 "only")
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+    if x.dim() != 2 or x.dtype not in LIMITS.dtypes:
         return f"hidden states {tuple(x.shape)} in {dtype_name(x.dtype)} are not [T, H] in float16/bfloat16/float32"
     experts, two_i, hidden = gate_up.shape if gate_up.dim() == 3 else (None, None, None)
     if experts is None or two_i % 2 or down.dim() != 3 or tuple(down.shape) != (experts, hidden, two_i // 2):
@@ -330,7 +330,7 @@ def _read_fused(m) -> RoutedExperts:
 
 def check_router(m) -> str | None:
     logits, x = m.meta("router_logits"), m.meta("x")
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in LIMITS.dtypes:
         return f"router logits are not a [tokens, experts] float16/bfloat16/float32 tensor ({logits})"
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != logits.shape[0]:
         return "the router and the experts see different tokens"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from fuser.kernels import rms_norm as _kernel  # noqa: F401  (registers torch.ops.fuser.rms_norm)
+from fuser.kernels.rms_norm import LIMITS
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
 from fuser.patterns.nodes import tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
@@ -48,7 +48,7 @@ def _normalized_dtype(m) -> torch.dtype:
 
 def check(m) -> str | None:
     x, eps, dim = m.meta("x"), m.meta("eps"), m.meta("dim")
-    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+    if not isinstance(x, torch.Tensor) or x.dtype not in LIMITS.dtypes:
         return f"input is not a float16/bfloat16/float32 tensor ({getattr(x, 'dtype', x)})"
     if dim not in (-1, x.dim() - 1):
         return f"mean over dim {dim}, not over the last dim only"
@@ -60,7 +60,7 @@ def check(m) -> str | None:
         weight = m.meta("weight")
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],):
             return f"the multiplier ({getattr(weight, 'shape', weight)}) is not a weight of shape [{x.shape[-1]}]"
-        if weight.dtype not in FLOAT_DTYPES or m.get("weight_dtype") not in (None, torch.float32):
+        if weight.dtype not in LIMITS.dtypes or m.get("weight_dtype") not in (None, torch.float32):
             return f"weight dtype {dtype_name(weight.dtype)} is not supported"
         offset = m.get("offset", 0.0)
         if isinstance(offset, bool) or not isinstance(offset, (int, float)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fuser.kernels.runtime import KERNEL_DTYPES as FLOAT_DTYPES  # noqa: F401  (examples draw the dtypes the kernels take)
 
 
 def sizes(max_size: int) -> st.SearchStrategy[int]:

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fuser.kernels.attention import AttentionLiterals, attention_reference, plan
 from fuser.kernels.attention.tiles import HeadBlocks
 from fuser.kernels.attention.reference import MASKINGS, reference_backward, reference_forward
-from numerics import assert_close, tolerance
+from numerics import assert_close, on_kernel_device, tolerance
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's log2(0) on padding rows
 
@@ -225,13 +225,16 @@ def test_split_keys_and_packed_heads(pack_gqa, mask_kind):
     b, hq, hkv, lq, lk, d = 2, 4, 2, 3, 70, 24
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, 20, torch.float32, "transposed", 5)
     mask = make_mask(mask_kind, b, hq, lq, lk, torch.float32, 5)
+    kernel_q, kernel_k, kernel_v, kernel_mask = on_kernel_device(q, k, v, mask)  # the plan is the kernels'
     for causal, window, fill, masking in [(True, 0, torch.finfo(torch.float32).min, "fill"),
                                           (True, 9, torch.finfo(torch.float32).min, "fill"),
                                           (False, 0, torch.finfo(torch.float32).min, "fill"),
                                           (True, 0, -math.inf, "sdpa")]:
         literals = AttentionLiterals(d ** -0.5, causal, window, True, 0.0, 0.0, fill, masking)
-        launches = plan.build_plan(q, k, v, mask, literals)
-        out, stats, _ = plan.forward(launches, q, k, v, mask, None, num_splits=3, pack_gqa=pack_gqa)
+        launches = plan.build_plan(kernel_q, kernel_k, kernel_v, kernel_mask, literals)
+        out, stats, _ = plan.forward(launches, kernel_q, kernel_k, kernel_v, kernel_mask, None, num_splits=3,
+                                     pack_gqa=pack_gqa)
+        out, stats = out.cpu(), stats.cpu()
         mask64 = None if mask is None or mask.dtype == torch.bool else mask.double()
         ref, lse = reference_forward(q.double(), k.double(), v.double(), mask if mask64 is None else mask64,
                                      literals)
