@@ -20,8 +20,8 @@ import triton.language as tl
 
 from ..language import exp, to_dtype
 from ..runtime import cdiv, launch
-from .chunk import (Geometry, chunk_rows, chunk_states, decay_within, l2_normalized, load_heads_rows, load_token_values,
-                    log_decays, unit_lower_inverse)
+from .chunk import (Geometry, chunk_rows, chunk_states, decay_within, l2_normalized, load_heads_rows, load_state,
+                    load_token_values, log_decays, state_block, store_state, unit_lower_inverse)
 
 
 @triton.jit
@@ -43,16 +43,11 @@ def _state_grad_scan_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dstates_ptr, dwr
     vblock, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     kcols = tl.arange(0, BLOCK_K)
-    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
-    state_offsets = kcols[:, None] * dv + vcols[None, :]
-    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-    d_state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-    if HAS_DFINAL:
-        d_state = tl.load(dfinal_ptr + bh.to(tl.int64) * dk * dv + state_offsets, mask=state_mask, other=0.0)
+    offsets, mask, vcols = state_block(vblock, dk, dv, BLOCK_K, BLOCK_V)
+    d_state = load_state(dfinal_ptr, bh, offsets, mask, dk, dv, HAS_DFINAL, BLOCK_K, BLOCK_V)
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        tl.store(dstates_ptr + (bh.to(tl.int64) * n_chunks + chunk) * dk * dv + state_offsets, d_state,
-                 mask=state_mask)
+        store_state(dstates_ptr, bh * n_chunks + chunk, offsets, mask, dk, dv, d_state)
         rows, row_ok = chunk_rows(chunk, length, CHUNK)
         query = l2_normalized(load_heads_rows(q_ptr, batch, head // groups, rows, row_ok, q_st, q_sb, q_sh, kcols, dk),
                               eps, L2NORM) * scale
@@ -69,7 +64,7 @@ def _state_grad_scan_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dstates_ptr, dwr
                  mask=row_ok[:, None] & (vcols < dv)[None, :])
         d_state = tl.dot(tl.trans(query * exp(log_decay)[:, None]), d_out, input_precision=PRECISION) \
             + chunk_decay * d_state - tl.dot(tl.trans(w), d_written, input_precision=PRECISION)
-    tl.store(dinitial_ptr + bh.to(tl.int64) * dk * dv + state_offsets, d_state, mask=state_mask)
+    store_state(dinitial_ptr, bh, offsets, mask, dk, dv, d_state)
 
 
 @triton.jit
@@ -118,14 +113,11 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, states_ptr
     d_beta = tl.zeros([CHUNK], tl.float32)
     state_products = tl.zeros([BLOCK_K], tl.float32)         # Σ S ⊙ dS', for λ
     scratch_rows = (bh.to(tl.int64) * length + rows)[:, None]
-    state_base = (bh.to(tl.int64) * n_chunks + chunk) * dk * dv
-    for vstart in range(0, dv, BLOCK_V):
-        vcols = vstart + tl.arange(0, BLOCK_V)
+    for vblock in range(0, tl.cdiv(dv, BLOCK_V)):
+        offsets, mask, vcols = state_block(vblock, dk, dv, BLOCK_K, BLOCK_V)
         v_mask = row_ok[:, None] & (vcols < dv)[None, :]
-        state_offsets = state_base + kcols[:, None] * dv + vcols[None, :]
-        state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-        state = tl.load(states_ptr + state_offsets, mask=state_mask, other=0.0)
-        d_state = tl.load(dstates_ptr + state_offsets, mask=state_mask, other=0.0)
+        state = load_state(states_ptr, bh * n_chunks + chunk, offsets, mask, dk, dv, True, BLOCK_K, BLOCK_V)
+        d_state = load_state(dstates_ptr, bh * n_chunks + chunk, offsets, mask, dk, dv, True, BLOCK_K, BLOCK_V)
         d_out = load_heads_rows(do_ptr, batch, head, rows, row_ok, do_st, do_sb, do_sh, vcols, dv)
         value = load_heads_rows(v_ptr, batch, head, rows, row_ok, v_st, v_sb, v_sh, vcols, dv)
         written = tl.load(written_ptr + scratch_rows * dv + vcols[None, :], mask=v_mask, other=0.0)

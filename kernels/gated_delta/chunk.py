@@ -102,6 +102,29 @@ def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def state_block(vblock, dk, dv, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(offsets, mask, value columns) of value block `vblock` of a row-major [Dk, Dv] state."""
+    kcols = tl.arange(0, BLOCK_K)
+    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
+    return kcols[:, None] * dv + vcols[None, :], (kcols < dk)[:, None] & (vcols < dv)[None, :], vcols
+
+
+@triton.jit
+def load_state(ptr, index, offsets, mask, dk, dv, PRESENT: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """A [Dk, BLOCK_V] block of state `index` of a [N, Dk, Dv] float32 tensor; zeros where there is none."""
+    block = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
+    if PRESENT:
+        block = tl.load(ptr + index.to(tl.int64) * dk * dv + offsets, mask=mask, other=0.0)
+    return block
+
+
+@triton.jit
+def store_state(ptr, index, offsets, mask, dk, dv, block):
+    tl.store(ptr + index.to(tl.int64) * dk * dv + offsets, block, mask=mask)
+
+
+@triton.jit
 def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, heads, groups, dk, dv, eps,
                         k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh, b_sb, b_st, b_sh,
                         CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr,
@@ -134,14 +157,10 @@ def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, fina
     vblock, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     kcols = tl.arange(0, BLOCK_K)
-    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
-    state_offsets = kcols[:, None] * dv + vcols[None, :]
-    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-    state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + bh.to(tl.int64) * dk * dv + state_offsets, mask=state_mask, other=0.0)
+    offsets, mask, vcols = state_block(vblock, dk, dv, BLOCK_K, BLOCK_V)
+    state = load_state(initial_ptr, bh, offsets, mask, dk, dv, HAS_INITIAL, BLOCK_K, BLOCK_V)
     for chunk in range(n_chunks):
-        tl.store(states_ptr + (bh.to(tl.int64) * n_chunks + chunk) * dk * dv + state_offsets, state, mask=state_mask)
+        store_state(states_ptr, bh * n_chunks + chunk, offsets, mask, dk, dv, state)
         rows, row_ok = chunk_rows(chunk, length, CHUNK)
         key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                             eps, L2NORM)
@@ -153,7 +172,7 @@ def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, fina
         written = tl.load(u_pointers, mask=u_mask, other=0.0) - tl.dot(w, state, input_precision=PRECISION)
         tl.store(u_pointers, written, mask=u_mask)
         state = state * chunk_decay + tl.dot(tl.trans(key * to_end[:, None]), written, input_precision=PRECISION)
-    tl.store(final_ptr + bh.to(tl.int64) * dk * dv + state_offsets, state, mask=state_mask)
+    store_state(final_ptr, bh, offsets, mask, dk, dv, state)
 
 
 @triton.jit
