@@ -142,3 +142,16 @@ def test_training_gradients_against_float64(converted):
             checked += 1
     model.zero_grad(set_to_none=True)
     assert checked == 7 * LINEAR_LAYERS  # dt_bias, A_log, conv1d, in_proj_qkvz, in_proj_ba, norm, out_proj
+
+
+def test_torch_compile_traces_the_fused_calls_in_one_graph(converted):
+    """Dynamo traces a converted layer's forward whole: the fused functions and the op, no graph break."""
+    layer = converted[2].model.layers[0].linear_attn
+    hidden = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(hidden)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    ops = [n.target for gm in explained.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert {torch.ops.fuser.gated_delta_rule, torch.ops.fuser.gated_delta_rule.default} & set(ops)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, backend="eager", fullgraph=True)(hidden), layer(hidden))
