@@ -155,3 +155,14 @@ def test_torch_compile_traces_the_fused_calls_in_one_graph(converted):
     assert {torch.ops.fuser.gated_delta_rule, torch.ops.fuser.gated_delta_rule.default} & set(ops)
     with torch.no_grad():
         assert torch.equal(torch.compile(layer, backend="eager", fullgraph=True)(hidden), layer(hidden))
+
+
+def test_a_bfloat16_model_converts_and_matches_float64():
+    """The check runs at the layer's own dtype: bf16 inputs, tf32 dots, the bf16 tolerance."""
+    original = tiny_qwen3_next(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    reference, model, report = float64_reference(original), copy.deepcopy(original).to(torch.bfloat16), Report()
+    linear_attention.convert_linear_attention(model, report)
+    assert report.counts() == {"linear_attention": 1} and not report.near_misses
+    ids = token_ids(24)
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, torch.bfloat16)
