@@ -1,15 +1,14 @@
 """`fuser::gated_delta_rule` on the GPU: bf16 checks against float64, then the forward against transformers'
 torch fallback and the decode step's bandwidth against a copy.
 
-    python benchmarks/bench_gated_delta.py [--compile] [--backward]
+    python benchmarks/bench_gated_delta.py [--compile]
 
 1. Checks (bf16 and fp32 inputs, against the chunkwise reference in float64, itself tested equal to the
    per-token recurrence): decode-sized calls (recurrent kernel), prefill across chunk edges, GQA (value heads
-   twice the key heads), l2norm on and off, initial states; the float64 recomputing backward at one shape.
-2. Forward at B1 T4096 and B8 T2048, 16 heads, head dim 128, bf16, l2norm (Qwen3-Next's call): ours against
-   transformers' `torch_chunk_gated_delta_rule` in eager (and under torch.compile with --compile: the
-   fallback's loop over chunks unrolls, so compiling takes a while). --backward also times ours forward +
-   backward (the backward is the float64 recomputation, not Triton yet).
+   twice the key heads), l2norm on and off, initial states; the Triton backward at one shape.
+2. Forward, and forward + backward, at B1 T4096 and B8 T2048, 16 heads, head dim 128, bf16, l2norm (Qwen3-Next's
+   call): ours against transformers' `torch_chunk_gated_delta_rule` in eager (and its forward under
+   torch.compile with --compile: the fallback's loop over chunks unrolls, so compiling takes a while).
 3. Decode: one token, B32, 16 key / 32 value heads, head dim 128 (Qwen3-Next's shapes): the state's read and
    write in TB/s against `copy_` of a tensor of the state's size, measured in the same run.
 Times are triton.testing.do_bench medians (ms).
@@ -92,7 +91,16 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
-def forward_table(compile_fallback: bool, backward: bool) -> list[tuple]:
+def train_step(function, args) -> callable:
+    leaves = [t.detach().requires_grad_() for t in args]
+
+    def step():
+        out, _ = function(*leaves)
+        out.sum().backward()
+    return step
+
+
+def forward_table(compile_fallback: bool) -> list[tuple]:
     rows = []
     fallback = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__
     compiled = torch.compile(fallback) if compile_fallback else None
@@ -107,18 +115,14 @@ def forward_table(compile_fallback: bool, backward: bool) -> list[tuple]:
         with torch.no_grad():
             t_ours, t_eager = bench(ours), bench(theirs)
             t_compiled = bench(lambda: theirs(compiled)) if compiled is not None else float("nan")
-        t_train = float("nan")
-        if backward:
-            leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
-
-            def step():
-                out, _ = torch.ops.fuser.gated_delta_rule(*leaves, None, 128 ** -0.5, True)
-                out.sum().backward()
-            t_train = bench(step)
+        t_train = bench(train_step(lambda *a: torch.ops.fuser.gated_delta_rule(*a, None, 128 ** -0.5, True),
+                                   (q, k, v, g, beta)))
+        t_train_eager = bench(train_step(lambda *a: fallback(*a, output_final_state=True,
+                                                             use_qk_l2norm_in_kernel=True), (q, k, v, g, beta)))
         name = f"B{batch} T{length} H16 D128"
-        rows.append((name, t_ours, t_eager, t_compiled, t_train))
+        rows.append((name, t_ours, t_eager, t_compiled, t_train, t_train_eager))
         log(f"  {name}: fuser {t_ours:.3f} ms, fallback eager {t_eager:.3f} ms ({t_eager / t_ours:.1f}x), "
-            f"compiled {t_compiled:.3f} ms, fuser fwd+bwd {t_train:.1f} ms")
+            f"compiled {t_compiled:.3f} ms; fwd+bwd fuser {t_train:.3f} ms, fallback {t_train_eager:.3f} ms")
     return rows
 
 
@@ -141,21 +145,22 @@ def decode_row() -> tuple:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true", help="also time the fallback under torch.compile")
-    parser.add_argument("--backward", action="store_true", help="also time ours forward + backward")
     options = parser.parse_args()
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     passed = checks()
     log("forward:")
-    rows = forward_table(options.compile, options.backward)
+    rows = forward_table(options.compile)
     log("decode:")
     decode = decode_row()
-    log("\n| case | fuser ms | fallback eager ms | speedup | fallback compiled ms | fuser fwd+bwd ms |")
-    log("|---|---|---|---|---|---|")
-    for name, ours, eager, compiled, train in rows:
-        log(f"| {name} | {ours:.3f} | {eager:.3f} | {eager / ours:.1f}x | {compiled:.3f} | {train:.1f} |")
+    log("\n| case | fuser ms | fallback eager ms | speedup | fallback compiled ms | fwd+bwd fuser ms | "
+        "fwd+bwd fallback ms | speedup |")
+    log("|---|---|---|---|---|---|---|---|")
+    for name, ours, eager, compiled, train, train_eager in rows:
+        log(f"| {name} | {ours:.3f} | {eager:.3f} | {eager / ours:.1f}x | {compiled:.3f} | {train:.3f} | "
+            f"{train_eager:.3f} | {train_eager / train:.1f}x |")
     t_ours, t_theirs, tbps, copy_tbps = decode
     log(f"| decode B32 16/32 heads D128 | {t_ours:.4f} | {t_theirs:.4f} | {t_theirs / t_ours:.1f}x | "
-        f"{tbps:.2f} TB/s = {100 * tbps / copy_tbps:.0f}% of copy ({copy_tbps:.2f}) | |")
+        f"{tbps:.2f} TB/s = {100 * tbps / copy_tbps:.0f}% of copy ({copy_tbps:.2f}) | | | |")
     log(f"checks: {'all passed' if passed else 'FAILURES above'}")
 
 

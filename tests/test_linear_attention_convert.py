@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
 from fuser.integrations import linear_attention
+from fuser.kernels.gated_delta import recurrent_reference
 from fuser.report import Report
 from helpers import float64_reference
 from numerics import assert_close
@@ -108,3 +110,59 @@ def test_dry_run_changes_nothing():
     linear_attention.convert_linear_attention(model, report, dry_run=True)
     assert report.counts() == {"linear_attention": 1}
     assert not any(isinstance(m, linear_attention._RebindsKernelFunctions) for m in model.modules())
+
+
+def _float64_recurrence(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                        use_qk_l2norm_in_kernel=False, **kwargs):
+    """transformers' gated delta functions as the float64 per-token recurrence (tests/test_kernel_gated_delta.py
+    holds it equal to them): transformers' own compute in float32 whatever they are given."""
+    out, final = recurrent_reference(query, key, value, g, beta, initial_state, query.shape[-1] ** -0.5,
+                                     use_qk_l2norm_in_kernel)
+    return out, (final if output_final_state else None)
+
+
+def test_training_gradients_against_float64(converted):
+    """The converted model's parameter gradients (through the Triton backward) against the float64 model whose
+    gated delta functions are the float64 recurrence."""
+    _, reference, model, _ = converted
+    reference = copy.deepcopy(reference)  # the module's fixture stays as it is
+    for layer in reference.model.layers[:LINEAR_LAYERS]:
+        cls = type(layer.linear_attn)
+        names = dict.fromkeys(linear_attention.kernel_function_names(cls), _float64_recurrence)
+        layer.linear_attn.forward = types.MethodType(linear_attention.rebound(cls.forward, names), layer.linear_attn)
+    ids = token_ids(30)
+    for m in (model, reference):
+        m.zero_grad()
+        m(ids).logits.square().mean().backward()
+    exact = dict(reference.named_parameters())
+    checked = 0
+    for name, parameter in model.named_parameters():
+        if "linear_attn" in name and parameter.grad is not None:
+            assert_close(parameter.grad, exact[name].grad, torch.float32)
+            checked += 1
+    model.zero_grad(set_to_none=True)
+    assert checked == 7 * LINEAR_LAYERS  # dt_bias, A_log, conv1d, in_proj_qkvz, in_proj_ba, norm, out_proj
+
+
+def test_torch_compile_traces_the_fused_calls_in_one_graph(converted):
+    """Dynamo traces a converted layer's forward whole: the fused functions and the op, no graph break."""
+    layer = converted[2].model.layers[0].linear_attn
+    hidden = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(hidden)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    ops = [n.target for gm in explained.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert {torch.ops.fuser.gated_delta_rule, torch.ops.fuser.gated_delta_rule.default} & set(ops)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, backend="eager", fullgraph=True)(hidden), layer(hidden))
+
+
+def test_a_bfloat16_model_converts_and_matches_float64():
+    """The check runs at the layer's own dtype: bf16 inputs, tf32 dots, the bf16 tolerance."""
+    original = tiny_qwen3_next(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    reference, model, report = float64_reference(original), copy.deepcopy(original).to(torch.bfloat16), Report()
+    linear_attention.convert_linear_attention(model, report)
+    assert report.counts() == {"linear_attention": 1} and not report.near_misses
+    ids = token_ids(24)
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, torch.bfloat16)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import sys
 import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -36,32 +39,36 @@ IMPLEMENTED = {"query", "key", "value", "g", "beta", "chunk_size", "initial_stat
 WRAPPER_ARGUMENTS = ("cu_seqlens", "seq_idx")
 
 
-def _bound_arguments(original: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by name, those that reach the function's **kwargs among them."""
-    bound = inspect.signature(inspect.unwrap(original)).bind(*args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.update(arguments.pop("kwargs", {}))
-    return arguments
+@dataclass(frozen=True)
+class Parameters:
+    """How one of transformers' gated delta functions takes its arguments, read once (calls bind them with
+    plain dict operations, which Dynamo traces without graph breaks, unlike inspect's binding)."""
+    names: tuple[str, ...]           # positional-or-keyword, in order
+    defaults: tuple[tuple[str, Any], ...]
+    result_changing: frozenset[str]  # its named parameters and what the wrapper reads
 
+    @staticmethod
+    def of(original: Callable) -> "Parameters":
+        parameters = [p for p in inspect.signature(inspect.unwrap(original)).parameters.values()
+                      if p.kind is not p.VAR_KEYWORD]
+        return Parameters(tuple(p.name for p in parameters),
+                          tuple((p.name, p.default) for p in parameters if p.default is not p.empty),
+                          frozenset(p.name for p in parameters) | frozenset(WRAPPER_ARGUMENTS))
 
-def _result_changing(original: Callable) -> set[str]:
-    """The arguments that can change what `original` returns: its named parameters and the wrapper's."""
-    parameters = inspect.signature(inspect.unwrap(original)).parameters.values()
-    return {p.name for p in parameters if p.kind is not p.VAR_KEYWORD} | set(WRAPPER_ARGUMENTS)
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name, those that reach the function's **kwargs among them."""
+        return {**dict(self.defaults), **dict(zip(self.names, args)), **kwargs}
 
-
-def unimplemented(original: Callable, arguments: dict[str, Any]) -> list[str]:
-    """The arguments of a call that change its result and that `fuser::gated_delta_rule` does not implement."""
-    changing = _result_changing(original)
-    names = [name for name, value in arguments.items()
-             if name in changing and name not in IMPLEMENTED and value is not None]
-    g, key, value = arguments["g"], arguments["key"], arguments["value"]
-    if isinstance(g, torch.Tensor) and g.dim() != 3:
-        names.append(f"g of shape {list(g.shape)} (a decay per key channel)")
-    if max(key.shape[-1], value.shape[-1]) > LIMITS.max_head_dim:
-        names.append(f"head dims {key.shape[-1]}/{value.shape[-1]} (at most {LIMITS.max_head_dim})")
-    return names
+    def unimplemented(self, arguments: dict[str, Any]) -> list[str]:
+        """The arguments of a call that change its result and that `fuser::gated_delta_rule` does not implement."""
+        names = [name for name, value in arguments.items()
+                 if name in self.result_changing and name not in IMPLEMENTED and value is not None]
+        g, key, value = arguments["g"], arguments["key"], arguments["value"]
+        if isinstance(g, torch.Tensor) and g.dim() != 3:
+            names.append(f"g of shape {list(g.shape)} (a decay per key channel)")
+        if max(key.shape[-1], value.shape[-1]) > LIMITS.max_head_dim:
+            names.append(f"head dims {key.shape[-1]}/{value.shape[-1]} (at most {LIMITS.max_head_dim})")
+        return names
 
 
 def fused_call(arguments: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,10 +83,12 @@ def fused_call(arguments: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | 
 def fused_function(original: Callable) -> Callable:
     """`original` (one of transformers' gated delta functions) computed by the fused op, where it implements
     the call's arguments; other calls run `original`."""
+    parameters = Parameters.of(original)
+
     @functools.wraps(original)
     def function(*args, **kwargs):
-        arguments = _bound_arguments(original, args, kwargs)
-        return original(*args, **kwargs) if unimplemented(original, arguments) else fused_call(arguments)
+        arguments = parameters.bind(args, kwargs)
+        return original(*args, **kwargs) if parameters.unimplemented(arguments) else fused_call(arguments)
     function.fuser_original = original
     return function
 
@@ -114,13 +123,26 @@ def rebound(function: Callable, names: dict[str, Any]) -> Callable:
         cells = tuple(types.CellType(inner_copy) if held else cell for cell, held in zip(cells, holds_inner))
         namespace = function.__globals__
     else:
-        inner_copy, namespace = None, {**function.__globals__, **names}
+        inner_copy, namespace = None, _module_namespace(function.__globals__, names)
     copy = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__, cells or None)
     copy.__kwdefaults__ = function.__kwdefaults__
     functools.update_wrapper(copy, function)
     if inner_copy is not None:
         copy.__wrapped__ = inner_copy
     return copy
+
+
+_rebindings = itertools.count()
+
+
+def _module_namespace(module_globals: dict, names: dict[str, Any]) -> dict:
+    """A copy of a module's globals with `names` bound, as the namespace of a module of its own in sys.modules:
+    Dynamo finds a function's globals by its module's name, so a bare dict claiming transformers' module name
+    would have its guards read transformers' module instead."""
+    module = types.ModuleType(f"{module_globals['__name__']}.fuser_rebound_{next(_rebindings)}")
+    module.__dict__.update({**module_globals, **names, "__name__": module.__name__})
+    sys.modules[module.__name__] = module
+    return module.__dict__
 
 
 def _cell_holds(cell, value) -> bool:
@@ -169,9 +191,10 @@ def recorded_calls(model: nn.Module, layer: nn.Module, lengths=(20, 3, 1)) -> li
 
     def recorder(name: str) -> Callable:
         original = forward_globals[name]
+        parameters = Parameters.of(original)
 
         def record(*args, **kwargs):
-            arguments = _bound_arguments(original, args, kwargs)
+            arguments = parameters.bind(args, kwargs)
             calls.append((name, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in arguments.items()}))
             return original(*args, **kwargs)
         return record
@@ -255,7 +278,7 @@ def layer_problem(model: nn.Module, layer: nn.Module) -> str | None:
         return f"its forward could not be run on random hidden states with a cache ({type(error).__name__}: {error})"
     forward_globals = _innermost(type(layer).forward).__globals__
     for name, arguments in calls:
-        missing = unimplemented(forward_globals[name], arguments)
+        missing = Parameters.of(forward_globals[name]).unimplemented(arguments)
         if missing:
             return f"its {name} call passes {', '.join(missing)}, which {OP} does not implement; kept the original"
         problem = call_problem(name, forward_globals[name], arguments)

@@ -6,10 +6,10 @@ q, k [B, T, Hk, Dk], v [B, T, Hv, Dv] (Hv a multiple of Hk), g and beta [B, T, H
 [B, Hv, Dk, Dv] or None; any strides. out [B, T, Hv, Dv] in q's dtype, final_state float32 (float64 for
 float64 inputs). What it computes, and in which precision: reference.py (transformers' semantics).
 Calls of up to `RECURRENT_MAX_TOKENS` tokens (decode) run the recurrent kernel (recurrent.py), longer
-ones the chunkwise kernels (chunk.py). The backward recomputes through the chunkwise reference in
-float64, a segment of chunks at a time (reference.backward_reference): exact and memory-bounded, but
-not yet Triton. Float64 inputs, CPU tensors without TRITON_INTERPRET=1 and anything outside `LIMITS`
-run the chunkwise reference.
+ones the chunkwise kernels (chunk.py); the backward is chunkwise at every length (backward.py: it
+recomputes the forward's intermediates). Float64 inputs, CPU tensors without TRITON_INTERPRET=1 and
+anything outside `LIMITS` run the chunkwise reference forward and, backward, its autograd in float64
+a segment of chunks at a time (reference.backward_reference).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime import KERNEL_DTYPES, kernels_apply
+from .backward import chunk_backward
 from .chunk import chunk_forward, chunk_size
 from .recurrent import recurrent_forward
 from .reference import L2NORM_EPS, backward_reference, chunked_reference, compute_dtype, recurrent_reference
@@ -111,11 +112,16 @@ def gated_delta_rule_backward(grad_out: torch.Tensor | None, grad_state: torch.T
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dinitial_state), the last empty without an initial state."""
-    with _autograd_inside_the_op():
-        grads = backward_reference(grad_out, grad_state, q, k, v, g, beta, initial_state, scale, l2norm,
-                                   chunk_size(k.shape[3]))
+    if kernels_support(q, k, v, g, beta, initial_state):
+        initial = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+        grads = chunk_backward(grad_out, grad_state, _rows(q), _rows(k), _rows(v), g, beta, initial, scale, l2norm,
+                               L2NORM_EPS)
+    else:
+        with _autograd_inside_the_op():
+            grads = backward_reference(grad_out, grad_state, q, k, v, g, beta, initial_state, scale, l2norm,
+                                       chunk_size(k.shape[3]))
     inputs = (q, k, v, g, beta, initial_state)
-    return tuple(q.new_empty(0) if grad is None else grad.to(x.dtype) for grad, x in zip(grads, inputs))
+    return tuple(q.new_empty(0) if x is None else grad.to(x.dtype) for grad, x in zip(grads, inputs))
 
 
 @gated_delta_rule_backward.register_fake

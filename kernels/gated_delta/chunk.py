@@ -9,10 +9,13 @@ the state the chunk starts from, w = (I + A)⁻¹(β exp(G) k) (the WY form). Th
        u ← u − w·S (what each token really writes), S ← S·exp(G_last) + (k·exp(G_last − G))ᵀ·u,
        keeping the state each chunk starts from;
     3. `_output_kernel`, every chunk in parallel: o = (q·S)·exp(G) + tril(q·kᵀ·exp(G_i − G_j))·u.
-Everything is float32 (the dots take tf32 for 16-bit inputs, full float32 for float32 inputs); scratch:
-w and u [B, Hv, T, D] and the chunk-start states [B, Hv, chunks, Dk, Dv], float32.
+Everything is float32 (the dots take tf32 for 16-bit inputs, full float32 for float32 inputs; G is a
+float32 pair, see `log_decays`); scratch: w and u [B, Hv, T, D] and the chunk-start states
+[B, Hv, chunks, Dk, Dv], float32. The backward (backward.py) runs kernels 1 and 2 again.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -46,17 +49,79 @@ def l2_normalized(x, eps, L2NORM: tl.constexpr):
 
 
 @triton.jit
-def _chunk_rows(chunk, length, CHUNK: tl.constexpr):
+def chunk_rows(chunk, length, CHUNK: tl.constexpr):
     rows = chunk * CHUNK + tl.arange(0, CHUNK)
     return rows, rows < length
 
 
 @triton.jit
-def _decay_within(log_decay, CHUNK: tl.constexpr, INCLUSIVE: tl.constexpr):
-    """exp(G_i − G_j) on and below the diagonal (strictly below unless INCLUSIVE), 0 above."""
+def _two_sum(a_high, a_low, b_high, b_low):
+    """(a + b) as a float32 pair high + low whose high is the rounded sum (Knuth's TwoSum, renormalized)."""
+    total = a_high + b_high
+    b_part = total - a_high
+    low = (a_high - (total - b_part)) + (b_high - b_part) + a_low + b_low
+    high = total + low
+    return high, low - (high - total)
+
+
+@triton.jit
+def log_decays(g_ptr, batch, head, rows, row_ok, row_stride, batch_stride, head_stride, CHUNK: tl.constexpr):
+    """G, the cumulative log decay in the chunk, as a pair (high, low), and exp(G_last − G), exp(G_last).
+
+    G reaches −1000 and beyond under strong decays (exp(g) ~ 1e-9), where float32 G_i − G_j is only good to
+    ~1e-4 (absolute) of exp(g)'s argument: the pair keeps differences exact to float32, which g's gradient needs.
+    G_last is the cumulative sum's last row (g is 0 past the sequence), so the chunk's last token decays by
+    exactly exp(0)."""
+    g = load_token_values(g_ptr, batch, head, rows, row_ok, row_stride, batch_stride, head_stride)
+    high, low = tl.associative_scan((g, tl.zeros_like(g)), 0, _two_sum)
+    is_last = tl.arange(0, CHUNK) == CHUNK - 1
+    last_high, last_low = tl.sum(tl.where(is_last, high, 0.0), axis=0), tl.sum(tl.where(is_last, low, 0.0), axis=0)
+    return high, low, exp((last_high - high) + (last_low - low)), exp(last_high)
+
+
+@triton.jit
+def decay_within(high, low, CHUNK: tl.constexpr, INCLUSIVE: tl.constexpr):
+    """exp(G_i − G_j) on and below the diagonal (strictly below unless INCLUSIVE), 0 above; G = high + low."""
     i = tl.arange(0, CHUNK)
     below = (i[:, None] >= i[None, :]) if INCLUSIVE else (i[:, None] > i[None, :])
-    return tl.where(below, exp(tl.where(below, log_decay[:, None] - log_decay[None, :], 0.0)), 0.0)
+    difference = (high[:, None] - high[None, :]) + (low[:, None] - low[None, :])
+    return tl.where(below, exp(tl.where(below, difference, 0.0)), 0.0)
+
+
+@triton.jit
+def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr):
+    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A, as I + N row by row:
+    N_i = −A_i − Σ_{m<i} A_im N_m (rows 0 and 1 are −A's already; rows past the sequence are 0 in A, stay so)."""
+    i = tl.arange(0, CHUNK)
+    n = -a
+    for r in range(2, tl.minimum(rows_in_chunk, CHUNK)):
+        a_row = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)
+        n_row = -a_row - tl.sum(a_row[:, None] * n, axis=0)
+        n = tl.where((i == r)[:, None], n_row[None, :], n)
+    return n + (i[:, None] == i[None, :]).to(tl.float32)
+
+
+@triton.jit
+def state_block(vblock, dk, dv, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(offsets, mask, value columns) of value block `vblock` of a row-major [Dk, Dv] state."""
+    kcols = tl.arange(0, BLOCK_K)
+    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
+    return kcols[:, None] * dv + vcols[None, :], (kcols < dk)[:, None] & (vcols < dv)[None, :], vcols
+
+
+@triton.jit
+def load_state(ptr, index, offsets, mask, dk, dv, PRESENT: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """A [Dk, BLOCK_V] block of state `index` of a [N, Dk, Dv] float32 tensor; zeros where there is none."""
+    block = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
+    if PRESENT:
+        block = tl.load(ptr + index.to(tl.int64) * dk * dv + offsets, mask=mask, other=0.0)
+    return block
+
+
+@triton.jit
+def store_state(ptr, index, offsets, mask, dk, dv, block):
+    tl.store(ptr + index.to(tl.int64) * dk * dv + offsets, block, mask=mask)
 
 
 @triton.jit
@@ -66,22 +131,15 @@ def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, hea
                         PRECISION: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
-    rows, row_ok = _chunk_rows(chunk, length, CHUNK)
+    rows, row_ok = chunk_rows(chunk, length, CHUNK)
     kcols, vcols = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_V)
     key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                         eps, L2NORM)
-    log_decay = tl.cumsum(load_token_values(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh), axis=0)
+    log_decay, low, _, _ = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
     beta = load_token_values(beta_ptr, batch, head, rows, row_ok, b_st, b_sb, b_sh)
-    a = tl.dot(key, tl.trans(key), input_precision=PRECISION) * beta[:, None] * _decay_within(log_decay, CHUNK, False)
-    # (I + A)⁻¹ = I + N, row by row: N_i = −A_i − Σ_{m<i} A_im N_m (rows 0 and 1 are −A's already; rows past
-    # the sequence are 0 in A and stay so)
-    i = tl.arange(0, CHUNK)
-    n = -a
-    for r in range(2, tl.minimum(length - chunk * CHUNK, CHUNK)):
-        a_row = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)
-        n_row = -a_row - tl.sum(a_row[:, None] * n, axis=0)
-        n = tl.where((i == r)[:, None], n_row[None, :], n)
-    inverse = n + (i[:, None] == i[None, :]).to(tl.float32)
+    a = tl.dot(key, tl.trans(key), input_precision=PRECISION) * beta[:, None] * decay_within(log_decay, low, CHUNK,
+                                                                                             False)
+    inverse = unit_lower_inverse(a, length - chunk * CHUNK, CHUNK)
     out_rows = (bh.to(tl.int64) * length + rows)[:, None]
     w = tl.dot(inverse, key * (beta * exp(log_decay))[:, None], input_precision=PRECISION)
     tl.store(w_ptr + out_rows * dk + kcols[None, :], w, mask=row_ok[:, None] & (kcols < dk)[None, :])
@@ -99,30 +157,22 @@ def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, fina
     vblock, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     kcols = tl.arange(0, BLOCK_K)
-    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
-    state_offsets = kcols[:, None] * dv + vcols[None, :]
-    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-    state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + bh.to(tl.int64) * dk * dv + state_offsets, mask=state_mask, other=0.0)
+    offsets, mask, vcols = state_block(vblock, dk, dv, BLOCK_K, BLOCK_V)
+    state = load_state(initial_ptr, bh, offsets, mask, dk, dv, HAS_INITIAL, BLOCK_K, BLOCK_V)
     for chunk in range(n_chunks):
-        tl.store(states_ptr + (bh.to(tl.int64) * n_chunks + chunk) * dk * dv + state_offsets, state, mask=state_mask)
-        rows, row_ok = _chunk_rows(chunk, length, CHUNK)
+        store_state(states_ptr, bh * n_chunks + chunk, offsets, mask, dk, dv, state)
+        rows, row_ok = chunk_rows(chunk, length, CHUNK)
         key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                             eps, L2NORM)
-        log_decay = tl.cumsum(load_token_values(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh), axis=0)
-        # the chunk's total decay as the cumulative sum's last row (g is 0 past the sequence): the same float
-        # as G at the chunk's last token, so its own write decays by exactly exp(0)
-        last = tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, log_decay, 0.0), axis=0)
+        _, _, to_end, chunk_decay = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
         scratch_rows = (bh.to(tl.int64) * length + rows)[:, None]
         w = tl.load(w_ptr + scratch_rows * dk + kcols[None, :], mask=row_ok[:, None] & (kcols < dk)[None, :], other=0.0)
         u_pointers = u_ptr + scratch_rows * dv + vcols[None, :]
         u_mask = row_ok[:, None] & (vcols < dv)[None, :]
         written = tl.load(u_pointers, mask=u_mask, other=0.0) - tl.dot(w, state, input_precision=PRECISION)
         tl.store(u_pointers, written, mask=u_mask)
-        decayed_key = key * exp(last - log_decay)[:, None]
-        state = state * exp(last) + tl.dot(tl.trans(decayed_key), written, input_precision=PRECISION)
-    tl.store(final_ptr + bh.to(tl.int64) * dk * dv + state_offsets, state, mask=state_mask)
+        state = state * chunk_decay + tl.dot(tl.trans(key * to_end[:, None]), written, input_precision=PRECISION)
+    store_state(final_ptr, bh, offsets, mask, dk, dv, state)
 
 
 @triton.jit
@@ -131,20 +181,20 @@ def _output_kernel(q_ptr, k_ptr, g_ptr, states_ptr, written_ptr, out_ptr, length
                    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
     chunk, vblock, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, head = bh // heads, bh % heads
-    rows, row_ok = _chunk_rows(chunk, length, CHUNK)
+    rows, row_ok = chunk_rows(chunk, length, CHUNK)
     kcols = tl.arange(0, BLOCK_K)
     vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
     query = l2_normalized(load_heads_rows(q_ptr, batch, head // groups, rows, row_ok, q_st, q_sb, q_sh, kcols, dk),
                           eps, L2NORM) * scale
     key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                         eps, L2NORM)
-    log_decay = tl.cumsum(load_token_values(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh), axis=0)
+    log_decay, low, _, _ = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
     state = tl.load(states_ptr + (bh.to(tl.int64) * n_chunks + chunk) * dk * dv + kcols[:, None] * dv + vcols[None, :],
                     mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
     v_mask = row_ok[:, None] & (vcols < dv)[None, :]
     written = tl.load(written_ptr + (bh.to(tl.int64) * length + rows)[:, None] * dv + vcols[None, :], mask=v_mask,
                       other=0.0)
-    scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) * _decay_within(log_decay, CHUNK, True)
+    scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) * decay_within(log_decay, low, CHUNK, True)
     out = tl.dot(query, state, input_precision=PRECISION) * exp(log_decay)[:, None] \
         + tl.dot(scores, written, input_precision=PRECISION)
     out_rows = ((batch.to(tl.int64) * length + rows) * heads + head)[:, None] * dv
@@ -162,28 +212,64 @@ def value_block(head_dim_k: int, head_dim_v: int) -> int:
     return min(64 if head_dim_k <= 128 else 32, max(16, next_pow2(head_dim_v)))
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The launch sizes of one call: [B, T, Hk, Dk] keys, [B, T, Hv, Dv] values, chunks and blocks."""
+    batch: int
+    length: int
+    heads: int
+    groups: int
+    dk: int
+    dv: int
+    chunk: int
+    n_chunks: int
+    block_k: int
+    block_v: int
+    precision: str
+
+    @staticmethod
+    def of(q: torch.Tensor, v: torch.Tensor, chunk: int | None = None) -> "Geometry":
+        batch, length, heads_k, dk = q.shape
+        heads, dv = v.shape[2], v.shape[3]
+        chunk = chunk or chunk_size(dk)
+        return Geometry(batch, length, heads, heads // heads_k, dk, dv, chunk, cdiv(length, chunk),
+                        max(16, next_pow2(dk)), value_block(dk, dv), "ieee" if q.dtype == torch.float32 else "tf32")
+
+    def scratch(self, *trailing: int, device) -> torch.Tensor:
+        """A float32 [B, Hv, *trailing] buffer."""
+        return torch.empty(self.batch, self.heads, *trailing, dtype=torch.float32, device=device)
+
+    def common(self) -> tuple:
+        return self.length, self.heads, self.groups, self.dk, self.dv
+
+    def constexprs(self, l2norm: bool) -> dict:
+        return dict(CHUNK=self.chunk, BLOCK_K=self.block_k, L2NORM=l2norm, PRECISION=self.precision)
+
+
+def chunk_states(shape: Geometry, k, v, g, beta, initial_state, l2norm: bool, eps: float, final: torch.Tensor):
+    """(w, written, states): the intra-chunk kernel and the scan (the final state into `final`); `written` is
+    what each token writes (u − w·S), `states` the state each chunk starts from."""
+    w, written = shape.scratch(shape.length, shape.dk, device=k.device), shape.scratch(shape.length, shape.dv,
+                                                                                        device=k.device)
+    states = shape.scratch(shape.n_chunks, shape.dk, shape.dv, device=k.device)
+    bh = shape.batch * shape.heads
+    launch(_intra_chunk_kernel, (shape.n_chunks, bh), ("gated_delta.intra",),
+           k, v, g, beta, w, written, *shape.common(), eps, *k.stride()[:3], *v.stride()[:3], *g.stride(),
+           *beta.stride(), BLOCK_V=max(16, next_pow2(shape.dv)), num_warps=4 if shape.block_k <= 64 else 8,
+           **shape.constexprs(l2norm))
+    launch(_state_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.scan",),
+           k, g, w, written, states, initial_state, final, *shape.common(), shape.n_chunks, eps, *k.stride()[:3],
+           *g.stride(), HAS_INITIAL=initial_state is not None, BLOCK_V=shape.block_v, num_warps=4,
+           **shape.constexprs(l2norm))
+    return w, written, states
+
+
 def chunk_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out: torch.Tensor,
-                  final: torch.Tensor, chunk: int | None = None) -> None:
+                  final: torch.Tensor) -> None:
     """Write o into `out` ([B, T, Hv, Dv], contiguous) and the final state into `final` (float32)."""
-    batch, length, heads_k, dk = k.shape
-    heads, dv = v.shape[2], v.shape[3]
-    chunk = chunk or chunk_size(dk)
-    n_chunks = cdiv(length, chunk)
-    block_k, block_v = max(16, next_pow2(dk)), value_block(dk, dv)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    w = torch.empty(batch, heads, length, dk, **f32)
-    written = torch.empty(batch, heads, length, dv, **f32)
-    states = torch.empty(batch, heads, n_chunks, dk, dv, **f32)
-    groups = heads // heads_k
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    shape = dict(CHUNK=chunk, BLOCK_K=block_k, L2NORM=l2norm, PRECISION=precision)
-    common = (length, heads, groups, dk, dv)
-    launch(_intra_chunk_kernel, (n_chunks, batch * heads), ("gated_delta.intra",),
-           k, v, g, beta, w, written, *common, eps, *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
-           BLOCK_V=max(16, next_pow2(dv)), num_warps=4 if block_k <= 64 else 8, **shape)
-    launch(_state_scan_kernel, (cdiv(dv, block_v), batch * heads), ("gated_delta.scan",),
-           k, g, w, written, states, initial_state, final, *common, n_chunks, eps, *k.stride()[:3], *g.stride(),
-           HAS_INITIAL=initial_state is not None, BLOCK_V=block_v, num_warps=4, **shape)
-    launch(_output_kernel, (n_chunks, cdiv(dv, block_v), batch * heads), ("gated_delta.output",),
-           q, k, g, states, written, out, *common, n_chunks, scale, eps, *q.stride()[:3], *k.stride()[:3],
-           *g.stride(), BLOCK_V=block_v, num_warps=4, **shape)
+    shape = Geometry.of(q, v)
+    _, written, states = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
+    launch(_output_kernel, (shape.n_chunks, cdiv(shape.dv, shape.block_v), shape.batch * shape.heads),
+           ("gated_delta.output",), q, k, g, states, written, out, *shape.common(), shape.n_chunks, scale, eps,
+           *q.stride()[:3], *k.stride()[:3], *g.stride(), BLOCK_V=shape.block_v, num_warps=4,
+           **shape.constexprs(l2norm))

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ..language import exp, to_dtype
 from ..runtime import cdiv, launch, next_pow2
-from .chunk import l2_normalized
+from .chunk import l2_normalized, load_state, state_block, store_state
 
 
 @triton.jit
@@ -35,12 +35,8 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, initial_ptr, out_ptr
     vblock, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     kcols = tl.arange(0, BLOCK_K)
-    vcols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
-    state_offsets = bh.to(tl.int64) * dk * dv + kcols[:, None] * dv + vcols[None, :]
-    state_mask = (kcols < dk)[:, None] & (vcols < dv)[None, :]
-    state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + state_offsets, mask=state_mask, other=0.0)
+    offsets, mask, vcols = state_block(vblock, dk, dv, BLOCK_K, BLOCK_V)
+    state = load_state(initial_ptr, bh, offsets, mask, dk, dv, HAS_INITIAL, BLOCK_K, BLOCK_V)
     for t in range(length):
         query = _key_column(q_ptr, batch, head // groups, t, q_sb, q_st, q_sh, kcols, dk, eps, L2NORM)
         key = _key_column(k_ptr, batch, head // groups, t, k_sb, k_st, k_sh, kcols, dk, eps, L2NORM)
@@ -54,7 +50,7 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, initial_ptr, out_ptr
         out = tl.sum(state * query, axis=0) * scale
         out_row = out_ptr + ((batch.to(tl.int64) * length + t) * heads + head) * dv
         tl.store(out_row + vcols, to_dtype(out, out_ptr.dtype.element_ty), mask=vcols < dv)
-    tl.store(final_ptr + state_offsets, state, mask=state_mask)
+    store_state(final_ptr, bh, offsets, mask, dk, dv, state)
 
 
 def recurrent_value_block(batch_heads: int, head_dim_v: int) -> int:
