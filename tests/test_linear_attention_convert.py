@@ -11,6 +11,7 @@ import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
+import fuser
 from fuser.integrations import linear_attention
 from fuser.kernels.gated_delta import recurrent_reference
 from fuser.report import Report
@@ -166,3 +167,10 @@ def test_a_bfloat16_model_converts_and_matches_float64():
     ids = token_ids(24)
     with torch.no_grad():
         assert_close(model(ids).logits, reference(ids).logits, torch.bfloat16)
+
+
+def test_fuser_convert_switches_the_linear_attention_layers():
+    """The public door: fuser.convert finds the gated delta net layers beside norms, MoE and attention."""
+    model = tiny_qwen3_next()
+    report = fuser.convert(model, dry_run=True)
+    assert report.counts().get("linear_attention") == LINEAR_LAYERS, report

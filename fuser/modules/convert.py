@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from fuser.integrations.linear_attention import convert_linear_attention, dispatches_linear_attention
 from fuser.integrations.transformers import convert_attention, convert_experts, dispatches_attention, dispatches_experts
 from fuser.modules.converters import convert_modules
 from fuser.modules.module_rewriting import rewrite_modules
@@ -47,7 +48,8 @@ def _rewrite_module_graphs(model: nn.Module, args: tuple, kwargs: dict, report: 
     its own word on a module a module-level converter turned down (a norm whose forward does more than
     the norm, say), that replaces the converter's near miss."""
     handled = {swap.module for swap in swaps} | {m for m in model.modules() if dispatches_attention(m)
-                                                 or dispatches_experts(m) or isinstance(m, FusedModule)}
+                                                 or dispatches_experts(m) or dispatches_linear_attention(m)
+                                                 or isinstance(m, FusedModule)}
     rewritten, found = rewrite_modules(model, args, kwargs, handled)
     sites = [r.where.module for r in (*found.matches, *found.near_misses)]
     report.near_misses = [n for n in report.near_misses if not any(_within(site, n.where.module) for site in sites)]
@@ -73,6 +75,7 @@ def convert(model: nn.Module, *example_args: Any, dry_run: bool = False, **examp
         report.notes.append(WITHOUT_EXAMPLES)
     convert_attention(model, report, dry_run, example_args, example_kwargs)
     convert_experts(model, report, dry_run)
+    convert_linear_attention(model, report, dry_run)
     if dry_run:
         return report
     for swap in swaps:
