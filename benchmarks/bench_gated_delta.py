@@ -152,7 +152,7 @@ def kernel_breakdown():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         step()
         torch.cuda.synchronize()
-    log(profile.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    log(profile.key_averages().table(sort_by="device_time_total", row_limit=12))
 
 
 def main():

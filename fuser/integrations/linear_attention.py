@@ -105,7 +105,7 @@ def kernel_function_names(cls: type) -> list[str]:
 
 def dispatches_linear_attention(module: nn.Module) -> bool:
     """A transformers gated delta net layer, not yet converted."""
-    return len(kernel_function_names(type(module))) == 2 and not isinstance(module, _RebindsKernelFunctions)
+    return len(kernel_function_names(type(module))) == 2 and not isinstance(module, RebindsKernelFunctions)
 
 
 def rebound(function: Callable, names: dict[str, Any]) -> Callable:
@@ -148,7 +148,7 @@ def _cell_holds(cell, value) -> bool:
         return False
 
 
-class _RebindsKernelFunctions:
+class RebindsKernelFunctions:
     """Mixed into a converted layer's class; pickles (and deep-copies) as the original class, converted again
     when loaded."""
 
@@ -167,7 +167,7 @@ def fused_layer_class(cls: type) -> type:
     """`Fused<cls>`: `cls` with its forward's gated delta functions bound to the fused ones."""
     forward = cls.forward
     names = {name: fused_function(inspect.unwrap(forward).__globals__[name]) for name in kernel_function_names(cls)}
-    return type(f"Fused{cls.__name__}", (_RebindsKernelFunctions, cls),
+    return type(f"Fused{cls.__name__}", (RebindsKernelFunctions, cls),
                 {"forward": rebound(forward, names), "__module__": __name__})
 
 
