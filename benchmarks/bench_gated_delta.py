@@ -11,6 +11,7 @@ torch fallback and the decode step's bandwidth against a copy.
    torch.compile with --compile: the fallback's loop over chunks unrolls, so compiling takes a while).
 3. Decode: one token, B32, 16 key / 32 value heads, head dim 128 (Qwen3-Next's shapes): the state's read and
    write in TB/s against `copy_` of a tensor of the state's size, measured in the same run.
+4. Where our time goes: the CUDA kernels of one forward + backward at B1 T4096 (torch.profiler).
 Times are triton.testing.do_bench medians (ms).
 """
 from __future__ import annotations
@@ -142,6 +143,18 @@ def decode_row() -> tuple:
     return t_ours, t_theirs, tbps, copy_tbps
 
 
+def kernel_breakdown():
+    """The profiler's CUDA time per kernel of one forward + backward (ours, B1 T4096 H16 D128 bf16)."""
+    q, k, v, g, beta, _ = inputs(1, 4096, 16, 16, 128, 128, torch.bfloat16)
+    step = train_step(lambda *a: torch.ops.fuser.gated_delta_rule(*a, None, 128 ** -0.5, True), (q, k, v, g, beta))
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        step()
+        torch.cuda.synchronize()
+    log(profile.key_averages().table(sort_by="device_time_total", row_limit=12))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true", help="also time the fallback under torch.compile")
@@ -152,6 +165,8 @@ def main():
     rows = forward_table(options.compile)
     log("decode:")
     decode = decode_row()
+    log("kernels of one forward + backward, B1 T4096:")
+    kernel_breakdown()
     log("\n| case | fuser ms | fallback eager ms | speedup | fallback compiled ms | fwd+bwd fuser ms | "
         "fwd+bwd fallback ms | speedup |")
     log("|---|---|---|---|---|---|---|---|")

@@ -50,7 +50,7 @@ def token_ids(length: int = 11) -> torch.Tensor:
 def test_every_linear_attention_layer_switches(converted):
     _, _, model, report = converted
     assert report.counts() == {"linear_attention": LINEAR_LAYERS} and not report.near_misses
-    fused = [m for m in model.modules() if isinstance(m, linear_attention._RebindsKernelFunctions)]
+    fused = [m for m in model.modules() if isinstance(m, linear_attention.RebindsKernelFunctions)]
     assert len(fused) == LINEAR_LAYERS and all(type(m).__name__ == "FusedQwen3NextGatedDeltaNet" for m in fused)
 
 
@@ -103,14 +103,14 @@ def test_head_dims_past_the_kernels_stay_a_near_miss():
     linear_attention.convert_linear_attention(model, report)
     assert not report.matches and len(report.near_misses) == 1
     assert "head dims 272/8" in report.near_misses[0].reason
-    assert not isinstance(model.model.layers[0].linear_attn, linear_attention._RebindsKernelFunctions)
+    assert not isinstance(model.model.layers[0].linear_attn, linear_attention.RebindsKernelFunctions)
 
 
 def test_dry_run_changes_nothing():
     model, report = tiny_qwen3_next(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]), Report()
     linear_attention.convert_linear_attention(model, report, dry_run=True)
     assert report.counts() == {"linear_attention": 1}
-    assert not any(isinstance(m, linear_attention._RebindsKernelFunctions) for m in model.modules())
+    assert not any(isinstance(m, linear_attention.RebindsKernelFunctions) for m in model.modules())
 
 
 def _float64_recurrence(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,

@@ -97,19 +97,15 @@ def fused_function(original: Callable) -> Callable:
 # The layer's forward with its kernel functions rebound
 # ---------------------------------------------------------------------------------------------
 
-def _innermost(function: Callable) -> Callable:
-    return inspect.unwrap(function)
-
-
 def kernel_function_names(cls: type) -> list[str]:
     """The gated delta functions the class's forward calls by name (empty: not such a layer)."""
-    code = getattr(_innermost(cls.forward), "__code__", None)
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
     return [name for name in (CHUNK, RECURRENT) if code is not None and name in code.co_names]
 
 
 def dispatches_linear_attention(module: nn.Module) -> bool:
     """A transformers gated delta net layer, not yet converted."""
-    return len(kernel_function_names(type(module))) == 2 and not isinstance(module, _RebindsKernelFunctions)
+    return len(kernel_function_names(type(module))) == 2 and not isinstance(module, RebindsKernelFunctions)
 
 
 def rebound(function: Callable, names: dict[str, Any]) -> Callable:
@@ -136,10 +132,10 @@ _rebindings = itertools.count()
 
 
 def _module_namespace(module_globals: dict, names: dict[str, Any]) -> dict:
-    """A copy of a module's globals with `names` bound, as the namespace of a module of its own in sys.modules:
-    Dynamo finds a function's globals by its module's name, so a bare dict claiming transformers' module name
-    would have its guards read transformers' module instead."""
-    module = types.ModuleType(f"{module_globals['__name__']}.fuser_rebound_{next(_rebindings)}")
+    """A copy of a module's globals with `names` bound, as the namespace of a module of its own in sys.modules
+    (named under this one): Dynamo finds a function's globals by its module's name, so a bare dict claiming
+    transformers' module name would have its guards read transformers' module instead."""
+    module = types.ModuleType(f"{__name__}.rebound_{next(_rebindings)}")
     module.__dict__.update({**module_globals, **names, "__name__": module.__name__})
     sys.modules[module.__name__] = module
     return module.__dict__
@@ -152,7 +148,7 @@ def _cell_holds(cell, value) -> bool:
         return False
 
 
-class _RebindsKernelFunctions:
+class RebindsKernelFunctions:
     """Mixed into a converted layer's class; pickles (and deep-copies) as the original class, converted again
     when loaded."""
 
@@ -170,8 +166,8 @@ def _rebuild(cls: type) -> nn.Module:
 def fused_layer_class(cls: type) -> type:
     """`Fused<cls>`: `cls` with its forward's gated delta functions bound to the fused ones."""
     forward = cls.forward
-    names = {name: fused_function(_innermost(forward).__globals__[name]) for name in kernel_function_names(cls)}
-    return type(f"Fused{cls.__name__}", (_RebindsKernelFunctions, cls),
+    names = {name: fused_function(inspect.unwrap(forward).__globals__[name]) for name in kernel_function_names(cls)}
+    return type(f"Fused{cls.__name__}", (RebindsKernelFunctions, cls),
                 {"forward": rebound(forward, names), "__module__": __name__})
 
 
@@ -187,7 +183,7 @@ def recorded_calls(model: nn.Module, layer: nn.Module, lengths=(20, 3, 1)) -> li
     from transformers import DynamicCache
 
     calls = []
-    forward_globals = _innermost(type(layer).forward).__globals__
+    forward_globals = inspect.unwrap(type(layer).forward).__globals__
 
     def recorder(name: str) -> Callable:
         original = forward_globals[name]
@@ -276,7 +272,7 @@ def layer_problem(model: nn.Module, layer: nn.Module) -> str | None:
         calls = recorded_calls(model, layer)
     except Exception as error:  # a layer this recipe cannot drive is left as it is
         return f"its forward could not be run on random hidden states with a cache ({type(error).__name__}: {error})"
-    forward_globals = _innermost(type(layer).forward).__globals__
+    forward_globals = inspect.unwrap(type(layer).forward).__globals__
     for name, arguments in calls:
         missing = Parameters.of(forward_globals[name]).unimplemented(arguments)
         if missing:
@@ -289,7 +285,7 @@ def layer_problem(model: nn.Module, layer: nn.Module) -> str | None:
 
 
 def _source_line(layer: nn.Module) -> str:
-    forward = _innermost(type(layer).forward)
+    forward = inspect.unwrap(type(layer).forward)
     return f"{inspect.getsourcefile(forward)}:{forward.__code__.co_firstlineno}"
 
 
