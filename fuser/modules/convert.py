@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from fuser.integrations.linear_attention import convert_linear_attention, dispatches_linear_attention
+from fuser.integrations.linear_attention import (RebindsKernelFunctions, convert_linear_attention,
+                                                 dispatches_linear_attention)
 from fuser.integrations.transformers import convert_attention, convert_experts, dispatches_attention, dispatches_experts
 from fuser.modules.converters import convert_modules
 from fuser.modules.module_rewriting import rewrite_modules
@@ -49,7 +50,7 @@ def _rewrite_module_graphs(model: nn.Module, args: tuple, kwargs: dict, report: 
     the norm, say), that replaces the converter's near miss."""
     handled = {swap.module for swap in swaps} | {m for m in model.modules() if dispatches_attention(m)
                                                  or dispatches_experts(m) or dispatches_linear_attention(m)
-                                                 or isinstance(m, FusedModule)}
+                                                 or isinstance(m, (FusedModule, RebindsKernelFunctions))}
     rewritten, found = rewrite_modules(model, args, kwargs, handled)
     sites = [r.where.module for r in (*found.matches, *found.near_misses)]
     report.near_misses = [n for n in report.near_misses if not any(_within(site, n.where.module) for site in sites)]
