@@ -189,6 +189,7 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
     for m in result.matches:
         names, site, mode = tuple(n.name for n in m.nodes), Where(*m.where()), m.pattern.describe(m)
         match_id = f"{tag}m{len(report.matches)}"
+        inputs = {replaced.get(i, i) for n in m.nodes for i in n.all_input_nodes}  # before erasing clears them
         try:
             new_nodes = _replace(m, replaced)
         except Exception as error:  # a pattern bug must not break the user's model
@@ -197,7 +198,7 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
             report.near_misses.append(NearMiss(m.pattern.name, site, f"the rewrite failed here ({type(error).__name__}:"
                                                f" {error}); kept the original", names))
             continue
-        inputs_of_rewrites.update(replaced.get(i, i) for n in m.nodes for i in n.all_input_nodes)
+        inputs_of_rewrites |= inputs
         replaced[m.output] = new_nodes[-1]
         for new in new_nodes:
             new.meta["fuser_match"] = match_id

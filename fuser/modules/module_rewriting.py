@@ -31,7 +31,8 @@ from torch import fx, nn
 
 from fuser.engine.canonical import where
 from fuser.engine.capture import capture
-from fuser.engine.rewriter import apply, canonical_copy, decide
+from fuser.engine.canonical import canonicalize
+from fuser.engine.rewriter import apply, decide
 from fuser.modules.module_check import check_module_graph
 from fuser.modules.module_graphs import (Call, ModuleGraph, buffers_kept, capture_failure, export_forward, module_graph,
                                          program_of, record_calls)
@@ -93,13 +94,12 @@ def _module_paths(graph: fx.Graph, root: nn.Module) -> dict[str, str]:
 
 def _rewrite(gm: fx.GraphModule, root: nn.Module, example_inputs: list,
              options: Options) -> tuple[fx.GraphModule, Report, dict[str, str]]:
-    """The backend's rewrite of a canonical copy of `gm` (a graph of `root`): the rewritten copy, its report, and
-    the module path of each node of the canonical graph."""
-    canonical = canonical_copy(gm)
-    paths = _module_paths(canonical.graph, root)  # before the rewrite erases the matched nodes
-    decided = decide(canonical, options.selected_patterns(), example_inputs, verify=options.verify,
-                     strict=options.strict)
-    return canonical, apply(decided, strict=options.strict, pictures=True), paths
+    """The backend's rewrite of `gm` (a graph of `root`) in place: `gm`, its report, and the module path of each node
+    of its canonical graph."""
+    canonicalize(gm.graph)  # in place: these graphs are convert's own copies, pickled with the module
+    paths = _module_paths(gm.graph, root)  # before the rewrite erases the matched nodes
+    decided = decide(gm, options.selected_patterns(), example_inputs, verify=options.verify, strict=options.strict)
+    return gm, apply(decided, strict=options.strict, pictures=True), paths
 
 
 def _untraceable(name: str, module: nn.Module, call: Call, reason: str, ownership: _Ownership) -> Report:
@@ -130,11 +130,12 @@ def _rewrite_module(name: str, module: nn.Module, call: Call, ownership: _Owners
     except Exception as error:  # Dynamo's refusals take many forms; each is a reason to leave the module alone
         return _untraceable(name, module, call, capture_failure(error), ownership)
     program = program_of(exported, module)
+    original = copy.deepcopy(program.graph)
     rewritten, found, paths = _rewrite(program, module, [module, *call.leaves()], Options(verify=True))
     own = _own_records(found, name, paths, ownership)
     if not own.matches:
         return Report([], own.near_misses)
-    checked = check_module_graph(module, program.graph, rewritten, call)
+    checked = check_module_graph(module, original, rewritten, call)
     if checked.problem is not None:
         return Report([], [NearMiss(m.pattern, m.where, f"{checked.problem}; kept the original", m.nodes)
                            for m in own.matches] + own.near_misses)
