@@ -5,6 +5,7 @@ from hypothesis import settings
 
 import fuser.patterns.attention as attention
 from fuser.patterns.attention_masks import MaskPlan
+from fuser.patterns.mask_reading import MaskReader
 from fuser.program_fuzzing import Program, fuzz_programs, run_program
 
 
@@ -22,10 +23,18 @@ def test_fuzzed_programs_compute_what_eager_computes():
     assert any("no mask read" in outcome or "key padding" in outcome for outcome in result.outcomes), result
 
 
-def test_the_fuzzer_finds_a_recognizer_that_claims_too_much(monkeypatch):
-    """Every mask taken for causal: the fuzzer must find a program where that is wrong."""
+def _claims_causal(monkeypatch):
     monkeypatch.setattr(attention, "recognize", lambda *args: MaskPlan(True, 0, False, None, float("-inf")))
-    result = fuzz_programs(max_examples=3 * settings.default.max_examples, seed=0)
+
+
+def _ignores_writes(monkeypatch):
+    monkeypatch.setattr(MaskReader, "writes", lambda self, node, until: [])
+
+
+@pytest.mark.parametrize("unsound", [_claims_causal, _ignores_writes], ids=["every mask causal", "writes ignored"])
+def test_the_fuzzer_finds_an_unsound_recognizer(monkeypatch, unsound):
+    unsound(monkeypatch)
+    result = fuzz_programs(max_examples=3 * settings.default.max_examples, seed=0, keep_going=True)  # no shrinking
     assert not result.ok and result.failures, result
 
 
