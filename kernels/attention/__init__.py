@@ -18,6 +18,7 @@ for "add", zeros for "sdpa" (and their gradients: see backward.py). Scores below
 (≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
 added to them. Gradients flow to q, k, v, never to the mask (a mask requiring grad gets none).
 Dropout draws its own Philox stream (not torch's); the backward regenerates the same keep-mask.
+NaN and ±inf: a value at a position a row cannot see never reaches that row (reference.py).
 The kernels take what `LIMITS` says; anything else (and CPU without TRITON_INTERPRET=1) runs
 `attention_reference` and its explicit backward.
 

@@ -14,6 +14,7 @@ replaced code's gradients for fully masked rows: with a finite fill, dV gets the
 weights over all keys, and dQ/dK get nothing from replaced scores (masked_fill cuts their
 gradient; an added mask, a float tensor or masking "add", passes it, as in the naive code).
 Rows SDPA zeroes have a log-sum-exp of +inf: every probability, so every gradient, is 0 there.
+A block whose gradients are not finite is redone by EXACT passes (tiles.py: the NaN rule).
 
 Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 The saved statistics [B, Hq, Lq, 2] and Δ [B, Hq, Lq] are contiguous.
@@ -28,8 +29,8 @@ import triton.language as tl
 from ..language import to_dtype
 from ..runtime import interpreting
 from .forward import registers_fit, tuning_pays
-from .tiles import (FULL, PARTIAL, SKIP, dropout_keep, key_tiles, load_tile, mma_operand, probabilities, query_tiles,
-                    rows_saturated, tile_scores)
+from .tiles import (EXACT_BLOCK, FULL, PARTIAL, SKIP, any_nonfinite, dropout_keep, key_tiles, load_tile, mma_operand,
+                    open_rows, probabilities, query_tiles, rows_saturated, selected_dot, tile_scores)
 
 
 @triton.jit
@@ -54,10 +55,11 @@ def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, so, sg, Hq, 
 
 @triton.jit
 def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head, stream, sq, sg, sm,
-              sizes, literals, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
-              NUMERICS: tl.constexpr):
+              sizes, literals, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+              RULE: tl.constexpr, NUMERICS: tl.constexpr):
     """One query tile's share of dK and dV, in the transposed orientation
-    (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q."""
+    (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q; with EXACT,
+    each product formed only where the query row reaches the key (tiles.py)."""
     Lq, Lk, D, Dv = sizes[2], sizes[3], sizes[4], sizes[5]
     dropout_p, seed = literals[6], literals[7]
     q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,10 +79,12 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
     q = mma_operand(q, NUMERICS)
     do = mma_operand(do, NUMERICS)
     qk_t = tl.dot(k, tl.trans(q), input_precision=NUMERICS.dot_precision)
-    scores_t, keep_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_ok[None, :], k_idx[:, None],
-                                                   mask_head + q_idx[None, :].to(tl.int64) * sm[2]
-                                                   + k_idx[:, None] * sm[3], Lk, literals, MASKED, RULE)
-    p_t = probabilities(scores_t, shift[None, :], log2_sum[None, :], MASKED)
+    q_open = open_rows(shift + log2_sum, q_ok, literals[5])
+    scores_t, reach_t, passes_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_open[None, :], q_ok[None, :],
+                                                              k_idx[:, None], mask_head + q_idx[None, :].to(tl.int64)
+                                                              * sm[2] + k_idx[:, None] * sm[3], Lk, literals, MASKED,
+                                                              EXACT, RULE)
+    p_t = probabilities(scores_t, reach_t, shift[None, :], log2_sum[None, :], MASKED, EXACT)
     dp_t = tl.dot(v, tl.trans(do), input_precision=NUMERICS.dot_precision)
     if RULE.dropout:
         undropped_t = dropout_keep(seed, stream, q_idx[None, :], k_idx[:, None], dropout_p)
@@ -88,15 +92,15 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
         dp_t = tl.where(undropped_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
     else:
         dropped_t = p_t
-    dv = tl.dot(mma_operand(to_dtype(dropped_t, Q_head.dtype.element_ty), NUMERICS), do, dv,
-                input_precision=NUMERICS.dot_precision)
+    dv = selected_dot(mma_operand(to_dtype(dropped_t, Q_head.dtype.element_ty), NUMERICS), do, reach_t, dv,
+                      MASKED and EXACT, NUMERICS)
     ds_t = p_t * (dp_t - delta[None, :])
     if RULE.softcap:
         ds_t = ds_t * softcap_grad_t
-    if MASKED:  # excluded scores were replaced, they pass no gradient (not even NaN)
-        ds_t = tl.where(keep_t, ds_t, 0.0)
-    ds_t = mma_operand(to_dtype(ds_t, Q_head.dtype.element_ty), NUMERICS)
-    dk = tl.dot(ds_t, q, dk, input_precision=NUMERICS.dot_precision)
+    if MASKED:  # selected: replaced (or, EXACT, unreached) scores pass no gradient (not even NaN)
+        ds_t = tl.where(passes_t, ds_t, 0.0)
+    dk = selected_dot(mma_operand(to_dtype(ds_t, Q_head.dtype.element_ty), NUMERICS), q, passes_t, dk,
+                      MASKED and EXACT, NUMERICS)
     return dk, dv
 
 
@@ -109,28 +113,14 @@ def tile_saturated(Stats_head, m, Lq, saturation_lse, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attention_dkdv_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv, sizes,
-        literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
-        CELL: tl.constexpr, RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
-    """Grid (key blocks, batch × KV heads)."""
+def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Stats, Delta, HeadFlags, sq, sm, sc, sg,
+               sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+    """(dK, dV) of one key block over the query tiles of the group's heads that see it."""
     BLOCK_D: tl.constexpr = HEAD.block_d
     BLOCK_DV: tl.constexpr = HEAD.block_dv
-    Hq, group, Lq, Lk, D, Dv = sizes
+    Hq, group, Lq, Lk = sizes[0], sizes[1], sizes[2], sizes[3]
     pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
-    n_block = tl.program_id(0)
-    batch = (tl.program_id(1) // Hkv).to(tl.int64)
-    kv_head = (tl.program_id(1) % Hkv).to(tl.int64)
-    k_idx = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = k_idx < Lk
-    d = tl.arange(0, HEAD.block_d)
-    dvi = tl.arange(0, HEAD.block_dv)
-    k = load_tile(K + batch * sk[0] + kv_head * sk[1] + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D,
-                  True, HEAD.pad_d)
-    v = load_tile(V + batch * sv[0] + kv_head * sv[1] + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok,
-                  dvi < Dv, True, HEAD.pad_dv)
-    k = mma_operand(k, NUMERICS)
-    v = mma_operand(v, NUMERICS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     t_lo, f_lo, f_hi, t_hi = query_tiles(n_block * BLOCK_N, tl.minimum(n_block * BLOCK_N + BLOCK_N, Lk) - 1, Lq,
@@ -151,7 +141,8 @@ def _attention_dkdv_kernel(
                 hi = f_lo if part == 0 else (f_hi if part == 1 else t_hi)
                 for m in range(lo, hi):
                     dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                       stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, part != 1, RULE, NUMERICS)
+                                       stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, part != 1, EXACT, RULE,
+                                       NUMERICS)
         # tiles chosen one by one: by the mask's classes (FULL unmasked, PARTIAL masked), and in a flagged
         # head the skipped tiles holding rows that skipping would change (masked)
         flagged = False
@@ -175,20 +166,65 @@ def _attention_dkdv_kernel(
             for masked in tl.static_range(2):
                 if visit_masked if masked else visit_full:
                     dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
-                                       stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, masked == 1, RULE,
+                                       stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, masked == 1, EXACT, RULE,
                                        NUMERICS)
+    return dk, dv
+
+
+@triton.jit
+def dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv,
+                 sizes, literals, n_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                 CELL: tl.constexpr, RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr,
+                 NUMERICS: tl.constexpr):
+    """Store dK and dV of key block n_block (BLOCK_N keys, of batch × KV head program_id(1)); whether they are not
+    finite."""
+    Lk, D, Dv = sizes[3], sizes[4], sizes[5]
+    batch = (tl.program_id(1) // Hkv).to(tl.int64)
+    kv_head = (tl.program_id(1) % Hkv).to(tl.int64)
+    k_idx = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k_idx < Lk
+    d = tl.arange(0, HEAD.block_d)
+    dvi = tl.arange(0, HEAD.block_dv)
+    k = load_tile(K + batch * sk[0] + kv_head * sk[1] + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D,
+                  True, HEAD.pad_d)
+    v = load_tile(V + batch * sv[0] + kv_head * sv[1] + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok,
+                  dvi < Dv, True, HEAD.pad_dv)
+    k = mma_operand(k, NUMERICS)
+    v = mma_operand(v, NUMERICS)
+    dk, dv = dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Stats, Delta, HeadFlags, sq,
+                        sm, sc, sg, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, EXACT, NUMERICS)
     tl.store(dK + batch * sdk[0] + kv_head * sdk[1] + k_idx[:, None] * sdk[2] + d[None, :] * sdk[3],
              to_dtype(dk * literals[2], dK.dtype.element_ty), mask=k_ok[:, None] & (d < D)[None, :])
     tl.store(dV + batch * sdv[0] + kv_head * sdv[1] + k_idx[:, None] * sdv[2] + dvi[None, :] * sdv[3],
              to_dtype(dv, dV.dtype.element_ty), mask=k_ok[:, None] & (dvi < Dv)[None, :])
+    return any_nonfinite(dk) | any_nonfinite(dv)
 
 
 @triton.jit
-def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
-            BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
-            NUMERICS: tl.constexpr):
+def _attention_dkdv_kernel(
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv, sizes,
+        literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+        CELL: tl.constexpr, RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
+    """Grid (key blocks, batch × KV heads). A block whose dK or dV is not finite is redone by EXACT passes over
+    its EXACT_BLOCK-key parts (a plain dot may have spread a NaN or ±inf from a position some row does not see)."""
+    nonfinite = dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg,
+                             sdk, sdv, Hkv, sizes, literals, tl.program_id(0), BLOCK_M, BLOCK_N, HEAD, CELL, RULE,
+                             CAN_SKIP, False, NUMERICS)
+    if CAN_SKIP:
+        if nonfinite:
+            for part in range(BLOCK_N // EXACT_BLOCK):
+                dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg,
+                             sdk, sdv, Hkv, sizes, literals, tl.program_id(0) * (BLOCK_N // EXACT_BLOCK) + part,
+                             EXACT_BLOCK, EXACT_BLOCK, HEAD, CELL, RULE, CAN_SKIP, True, NUMERICS)
+
+
+@triton.jit
+def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
+            BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+            RULE: tl.constexpr, NUMERICS: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end);
-    row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream) of the program's rows."""
+    row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream) of the program's rows, q_open those every
+    position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py)."""
     shift, log2_sum, delta = row_stats
     q_idx, q_ok, stream = rows
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
@@ -202,10 +238,10 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs
     v = mma_operand(load_tile(v_base + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok, dvi < Dv, MASKED,
                               HEAD.pad_dv), NUMERICS)
     qk = tl.dot(q, tl.trans(k), input_precision=NUMERICS.dot_precision)
-    scores, keep, softcap_grad = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
-                                             mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED,
-                                             RULE)
-    p = probabilities(scores, shift[:, None], log2_sum[:, None], MASKED)
+    scores, reach, passes, softcap_grad = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None],
+                                                      k_idx[None, :], mask_row_ptrs[:, None] + k_idx[None, :] * sm[3],
+                                                      Lk, literals, MASKED, EXACT, RULE)
+    p = probabilities(scores, reach, shift[:, None], log2_sum[:, None], MASKED, EXACT)
     dp = tl.dot(do, tl.trans(v), input_precision=NUMERICS.dot_precision)
     if RULE.dropout:
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
@@ -214,35 +250,58 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs
     if RULE.softcap:
         ds = ds * softcap_grad
     if MASKED:
-        ds = tl.where(keep, ds, 0.0)
-    return tl.dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), NUMERICS), k, dq,
-                  input_precision=NUMERICS.dot_precision)
+        ds = tl.where(passes, ds, 0.0)
+    return selected_dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), NUMERICS), k, passes, dq,
+                        MASKED and EXACT, NUMERICS)
 
 
 @triton.jit
-def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
-             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
-             NUMERICS: tl.constexpr):
+def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
+             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+             RULE: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
-        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
-                     BLOCK_N, HEAD, MASKED, RULE, NUMERICS)
+        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes,
+                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, NUMERICS)
     return dq
 
 
 @triton.jit
-def _attention_dq_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, LQ_KEY,
-        LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
-    """Grid (query blocks, batch × query heads). A block with rows that skipping would change
-    visits every key tile with full masking."""
+def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+            class_row, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+            CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+    """dQ of the program's rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi) (see attend_rows)."""
     BLOCK_D: tl.constexpr = HEAD.block_d
+    t_lo, f_lo, f_hi, t_hi = tiles
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if RULE.mask_kind != 0:
+        for n in range(t_lo, t_hi):
+            cls = tl.load(class_row + (n * BLOCK_N // CELL) * sc[3], mask=respect_classes, other=PARTIAL)
+            if cls != SKIP:
+                if cls == FULL:
+                    dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+                else:
+                    dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+    else:  # masked edges around the fully visible run, like the forward
+        dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+        dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                      sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+        dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+    return dq
+
+
+@triton.jit
+def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, m_block,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+    """Store dQ of query block m_block (BLOCK_M rows, of batch × query head program_id(1)); whether it is not finite.
+    A block with rows that skipping would change visits every key tile with full masking."""
     Hq, group, Lq, Lk, D, Dv = sizes
     pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
-    m_block = tl.program_id(0)
-    if RULE.causal:  # the longest rows first
-        m_block = tl.num_programs(0) - 1 - m_block
     batch = (tl.program_id(1) // Hq).to(tl.int64)
     head = (tl.program_id(1) % Hq).to(tl.int64)
     kv_head = head // group
@@ -263,37 +322,44 @@ def _attention_dq_kernel(
     mask_row_ptrs = Mask + batch * sm[0] + head * sm[1] + q_idx.to(tl.int64) * sm[2]
     class_row = Classes + batch * sc[0] + head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
     rows = (q_idx, q_ok, (batch * Hq + head).to(tl.int32) + q_idx * 0)
+    q_open = open_rows(shift + log2_sum, q_ok, saturation_lse)
     q_pos_lo = m_block * BLOCK_M + pos_offset
     q_pos_hi = tl.minimum(m_block * BLOCK_M + BLOCK_M, Lq) - 1 + pos_offset
     t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE.causal, RULE.windowed, BLOCK_N)
     respect_classes = t_lo == t_lo
     if CAN_SKIP:
-        exact = rows_saturated(shift + log2_sum, q_ok, saturation_lse)
-        respect_classes = ~exact
-        t_lo = tl.where(exact, 0, t_lo)
-        f_lo = tl.where(exact, 0, f_lo)
-        f_hi = tl.where(exact, 0, f_hi)
-        t_hi = tl.where(exact, tl.cdiv(Lk, BLOCK_N), t_hi)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if RULE.mask_kind != 0:
-        for n in range(t_lo, t_hi):
-            cls = tl.load(class_row + (n * BLOCK_N // CELL) * sc[3], mask=respect_classes, other=PARTIAL)
-            if cls != SKIP:
-                if cls == FULL:
-                    dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
-                                 literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
-                else:
-                    dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
-                                 literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
-    else:  # masked edges around the fully visible run, like the forward
-        dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
-                      literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
-        dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
-                      literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
-        dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
-                      literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
+        saturated = rows_saturated(shift + log2_sum, q_ok, saturation_lse)
+        respect_classes = ~saturated
+        t_lo = tl.where(saturated, 0, t_lo)
+        f_lo = tl.where(saturated, 0, f_lo)
+        f_hi = tl.where(saturated, 0, f_hi)
+        t_hi = tl.where(saturated, tl.cdiv(Lk, BLOCK_N), t_hi)
+    dq = dq_rows(q, do, row_stats, (t_lo, f_lo, f_hi, t_hi), respect_classes, k_base, v_base, sk, sv, rows, q_open,
+                 mask_row_ptrs, sm, class_row, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, EXACT,
+                 NUMERICS)
     tl.store(dQ + batch * sdq[0] + head * sdq[1] + q_idx[:, None] * sdq[2] + d[None, :] * sdq[3],
              to_dtype(dq * literals[2], dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
+    return any_nonfinite(dq)
+
+
+@triton.jit
+def _attention_dq_kernel(
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, LQ_KEY,
+        LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
+    """Grid (query blocks, batch × query heads). A block whose dQ is not finite is redone by EXACT passes over its
+    EXACT_BLOCK-row parts."""
+    m_block = tl.program_id(0)
+    if RULE.causal:  # the longest rows first
+        m_block = tl.num_programs(0) - 1 - m_block
+    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
+                           literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, NUMERICS)
+    if CAN_SKIP:
+        if nonfinite:
+            for part in range(BLOCK_M // EXACT_BLOCK):
+                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
+                           literals, m_block * (BLOCK_M // EXACT_BLOCK) + part, EXACT_BLOCK, EXACT_BLOCK, HEAD, CELL,
+                           RULE, CAN_SKIP, True, NUMERICS)
 
 
 def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):

@@ -11,7 +11,8 @@ GQA: a query head reads KV head h // group through strides, K/V are never repeat
 query blocks (decode), the group's query heads are packed into the rows of one program
 (PACK_GQA), so K/V are read once per KV head. When there are too few programs to fill the GPU,
 the keys are split across programs (flash-decoding); a second kernel merges their partial
-softmaxes (and does the exact recompute for rows that need it).
+softmaxes (and does the exact recompute for rows that need it). Results that are not finite are
+redone by an EXACT pass (tiles.py: the NaN rule).
 
 Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 """
@@ -23,8 +24,8 @@ import triton.language as tl
 
 from ..language import to_dtype
 from ..runtime import interpreting
-from .tiles import (FULL, LOG2E, PARTIAL, SKIP, dropout_keep, key_tiles, load_tile, mma_operand, rows_saturated,
-                    tile_scores)
+from .tiles import (EXACT_BLOCK, FULL, LOG2E, PARTIAL, SKIP, any_nonfinite, dropout_keep, key_tiles, load_tile,
+                    mma_operand, open_rows, rows_saturated, selected_dot, tile_scores)
 
 
 @triton.jit
@@ -50,10 +51,12 @@ def query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M: tl.constexpr, PAC
 
 
 @triton.jit
-def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
-                BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
-                NUMERICS: tl.constexpr):
-    """One key tile into the running (acc, max, sum) of the online softmax; rows = (q_idx, q_ok, stream)."""
+def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
+                BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+                RULE: tl.constexpr, NUMERICS: tl.constexpr):
+    """One key tile into the running (acc, max, sum) of the online softmax; rows = (q_idx, q_ok, stream),
+    q_open the rows every position reaches. With EXACT, unreached positions weigh exactly nothing and form no
+    product (tiles.py)."""
     q_idx, q_ok, stream = rows
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
     scale, dropout_p, seed = literals[2], literals[6], literals[7]
@@ -63,9 +66,11 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs
     k_ok = k_idx < Lk
     k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD.pad_d)
     qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS.dot_precision)
+    reach = True
     if MASKED or RULE.softcap:
-        scores, _, _ = tile_scores(qk, q_idx[:, None], q_ok[:, None], k_idx[None, :],
-                                   mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED, RULE)
+        scores, reach, _, _ = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None], k_idx[None, :],
+                                          mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED,
+                                          EXACT, RULE)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:  # a row may have seen only −inf so far
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -82,31 +87,32 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         p = tl.where(undropped, p * (1.0 / (1.0 - dropout_p)), 0.0)
     v = load_tile(v_base + k_idx[:, None] * sv[2] + dv[None, :] * sv[3], k_ok, dv < Dv, MASKED, HEAD.pad_dv)
-    acc = tl.dot(mma_operand(to_dtype(p, v.dtype), NUMERICS), mma_operand(v, NUMERICS), acc * alpha[:, None],
-                 input_precision=NUMERICS.dot_precision)
+    acc = selected_dot(mma_operand(to_dtype(p, v.dtype), NUMERICS), mma_operand(v, NUMERICS), reach,
+                       acc * alpha[:, None], MASKED and EXACT, NUMERICS)
     return acc, m_new, l_i
 
 
 @triton.jit
-def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes, literals,
-                 BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, RULE: tl.constexpr,
-                 NUMERICS: tl.constexpr):
+def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
+                 BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+                 RULE: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into the running (acc, max, sum)."""
     for n in range(lo, hi):
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, sizes,
-                                    literals, BLOCK_N, HEAD, MASKED, RULE, NUMERICS)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                                    sizes, literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, NUMERICS)
     return acc, m_i, l_i
 
 
 @triton.jit
-def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, class_ptr, sc, sizes, literals,
+def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-                RESPECT_CLASSES: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
+                EVERY_TILE: tl.constexpr, EXACT: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
                 NUMERICS: tl.constexpr):
     """(acc, max, sum) of the rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi): all of [t_lo, t_hi),
     of which [f_lo, f_hi) are known fully visible.
 
-    With a mask tensor every tile's class decides (with RESPECT_CLASSES; without, every tile is masked).
+    With a mask tensor every tile's class decides, but with EVERY_TILE (tiles (0, 0, 0, all)): every tile masked.
+    EXACT passes (EVERY_TILE too) follow the NaN rule for the rows q_open says are open (tiles.py).
     """
     BLOCK_DV: tl.constexpr = HEAD.block_dv
     t_lo, f_lo, f_hi, t_hi = tiles
@@ -115,37 +121,40 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm, class
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if RULE.mask_kind != 0:
         for n in range(t_lo, t_hi):
-            if RESPECT_CLASSES and USE_CLASSES:
+            if USE_CLASSES and not EVERY_TILE:
                 cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * sc[3])
             else:
                 cls = PARTIAL
             if cls != SKIP:
                 if cls == FULL:
-                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                                sizes, literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
+                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open,
+                                                mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT,
+                                                RULE, NUMERICS)
                 else:
-                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                                sizes, literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
+                    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open,
+                                                mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT,
+                                                RULE, NUMERICS)
     else:  # masked edges before and after the fully visible run (a causal diagonal, a window's edge, the end)
-        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                     sizes, literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
-        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                     sizes, literals, BLOCK_N, HEAD, False, RULE, NUMERICS)
-        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                     sizes, literals, BLOCK_N, HEAD, True, RULE, NUMERICS)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open,
+                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open,
+                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+        acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open,
+                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
     return acc, m_i, l_i
 
 
 @triton.jit
-def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_splits, sq, sk, sv, sm, sc,
-                        heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, split, num_splits, sq, sk, sv, sm,
+                        sc, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
                         PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Attention of one block of rows: (rows' head and index, acc, max, sum).
 
-    `exact` visits every key tile without skipping; otherwise the rows' visible tiles (their
-    `split`-th share), followed by an exact recompute when skipping may have changed a row
-    (only when not split: then the merge decides).
+    `exact` visits every key tile without skipping (the merge's recompute; known_lse: the rows' log-sum-exp over
+    the splits); otherwise the rows' visible tiles (their `split`-th share), then every tile again when skipping
+    may have changed a row (not when split: the merge decides). A result that is not finite is redone by an
+    EXACT pass (tiles.py), whose open rows the log-sum-exp of the pass before says.
     """
     Hq, group, Lq, Lk, D = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]
     pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
@@ -161,8 +170,12 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
     class_ptr = Classes + batch * sc[0] + grid_head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
     rows = (q_idx, q_ok, batch.to(tl.int32) * Hq + q_head)
     n_tiles = tl.cdiv(Lk, BLOCK_N)
+    q_open = q_ok & False
     if exact:
-        t_lo, f_lo, f_hi, t_hi = 0, 0, 0, n_tiles
+        acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                                    class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, True, False, RULE,
+                                    USE_CLASSES, NUMERICS)
+        lse = known_lse
     else:
         q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
         q_pos_hi = tl.max(tl.where(q_ok, q_idx, 0), 0) + pos_offset
@@ -173,15 +186,25 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, split, num_s
         t_lo, t_hi = s_lo, s_hi
         f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
         f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
-    acc, m_i, l_i = attend_rows(q, (t_lo, f_lo, f_hi, t_hi), k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, not exact, RULE,
-                                USE_CLASSES, NUMERICS)
-    if CAN_SKIP and not exact:
-        if num_splits == 1:
-            if rows_saturated(m_i + tl.log2(l_i), q_ok, saturation_lse):
-                acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, mask_row_ptrs, sm,
-                                            class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, False, RULE,
-                                            USE_CLASSES, NUMERICS)
+        acc, m_i, l_i = attend_rows(q, (t_lo, f_lo, f_hi, t_hi), k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs,
+                                    sm, class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, False, False,
+                                    RULE, USE_CLASSES, NUMERICS)
+        lse = m_i + tl.log2(l_i)
+        if CAN_SKIP:
+            if num_splits == 1:
+                if rows_saturated(lse, q_ok, saturation_lse):  # skipping may have changed a row
+                    acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, q_open,
+                                                mask_row_ptrs, sm, class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N,
+                                                HEAD, CELL, True, False, RULE, USE_CLASSES, NUMERICS)
+                    lse = m_i + tl.log2(l_i)
+    if CAN_SKIP:
+        if num_splits == 1:  # (the merge's recompute is one split)
+            if any_nonfinite(acc):  # a plain dot may have spread a NaN or ±inf from a position some row cannot see
+                q_open = open_rows(lse, q_ok, saturation_lse)
+                acc, m_i, l_i = attend_rows(q, (0, 0, 0, tl.cdiv(Lk, EXACT_BLOCK)), k_base, v_base, sk, sv, rows,
+                                            q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals, BLOCK_M,
+                                            EXACT_BLOCK, HEAD, CELL, True, True, RULE, USE_CLASSES, NUMERICS)
+                m_i = tl.where((l_i == 0) & ~q_open, float("nan"), m_i)  # reaches nothing: no gradient either
     return batch, q_head, q_idx, q_ok, acc, m_i, l_i
 
 
@@ -230,9 +253,10 @@ def _attention_forward_kernel(
     m_block = tl.program_id(0)
     if RULE.causal:  # the longest rows first: fewer idle multiprocessors at the end
         m_block = tl.num_programs(0) - 1 - m_block
+    unknown_lse = tl.zeros([BLOCK_M], dtype=tl.float32)  # the first pass finds it
     batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
-        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, split, num_splits, sq, sk, sv, sm, sc,
-        heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, PACK_GQA, CAN_SKIP,
+        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, unknown_lse, split, num_splits, sq, sk, sv, sm,
+        sc, heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, PACK_GQA, CAN_SKIP,
         NUMERICS)
     if num_splits > 1:  # the merge finishes the rows
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
@@ -251,7 +275,7 @@ def _merge_splits_kernel(
         CELL: tl.constexpr, RULE: tl.constexpr, PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
         NUMERICS: tl.constexpr):
     """Merge the splits' partial softmaxes (sp / st: their strides, split first); rows that skipping may
-    have changed are recomputed exactly."""
+    have changed, or a result that is not finite, are recomputed by an exact pass."""
     BLOCK_DV: tl.constexpr = HEAD.block_dv
     group, Lq, Dv = sizes[1], sizes[2], sizes[5]
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
@@ -264,24 +288,23 @@ def _merge_splits_kernel(
     for s in range(num_splits):
         lse = tl.maximum(lse, tl.load(stat_rows + s * st[0], mask=q_ok, other=0.0)
                          + tl.load(stat_rows + s * st[0] + 1, mask=q_ok, other=0.0))
-    if rows_saturated(lse, q_ok, literals[5]):
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(num_splits):
+        weight = tl.exp2(tl.load(stat_rows + s * st[0], mask=q_ok, other=0.0)
+                         + tl.load(stat_rows + s * st[0] + 1, mask=q_ok, other=0.0) - lse)
+        part = tl.load(PartOut + s * sp[0] + part_rows[:, None] + dv[None, :] * sp[4],
+                       mask=q_ok[:, None] & (dv < Dv)[None, :], other=0.0)
+        acc += weight[:, None] * part
+        total += weight
+    out = acc / total[:, None]
+    shift = lse
+    log2_sum = tl.log2(total)
+    if rows_saturated(lse, q_ok, literals[5]) | any_nonfinite(out):  # as attend_program_rows' exact pass
         _, _, _, _, acc, m_i, l_i = attend_program_rows(
-            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, 0, 1, sq, sk, sv, sm, sc,
+            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
             heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, PACK_GQA, True, NUMERICS)
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for s in range(num_splits):
-            weight = tl.exp2(tl.load(stat_rows + s * st[0], mask=q_ok, other=0.0)
-                             + tl.load(stat_rows + s * st[0] + 1, mask=q_ok, other=0.0) - lse)
-            part = tl.load(PartOut + s * sp[0] + part_rows[:, None] + dv[None, :] * sp[4],
-                           mask=q_ok[:, None] & (dv < Dv)[None, :], other=0.0)
-            acc += weight[:, None] * part
-            total += weight
-        out = acc / total[:, None]
-        shift = lse
-        log2_sum = tl.log2(total)
     store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD.block_dv)
 
 

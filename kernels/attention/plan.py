@@ -16,10 +16,9 @@ import torch
 from ..runtime import KernelLimits, cdiv, interpreting, launch, next_pow2, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import attention_forward_kernel, merge_splits_kernel, output_strides
-from .reference import MASKINGS, AttentionLiterals
-from .tiles import SATURATION_MARGIN, HeadBlocks, Numerics, ScoreRule, class_cell, class_strides, classify_tiles
+from .reference import FLT_MAX, MASKINGS, AttentionLiterals, log2_units, saturation_lse
+from .tiles import HeadBlocks, Numerics, ScoreRule, class_cell, class_strides, classify_tiles
 
-FLT_MAX = torch.finfo(torch.float32).max
 MAX_PLANS = 4096
 
 
@@ -66,25 +65,6 @@ def kernels_support(q, k, v, mask, literals: AttentionLiterals) -> bool:
     return (use_triton(q, k, v, mask) and dtypes_ok and mask_ok and extents_ok
             and 0 < k.shape[2] and max(q.shape[3], v.shape[3]) <= LIMITS.max_head_dim
             and LIMITS.literals_supported(literals))
-
-
-def _log2_units(value: float) -> float:
-    """A score in log2 units, clamped like the kernels clamp mask values (−inf stays)."""
-    if value == -math.inf:
-        return value
-    return min(max(value * (1 / math.log(2)), -FLT_MAX), FLT_MAX)
-
-
-def _saturation_lse(mask_value_log2: float, masking: str) -> float:
-    """The log-sum-exp (log2 units) at or below which a row is recomputed without skipping (tiles.py).
-
-    A skipped score is at most skipped_bound = max(mask_value, −FLT_MAX), or score + skipped_bound with
-    "add": there half the bound is used, which keeps skipping exact while scores stay below half its size
-    (a large negative fill is what the patterns pass)."""
-    skipped_bound = max(mask_value_log2, -FLT_MAX)
-    if masking == "add":
-        return max(skipped_bound + SATURATION_MARGIN, skipped_bound / 2)
-    return skipped_bound + SATURATION_MARGIN
 
 
 def kernel_mask(mask: torch.Tensor | None, b: int, hq: int, lq: int, lk: int) -> torch.Tensor | None:
@@ -162,7 +142,6 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals) -> Plan | None:
     group = hq // hkv
     window = max(int(literals.window), 0)
     pos_offset = lk - lq if literals.bottom_right else 0
-    mask_value_log2 = _log2_units(literals.mask_value)
     expanded = kernel_mask(mask, b, hq, lq, lk) if mask is not None else None
     pack = group > 1 and lq < 64
     rows = group * lq if pack else lq
@@ -179,8 +158,8 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals) -> Plan | None:
         NUMERICS=Numerics(interpreting(), "ieee" if fp32_exact else "tf32"))
     return Plan(
         constexprs=constexprs, sizes=(hq, group, lq, lk, d, dv),
-        literals=(pos_offset, window, float(literals.scale), float(literals.softcap), mask_value_log2,
-                  _saturation_lse(mask_value_log2, literals.masking), float(literals.dropout_p), 0),
+        literals=(pos_offset, window, float(literals.scale), float(literals.softcap), log2_units(literals.mask_value),
+                  saturation_lse(literals.mask_value, literals.masking), float(literals.dropout_p), 0),
         mask_strides=expanded.stride() if expanded is not None else (0, 0, 0, 0),
         is_bool_mask=mask is not None and mask.dtype == torch.bool, out_strides=output_strides(q, dv),
         pack_gqa=pack, splits=_split_count(rows, b * (hkv if pack else hq), lk, q.device),

@@ -16,6 +16,11 @@ and their kin) are recomputed without skipping: that keeps the replaced code's a
 over score + fill when added. Rows SDPA zeroes keep a log-sum-exp of +inf, which gives them
 zero probabilities (and gradients) in the backward.
 
+NaN and ±inf follow reference.py's rule, whatever the tiling. Plain passes are the code above; a
+program whose result is not finite (a dot may have carried a NaN or ±inf from a position some row
+cannot see: 0·NaN) is redone by an EXACT pass, in EXACT_BLOCK tiles: unreached positions get
+probability 0 and form no product (selected_dot). Finite inputs pay one reduction per program.
+
 The kernels take related values together. Runtime tuples (Triton specializes each element as it
 would a lone argument: == 1, divisibility by 16):
     strides      one tuple per tensor, in its dimension order
@@ -39,7 +44,9 @@ SKIP = tl.constexpr(0)
 PARTIAL = tl.constexpr(1)
 FULL = tl.constexpr(2)
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
-SATURATION_MARGIN = 160.0
+# The tile side of EXACT passes (selected_dot): they are rare, and small tiles keep their registers under the plain
+# loops' (ptxas would otherwise spill those and serialize their wgmma: sm_90, triton 3.6 and 3.9)
+EXACT_BLOCK = tl.constexpr(16)
 
 
 class HeadBlocks(NamedTuple):
@@ -154,13 +161,17 @@ def tanh(x):
 
 
 @triton.jit
-def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED: tl.constexpr, RULE: tl.constexpr):
-    """(scores in log2 units, kept, d(softcapped score)/d(scaled score)) of one tile.
+def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED: tl.constexpr, EXACT: tl.constexpr,
+                RULE: tl.constexpr):
+    """(scores in log2 units, reach, passes, d(softcapped score)/d(scaled score)) of one tile.
 
-    q_idx/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
+    q_idx/q_open/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
     (position, False in a bool mask) become mask_value, or get it added with RULE.add_mask_value; keys
-    past Lk −inf. `kept` is False where a score was replaced: no gradient reaches it. With MASKED
-    False the tile is known fully visible and inside the matrix (`kept` is then a constant True).
+    past Lk −inf. `passes` is where a gradient reaches the score: not replaced. EXACT passes also follow the
+    NaN rule (reference.py): a position is visible unless excluded or hidden by a float mask value
+    ≤ −FLT_MAX/log2 e; `reach` holds the visible positions and, in open rows (q_open), every position inside
+    the matrix; unreached scores are −inf, pass no gradient, and form no product (selected_dot). With MASKED
+    False the tile is known fully visible and inside the matrix (reach and passes are a constant True).
     """
     pos_offset, window, scale, softcap, mask_value_log2 = literals[0], literals[1], literals[2], literals[3], \
         literals[4]
@@ -171,6 +182,7 @@ def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED: tl.cons
     else:
         scores = qk * (scale * LOG2E)
         softcap_grad = 1.0
+    reach = True
     keep = True
     if MASKED:
         in_range = k_idx < Lk
@@ -182,26 +194,82 @@ def tile_scores(qk, q_idx, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED: tl.cons
             keep = keep & (q_pos - k_idx < window)
         if RULE.mask_kind == 1:
             keep = keep & (tl.load(mask_ptrs, mask=in_range & q_ok, other=1) != 0)
+        visible = keep
         if RULE.mask_kind == 2:
-            added = tl.load(mask_ptrs, mask=in_range & q_ok, other=0.0).to(tl.float32)
-            scores = scores + mask_to_log2(added)
+            added = mask_to_log2(tl.load(mask_ptrs, mask=in_range & q_ok, other=0.0).to(tl.float32))
+            scores = scores + added
+            if EXACT:
+                visible = visible & ~(added <= -FLT_MAX)
         if RULE.add_mask_value:
             scores = tl.where(keep, scores, scores + mask_value_log2)
             keep = in_range
         else:
             scores = tl.where(keep, scores, mask_value_log2)
         scores = tl.where(in_range, scores, float("-inf"))
-    return scores, keep, softcap_grad
+        if EXACT:
+            reach = in_range & (visible | q_open)
+            keep = keep & reach
+            scores = tl.where(reach, scores, float("-inf"))
+    return scores, reach, keep, softcap_grad
 
 
 @triton.jit
-def probabilities(scores, shift, log2_sum, MASKED: tl.constexpr):
+def open_rows(lse, row_ok, saturation_lse):
+    """Rows whose log-sum-exp (log2 units) of the scores as formed is at or below the bound: their weight may lie
+    on hidden positions (fully masked rows), so every position reaches them (reference.py; NaN: not)."""
+    return row_ok & (lse <= saturation_lse)
+
+
+@triton.jit
+def probabilities(scores, reach, shift, log2_sum, MASKED: tl.constexpr, EXACT: tl.constexpr):
     """Softmax probabilities from the forward's statistics (rows along dim 0 of shift/log2_sum
-    broadcast against scores). Masked tiles subtract the shift first, exact for ≈ −FLT_MAX rows."""
+    broadcast against scores); EXACT: exactly 0 where unreached (a row's statistics may be NaN). Masked
+    tiles subtract the shift first, exact for ≈ −FLT_MAX rows."""
     if MASKED:
-        return tl.exp2((scores - shift) - log2_sum)
+        p = tl.exp2((scores - shift) - log2_sum)
+        if EXACT:
+            p = tl.where(reach, p, 0.0)
+        return p
     else:
         return tl.exp2(scores - (shift + log2_sum))
+
+
+@triton.jit
+def nonfinite(x):
+    """Where x is NaN or ±inf (NaN is not below inf)."""
+    return ~(tl.abs(x.to(tl.float32)) < float("inf"))
+
+
+@triton.jit
+def any_nonfinite(x):
+    return tl.max(nonfinite(x).to(tl.int32)) > 0
+
+
+@triton.jit
+def selected_dot(a, b, reach, acc, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+    """acc + a·b; with EXACT, the products a[i, j]·b[j, :] are formed only where position j reaches row i.
+
+    A dot multiplies every pair, and a zero weight times a NaN or ±inf in b is NaN: a value a row cannot see
+    would reach it, in some rows and not others by where the tiles fall. So plain passes take plain dots and a
+    program whose result is not finite is redone by an EXACT pass, a loop of its own (the plain loops keep their
+    code and pipelining). There, rows of b holding NaN or ±inf leave the dot and their products are formed in
+    float32 where they reach (0 · inf is NaN where a zero weight reaches an infinite value, as in the replaced
+    code).
+    """
+    if EXACT:
+        a = tl.where(reach, a, 0.0)
+        bad_rows = tl.max(nonfinite(b).to(tl.int32), 1)
+        acc = tl.dot(a, tl.where(bad_rows[:, None] > 0, 0.0, b), acc, input_precision=NUMERICS.dot_precision)
+        keys = tl.arange(0, b.shape[0])
+        for j in range(b.shape[0]):
+            if tl.sum(tl.where(keys == j, bad_rows, 0)) > 0:  # where() selects: other rows' NaN stay out
+                a_j = tl.sum(tl.where(keys[None, :] == j, a.to(tl.float32), 0.0), 1)
+                reach_j = tl.sum(tl.where(keys[None, :] == j, reach.to(tl.int32), 0), 1) > 0
+                b_j = tl.sum(tl.where(keys[:, None] == j, b.to(tl.float32), 0.0), 0)
+                acc = tl.where(reach_j[:, None], acc + a_j[:, None] * b_j[None, :], acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=NUMERICS.dot_precision)
+    return acc
 
 
 @triton.jit
