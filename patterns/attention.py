@@ -24,7 +24,7 @@ from torch import fx
 from fuser.kernels.attention import LIMITS
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.attention_masks import MaskPlan, recognize
-from fuser.patterns.nodes import dropout_arguments, tensor_meta
+from fuser.patterns.nodes import arguments, dropout_arguments, tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -128,6 +128,72 @@ def masked(scores, mask, fill, how):
     return scores if how == "none" else torch.where(mask, scores, fill)
 
 
+def _last_dim(node, dim) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and dim in (-1, meta.dim() - 1)
+
+
+def _row_max(node, x) -> tuple | None:
+    """The nodes of `x.max(dim=-1, keepdim=True).values` / `[0]` or `x.amax(-1, keepdim=True)` (any spelling)
+    that `node` is, or None."""
+    covered = (node,)
+    if isinstance(node, fx.Node) and node.target == operator.getitem and node.args[1:] == (0,):
+        node, names = node.args[0], ("max", torch.max)
+        covered = (node, *covered)
+    else:
+        names = ("amax", torch.amax)
+    if not isinstance(node, fx.Node) or node.target not in names:
+        return None
+    bound = arguments(node, ("input", "dim", "keepdim"), {"keepdim": False})
+    if bound is None or bound["input"] is not x or bound["keepdim"] is not True or not _last_dim(x, bound["dim"]):
+        return None
+    return covered
+
+
+def _with_sinks_shapes(node):
+    """gpt-oss's `torch.cat([scores, sinks], dim=-1)` (sinks [..., 1]: one logit per row), its row max subtracted
+    or not (which changes no softmax): the sinks join the softmax's denominator. Or no sinks."""
+    combined, around = node, ()
+    if isinstance(node, fx.Node) and node.target == operator.sub and len(node.args) == 2:
+        row_max = _row_max(node.args[1], node.args[0])
+        if row_max is not None:
+            combined, around = node.args[0], (*row_max, node)
+    bound = arguments(combined, ("tensors", "dim"), {"dim": 0}) if isinstance(combined, fx.Node) \
+        and combined.target == torch.cat else None
+    if bound is not None and isinstance(bound["tensors"], (list, tuple)) and len(bound["tensors"]) == 2:
+        scores, sinks = bound["tensors"]
+        meta = tensor_meta(sinks)
+        if isinstance(scores, fx.Node) and meta is not None and meta.shape[-1] == 1 and _last_dim(combined, bound["dim"]):
+            yield scores, (sinks,), (combined, *around)
+    yield node, (None,), ()
+
+
+@structural(_with_sinks_shapes)
+def with_sinks(scores, sinks):
+    if sinks is None:
+        return scores
+    combined = torch.cat([scores, sinks], dim=-1)
+    return combined - combined.max(dim=-1, keepdim=True).values
+
+
+def _sink_dropped_shapes(node):
+    """`probs[..., :-1]`: the sinks' column dropped after the softmax, or nothing dropped. (Sinks not dropped, or
+    a column dropped with no sinks, leave p·v with one key more or fewer than k: check()'s shapes refuse it.)"""
+    if isinstance(node, fx.Node) and node.target == operator.getitem and isinstance(node.args[0], fx.Node):
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        meta = tensor_meta(node.args[0])
+        if index and meta is not None and index[-1] == slice(None, -1, None) and all(
+                i is Ellipsis or i == slice(None) for i in index[:-1]) and (
+                Ellipsis in index or len(index) == meta.dim()):
+            yield node.args[0], (True,), (node,)
+    yield node, (False,), ()
+
+
+@structural(_sink_dropped_shapes)
+def sink_dropped(probs, dropped):
+    return probs[..., :-1] if dropped else probs
+
+
 def _dropout_shapes(node):
     bound = dropout_arguments(node)  # `torch.dropout(x, p, train=False)` is no dropout
     if bound is not None and _literal(bound["p"]) and bound["training"] is True and not bound["inplace"]:
@@ -140,12 +206,14 @@ def dropout(probs, p):
     return F.dropout(probs, p, training=p > 0)
 
 
-def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, mask, fill, how, dim, compute_dtype, out_dtype,
-              dropout_p):
-    """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it."""
+def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, mask, fill, how, sinks, dim, compute_dtype,
+              sink_is_dropped, out_dtype, dropout_p):
+    """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it
+    (gpt-oss: with sinks in the softmax, their column dropped after it)."""
     keys = repeat_kv(scaled(k, k_scale), n_rep)
     scores = softcapped(scaled(torch.matmul(scaled(q, q_scale), keys.transpose(-2, -1)), scale), softcap)
-    probs = cast(torch.softmax(cast(masked(scores, mask, fill, how), compute_dtype), dim), out_dtype)
+    logits = cast(with_sinks(masked(scores, mask, fill, how), sinks), compute_dtype)
+    probs = cast(sink_dropped(torch.softmax(logits, dim), sink_is_dropped), out_dtype)
     return torch.matmul(dropout(probs, dropout_p), repeat_kv(v, n_rep))
 
 
@@ -255,8 +323,12 @@ def check(m) -> str | None:
         return f"scale {site.scale} is not positive"
     if site.softmax_dim not in (-1, 3):
         return f"softmax over dim {site.softmax_dim}, not over the keys"
-    if site.compute_dtype not in (None, torch.float32):
+    if site.compute_dtype not in (None, torch.float32, q.dtype):
         return f"softmax computed in {dtype_name(site.compute_dtype)}"
+    sinks = m.meta("sinks") if m.bindings.get("sinks") is not None else None
+    if sinks is not None and (not sinks.dtype.is_floating_point
+                              or tuple(sinks.shape[:-1]) != (q.shape[0], q.shape[1], q.shape[2])):
+        return f"sinks of shape {tuple(sinks.shape)} are not one floating logit per row"
     if site.how in ("keep", "drop") and not _large_negative(site.fill):
         return f"masked scores are set to {site.fill}, not a large negative number"
     mask = m.meta("mask")
@@ -302,8 +374,10 @@ def replace(m):
             mask = mask.to(m.meta("q").dtype)
         if m.meta("mask").dim() < 4:  # [Lq, Lk], [H, Lq, Lk], ...: broadcast from the right, as torch does
             mask = mask[(None,) * (4 - m.meta("mask").dim())]
+    sinks = m.get("sinks")
     return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, m.site.scale, causal, window, bottom_right,
-                                     m.site.softcap, m["dropout_p"], fill, _masking(m, plan))
+                                     m.site.softcap, m["dropout_p"], fill, _masking(m, plan),
+                                     None if sinks is None else sinks[..., 0])
 
 
 def describe(m) -> str:
@@ -318,6 +392,8 @@ def describe(m) -> str:
         parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")
     if m.site.softcap:
         parts.append(f"softcap {m.site.softcap:g}")
+    if m.get("sinks") is not None:
+        parts.append("sinks")
     if m["dropout_p"]:
         parts.append(f"dropout {m['dropout_p']:g}")
     parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))
@@ -356,11 +432,12 @@ def _examples(draw) -> Example:
         keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
         mask, how, fill = (keep if mask_kind == "keep" else ~keep), mask_kind, float("-inf")
     upcast = draw(st.booleans())
+    sinks = draw(tensors((kv_heads * n_rep, 1, 1), dtype)).expand(batch, -1, lq, 1) if draw(st.booleans()) else None
     return Example(attention, dict(
         q=q, k=k, v=v, mask=mask, n_rep=n_rep, q_scale=1.0, k_scale=1.0, scale=1.0 / math.sqrt(d),
-        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), fill=fill, how=how, dim=-1,
-        compute_dtype=torch.float32 if upcast else None, out_dtype=dtype if upcast else None, dropout_p=0.0),
-        constants=("mask",))
+        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), fill=fill, how=how, sinks=sinks, dim=-1,
+        compute_dtype=torch.float32 if upcast else None, sink_is_dropped=sinks is not None,
+        out_dtype=dtype if upcast else None, dropout_p=0.0), constants=("mask",))
 
 
 @st.composite

@@ -28,6 +28,15 @@ def repeat_kv(x, n):
 
 
 CAUSAL = torch.ones(L, L, dtype=torch.bool).tril()
+SINKS = torch.linspace(-1.0, 2.0, H)
+
+
+def with_sinks(q, k, v):
+    """gpt-oss's sinks, written by hand: one logit per head joins the softmax, its column dropped after it."""
+    scores = q @ k.transpose(-2, -1) * 0.25
+    combined = torch.cat([scores, SINKS.to(q.dtype).reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], -1)], -1)
+    combined = combined - combined.amax(-1, keepdim=True)
+    return combined.softmax(-1)[..., :-1] @ v
 
 SPELLINGS = {
     # name: (function of q, k, v, the mode the report must name)
@@ -61,6 +70,7 @@ SPELLINGS = {
     "sdpa with an additive causal mask": (lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.where(torch.ones(L, L, dtype=torch.bool).tril(), 0.0, float("-inf")).to(q.dtype)),
         "causal, no mask read"),
+    "sinks": (with_sinks, "sinks"),
     "bool mask added to the scores": (lambda q, k, v: torch.softmax(
         q @ k.transpose(-2, -1) * 0.25 + CAUSAL[None, None], -1) @ v, "mask read as a tensor"),
 }
@@ -184,6 +194,8 @@ NEAR_MISSES = {
                                                     * CAUSAL) @ v, None),
     "value matmul of another tensor": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1).exp() @ v,
                                        None),
+    "last column dropped, no sinks": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1)[..., :-1]
+                                      @ v[:, :, :-1], "do not form an attention"),
     "probabilities used twice": (lambda q, k, v: (lambda p: (p @ v, p))(torch.softmax(q @ k.transpose(-2, -1), -1)),
                                  "used outside"),
 }
@@ -290,3 +302,27 @@ def test_training_with_attention_dropout_is_rewritten_with_dropout():
     report = fuser.explain(model, ids)
     modes = [m.mode for m in report.matches if m.pattern == "attention"]
     assert len(modes) == 2 and all("dropout 0.25" in mode for mode in modes), report
+
+
+def test_gpt_oss_attention_with_sinks_is_rewritten_in_training():
+    """gpt-oss's eager attention (sinks, a sliding layer and a full one) under torch.compile: both layers
+    rewritten; logits and every gradient, the sinks' included, against float64."""
+    from fuser.models import tiny_gpt_oss
+
+    model = tiny_gpt_oss().train()
+    ids = tiny_inputs(model)
+    reference = float64_reference(model)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(ids, labels=ids).loss
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 2, report
+    assert {m.mode.split(", GQA")[0] for m in report.matches if m.pattern == "attention"} == {
+        "causal, window 8, no mask read", "causal, no mask read"}, report
+    assert all("sinks" in m.mode for m in report.matches if m.pattern == "attention")
+    loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        if p.grad is not None and p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32), name
+    assert all(layer.self_attn.sinks.grad.abs().sum() > 0 for layer in model.model.layers)
