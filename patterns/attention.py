@@ -278,6 +278,8 @@ def _mask_plan(m) -> MaskPlan | None:
     skipping tiles would lose."""
     q, k, _ = _shapes(m)
     site, mask = m.site, m.bindings["mask"]
+    if m.meta("mask") is not None and m.meta("mask").requires_grad:  # a learned bias: read, and given its gradient
+        return None
     if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
     reader = next((n for n in m.nodes if mask in n.all_input_nodes), m.output)  # the mask's value there counts
@@ -335,8 +337,8 @@ def check(m) -> str | None:
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
             return "the mask is not a bool or float tensor"
-        if mask.requires_grad:
-            return "the additive mask takes a gradient (a learned bias); the kernel gives none"
+        if mask.requires_grad and site.how != "add":
+            return "the mask takes a gradient but is not added to the scores"
         scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores

@@ -214,12 +214,25 @@ def test_attention_near_misses_are_left_alone(case):
         assert_close(got, ref, torch.float32)
 
 
-def test_a_learned_additive_bias_keeps_its_gradient():
-    bias = torch.zeros(1, H, L, L, requires_grad=True)
-    q, k, v = _qkv()
-    out, report = compile_and_run(lambda q, k, v, b: torch.softmax(q @ k.transpose(-2, -1) + b, -1) @ v, q, k, v, bias)
-    assert "attention" not in report.counts()
-    assert any("learned bias" in n.reason for n in report.near_misses), report
+def test_a_learned_additive_bias_is_rewritten_with_its_gradient():
+    """A relative-position-style bias [1, H, L, L] that takes a gradient, with a causal mask folded in (T5's
+    position_bias + mask): read as a tensor, and given dS summed over the batch."""
+    bias = (torch.randn(1, H, L, L) * 0.5).requires_grad_()
+    causal = torch.where(CAUSAL, 0.0, torch.finfo(torch.float32).min)
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def fn(q, k, v, b):
+        return torch.softmax(q @ k.transpose(-2, -1) + (b + causal), -1) @ v
+
+    out, report = compile_and_run(fn, q, k, v, bias, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    assert "mask read as a tensor" in report.matches[0].mode
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    causal = causal.double()
+    want = torch.autograd.grad(fn(*leaves).sum(), leaves)
+    for got, ref in zip(grads, want):
+        assert_close(got, ref, torch.float32)
 
 
 # attention sites of each tiny model (2 layers) and the mode the kernel runs

@@ -336,7 +336,8 @@ def test_opcheck(sample):
     with torch.no_grad():  # no double backward: the backward op takes plain tensors
         out, stats, classes = torch.ops.fuser.attention_forward(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(out), *plain[:5], out, stats, classes, plain[13], *plain[5:13])
+    backward_args = (torch.randn_like(out), *plain[:5], out, stats, classes, plain[13], *plain[5:13],
+                     plain[3] is not None and plain[3].dtype.is_floating_point)
     torch.library.opcheck(torch.ops.fuser.attention_backward.default, backward_args)
 
 

@@ -18,7 +18,8 @@ mask ("add"), F.scaled_dot_product_attention ("sdpa"). Fully masked rows follow 
 with mask_value −inf, the average of V over all keys with a finite fill, a softmax over score + fill
 for "add", zeros for "sdpa" (and their gradients: see backward.py). Scores below −FLT_MAX/log2(e)
 (≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
-added to them. Gradients flow to q, k, v and the sinks, never to the mask (a mask requiring grad gets none).
+added to them. Gradients flow to q, k, v, the sinks and a float mask (a learned bias: dS from the dQ kernel,
+summed over the axes the mask broadcasts on), never to a bool mask.
 Dropout draws its own Philox stream (not torch's); the backward regenerates the same keep-mask.
 NaN and ±inf: a value at a position a row cannot see never reaches that row (reference.py).
 The kernels take what `LIMITS` says; anything else (and CPU without TRITON_INTERPRET=1) runs
@@ -111,15 +112,18 @@ def _(q, k, v, mask, sinks, *literals_and_seed):
 def _backward_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None, sinks: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor,
                     classes: torch.Tensor, seed: torch.Tensor | None, scale: float, causal: bool, window: int,
-                    bottom_right: bool, softcap: float, dropout_p: float, mask_value: float, masking: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), laid out like q, k, v; with sinks, from the joined out and stats (sinks.py)."""
+                    bottom_right: bool, softcap: float, dropout_p: float, mask_value: float, masking: str,
+                    mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dS), dq/dk/dv laid out like q, k, v; with sinks, from the joined out and stats (sinks.py);
+    dS the gradient of the scores a float mask is added to, [B, Hq, Lq, Lk] float32 with mask_grad, else empty."""
     literals = AttentionLiterals(scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
     launches = _plan(q, k, v, mask, literals)
     if launches is not None:
-        return plan.backward(launches, grad_out, q, k, v, mask, out, stats, classes, seed)
-    grads = reference_backward(grad_out, q, k, v, mask, literals, _generator(seed, q.device), sinks)
-    return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+        return plan.backward(launches, grad_out, q, k, v, mask, out, stats, classes, seed, mask_grad)
+    *grads, dscores = reference_backward(grad_out, q, k, v, mask, literals, _generator(seed, q.device), sinks,
+                                         mask_grad=True)
+    dscores = dscores.float() if mask_grad else q.new_empty(0, dtype=torch.float32)
+    return (*(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads)), dscores)
 
 
 attention_backward = torch.library.custom_op("fuser::attention_backward", _backward_grads, mutates_args=())
@@ -127,8 +131,10 @@ _call_backward = direct_call(attention_backward, _backward_grads)
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, *_):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, *rest):
+    mask_grad = rest[-1]
+    dscores = q.new_empty((*q.shape[:3], k.shape[2]) if mask_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dscores
 
 
 def _setup_context(ctx, inputs, output):
@@ -146,9 +152,12 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
     q, k, v, mask, sinks, out, stats, classes, seed = ctx.saved_tensors
     # the saved outputs enter as plain values: there is no double backward
     out, stats = out.detach(), stats.detach()
-    dq, dk, dv = _call_backward(grad_out, q, k, v, mask, sinks, out, stats, classes, seed, *ctx.literals)
+    mask_grad = mask is not None and mask.dtype.is_floating_point and ctx.needs_input_grad[3]
+    dq, dk, dv, dscores = _call_backward(grad_out, q, k, v, mask, sinks, out, stats, classes, seed, *ctx.literals,
+                                         mask_grad)
+    dmask = dscores.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None
     dsinks = sinks_gradient(grad_out, out, stats, sinks) if sinks is not None and ctx.needs_input_grad[4] else None
-    return dq, dk, dv, None, dsinks, *(None for _ in ctx.literals), None
+    return dq, dk, dv, dmask, dsinks, *(None for _ in ctx.literals), None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -199,11 +199,12 @@ def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: tor
 
 
 def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
-                       generator: torch.Generator | None = None, sinks: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, ...]:
+                       generator: torch.Generator | None = None, sinks: torch.Tensor | None = None,
+                       mask_grad: bool = False) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them (for finite inputs): masked_fill
     passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's formulas,
-    each product formed only where the row reaches the key (the NaN rule above)."""
+    each product formed only where the row reaches the key (the NaN rule above). With mask_grad a fourth:
+    the gradient of the scores a float mask is added to, [B, Hq, Lq, Lk] in the compute dtype."""
     group = q.shape[1] // k.shape[1]
     probs, _, reach, passes, tanh = _probabilities(q, k, mask, literals, sinks)
     compute = probs.dtype
@@ -219,10 +220,11 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
         dp = dp * dropout
     weighted = probs * dp if reach is None else torch.where(reach, probs * dp, 0.0)
     ds = probs * (dp - weighted.sum(-1, keepdim=True))
-    if tanh is not None:
-        ds = ds * (1 - tanh * tanh)
     if passes is not None:
         ds = ds.masked_fill(~passes, 0.0)
+    dscores = ds
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
     dq = selected_matmul(ds, kf, passes) * literals.scale
     dk = selected_matmul(ds.transpose(-1, -2), qf, None if passes is None else passes.transpose(-1, -2)) \
         * literals.scale
@@ -230,7 +232,8 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
     def per_kv_head(x):
         return x.unflatten(1, (k.shape[1], group)).sum(2)
 
-    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    grads = dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    return (*grads, dscores) if mask_grad else grads
 
 
 def attention_reference(q, k, v, mask, *literals, sinks: torch.Tensor | None = None,
