@@ -119,6 +119,21 @@ def _masked_shapes(node):
     yield node, (None, 0.0, "none"), ()
 
 
+def _biased_shapes(node):
+    """`s + bias`: a float tensor added to the scores before a mask is (T5's position bias, then its mask), or no
+    bias. With a single term the mask is tried first (`masked`)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.add:
+        for scores, bias in (node.args, node.args[::-1]):
+            if isinstance(bias, fx.Node) and isinstance(scores, fx.Node) and _broadcasts_to(bias, scores):
+                yield scores, (bias,), (node,)
+    yield node, (None,), ()
+
+
+@structural(_biased_shapes)
+def biased(scores, bias):
+    return scores if bias is None else scores + bias
+
+
 @structural(_masked_shapes)
 def masked(scores, mask, fill, how):
     if how == "add":
@@ -206,13 +221,13 @@ def dropout(probs, p):
     return F.dropout(probs, p, training=p > 0)
 
 
-def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, mask, fill, how, sinks, dim, compute_dtype,
+def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, bias, mask, fill, how, sinks, dim, compute_dtype,
               sink_is_dropped, out_dtype, dropout_p):
     """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it
     (gpt-oss: with sinks in the softmax, their column dropped after it)."""
     keys = repeat_kv(scaled(k, k_scale), n_rep)
     scores = softcapped(scaled(torch.matmul(scaled(q, q_scale), keys.transpose(-2, -1)), scale), softcap)
-    logits = cast(with_sinks(masked(scores, mask, fill, how), sinks), compute_dtype)
+    logits = cast(with_sinks(masked(biased(scores, bias), mask, fill, how), sinks), compute_dtype)
     probs = cast(sink_dropped(torch.softmax(logits, dim), sink_is_dropped), out_dtype)
     return torch.matmul(dropout(probs, dropout_p), repeat_kv(v, n_rep))
 
@@ -327,6 +342,10 @@ def check(m) -> str | None:
         return f"softmax over dim {site.softmax_dim}, not over the keys"
     if site.compute_dtype not in (None, torch.float32, q.dtype):
         return f"softmax computed in {dtype_name(site.compute_dtype)}"
+    bias = m.meta("bias") if m.bindings.get("bias") is not None else None
+    if bias is not None and (not bias.dtype.is_floating_point or site.how not in ("add", "none")):
+        return (f"a {dtype_name(bias.dtype)} bias added to the scores, then a mask applied by "
+                f"{'masked_fill' if site.how == 'drop' else 'where'}: one mask tensor at most")
     sinks = m.meta("sinks") if m.bindings.get("sinks") is not None else None
     if sinks is not None and (not sinks.dtype.is_floating_point
                               or tuple(sinks.shape[:-1]) != (q.shape[0], q.shape[1], q.shape[2])):
@@ -363,7 +382,10 @@ def _sdpa_worth_it(m) -> str | None:
 
 
 def replace(m):
+    bias = m.get("bias")
     plan = _mask_plan(m)
+    if plan is not None and bias is not None and plan.padding is not None:
+        plan = None  # one mask tensor: the bias plus the padding, both added
     if plan is not None:
         causal, window, bottom_right, fill = plan.causal, plan.window, plan.bottom_right, plan.fill
         mask = None if plan.padding is None else m.value_of(plan.padding)[:, None, None, :]
@@ -376,9 +398,13 @@ def replace(m):
             mask = mask.to(m.meta("q").dtype)
         if m.meta("mask").dim() < 4:  # [Lq, Lk], [H, Lq, Lk], ...: broadcast from the right, as torch does
             mask = mask[(None,) * (4 - m.meta("mask").dim())]
+    masking = _masking(m, plan)
+    if bias is not None:  # added to the scores like an additive mask (and given its gradient)
+        mask = bias[(None,) * (4 - m.meta("bias").dim())] if mask is None else bias + mask
+        masking = "add"
     sinks = m.get("sinks")
     return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, m.site.scale, causal, window, bottom_right,
-                                     m.site.softcap, m["dropout_p"], fill, _masking(m, plan),
+                                     m.site.softcap, m["dropout_p"], fill, masking,
                                      None if sinks is None else sinks[..., 0])
 
 
@@ -389,6 +415,8 @@ def describe(m) -> str:
         parts = ["mask read as a tensor"]
     else:
         parts = [plan.describe() + (", no mask read" if m.bindings["mask"] is not None and plan.padding is None else "")]
+    if m.get("bias") is not None:
+        parts.append("bias read as a tensor")
     ratio = _head_ratio(m)
     if ratio > 1:
         parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")
@@ -435,9 +463,11 @@ def _examples(draw) -> Example:
         mask, how, fill = (keep if mask_kind == "keep" else ~keep), mask_kind, float("-inf")
     upcast = draw(st.booleans())
     sinks = draw(tensors((kv_heads * n_rep, 1, 1), dtype)).expand(batch, -1, lq, 1) if draw(st.booleans()) else None
+    bias = draw(tensors((1, kv_heads * n_rep, lq, lk), dtype)) if how in ("add", "none") and draw(st.booleans()) \
+        else None  # a learned bias (takes a gradient), then the mask
     return Example(attention, dict(
         q=q, k=k, v=v, mask=mask, n_rep=n_rep, q_scale=1.0, k_scale=1.0, scale=1.0 / math.sqrt(d),
-        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), fill=fill, how=how, sinks=sinks, dim=-1,
+        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), bias=bias, fill=fill, how=how, sinks=sinks, dim=-1,
         compute_dtype=torch.float32 if upcast else None, sink_is_dropped=sinks is not None,
         out_dtype=dtype if upcast else None, dropout_p=0.0), constants=("mask",))
 

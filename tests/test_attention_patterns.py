@@ -339,3 +339,30 @@ def test_gpt_oss_attention_with_sinks_is_rewritten_in_training():
         if p.grad is not None and p64.grad is not None:
             assert_close(p.grad, p64.grad, torch.float32), name
     assert all(layer.self_attn.sinks.grad.abs().sum() > 0 for layer in model.model.layers)
+
+
+def test_t5_attention_with_a_learned_position_bias_is_rewritten_in_training():
+    """T5 (eager): the relative position bias takes a gradient and the decoder adds its causal mask after it; all
+    six layers (encoder, decoder self- and cross-attention) rewritten, every gradient against float64."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    config._attn_implementation = "eager"
+    model = T5ForConditionalGeneration(config).train()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference = float64_reference(model)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
+        input_ids=ids, labels=ids[:, :7].contiguous()).loss
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 6, report
+    assert sum("bias read as a tensor" in m.mode for m in report.matches) == 2, report
+    loss.backward()
+    reference(input_ids=ids, labels=ids[:, :7].contiguous()).loss.backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        if p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32), name
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
