@@ -27,6 +27,7 @@ import pathlib
 import torch
 import triton
 from transformers import DeepseekV3Config, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
 import fuser  # noqa: F401  (registers torch.ops.fuser.*)
@@ -67,6 +68,8 @@ class InPlaceCache(DynamicCache):
 
     def __init__(self, config, batch: int, context: int, generator: torch.Generator):
         super().__init__(config=config)
+        if not self.layers:  # a transformers that makes its layers on first update
+            self.layers.append(DynamicLayer())
         layer = self.layers[0]
         layer.keys = torch.randn(batch, 1, context, config.kv_lora_rank, generator=generator, device=DEVICE).to(DTYPE)
         layer.values = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=generator,
@@ -127,8 +130,9 @@ def checks(layer, rotary) -> bool:
         layer64 = DeepseekV3Attention(layer.config, 0).to(DEVICE, torch.float64).eval()
         layer64.load_state_dict(layer.state_dict())
         step64 = (step[0].double(), tuple(t.double() for t in step[1]), None)
-        reference = layer64(*step64, cache=cache64)[0]
-        own = layer(*step, cache=cache)[0]
+        name = LatentDecode(layer).cache_name  # 5.24 calls it cache, earlier versions past_key_values
+        reference = layer64(*step64, **{name: cache64})[0]
+        own = layer(*step, **{name: cache})[0]
     error, own_error = numerics_error(ours, reference), numerics_error(own, reference)
     results.append(error <= max(tolerance(DTYPE), 2 * own_error))
     log(f"  {'ok  ' if results[-1] else 'FAIL'} layer decode step B1 L4096: ours {error:.2e}, transformers' own "
@@ -175,7 +179,7 @@ def tilings(default_splits: int, context: int, latent: int):
 def step_row(layer, rotary, compiled_theirs, compiled_ours, batch, context) -> dict:
     step, cache = step_inputs(layer, rotary, batch, context)
     call = LatentDecode(layer)
-    forward = DeepseekV3Attention.forward
+    forward, name = DeepseekV3Attention.forward, call.cache_name
     row = {}
     with torch.no_grad():
         row["ours_ms"] = bench(lambda: call(layer, step, {"cache": cache}))
@@ -184,7 +188,7 @@ def step_row(layer, rotary, compiled_theirs, compiled_ours, batch, context) -> d
         if expansion_bytes(layer.config, batch, context) > 0.8 * free:
             row["eager_ms"] = row["compiled_ms"] = "oom"
         else:
-            row["eager_ms"] = bench(lambda: forward(layer, *step, cache=cache))
+            row["eager_ms"] = bench(lambda: forward(layer, *step, **{name: cache}))
             row["compiled_ms"] = bench_compiled(lambda: compiled_theirs(step, cache))
     torch.cuda.empty_cache()
     return row
@@ -209,7 +213,8 @@ def main():
     layer, rotary = v3_layer()
     passed = checks(layer, rotary)
     call = LatentDecode(layer)
-    compiled_theirs = torch.compile(lambda step, cache: DeepseekV3Attention.forward(layer, *step, cache=cache))
+    compiled_theirs = torch.compile(lambda step, cache: DeepseekV3Attention.forward(layer, *step,
+                                                                                    **{call.cache_name: cache}))
     compiled_ours = torch.compile(lambda step, cache: call(layer, step, {"cache": cache}))
     rows = []
     for context, batch in itertools.product(options.contexts, options.batches):

@@ -83,7 +83,7 @@ class LatentDecode:
             return False
         layers = getattr(cache, "layers", ())
         layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
-        return type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0
+        return type(layer) is DynamicLayer and layer.get_seq_length() > 0
 
     def absorbed_weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, R], W_UV [H, v, R]) from kv_b_proj's weight: views where a gradient is recorded,
