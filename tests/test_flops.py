@@ -51,3 +51,17 @@ def test_norms_count_nothing_as_in_torch():
     x, w = torch.randn(4, 16), torch.randn(16)
     assert counted(torch.ops.fuser.rms_norm, x, w, 1e-6, 0.0, False, torch.float32) == 0
     assert counted(torch.ops.fuser.softmax, x, torch.float32) == 0 == counted(torch.softmax, x, -1)
+
+
+def test_experts_and_gated_delta_count_their_products():
+    tokens, hidden, intermediate, experts, top_k = 5, 16, 12, 4, 2
+    x = torch.randn(tokens, hidden)
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    gate_up, down = torch.randn(experts, 2 * intermediate, hidden), torch.randn(experts, hidden, intermediate)
+    assert counted(torch.ops.fuser.moe_experts, x, ids, torch.rand(tokens, top_k), gate_up, None, down) == \
+        6 * tokens * top_k * hidden * intermediate
+    batch, length, heads, dk, dv = 1, 3, 2, 8, 12
+    q, k = torch.randn(batch, length, heads, dk), torch.randn(batch, length, heads, dk)
+    v, g, beta = torch.randn(batch, length, heads, dv), -torch.rand(batch, length, heads), torch.rand(batch, length, heads)
+    assert counted(torch.ops.fuser.gated_delta_rule, q, k, v, g, beta, None, 0.3, True) == \
+        6 * batch * length * heads * dk * dv
