@@ -31,6 +31,7 @@ if not hasattr(torch.ops.fuser, "attention"):
 EXPECTED = {"llama": (5, 2, 0), "mistral": (5, 2, 0), "qwen2": (5, 2, 0), "gpt2": (0, 2, 0), "bert": (0, 2, 0),
             "olmoe": (9, 2, 2), "mixtral": (5, 2, 2), "deepseek_v3": (9, 2, 1)}
 OPS = ("fuser::rms_norm", "fuser::attention", "fuser::moe_experts")
+LATENT_ATTENTION = {"deepseek_v3": 2}  # MLA layers decoding in the latent space (tests/test_latent_attention_convert.py)
 
 
 def _fused_op_calls(model, *args, **kwargs) -> Counter:
@@ -52,7 +53,9 @@ def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     report = fuser.convert(model, dry_run=True)
-    assert report.counts() == {k: v for k, v in zip(("rms_norm", "attention", "moe"), EXPECTED[arch]) if v}, report
+    latent = LATENT_ATTENTION.get(arch, 0)
+    assert report.counts() == {k: v for k, v in zip(("rms_norm", "attention", "moe", "latent_attention"),
+                                                    (*EXPECTED[arch], latent)) if v}, report
     assert not report.near_misses, report
     experts_implementation = model.config._experts_implementation
     assert _fused_modules(model) == [] and model.config._attn_implementation == "eager"  # a dry run changes nothing
@@ -60,7 +63,7 @@ def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     assert report.notes == [WITHOUT_EXAMPLES]
 
     assert fuser.convert(model) is model
-    assert len(_fused_modules(model)) == norms and model.config._attn_implementation == "fuser"
+    assert len(_fused_modules(model)) == norms + latent and model.config._attn_implementation == "fuser"
     assert (model.config._experts_implementation == "fuser") == bool(experts)
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
