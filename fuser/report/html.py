@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from fuser.report import MatchRecord, Report
+from fuser.report.graphs import readable_input_name
 
 FONT_SIZE = 12
 CHAR_WIDTH = 7.3        # of the monospace font at FONT_SIZE, in pixels
@@ -207,7 +208,7 @@ def _place(region: nx.DiGraph, rows: list[list[str]], highlighted: set[str], rol
 def _label(name: str, data: dict) -> tuple[str, str]:
     """Two lines: what the node does (op and its literal arguments), and its shape and dtype."""
     if data.get("op") == "placeholder":
-        title = _readable_input_name(str(data.get("target", name)))
+        title = readable_input_name(str(data.get("target", name)))
     elif data.get("op") == "output":
         title = "output"
     else:
@@ -219,13 +220,6 @@ def _label(name: str, data: dict) -> tuple[str, str]:
     detail = (f"[{', '.join(map(str, shape))}] {data.get('dtype') or ''}".strip() if shape is not None
               else data.get("dtype") or "")
     return _shorten(title), _shorten(detail)
-
-
-def _readable_input_name(target: str) -> str:
-    """`L_args_0_modules_model_modules_layers_modules_0_modules_norm_parameters_weight_` → `model.layers.0.norm.weight`."""
-    name = re.sub(r"^[Ll]_(self_|target_|args_\d+_|kwargs_)?", "", target).rstrip("_")  # target_: fuser.engine.capture
-    name = re.sub(r"^modules_", "", name)
-    return re.sub(r"_(modules|parameters|buffers)_", ".", name)
 
 
 def _shorten(text: str) -> str:
