@@ -14,6 +14,7 @@ with its reason; `strict` raises instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -102,11 +103,37 @@ def _problem(m: Match, strict: bool) -> str | None:
     """Why `m` cannot be rewritten (convexity, the pattern's check), or None; a pattern's exception is a
     problem too (a pattern bug must not break the user's model), raised in strict mode."""
     try:
-        return convexity_problem(m) or m.pattern.check(m)
+        return convexity_problem(m) or m.pattern.check(m) or _dtensor_problem(m)
     except Exception as error:
         if strict:
             raise RewriteError(f"{m.pattern.name} at {Where(*m.where())}: {type(error).__name__}: {error}") from error
         return f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
+
+
+def _dtensor_problem(m: Match) -> str | None:
+    """Where a match reads DTensors (tensor parallelism), its replacement is run once on their example values
+    (fake, no data): a fused op without a sharding rule for them (`kernels.runtime.sharding`) leaves the
+    original code, rather than failing at compile time."""
+    inside = set(m.nodes)
+    read = [value(a) for n in m.nodes for a in n.all_input_nodes if a not in inside]
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    dtensors = [v for v in read if isinstance(v, DTensor)]
+    if not dtensors:
+        return None
+    m.resolve = value
+    try:
+        with contextlib.ExitStack() as stack:
+            fake_mode = getattr(dtensors[0]._local_tensor, "fake_mode", None)
+            if fake_mode is not None:
+                stack.enter_context(fake_mode)
+            m.pattern.replace(m)
+    except Exception as error:
+        return f"reads DTensors, which the fused op cannot take ({type(error).__name__}: {error}); kept the original"
+    finally:
+        m.resolve = None
+    return None
 
 
 def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False) -> Plan:
