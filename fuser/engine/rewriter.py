@@ -15,6 +15,7 @@ with its reason; `strict` raises instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -175,7 +176,8 @@ def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = Fals
             if closest is not None:
                 reached = tuple(n.name for n in sorted(closest.reached, key=order.__getitem__))
                 result.near_misses.append(NearMiss(pattern.name, Where(*where(anchor)),
-                                                   f"not {pattern.name}: {closest.reason}", reached))
+                                                   f"not {pattern.name}: {closest.reason}", reached,
+                                                   closest.at.name if closest.at is not None else ""))
                 reported.update(reached)
     result.matches.sort(key=lambda m: order[m.output])
     return result
@@ -206,9 +208,8 @@ def verify_plan(result: Plan, values: dict[fx.Node, Any], *, strict: bool = Fals
 def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Report:
     """Replace every accepted match of `result` in its graph; the report of what was and was not rewritten
     (with the graph before and after as networkx graphs when `pictures`)."""
-    gm, report = result.gm, Report(near_misses=list(result.near_misses))
-    graph = gm.graph
-    tag = f"g{next(_graph_ids)}."
+    gm, graph, tag = result.gm, result.gm.graph, f"g{next(_graph_ids)}."
+    report = Report(near_misses=[dataclasses.replace(miss, graph=tag[:-1]) for miss in result.near_misses])
     before = graph_to_networkx(graph, tag) if pictures else None
     position = _positions(graph)
     replaced: dict[fx.Node, fx.Node] = {}  # an applied match's output -> its fused op's node
@@ -217,20 +218,22 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
         names, site, mode = tuple(n.name for n in m.nodes), Where(*m.where()), m.pattern.describe(m)
         match_id = f"{tag}m{len(report.matches)}"
         inputs = {replaced.get(i, i) for n in m.nodes for i in n.all_input_nodes}  # before erasing clears them
+        bound = tuple((name, node.name) for name, node in m.inputs().items())
         try:
             new_nodes = _replace(m, replaced)
         except Exception as error:  # a pattern bug must not break the user's model
             if strict:
                 raise RewriteError(f"{m.pattern.name} at {site}: {type(error).__name__}: {error}") from error
             report.near_misses.append(NearMiss(m.pattern.name, site, f"the rewrite failed here ({type(error).__name__}:"
-                                               f" {error}); kept the original", names))
+                                               f" {error}); kept the original", names, graph=tag[:-1]))
             continue
         inputs_of_rewrites |= inputs
         replaced[m.output] = new_nodes[-1]
         for new in new_nodes:
             new.meta["fuser_match"] = match_id
         fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
-        report.matches.append(MatchRecord(m.pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
+        report.matches.append(MatchRecord(m.pattern.name, site, _op_name(fused), mode, names, fused.name, match_id,
+                                          bound))
         log.info("%s: rewrote %s at %s into %s (%s)", match_id, m.pattern.name, site, _op_name(fused), mode)
         if before is not None:
             for name in names:
