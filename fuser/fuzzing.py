@@ -430,7 +430,8 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
 def _argument_names(model: Callable) -> dict[int, str]:
     """Position -> name of the model's positional parameters (none where its signature cannot be read)."""
     try:
-        parameters = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model).parameters.values()
+        function = model.forward if isinstance(model, torch.nn.Module) else model  # a module's own: its forward
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return {}
     return {i: p.name for i, p in enumerate(parameters) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
@@ -449,8 +450,9 @@ def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, s
     arguments = _argument_names(model)
     names = {name: re.sub(r"^args_(\d+)", lambda m: arguments.get(int(m[1]), m[0]), described)
              for g in reversed(graphs) for name, described in g.names.items()}  # the first graph's name wins
-    strategy = st.builds(functools.partial(ModelExample, names=names), st.fixed_dictionaries({s: st.integers(lo, max(lo, hint))
-                                                              for s, (lo, hint) in symbols.items()}),
+    strategy = st.builds(functools.partial(ModelExample, names=names),
+                         st.fixed_dictionaries({s: st.integers(lo, max(lo, hint))
+                                                for s, (lo, hint) in symbols.items()}),
                          st.integers(0, 2**31 - 1))
 
     def check_one(example: ModelExample) -> None:

@@ -1,7 +1,8 @@
-"""fuser under torch.distributed, on CPU with 2 gloo processes: a training step under FSDP2 (`fully_shard`: the
-compiled graphs see whole parameters, so every site is rewritten as without it) and under tensor parallelism
-(DTensor: the fused ops shard by their own rules, `kernels/runtime/sharding.py`), each giving the output and
-gradients of the model run whole, within the numerics contract against float64."""
+"""fuser under torch.distributed, on CPU with 2 gloo processes (and on 2 GPUs with NCCL where a machine has them):
+a training step under FSDP2 (`fully_shard`: the compiled graphs see whole parameters, so every site is rewritten
+as without it) and under tensor parallelism (DTensor: the fused ops shard by their own rules,
+`kernels/runtime/sharding.py`), each giving the output and gradients of the model run whole, within the numerics
+contract against float64."""
 import copy
 import os
 import socket
@@ -18,6 +19,8 @@ from fuser.numerics.contract import judge
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 WORLD = 2
+# (device, backend, codegen): CPU runs the rest of the graph eagerly (Inductor's CPU compile costs CI minutes)
+SETUPS = [("cpu", "gloo", "eager")] + [("cuda", "nccl", "inductor")] * (torch.cuda.device_count() >= WORLD)
 
 
 class Block(nn.Module):
@@ -36,7 +39,8 @@ class Block(nn.Module):
         q, k, v = (p(h).view(b, length, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
         if self.causal:
-            scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1), -torch.inf)
+            hidden = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(hidden, -torch.inf)
         a = torch.softmax(scores, dim=-1) @ v
         return x + self.o(a.transpose(1, 2).reshape(b, length, -1))
 
@@ -59,17 +63,17 @@ def _reference(model: nn.Module, inputs: list[torch.Tensor], dtype: torch.dtype)
     return outs, {name: p.grad for name, p in model.named_parameters()}
 
 
-def _fsdp2(rank: int) -> None:
+def _fsdp2(rank: int, device: str, codegen: str) -> None:
     from torch.distributed.fsdp import fully_shard
     torch.manual_seed(0)
-    model = nn.Sequential(Block(), Block())
-    inputs = [torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(r)) for r in range(WORLD)]
-    (ref64, grads64), (ref32, grads32) = _reference(model, inputs, torch.float64), _reference(model, inputs, torch.float32)
+    model = nn.Sequential(Block(), Block()).to(device)
+    inputs = [torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(r)).to(device) for r in range(WORLD)]
+    (ref64, grads64), (ref32, grads32) = (_reference(model, inputs, dtype) for dtype in (torch.float64, torch.float32))
     for block in model:
         fully_shard(block)
     fully_shard(model)
     fuser.reset_reports()
-    out = torch.compile(model, backend="fuser", options={"codegen": "eager"})(inputs[rank])
+    out = torch.compile(model, backend="fuser", options={"codegen": codegen})(inputs[rank])
     out.sum().backward()  # FSDP2 averages the gradients over the ranks
     assert fuser.last_report().counts() == {"rms_norm": 2, "attention": 2}, fuser.last_report()
     _check("output", out, ref64[rank], ref32[rank])
@@ -77,20 +81,20 @@ def _fsdp2(rank: int) -> None:
         _check(f"gradient of {name}", _whole(p.grad), grads64[name], grads32[name])
 
 
-def _tensor_parallel(rank: int) -> None:
+def _tensor_parallel(rank: int, device: str, codegen: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     torch.manual_seed(0)
-    model = Block(causal=False)  # a mask made of plain tensors would meet DTensor scores: code TP cannot run
-    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    model = Block(causal=False).to(device)  # a mask of plain tensors would meet DTensor scores: TP cannot run that
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0)).to(device)
     (ref64,), grads64 = _reference(model, [x], torch.float64)
     (ref32,), grads32 = _reference(model, [x], torch.float32)
     heads = ColwiseParallel(use_local_output=False)  # q, k, v stay DTensors sharded by head into attention
-    parallelize_module(model, init_device_mesh("cpu", (WORLD,)),
+    parallelize_module(model, init_device_mesh(device, (WORLD,)),
                        {"q": heads, "k": heads, "v": heads, "o": RowwiseParallel(input_layouts=Shard(-1))})
     fuser.reset_reports()
-    out = torch.compile(model, backend="fuser", options={"codegen": "eager"})(x)
+    out = torch.compile(model, backend="fuser", options={"codegen": codegen})(x)
     out.sum().backward()
     report = fuser.last_report()
     assert report.counts() == {"rms_norm": 1, "attention": 1} and not report.near_misses, report
@@ -99,13 +103,15 @@ def _tensor_parallel(rank: int) -> None:
         _check(f"gradient of {name}", _whole(p.grad), grads64[name], grads32[name])
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, port: int, device: str, backend: str, codegen: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
         for step in (_fsdp2, _tensor_parallel):  # one pair of processes for both: starting them is most of the time
             torch._dynamo.reset()
-            step(rank)
+            step(rank, device, codegen)
     finally:
         dist.destroy_process_group()
 
@@ -116,5 +122,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_training_steps_under_fsdp2_and_tensor_parallelism_equal_the_model_run_whole():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+@pytest.mark.parametrize("device, backend, codegen", SETUPS, ids=[s[0] for s in SETUPS])
+def test_training_steps_under_fsdp2_and_tensor_parallelism_equal_the_model_run_whole(device, backend, codegen):
+    mp.spawn(_worker, args=(_free_port(), device, backend, codegen), nprocs=WORLD)

@@ -52,7 +52,8 @@ def _literal_args(node) -> str:
 
 
 def readable_input_name(target: str) -> str:
-    """`L_args_0_modules_model_modules_layers_modules_0_modules_norm_parameters_weight_` → `model.layers.0.norm.weight`;
+    """A placeholder's target as its source names it:
+    `L_args_0_modules_model_modules_layers_modules_0_modules_norm_parameters_weight_` → `model.layers.0.norm.weight`;
     a positional argument of a captured call (`L_args_0_`, see `fuser.engine.capture`) → `args_0`."""
     name = re.sub(r"^[Ll]_(self_|target_|args_\d+_(?=.)|kwargs_)?", "", target).rstrip("_")  # target_: engine.capture
     name = re.sub(r"^modules_", "", name)
