@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import direct_call
+from ..runtime import BatchAndHeads, direct_call, register_sharding
 from . import plan
 from .forward import output_like
 from .plan import LIMITS, AttentionLimits
@@ -161,4 +161,9 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+# under DTensor: sharded by batch or heads (q, k, v, out, statistics; the mask and its classes where they have it)
+register_sharding(attention_forward._opoverload, BatchAndHeads(args=(0, 1, 2), broadcast=(3,), follows=(2,),
+                                                               dropout=9))
+register_sharding(attention_backward._opoverload, BatchAndHeads(args=(0, 1, 2, 3, 5, 6), broadcast=(4, 7),
+                                                                follows=(), dropout=14))
 _call_forward = direct_call(attention_forward, _forward, _setup_context, _backward)
