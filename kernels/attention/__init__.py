@@ -17,15 +17,17 @@ with mask_value −inf, the average of V over all keys with a finite fill, a sof
 for "add", zeros for "sdpa" (and their gradients: see backward.py). Scores below −FLT_MAX/log2(e)
 (≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
 added to them. Gradients flow to q, k, v, never to the mask (a mask requiring grad gets none).
-Dropout draws its own Philox stream (not torch's); the backward regenerates the same keep-mask.
+Dropout draws its own Philox stream (not torch's) from a seed tensor; the backward regenerates the same
+keep-mask, and the reference computes the same stream in torch (reference.philox_uniform).
 NaN and ±inf: a value at a position a row cannot see never reaches that row (reference.py).
 The kernels take what `LIMITS` says; anything else (and CPU without TRITON_INTERPRET=1) runs
 `attention_reference` and its explicit backward.
 
-Ops: `attention` is CompositeImplicitAutograd: it draws the dropout seed on the CPU generator (no
-device sync) and calls `attention_forward` -> (out, row statistics, tile classes), whose autograd calls
-`attention_backward`. Both are custom ops with fake functions and a reference path; their Python
-signatures below are their schemas.
+Ops (kernels/runtime/ops.py, the fused-op recipe): `attention` is CompositeImplicitAutograd: it draws
+the dropout seed as a tensor on q's device (the kernels read it there: no host sync) and calls
+`attention_forward` -> (out, row statistics, tile classes), whose autograd calls `attention_backward`.
+Both are fused ops: fake, reference, direct eager calls, and traced for Inductor on CUDA their launches
+(plan.py, planned at trace time). Their Python signatures below are their schemas.
 
 Reading order: plan.py (what a call means in kernel terms, and its launches), forward.py, backward.py,
 tiles.py (what they share), reference.py (the formula they compute).
@@ -34,15 +36,14 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import direct_call
+from ..runtime import fused_op
 from . import plan
 from .forward import output_like
 from .plan import LIMITS, AttentionLimits
 from .reference import LOG2E, AttentionLiterals, attention_reference, reference_backward, reference_forward
 from .tiles import class_map_shape
 
-__all__ = ["LIMITS", "AttentionLimits", "AttentionLiterals", "attention_reference", "attention_forward",
-           "attention_backward"]
+__all__ = ["LIMITS", "AttentionLimits", "AttentionLiterals", "attention_reference"]
 
 _LIBRARY = torch.library.Library("fuser", "FRAGMENT")
 _LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
@@ -51,45 +52,46 @@ _LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float sca
 
 def _attention(q, k, v, mask, *literals):
     literals = AttentionLiterals(*literals)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if literals.dropout_p > 0 else None
+    seed = torch.randint(2**31 - 1, (), dtype=torch.int64, device=q.device) if literals.dropout_p > 0 else None
     return _call_forward(q, k, v, mask, *literals, seed)[0]
 
 
 _LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
 
 
-def _plan(q, k, v, mask, literals: AttentionLiterals) -> plan.Plan | None:
+def _plan(q, k, v, mask, literals) -> plan.Plan | None:
     """The launch plan of this call, cached per signature; None where the reference runs."""
+    literals = AttentionLiterals(*literals)
     return plan.plan_for(plan.signature(q, k, v, mask, literals=literals),
                          lambda: plan.build_plan(q, k, v, mask, literals))
 
 
-def _generator(seed: torch.Tensor | None, device: torch.device) -> torch.Generator | None:
-    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed.item()))
+# forward: (q, k, v, mask, *literals, seed)
 
-
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-             causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
-             mask_value: float, masking: str, seed: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
+                    mask_value: float, masking: str, seed: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores (+inf on
     rows "sdpa" zeroes), tile classes of the mask)."""
-    literals = AttentionLiterals(scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
-    launches = _plan(q, k, v, mask, literals)
-    if launches is not None:
-        return plan.forward(launches, q, k, v, mask, seed)
-    ref, lse = reference_forward(q, k, v, mask, literals, _generator(seed, q.device))
+    literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
+    return plan.forward(_plan(q, k, v, mask, literals), q, k, v, mask, seed)
+
+
+def _forward_reference(q, k, v, mask, *literals_and_seed):
+    *literals, seed = literals_and_seed
+    ref, lse = reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed)
     out = output_like(q, v.shape[3])
     out.copy_(ref)
     stats = torch.stack([lse * LOG2E, torch.zeros_like(lse)], dim=-1).float()
     return out, stats, q.new_empty(0, dtype=torch.int8)
 
 
-attention_forward = torch.library.custom_op("fuser::attention_forward", _forward, mutates_args=())
+def _forward_runs_kernels(q, k, v, mask, *literals_and_seed):
+    return _plan(q, k, v, mask, literals_and_seed[:-1]) is not None
 
 
-@attention_forward.register_fake
-def _(q, k, v, mask, *literals_and_seed):
+def _forward_fake(q, k, v, mask, *literals_and_seed):
     literals = AttentionLiterals(*literals_and_seed[:-1])
     plan.check_arguments(q, k, v, mask, literals.masking)
     b, hq, lq, _ = q.shape
@@ -100,27 +102,33 @@ def _(q, k, v, mask, *literals_and_seed):
     return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
 
 
-def _backward_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
-                    seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
-                    softcap: float, dropout_p: float, mask_value: float, masking: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# backward: (grad_out, q, k, v, mask, out, stats, classes, seed, *literals)
+
+def _backward_kernel(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
+                     seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
+                     softcap: float, dropout_p: float, mask_value: float, masking: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), laid out like q, k, v."""
-    literals = AttentionLiterals(scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
-    launches = _plan(q, k, v, mask, literals)
-    if launches is not None:
-        return plan.backward(launches, grad_out, q, k, v, mask, out, stats, classes, seed)
-    grads = reference_backward(grad_out, q, k, v, mask, literals, _generator(seed, q.device))
+    literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
+    return plan.backward(_plan(q, k, v, mask, literals), grad_out, q, k, v, mask, out, stats, classes, seed)
+
+
+def _backward_reference(grad_out, q, k, v, mask, out, stats, classes, seed, *literals):
+    grads = reference_backward(grad_out, q, k, v, mask, AttentionLiterals(*literals), seed)
     return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
-attention_backward = torch.library.custom_op("fuser::attention_backward", _backward_grads, mutates_args=())
-_call_backward = direct_call(attention_backward, _backward_grads)
+def _backward_runs_kernels(grad_out, q, k, v, mask, out, stats, classes, seed, *literals):
+    return _plan(q, k, v, mask, literals) is not None
 
 
-@attention_backward.register_fake
-def _(grad_out, q, k, v, *_):
+def _backward_fake(grad_out, q, k, v, *_):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_call_backward = fused_op("attention_backward", _backward_kernel, _backward_reference, _backward_fake,
+                          _backward_runs_kernels)
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,5 +149,5 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
     return dq, dk, dv, None, *(None for _ in ctx.literals), None
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
-_call_forward = direct_call(attention_forward, _forward, _setup_context, _backward)
+_call_forward = fused_op("attention_forward", _forward_kernel, _forward_reference, _forward_fake,
+                         _forward_runs_kernels, setup_context=_setup_context, backward=_backward)

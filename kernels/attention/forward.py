@@ -23,8 +23,10 @@ import triton
 import triton.language as tl
 
 from ..language import to_dtype
-from ..runtime import interpreting
-from .tiles import (EXACT_BLOCK, FULL, LOG2E, PARTIAL, SKIP, any_nonfinite, dropout_keep, key_tiles, load_tile,
+from ..runtime import autotune, flat_kernel, interpreting
+from .tiles import (EXACT_BLOCK, FULL, HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV, LOG2E,
+                    NUMERICS_DOT_PRECISION, PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SOFTCAP,
+                    RULE_WINDOWED, SKIP, any_nonfinite, dropout_keep, kernel_literals, key_tiles, load_tile,
                     mma_operand, open_rows, rows_saturated, selected_dot, tile_scores)
 
 
@@ -61,13 +63,13 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
     scale, dropout_p, seed = literals[2], literals[6], literals[7]
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD.block_d)
-    dv = tl.arange(0, HEAD.block_dv)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
+    dv = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     k_ok = k_idx < Lk
-    k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD.pad_d)
-    qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS.dot_precision)
+    k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD[HEAD_PAD_D])
+    qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     reach = True
-    if MASKED or RULE.softcap:
+    if MASKED or RULE[RULE_SOFTCAP]:
         scores, reach, _, _ = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None], k_idx[None, :],
                                           mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED,
                                           EXACT, RULE)
@@ -83,10 +85,10 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_
         p = tl.exp2(qk * (scale * LOG2E) - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if RULE.dropout:
+    if RULE[RULE_DROPOUT]:
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         p = tl.where(undropped, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    v = load_tile(v_base + k_idx[:, None] * sv[2] + dv[None, :] * sv[3], k_ok, dv < Dv, MASKED, HEAD.pad_dv)
+    v = load_tile(v_base + k_idx[:, None] * sv[2] + dv[None, :] * sv[3], k_ok, dv < Dv, MASKED, HEAD[HEAD_PAD_DV])
     acc = selected_dot(mma_operand(to_dtype(p, v.dtype), NUMERICS), mma_operand(v, NUMERICS), reach,
                        acc * alpha[:, None], MASKED and EXACT, NUMERICS)
     return acc, m_new, l_i
@@ -114,12 +116,12 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
     With a mask tensor every tile's class decides, but with EVERY_TILE (tiles (0, 0, 0, all)): every tile masked.
     EXACT passes (EVERY_TILE too) follow the NaN rule for the rows q_open says are open (tiles.py).
     """
-    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
     t_lo, f_lo, f_hi, t_hi = tiles
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if RULE.mask_kind != 0:
+    if RULE[RULE_MASK_KIND] != 0:
         for n in range(t_lo, t_hi):
             if USE_CLASSES and not EVERY_TILE:
                 cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * sc[3])
@@ -161,9 +163,9 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M,
                                                                  PACK_GQA)
     batch = batch.to(tl.int64)
-    d = tl.arange(0, HEAD.block_d)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
     q_rows = Q + batch * sq[0] + q_head.to(tl.int64) * sq[1] + q_idx.to(tl.int64) * sq[2]
-    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sq[3], q_ok, d < D, True, HEAD.pad_d), NUMERICS)
+    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sq[3], q_ok, d < D, True, HEAD[HEAD_PAD_D]), NUMERICS)
     k_base = K + batch * sk[0] + kv_head.to(tl.int64) * sk[1]
     v_base = V + batch * sv[0] + kv_head.to(tl.int64) * sv[1]
     mask_row_ptrs = Mask + batch * sm[0] + q_head.to(tl.int64) * sm[1] + q_idx.to(tl.int64) * sm[2]
@@ -179,7 +181,7 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
     else:
         q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
         q_pos_hi = tl.max(tl.where(q_ok, q_idx, 0), 0) + pos_offset
-        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE.causal, RULE.windowed, BLOCK_N)
+        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE[RULE_CAUSAL], RULE[RULE_WINDOWED], BLOCK_N)
         share = tl.cdiv(t_hi - t_lo, num_splits)
         s_lo = tl.minimum(t_lo + split * share, t_hi)
         s_hi = tl.minimum(s_lo + share, t_hi)
@@ -240,18 +242,19 @@ def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so,
 
 
 @triton.jit
-def _attention_forward_kernel(
-        Q, K, V, Mask, Classes, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
+def attention_forward_program(
+        Q, K, V, Mask, Classes, Seed, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
         ROWS_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
         RULE: tl.constexpr, USE_CLASSES: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr,
         ZERO_EMPTY_ROWS: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (row blocks, batch × heads in grid, splits). so / ss lead with the split stride: with splits,
     Out/Stats are the float32 partial buffers (normalized partial output, 0 where a split saw nothing, and
     its statistics)."""
+    literals = kernel_literals(literals, Seed, RULE)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     m_block = tl.program_id(0)
-    if RULE.causal:  # the longest rows first: fewer idle multiprocessors at the end
+    if RULE[RULE_CAUSAL]:  # the longest rows first: fewer idle multiprocessors at the end
         m_block = tl.num_programs(0) - 1 - m_block
     unknown_lse = tl.zeros([BLOCK_M], dtype=tl.float32)  # the first pass finds it
     batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
@@ -265,23 +268,24 @@ def _attention_forward_kernel(
     else:
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
     store_rows(Out + split * so[0], Stats + split * ss[0], batch, q_head, q_idx, q_ok, out, shift, log2_sum,
-               (so[1], so[2], so[3], so[4]), (ss[1], ss[2], ss[3]), sizes[5], HEAD.block_dv)
+               (so[1], so[2], so[3], so[4]), (ss[1], ss[2], ss[3]), sizes[5], HEAD[HEAD_BLOCK_DV])
 
 
 @triton.jit
-def _merge_splits_kernel(
-        Q, K, V, Mask, Classes, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st, num_splits,
+def merge_splits_program(
+        Q, K, V, Mask, Classes, Seed, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st, num_splits,
         heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
         CELL: tl.constexpr, RULE: tl.constexpr, PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
         NUMERICS: tl.constexpr):
     """Merge the splits' partial softmaxes (sp / st: their strides, split first); rows that skipping may
     have changed, or a result that is not finite, are recomputed by an exact pass."""
-    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
+    literals = kernel_literals(literals, Seed, RULE)
     group, Lq, Dv = sizes[1], sizes[2], sizes[5]
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
                                                                  group, Lq, BLOCK_M, PACK_GQA)
     batch = batch.to(tl.int64)
-    dv = tl.arange(0, HEAD.block_dv)
+    dv = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     part_rows = batch * sp[1] + q_head.to(tl.int64) * sp[2] + q_idx.to(tl.int64) * sp[3]
     stat_rows = PartStats + batch * st[1] + q_head.to(tl.int64) * st[2] + q_idx.to(tl.int64) * st[3]
     lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -305,7 +309,7 @@ def _merge_splits_kernel(
             Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
             heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, PACK_GQA, True, NUMERICS)
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
-    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD.block_dv)
+    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD[HEAD_BLOCK_DV])
 
 
 def _forward_configs():
@@ -332,7 +336,7 @@ def tuning_pays(rows_key: int, lk_key: int) -> bool:
 def _prune_forward_configs(configs, named_args, **kwargs):
     """Keep configs whose K/V pipeline fits in shared memory, whose registers do not spill and whose
     rows suit the row count."""
-    rows, block_d, block_dv = named_args["ROWS_KEY"], kwargs["HEAD"].block_d, kwargs["HEAD"].block_dv
+    rows, (block_d, block_dv, _, _) = named_args["ROWS_KEY"], kwargs["HEAD"]
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
@@ -345,10 +349,12 @@ def _prune_forward_configs(configs, named_args, **kwargs):
     return kept if tuning_pays(rows, named_args["LK_KEY"]) else kept[:1]
 
 
-attention_forward_kernel = triton.autotune(_forward_configs(), key=["ROWS_KEY", "LK_KEY", "HEAD", "RULE", "PACK_GQA"],
-                                           prune_configs_by={"early_config_prune": _prune_forward_configs})(
-    _attention_forward_kernel)
-merge_splits_kernel = _merge_splits_kernel
+_STRIDES = {"sq": 4, "sk": 4, "sv": 4, "sm": 4, "sc": 4, "sizes": 6, "literals": 7}
+attention_forward_kernel = autotune(_forward_configs(), key=["ROWS_KEY", "LK_KEY", "HEAD", "RULE", "PACK_GQA"],
+                                    prune_configs_by={"early_config_prune": _prune_forward_configs})(
+    flat_kernel(attention_forward_program, "_attention_forward_kernel", {**_STRIDES, "so": 5, "ss": 4}))
+merge_splits_kernel = flat_kernel(merge_splits_program, "_merge_splits_kernel",
+                                  {**_STRIDES, "so": 4, "ss": 3, "sp": 5, "st": 4})
 
 
 def output_strides(q: torch.Tensor, last_dim: int) -> tuple:

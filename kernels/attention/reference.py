@@ -166,19 +166,60 @@ def selected_matmul(a: torch.Tensor, b: torch.Tensor, reach: torch.Tensor | None
     return a @ torch.where(finite, b, 0.0) + special
 
 
-def _dropout_scale(probs, dropout_p, generator):
+# Philox4x32-10 as Triton's tl.philox computes it (its round and key constants), so that the reference drops what the
+# kernels drop, from the same seed tensor, on any device and without reading the seed on the host.
+_PHILOX_ROUNDS = 10
+_PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _multiply_32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a·b for a < 2^32 and int64 b in [0, 2^32), in 16-bit parts (no overflow)."""
+    low_part = a * (b & 0xFFFF)
+    upper = a * (b >> 16) + (low_part >> 16)
+    return upper >> 16, ((upper & 0xFFFF) << 16) | (low_part & 0xFFFF)
+
+
+def philox_uniform(seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1): the first output of tl.philox(seed, c0, c1, c2, 0) through
+    tl.uint_to_uniform_float (counters are int64 tensors in [0, 2^32) that broadcast)."""
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+    c3 = torch.zeros_like(c0)
+    for _ in range(_PHILOX_ROUNDS):
+        high_b, low_b = _multiply_32(_PHILOX_MULTIPLIERS[1], c2)
+        high_a, low_a = _multiply_32(_PHILOX_MULTIPLIERS[0], c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _PHILOX_KEY_STEPS[0]) & _LOW32, (k1 + _PHILOX_KEY_STEPS[1]) & _LOW32
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # the bits as int32
+    return torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * 4.6566127342e-10
+
+
+def dropout_uniforms(seed: torch.Tensor, b: int, h: int, lq: int, lk: int) -> torch.Tensor:
+    """[B, H, Lq, Lk] float32 uniforms of the kernels' dropout (tiles.dropout_keep): counters (key, query,
+    batch·H + head)."""
+    device = seed.device
+    stream = torch.arange(b * h, device=device).view(b, h, 1, 1)
+    queries = torch.arange(lq, device=device).view(1, 1, lq, 1)
+    keys = torch.arange(lk, device=device).view(1, 1, 1, lk)
+    return philox_uniform(seed.to(torch.int64), keys, queries, stream).expand(b, h, lq, lk)
+
+
+def _dropout_scale(probs, dropout_p, seed):
     """The factor dropout multiplies the probabilities by (keep / (1 − p)), or None."""
     if dropout_p <= 0:
         return None
-    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return (uniform >= dropout_p).to(probs.dtype) / (1 - dropout_p)
+    uniform = dropout_uniforms(seed.to(probs.device), *probs.shape)
+    keep = uniform >= torch.tensor(dropout_p, dtype=torch.float32, device=probs.device)
+    return keep.to(probs.dtype) / (1 - dropout_p)
 
 
-def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: torch.Generator | None = None
+def reference_forward(q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
+    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype); dropout keeps
+    what the kernels keep with this seed tensor."""
     probs, lse, reach, _, _ = _probabilities(q, k, mask, literals)
-    dropout = _dropout_scale(probs, literals.dropout_p, generator)
+    dropout = _dropout_scale(probs, literals.dropout_p, seed)
     if dropout is not None:
         probs = probs * dropout
     vf = v.to(probs.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -189,14 +230,14 @@ def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: tor
 
 
 def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+                       seed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them (for finite inputs): masked_fill
     passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's formulas,
     each product formed only where the row reaches the key (the NaN rule above)."""
     group = q.shape[1] // k.shape[1]
     probs, _, reach, passes, tanh = _probabilities(q, k, mask, literals)
     compute = probs.dtype
-    dropout = _dropout_scale(probs, literals.dropout_p, generator)
+    dropout = _dropout_scale(probs, literals.dropout_p, seed)
     do = grad_out.to(compute)
     qf = q.to(compute)
     kf = k.to(compute).repeat_interleave(group, dim=1)
@@ -222,6 +263,6 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
     return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
 
 
-def attention_reference(q, k, v, mask, *literals, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`fuser::attention` in plain torch (the op's arguments); dropout draws from `generator`."""
-    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), generator)[0]
+def attention_reference(q, k, v, mask, *literals, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """`fuser::attention` in plain torch (the op's arguments); dropout keeps what the kernels keep with `seed`."""
+    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed)[0]
