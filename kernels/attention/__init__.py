@@ -96,9 +96,9 @@ def _forward_fake(q, k, v, mask, *literals_and_seed):
     plan.check_arguments(q, k, v, mask, literals.masking)
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
-    triton_mask = mask.expand(b, hq, lq, lk) if mask is not None and plan.kernels_support(
-        q, k, v, mask, literals) else None
-    classes = q.new_empty(class_map_shape(triton_mask, lq, lk), dtype=torch.int8)
+    read = mask is not None and plan.kernels_support(q, k, v, mask, literals)
+    strides = plan.broadcast_strides(mask, (b, hq, lq, lk)) if read else None
+    classes = q.new_empty(class_map_shape(strides, (b, hq), lq, lk), dtype=torch.int8)
     return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
 
 

@@ -205,8 +205,8 @@ def dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, 
 
 @triton.jit
 def attention_dkdv_program(
-        Q, K, V, Mask, Classes, Seed, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv, sizes,
-        literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+        Q, K, V, Mask, Classes, Seed, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv,
+        sizes, literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
         CELL: tl.constexpr, RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (key blocks, batch × KV heads). A block whose dK or dV is not finite is redone by EXACT passes over
     its EXACT_BLOCK-key parts (a plain dot may have spread a NaN or ±inf from a position some row does not see)."""
@@ -237,7 +237,8 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_
     k_ok = k_idx < Lk
     d = tl.arange(0, HEAD[HEAD_BLOCK_D])
     dvi = tl.arange(0, HEAD[HEAD_BLOCK_DV])
-    k = mma_operand(load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD[HEAD_PAD_D]),
+    k = mma_operand(load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED,
+                              HEAD[HEAD_PAD_D]),
                     NUMERICS)
     v = mma_operand(load_tile(v_base + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok, dvi < Dv, MASKED,
                               HEAD[HEAD_PAD_DV]), NUMERICS)

@@ -181,7 +181,8 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
     else:
         q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
         q_pos_hi = tl.max(tl.where(q_ok, q_idx, 0), 0) + pos_offset
-        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE[RULE_CAUSAL], RULE[RULE_WINDOWED], BLOCK_N)
+        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE[RULE_CAUSAL], RULE[RULE_WINDOWED],
+                                           BLOCK_N)
         share = tl.cdiv(t_hi - t_lo, num_splits)
         s_lo = tl.minimum(t_lo + split * share, t_hi)
         s_hi = tl.minimum(s_lo + share, t_hi)

@@ -71,16 +71,22 @@ def kernels_support(q, k, v, mask, literals: AttentionLiterals) -> bool:
             and LIMITS.literals_supported(literals))
 
 
-def kernel_mask(mask: torch.Tensor | None, b: int, hq: int, lq: int, lk: int) -> torch.Tensor | None:
-    """The mask as the kernels read it: an expanded [B, Hq, Lq, Lk] view; bool viewed as uint8 (the
+def broadcast_strides(t: torch.Tensor, shape: tuple) -> tuple:
+    """The strides of t.expand(shape), computed: no expanded view reaches a launch (traced for Inductor, the
+    functionalization of a launch replays its operands' views, and failed on expanded ones: torch 2.13)."""
+    pad = len(shape) - t.dim()
+    return tuple(0 if i < pad or (t.shape[i - pad] == 1 and size != 1) else t.stride(i - pad)
+                 for i, size in enumerate(shape))
+
+
+def kernel_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int) -> tuple[torch.Tensor, tuple]:
+    """(the mask as the kernels read it, its strides broadcast to [B, Hq, Lq, Lk]): bool viewed as uint8 (the
     interpreter cannot load bool), float64 narrowed to float32 (−inf kept, finite values clamped)."""
-    if mask is None:
-        return None
     if mask.dtype == torch.float64:
         mask = torch.where(mask == -math.inf, mask, mask.clamp(-FLT_MAX, FLT_MAX)).float()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    return mask.expand(b, hq, lq, lk)
+    return mask, broadcast_strides(mask, (b, hq, lq, lk))
 
 
 def signature(*tensors, literals: tuple) -> tuple:
@@ -96,7 +102,6 @@ class Plan:
     constexprs: dict  # the flags every kernel of the forward and backward takes
     sizes: tuple  # Hq, group, Lq, Lk, D, Dv
     literals: tuple  # pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p
-    mask_strides: tuple  # of the expanded mask ((0,) * 4 without one)
     is_bool_mask: bool
     out_strides: tuple
     pack_gqa: bool  # forward: the group's query heads share a program's rows
@@ -147,7 +152,6 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals) -> Plan | None:
     group = hq // hkv
     window = max(int(literals.window), 0)
     pos_offset = lk - lq if literals.bottom_right else 0
-    expanded = kernel_mask(mask, b, hq, lq, lk) if mask is not None else None
     pack = group > 1 and lq < 64
     rows = group * lq if pack else lq
     # 32 at least: Triton 3.6 on the H100 reads past shared memory in the masked tiles' p·v dot with 16-wide
@@ -165,7 +169,6 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals) -> Plan | None:
         constexprs=constexprs, sizes=(hq, group, lq, lk, d, dv),
         literals=(pos_offset, window, float(literals.scale), float(literals.softcap), log2_units(literals.mask_value),
                   saturation_lse(literals.mask_value, literals.masking), float(literals.dropout_p)),
-        mask_strides=expanded.stride() if expanded is not None else (0, 0, 0, 0),
         is_bool_mask=mask is not None and mask.dtype == torch.bool, out_strides=output_strides(q, dv),
         pack_gqa=pack, splits=_split_count(rows, b * (hkv if pack else hq), lk, q.device),
         keys=(next_pow2(lq), next_pow2(lk)))
@@ -176,7 +179,14 @@ def _absent(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty(0, dtype=dtype)
 
 
-def _forward_stage(plan: Plan, *, q, k, v, mask, classes, seed, out, stats, out_strides, stats_strides,
+def _mask_operands(q: torch.Tensor, mask: torch.Tensor | None, lk: int) -> dict:
+    """The mask as the kernels take it (kernel_mask), or an empty tensor read nowhere."""
+    b, hq, lq, _ = q.shape
+    read, strides = (_absent(q, torch.uint8), (0, 0, 0, 0)) if mask is None else kernel_mask(mask, b, hq, lq, lk)
+    return dict(mask=read, mask_strides=strides)
+
+
+def _forward_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, out, stats, out_strides, stats_strides,
                    pack: bool, splits: int, use_classes: bool):
     """`attention_forward_kernel` over (row blocks, batch × heads in grid, splits); with splits, out/stats are
     the partial buffers and their strides lead with the split's."""
@@ -185,12 +195,13 @@ def _forward_stage(plan: Plan, *, q, k, v, mask, classes, seed, out, stats, out_
     rows = group * lq if pack else lq
     launch(attention_forward_kernel, lambda meta: (cdiv(rows, meta["BLOCK_M"]), q.shape[0] * heads_in_grid, splits),
            ("attention.forward", id(plan), pack, splits),
-           q, k, v, mask, classes, seed, out, stats, *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides,
+           q, k, v, mask, classes, seed, out, stats, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
            *class_strides(classes), *out_strides, *stats_strides, heads_in_grid, *plan.sizes, *plan.literals,
            next_pow2(rows), plan.keys[1], **{**plan.kernel_constexprs, "USE_CLASSES": use_classes, "PACK_GQA": pack})
 
 
-def _merge_stage(plan: Plan, *, q, k, v, mask, classes, seed, out, stats, part_out, part_stats, pack: bool):
+def _merge_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, out, stats, part_out, part_stats,
+                 pack: bool):
     """`merge_splits_kernel`: the splits' partial softmaxes into out and stats."""
     hq, group, lq = plan.sizes[:3]
     heads_in_grid = hq // group if pack else hq
@@ -199,7 +210,7 @@ def _merge_stage(plan: Plan, *, q, k, v, mask, classes, seed, out, stats, part_o
     launch(merge_splits_kernel, (cdiv(group * lq if pack else lq, block_m), q.shape[0] * heads_in_grid),
            ("attention.merge", id(plan), pack, part_out.shape[0]),
            q, k, v, mask, classes, seed, out, stats, part_out, part_stats, *q.stride(), *k.stride(), *v.stride(),
-           *plan.mask_strides, *class_strides(classes), *out.stride(), *stats.stride()[:3], *part_out.stride(),
+           *mask_strides, *class_strides(classes), *out.stride(), *stats.stride()[:3], *part_out.stride(),
            *part_stats.stride()[:4], part_out.shape[0], heads_in_grid, *plan.sizes, *plan.literals,
            BLOCK_M=block_m, BLOCK_N=16 if interpreting() else 64, PACK_GQA=pack, num_warps=4, num_stages=1, **flags)
 
@@ -215,17 +226,18 @@ def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack
     hq, group, lq, lk, d, dv = plan.sizes
     out = torch.empty_strided((b, hq, lq, dv), plan.out_strides, dtype=q.dtype, device=q.device)
     stats = torch.empty((b, hq, lq, 2), dtype=torch.float32, device=q.device)
+    masking = _mask_operands(q, mask, lk)
     if mask is not None:
-        expanded = kernel_mask(mask, b, hq, lq, lk)
         causal, window = plan.constexprs["RULE"].causal, plan.literals[1]
-        classes = classify_tiles(expanded, plan.is_bool_mask, lq, lk, plan.literals[0], causal, window)
+        classes = classify_tiles(masking["mask"], masking["mask_strides"], (b, hq), plan.is_bool_mask, lq, lk,
+                                 plan.literals[0], causal, window)
     else:
-        expanded, classes = _absent(q, torch.uint8), _absent(q, torch.int8)
+        classes = _absent(q, torch.int8)
     if out.numel() == 0:
         return out, stats, classes
     pack = plan.pack_gqa if pack_gqa is None else pack_gqa
     splits = num_splits or plan.splits
-    inputs = dict(q=q, k=k, v=v, mask=expanded, classes=classes, seed=_absent(q, torch.int64) if seed is None else seed)
+    inputs = dict(q=q, k=k, v=v, **masking, classes=classes, seed=_absent(q, torch.int64) if seed is None else seed)
     if splits == 1:
         _forward_stage(plan, **inputs, out=out, stats=stats, out_strides=(0, *out.stride()),
                        stats_strides=(0, *stats.stride()[:3]), pack=pack, splits=1,
@@ -250,20 +262,20 @@ def _preprocess_stage(plan: Plan, *, out, grad_out, stats, delta, head_flags):
            BLOCK_DV=plan.constexprs["HEAD"].block_dv, num_warps=4)
 
 
-def _dkdv_stage(plan: Plan, *, q, k, v, mask, classes, seed, grad_out, stats, delta, head_flags, dk, dv):
+def _dkdv_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, grad_out, stats, delta, head_flags, dk, dv):
     """dK and dV, one program per key block and KV head."""
     hkv = plan.sizes[0] // plan.sizes[1]
     launch(attention_dkdv_kernel, lambda meta: (cdiv(plan.sizes[3], meta["BLOCK_N"]), q.shape[0] * hkv),
            ("attention.dkdv", id(plan)), q, k, v, mask, classes, seed, grad_out, stats, delta, head_flags, dk, dv,
-           *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *class_strides(classes), *grad_out.stride(),
+           *q.stride(), *k.stride(), *v.stride(), *mask_strides, *class_strides(classes), *grad_out.stride(),
            *dk.stride(), *dv.stride(), hkv, *plan.sizes, *plan.literals, *plan.keys, **plan.backward_constexprs)
 
 
-def _dq_stage(plan: Plan, *, q, k, v, mask, classes, seed, grad_out, stats, delta, dq):
+def _dq_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, grad_out, stats, delta, dq):
     """dQ, one program per query block and query head."""
     launch(attention_dq_kernel, lambda meta: (cdiv(plan.sizes[2], meta["BLOCK_M"]), q.shape[0] * plan.sizes[0]),
            ("attention.dq", id(plan)), q, k, v, mask, classes, seed, grad_out, stats, delta, dq, *q.stride(),
-           *k.stride(), *v.stride(), *plan.mask_strides, *class_strides(classes), *grad_out.stride(), *dq.stride(),
+           *k.stride(), *v.stride(), *mask_strides, *class_strides(classes), *grad_out.stride(), *dq.stride(),
            *plan.sizes, *plan.literals, *plan.keys, **plan.backward_constexprs)
 
 
@@ -279,8 +291,8 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
     head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device) if plan.constexprs["CAN_SKIP"] \
         else _absent(q, torch.int32)
     _preprocess_stage(plan, out=out, grad_out=grad_out, stats=stats, delta=delta, head_flags=head_flags)
-    inputs = dict(q=q, k=k, v=v, mask=_absent(q, torch.uint8) if mask is None else kernel_mask(mask, b, hq, lq, lk),
-                  classes=classes, seed=_absent(q, torch.int64) if seed is None else seed, grad_out=grad_out,
+    inputs = dict(q=q, k=k, v=v, **_mask_operands(q, mask, lk), classes=classes,
+                  seed=_absent(q, torch.int64) if seed is None else seed, grad_out=grad_out,
                   stats=stats, delta=delta)
     _dkdv_stage(plan, **inputs, head_flags=head_flags, dk=dk, dv=dv_out)
     _dq_stage(plan, **inputs, dq=dq)

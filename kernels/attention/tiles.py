@@ -357,31 +357,27 @@ def classify_tiles_program(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offs
 _classify_tiles_kernel = flat_kernel(classify_tiles_program, "_classify_tiles_kernel", {"sm": 4, "sc": 4})
 
 
-def classify_tiles(mask: torch.Tensor, is_bool: bool, lq: int, lk: int, pos_offset: int, causal: bool,
-                   window: int) -> torch.Tensor:
-    """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of an expanded [B, H, Lq, Lk] mask
-    (B', H' are 1 where the mask broadcasts), positions folded in."""
-    cell = class_cell()
-    batches = mask.shape[0] if mask.stride(0) != 0 else 1
-    heads = mask.shape[1] if mask.stride(1) != 0 else 1
-    classes = torch.empty(batches, heads, cdiv(lq, cell), cdiv(lk, cell), dtype=torch.int8,
-                          device=mask.device)
+def classify_tiles(mask: torch.Tensor, strides: tuple, heads: tuple[int, int], is_bool: bool, lq: int, lk: int,
+                   pos_offset: int, causal: bool, window: int) -> torch.Tensor:
+    """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of a mask read with `strides` as [B, H, Lq, Lk]
+    (heads = (B, H); B', H' are 1 where the mask broadcasts), positions folded in."""
+    shape = class_map_shape(strides, heads, lq, lk)
+    classes = torch.empty(shape, dtype=torch.int8, device=mask.device)
     if classes.numel() == 0:
         return classes
-    grid = (classes.shape[3], classes.shape[2], batches * heads)
+    grid = (shape[3], shape[2], shape[0] * shape[1])
     launch(_classify_tiles_kernel, grid, ("attention.classify", lq, lk),
-           mask, classes, *mask.stride(), *classes.stride(), heads, lq, lk, pos_offset, max(window, 0),
-           CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=cell, num_warps=4)
+           mask, classes, *strides, *classes.stride(), shape[1], lq, lk, pos_offset, max(window, 0),
+           CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=class_cell(), num_warps=4)
     return classes
 
 
-def class_map_shape(mask: torch.Tensor | None, lq: int, lk: int) -> tuple[int, ...]:
-    """Shape `classify_tiles` returns for an expanded mask ((0,) without a mask): for fake tensors."""
-    if mask is None:
+def class_map_shape(strides: tuple | None, heads: tuple[int, int], lq: int, lk: int) -> tuple[int, ...]:
+    """Shape `classify_tiles` returns for a mask of these broadcast strides ((0,) without a mask)."""
+    if strides is None:
         return (0,)
     cell = class_cell()
-    return (mask.shape[0] if mask.stride(0) != 0 else 1, mask.shape[1] if mask.stride(1) != 0 else 1,
-            (lq + cell - 1) // cell, (lk + cell - 1) // cell)
+    return (heads[0] if strides[0] != 0 else 1, heads[1] if strides[1] != 0 else 1, cdiv(lq, cell), cdiv(lk, cell))
 
 
 def class_strides(classes: torch.Tensor) -> tuple[int, int, int, int]:

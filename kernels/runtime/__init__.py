@@ -4,6 +4,6 @@ from .dispatch import KERNEL_DTYPES, KernelLimits, interpreting, kernels_apply, 
 from .launching import RowTiling, as_rows, autotune, cdiv, flat_kernel, launch, next_pow2, program_slots
 from .ops import direct_call, entry_op, fused_op
 
-__all__ = ["KERNEL_DTYPES", "KernelLimits", "RowTiling", "as_rows", "autotune", "cdiv", "direct_call", "entry_op", "flat_kernel",
-           "fused_op", "interpreting", "kernels_apply", "launch", "next_pow2", "program_slots", "use_triton",
-           "what_runs"]
+__all__ = ["KERNEL_DTYPES", "KernelLimits", "RowTiling", "as_rows", "autotune", "cdiv", "direct_call", "entry_op",
+           "flat_kernel", "fused_op", "interpreting", "kernels_apply", "launch", "next_pow2", "program_slots",
+           "use_triton", "what_runs"]
