@@ -291,6 +291,22 @@ def test_dropout_backward_regenerates_the_mask():
         assert_close(grad, ref_grad, torch.float32)
 
 
+def test_dropout_is_the_references_philox_stream():
+    """The kernels drop by Philox4x32-10 of (seed tensor; key, query, batch·head): the reference draws the same
+    stream in torch (reference.philox_uniform), so dropout is checked against float64, gradients too."""
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 16, 16, torch.float32, "contiguous", 3)
+    literals = AttentionLiterals(0.4, causal=True, window=9, dropout_p=0.3)
+    seed = torch.tensor(2**31 - 5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.ops.fuser.attention_forward(*leaves, None, *literals, seed)[0]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    plain = [t.double() for t in (q, k, v)]
+    assert_close(out, reference_forward(*plain, None, literals, seed)[0], torch.float32)
+    for grad, expected in zip(grads, reference_backward(grad_out.double(), *plain, None, literals, seed)):
+        assert_close(grad, expected, torch.float32)
+
+
 def test_output_layout_follows_q():
     """q as a transposed view of [B, L, H, D]: the output is laid out [B, L, H, Dv] so that the
     usual transpose(1, 2).reshape back is free; gradients come back like their inputs."""
