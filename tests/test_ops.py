@@ -88,9 +88,9 @@ def moe_experts_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
                            "_expert_weight_grad_kernel"}))
 
 
-def attention_case(device="cpu", dtype=torch.float32, seed=0, dropout_p=0.0) -> Case:
+def attention_case(device="cpu", dtype=torch.float32, seed=0, dropout_p=0.0, sinks=False) -> Case:
     """Causal GQA attention with a key-padding mask (tile classes), every row seeing its first key; with
-    dropout, the ops take a seed tensor (the entry op draws one per call)."""
+    dropout, the ops take a seed tensor (the entry op draws one per call); with sinks, a per-head sink logit."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = _draw(g, device, dtype, 2, 4, 24, 16), _draw(g, device, dtype, 2, 2, 24, 16), \
         _draw(g, device, dtype, 2, 2, 24, 16)
@@ -99,9 +99,11 @@ def attention_case(device="cpu", dtype=torch.float32, seed=0, dropout_p=0.0) -> 
     mask = mask.to(device)
     literals = (0.25, True, 0, False, 0.0, dropout_p, -math.inf, "fill")
     dropout_seed = torch.tensor(1234, device=device) if dropout_p > 0 else None
-    forward = (q, k, v, mask, *literals, dropout_seed)
+    sink_logits = _draw(g, device, dtype, 4) if sinks else None
+    forward = (q, k, v, mask, *literals, dropout_seed, sink_logits)
     out, stats, classes = torch.ops.fuser.attention_forward(*forward)
-    backward = (_draw(g, device, dtype, *out.shape), q, k, v, mask, out, stats, classes, dropout_seed, *literals)
+    backward = (_draw(g, device, dtype, *out.shape), q, k, v, mask, out, stats, classes, dropout_seed, *literals,
+                sink_logits)
     return Case(lambda q, k, v: torch.ops.fuser.attention(q, k, v, mask, *literals), (q, k, v),
                 [(torch.ops.fuser.attention_forward.default, forward),
                  (torch.ops.fuser.attention_backward.default, backward)],
@@ -272,8 +274,8 @@ def _trace_every_case() -> dict:
     rms_norm_kernels.program_slots = attention_plan.program_slots = lambda device: 132  # the H200's; no device
     traced = [(f"{name}/{op._name}", op, args, "cuda") for name, make in CASES.items()
               for op, args in make("cpu", torch.bfloat16).ops]
-    traced += [(f"dropout/{op._name}", op, args, "cuda") for op, args in attention_case("cpu", torch.bfloat16,
-                                                                                        dropout_p=0.2).ops]
+    traced += [(f"dropout/{op._name}", op, args, "cuda") for op, args in attention_case(
+        "cpu", torch.bfloat16, dropout_p=0.2, sinks=True).ops]
     traced += [(f"{label}/{op._name}", op, args, device) for label, dtype, device in
                (("float64", torch.float64, "cuda"), ("cpu", torch.bfloat16, "cpu"))
                for op, args in rms_norm_case("cpu", dtype).ops[:1]]
@@ -308,7 +310,8 @@ def test_inductor_gets_the_launches_not_the_op(traced, name):
 
 
 def test_dropout_reads_its_seed_on_the_device(traced):
-    """With dropout the ops are their launches too: the seed is a tensor the kernels read (no host read)."""
+    """With dropout (and sinks) the ops are their launches too: the seed is a tensor the kernels read (no host
+    read), the sinks' gradient torch ops Inductor generates."""
     for key in ("dropout/fuser::attention_forward", "dropout/fuser::attention_backward"):
         kernels, calls = traced[key]
         assert kernels and not calls, (key, kernels, calls)

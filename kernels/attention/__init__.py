@@ -1,8 +1,9 @@
 """`torch.ops.fuser.attention`: naive attention as one fused flash-attention op.
 
     attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window,
-              bool bottom_right, float softcap, float dropout_p, float mask_value, str masking="fill") -> Tensor
-    AttentionLiterals(scale, causal=True, ...).call(q, k, v, mask)      # the same call, literals by name
+              bool bottom_right, float softcap, float dropout_p, float mask_value, str masking="fill",
+              Tensor? sinks=None) -> Tensor
+    AttentionLiterals(scale, causal=True, ...).call(q, k, v, mask, sinks)  # the same call, literals by name
 
 q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], any strides; query head h reads KV head
 h // (Hq // Hkv). Output [B, Hq, Lq, Dv] in q's dtype (laid out [B, Lq, Hq, Dv] in memory when q
@@ -11,6 +12,8 @@ is a transposed view of that layout). It computes, in float32:
     excluded scores (bool mask False, causal: key after query, window: query − key ≥ window, query i at
     position i + (Lk − Lq if bottom_right else 0)) become mask_value ("fill") or s + mask_value ("add");
     p = softmax(s), with "sdpa" 0 on rows whose scores are all −inf; dropout(p); out = p·v.
+With sinks [Hq] (GPT-OSS), each row's softmax has one more score, the sink of its head (unscaled, never
+masked, no value): p = softmax([s, sink])[:-1]; the sinks get their gradient.
 `masking` names the code replaced (reference.py): masked_fill / where ("fill"), an additive 0/fill
 mask ("add"), F.scaled_dot_product_attention ("sdpa"). Fully masked rows follow that code: NaN
 with mask_value −inf, the average of V over all keys with a finite fill, a softmax over score + fill
@@ -47,84 +50,91 @@ __all__ = ["LIMITS", "AttentionLimits", "AttentionLiterals", "attention_referenc
 
 _LIBRARY = torch.library.Library("fuser", "FRAGMENT")
 _LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int window, "
-                "bool bottom_right, float softcap, float dropout_p, float mask_value, str masking=\"fill\") -> Tensor")
+                "bool bottom_right, float softcap, float dropout_p, float mask_value, str masking=\"fill\", "
+                "Tensor? sinks=None) -> Tensor")
 
 
-def _attention(q, k, v, mask, *literals):
-    literals = AttentionLiterals(*literals)
-    seed = torch.randint(2**31 - 1, (), dtype=torch.int64, device=q.device) if literals.dropout_p > 0 else None
-    return _call_forward(q, k, v, mask, *literals, seed)[0]
+def _attention(q, k, v, mask, scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking="fill",
+               sinks=None):
+    literals = AttentionLiterals(scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
+    seed = torch.randint(2**31 - 1, (), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
+    return _call_forward(q, k, v, mask, *literals, seed, sinks)[0]
 
 
 _LIBRARY.impl("attention", _attention, "CompositeImplicitAutograd")
 
 
-def _plan(q, k, v, mask, literals) -> plan.Plan | None:
+def _plan(q, k, v, mask, literals, sinks) -> plan.Plan | None:
     """The launch plan of this call, cached per signature; None where the reference runs."""
     literals = AttentionLiterals(*literals)
-    return plan.plan_for(plan.signature(q, k, v, mask, literals=literals),
-                         lambda: plan.build_plan(q, k, v, mask, literals))
+    return plan.plan_for(plan.signature(q, k, v, mask, sinks, literals=literals),
+                         lambda: plan.build_plan(q, k, v, mask, literals, sinks))
 
 
-# forward: (q, k, v, mask, *literals, seed)
+# forward: (q, k, v, mask, *literals, seed, sinks)
 
 def _forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                     causal: bool, window: int, bottom_right: bool, softcap: float, dropout_p: float,
-                    mask_value: float, masking: str, seed: torch.Tensor | None
+                    mask_value: float, masking: str, seed: torch.Tensor | None, sinks: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores (+inf on
-    rows "sdpa" zeroes), tile classes of the mask)."""
+    """(out, row statistics [B, Hq, Lq, 2] float32 whose sum is the log2-sum-exp of the scores, sinks included
+    (+inf on rows "sdpa" zeroes), tile classes of the mask)."""
     literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
-    return plan.forward(_plan(q, k, v, mask, literals), q, k, v, mask, seed)
+    return plan.forward(_plan(q, k, v, mask, literals, sinks), q, k, v, mask, seed, sinks)
 
 
-def _forward_reference(q, k, v, mask, *literals_and_seed):
-    *literals, seed = literals_and_seed
-    ref, lse = reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed)
+def _forward_reference(q, k, v, mask, *literals_seed_sinks):
+    *literals, seed, sinks = literals_seed_sinks
+    ref, lse = reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed, sinks)
     out = output_like(q, v.shape[3])
     out.copy_(ref)
     stats = torch.stack([lse * LOG2E, torch.zeros_like(lse)], dim=-1).float()
     return out, stats, q.new_empty(0, dtype=torch.int8)
 
 
-def _forward_runs_kernels(q, k, v, mask, *literals_and_seed):
-    return _plan(q, k, v, mask, literals_and_seed[:-1]) is not None
+def _forward_runs_kernels(q, k, v, mask, *literals_seed_sinks):
+    return _plan(q, k, v, mask, literals_seed_sinks[:-2], literals_seed_sinks[-1]) is not None
 
 
-def _forward_fake(q, k, v, mask, *literals_and_seed):
-    literals = AttentionLiterals(*literals_and_seed[:-1])
-    plan.check_arguments(q, k, v, mask, literals.masking)
+def _forward_fake(q, k, v, mask, *literals_seed_sinks):
+    literals, sinks = AttentionLiterals(*literals_seed_sinks[:-2]), literals_seed_sinks[-1]
+    plan.check_arguments(q, k, v, mask, literals.masking, sinks)
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
-    read = mask is not None and plan.kernels_support(q, k, v, mask, literals)
+    read = mask is not None and plan.kernels_support(q, k, v, mask, literals, sinks)
     strides = plan.broadcast_strides(mask, (b, hq, lq, lk)) if read else None
     classes = q.new_empty(class_map_shape(strides, (b, hq), lq, lk), dtype=torch.int8)
     return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
 
 
-# backward: (grad_out, q, k, v, mask, out, stats, classes, seed, *literals)
+# backward: (grad_out, q, k, v, mask, out, stats, classes, seed, *literals, sinks)
 
 def _backward_kernel(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
                      seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
-                     softcap: float, dropout_p: float, mask_value: float, masking: str
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), laid out like q, k, v."""
+                     softcap: float, dropout_p: float, mask_value: float, masking: str, sinks: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks), laid out like q, k, v, sinks (dsinks empty without sinks)."""
     literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
-    return plan.backward(_plan(q, k, v, mask, literals), grad_out, q, k, v, mask, out, stats, classes, seed)
+    return plan.backward(_plan(q, k, v, mask, literals, sinks), grad_out, q, k, v, mask, out, stats, classes, seed,
+                         sinks)
 
 
-def _backward_reference(grad_out, q, k, v, mask, out, stats, classes, seed, *literals):
-    grads = reference_backward(grad_out, q, k, v, mask, AttentionLiterals(*literals), seed)
-    return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+def _backward_reference(grad_out, q, k, v, mask, out, stats, classes, seed, *literals_and_sinks):
+    *literals, sinks = literals_and_sinks
+    grads = reference_backward(grad_out, q, k, v, mask, AttentionLiterals(*literals), seed, sinks)
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else grads[3]
+    return (*(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads)), dsinks)
 
 
-def _backward_runs_kernels(grad_out, q, k, v, mask, out, stats, classes, seed, *literals):
-    return _plan(q, k, v, mask, literals) is not None
+def _backward_runs_kernels(grad_out, q, k, v, mask, out, stats, classes, seed, *literals_and_sinks):
+    return _plan(q, k, v, mask, literals_and_sinks[:-1], literals_and_sinks[-1]) is not None
 
 
-def _backward_fake(grad_out, q, k, v, *_):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _backward_fake(grad_out, q, k, v, *arguments):
+    sinks = arguments[-1]
+    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 _call_backward = fused_op("attention_backward", _backward_kernel, _backward_reference, _backward_fake,
@@ -132,21 +142,22 @@ _call_backward = fused_op("attention_backward", _backward_kernel, _backward_refe
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, *literals, seed = inputs
+    q, k, v, mask, *literals, seed, sinks = inputs
     out, stats, classes = output
     ctx.mark_non_differentiable(stats, classes)
     ctx.set_materialize_grads(False)  # no zero-filled gradient of the statistics per backward
-    ctx.save_for_backward(q, k, v, mask, out, stats, classes, seed)
+    ctx.save_for_backward(q, k, v, mask, out, stats, classes, seed, sinks)
     ctx.literals = tuple(literals)
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_classes):
     if grad_out is None:
-        return (None,) * (len(ctx.literals) + 5)
-    q, k, v, mask, out, stats, classes, seed = ctx.saved_tensors
+        return (None,) * (len(ctx.literals) + 6)
+    q, k, v, mask, out, stats, classes, seed, sinks = ctx.saved_tensors
     # the saved outputs enter as plain values: there is no double backward
-    dq, dk, dv = _call_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes, seed, *ctx.literals)
-    return dq, dk, dv, None, *(None for _ in ctx.literals), None
+    dq, dk, dv, dsinks = _call_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes, seed,
+                                        *ctx.literals, sinks)
+    return dq, dk, dv, None, *(None for _ in ctx.literals), None, dsinks if sinks is not None else None
 
 
 _call_forward = fused_op("attention_forward", _forward_kernel, _forward_reference, _forward_fake,

@@ -15,6 +15,7 @@ weights over all keys, and dQ/dK get nothing from replaced scores (masked_fill c
 gradient; an added mask, a float tensor or masking "add", passes it, as in the naive code).
 Rows SDPA zeroes have a log-sum-exp of +inf: every probability, so every gradient, is 0 there.
 A block whose gradients are not finite is redone by EXACT passes (tiles.py: the NaN rule).
+Sinks change nothing here: the statistics hold them; their own gradient is plan.backward's.
 
 Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 The saved statistics [B, Hq, Lq, 2] and Δ [B, Hq, Lq] are contiguous.

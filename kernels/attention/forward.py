@@ -12,7 +12,8 @@ query blocks (decode), the group's query heads are packed into the rows of one p
 (PACK_GQA), so K/V are read once per KV head. When there are too few programs to fill the GPU,
 the keys are split across programs (flash-decoding); a second kernel merges their partial
 softmaxes (and does the exact recompute for rows that need it). Results that are not finite are
-redone by an EXACT pass (tiles.py: the NaN rule).
+redone by an EXACT pass (tiles.py: the NaN rule). Sinks: a row's sink logit starts its online
+softmax (max = sink, sum = 1, no value); with splits, the first split holds it.
 
 Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 """
@@ -25,7 +26,7 @@ import triton.language as tl
 from ..language import to_dtype
 from ..runtime import autotune, flat_kernel, interpreting
 from .tiles import (EXACT_BLOCK, FULL, HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV, LOG2E,
-                    NUMERICS_DOT_PRECISION, PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SOFTCAP,
+                    NUMERICS_DOT_PRECISION, PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SINKS, RULE_SOFTCAP,
                     RULE_WINDOWED, SKIP, any_nonfinite, dropout_keep, kernel_literals, key_tiles, load_tile,
                     mma_operand, open_rows, rows_saturated, selected_dot, tile_scores)
 
@@ -107,7 +108,7 @@ def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, sk, sv, rows, q_open,
 
 @triton.jit
 def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+                Sinks, with_sinks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
                 EVERY_TILE: tl.constexpr, EXACT: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
                 NUMERICS: tl.constexpr):
     """(acc, max, sum) of the rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi): all of [t_lo, t_hi),
@@ -121,6 +122,10 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if RULE[RULE_SINKS]:  # the row's sink (log2 units) starts the running max and sum: a score with no value
+        sink = tl.load(Sinks + rows[2] % sizes[0], mask=rows[1], other=0.0).to(tl.float32) * LOG2E
+        m_i = tl.where(with_sinks, sink, m_i)
+        l_i = tl.where(with_sinks & (sink > float("-inf")), 1.0, l_i)
     if RULE[RULE_MASK_KIND] != 0:
         for n in range(t_lo, t_hi):
             if USE_CLASSES and not EVERY_TILE:
@@ -147,8 +152,8 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
 
 
 @triton.jit
-def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, split, num_splits, sq, sk, sv, sm,
-                        sc, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def attend_program_rows(Q, K, V, Mask, Classes, Sinks, m_block, bh, exact, known_lse, split, num_splits, sq, sk, sv,
+                        sm, sc, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
                         PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Attention of one block of rows: (rows' head and index, acc, max, sum).
@@ -175,8 +180,8 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
     q_open = q_ok & False
     if exact:
         acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                    class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, True, False, RULE,
-                                    USE_CLASSES, NUMERICS)
+                                    class_ptr, sc, sizes, literals, Sinks, True, BLOCK_M, BLOCK_N, HEAD, CELL, True,
+                                    False, RULE, USE_CLASSES, NUMERICS)
         lse = known_lse
     else:
         q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
@@ -190,23 +195,23 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
         f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
         f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
         acc, m_i, l_i = attend_rows(q, (t_lo, f_lo, f_hi, t_hi), k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs,
-                                    sm, class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, False, False,
-                                    RULE, USE_CLASSES, NUMERICS)
+                                    sm, class_ptr, sc, sizes, literals, Sinks, split == 0, BLOCK_M, BLOCK_N, HEAD,
+                                    CELL, False, False, RULE, USE_CLASSES, NUMERICS)  # the first split has the sinks
         lse = m_i + tl.log2(l_i)
         if CAN_SKIP:
             if num_splits == 1:
                 if rows_saturated(lse, q_ok, saturation_lse):  # skipping may have changed a row
                     acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, q_open,
-                                                mask_row_ptrs, sm, class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N,
-                                                HEAD, CELL, True, False, RULE, USE_CLASSES, NUMERICS)
+                                                mask_row_ptrs, sm, class_ptr, sc, sizes, literals, Sinks, True,
+                                                BLOCK_M, BLOCK_N, HEAD, CELL, True, False, RULE, USE_CLASSES, NUMERICS)
                     lse = m_i + tl.log2(l_i)
     if CAN_SKIP:
         if num_splits == 1:  # (the merge's recompute is one split)
             if any_nonfinite(acc):  # a plain dot may have spread a NaN or ±inf from a position some row cannot see
                 q_open = open_rows(lse, q_ok, saturation_lse)
                 acc, m_i, l_i = attend_rows(q, (0, 0, 0, tl.cdiv(Lk, EXACT_BLOCK)), k_base, v_base, sk, sv, rows,
-                                            q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals, BLOCK_M,
-                                            EXACT_BLOCK, HEAD, CELL, True, True, RULE, USE_CLASSES, NUMERICS)
+                                            q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals, Sinks, True,
+                                            BLOCK_M, EXACT_BLOCK, HEAD, CELL, True, True, RULE, USE_CLASSES, NUMERICS)
                 m_i = tl.where((l_i == 0) & ~q_open, float("nan"), m_i)  # reaches nothing: no gradient either
     return batch, q_head, q_idx, q_ok, acc, m_i, l_i
 
@@ -244,7 +249,7 @@ def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so,
 
 @triton.jit
 def attention_forward_program(
-        Q, K, V, Mask, Classes, Seed, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
+        Q, K, V, Mask, Classes, Seed, Sinks, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
         ROWS_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
         RULE: tl.constexpr, USE_CLASSES: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr,
         ZERO_EMPTY_ROWS: tl.constexpr, NUMERICS: tl.constexpr):
@@ -259,7 +264,7 @@ def attention_forward_program(
         m_block = tl.num_programs(0) - 1 - m_block
     unknown_lse = tl.zeros([BLOCK_M], dtype=tl.float32)  # the first pass finds it
     batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
-        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, unknown_lse, split, num_splits, sq, sk, sv, sm,
+        Q, K, V, Mask, Classes, Sinks, m_block, tl.program_id(1), False, unknown_lse, split, num_splits, sq, sk, sv, sm,
         sc, heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, PACK_GQA, CAN_SKIP,
         NUMERICS)
     if num_splits > 1:  # the merge finishes the rows
@@ -274,8 +279,8 @@ def attention_forward_program(
 
 @triton.jit
 def merge_splits_program(
-        Q, K, V, Mask, Classes, Seed, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st, num_splits,
-        heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+        Q, K, V, Mask, Classes, Seed, Sinks, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st,
+        num_splits, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
         CELL: tl.constexpr, RULE: tl.constexpr, PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
         NUMERICS: tl.constexpr):
     """Merge the splits' partial softmaxes (sp / st: their strides, split first); rows that skipping may
@@ -307,7 +312,7 @@ def merge_splits_program(
     log2_sum = tl.log2(total)
     if rows_saturated(lse, q_ok, literals[5]) | any_nonfinite(out):  # as attend_program_rows' exact pass
         _, _, _, _, acc, m_i, l_i = attend_program_rows(
-            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
+            Q, K, V, Mask, Classes, Sinks, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
             heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, PACK_GQA, True, NUMERICS)
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
     store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD[HEAD_BLOCK_DV])

@@ -20,7 +20,7 @@ import torch
 from ..runtime import KernelLimits, cdiv, interpreting, launch, next_pow2, program_slots, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import attention_forward_kernel, merge_splits_kernel, output_strides
-from .reference import FLT_MAX, MASKINGS, AttentionLiterals, log2_units, saturation_lse
+from .reference import FLT_MAX, LOG2E, MASKINGS, AttentionLiterals, log2_units, saturation_lse
 from .tiles import HeadBlocks, Numerics, ScoreRule, as_constexprs, class_cell, class_strides, classify_tiles
 
 MAX_PLANS = 4096
@@ -45,7 +45,7 @@ class AttentionLimits(KernelLimits):
 LIMITS = AttentionLimits()
 
 
-def check_arguments(q, k, v, mask, masking):
+def check_arguments(q, k, v, mask, masking, sinks=None):
     """The arguments the op is defined for (the patterns' checks keep everything else out)."""
     if masking not in MASKINGS:
         raise ValueError(f"attention masking {masking!r} is not one of {MASKINGS}")
@@ -58,15 +58,17 @@ def check_arguments(q, k, v, mask, masking):
         if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
             raise ValueError(f"attention mask must be bool or floating, not {mask.dtype}")
         torch.broadcast_shapes(mask.shape, (b, hq, lq, k.shape[2]))
+    if sinks is not None and (tuple(sinks.shape) != (hq,) or not sinks.dtype.is_floating_point):
+        raise ValueError(f"attention sinks must be floating [Hq] = [{hq}], not {sinks.dtype} {tuple(sinks.shape)}")
 
 
-def kernels_support(q, k, v, mask, literals: AttentionLiterals) -> bool:
+def kernels_support(q, k, v, mask, literals: AttentionLiterals, sinks=None) -> bool:
     """Whether the Triton kernels compute this call (else the ops run the reference)."""
     dtypes_ok = q.dtype in LIMITS.dtypes and k.dtype == q.dtype and v.dtype == q.dtype
     mask_ok = mask is None or mask.dtype == torch.bool or mask.dtype.is_floating_point
     # tile offsets inside one head are 32-bit
     extents_ok = all(t.shape[2] * abs(t.stride(2)) < 2**31 for t in (q, k, v))
-    return (use_triton(q, k, v, mask) and dtypes_ok and mask_ok and extents_ok
+    return (use_triton(q, k, v, mask, sinks) and dtypes_ok and mask_ok and extents_ok
             and 0 < k.shape[2] and max(q.shape[3], v.shape[3]) <= LIMITS.max_head_dim
             and LIMITS.literals_supported(literals))
 
@@ -142,10 +144,10 @@ def _split_count(rows: int, programs_per_block_row: int, lk: int, device: torch.
     return max(1, min(cdiv(2 * sms, programs), lk // 512, 64))
 
 
-def build_plan(q, k, v, mask, literals: AttentionLiterals) -> Plan | None:
+def build_plan(q, k, v, mask, literals: AttentionLiterals, sinks=None) -> Plan | None:
     """The plan of a call, None where the kernels do not take it (ValueError: the op is not defined)."""
-    check_arguments(q, k, v, mask, literals.masking)
-    if not kernels_support(q, k, v, mask, literals):
+    check_arguments(q, k, v, mask, literals.masking, sinks)
+    if not kernels_support(q, k, v, mask, literals, sinks):
         return None
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -162,7 +164,7 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals) -> Plan | None:
     constexprs = dict(
         HEAD=HeadBlocks(block_d, block_dv, block_d != d, block_dv != dv), CELL=class_cell(),
         RULE=ScoreRule(bool(literals.causal), window > 0, mask_kind, literals.masking == "add", literals.softcap > 0,
-                       literals.dropout_p > 0),
+                       literals.dropout_p > 0, sinks is not None),
         CAN_SKIP=bool(literals.causal) or window > 0 or mask is not None, ZERO_EMPTY_ROWS=literals.masking == "sdpa",
         NUMERICS=Numerics(interpreting(), "ieee" if fp32_exact else "tf32"))
     return Plan(
@@ -186,7 +188,7 @@ def _mask_operands(q: torch.Tensor, mask: torch.Tensor | None, lk: int) -> dict:
     return dict(mask=read, mask_strides=strides)
 
 
-def _forward_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, out, stats, out_strides, stats_strides,
+def _forward_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, sinks, out, stats, out_strides, stats_strides,
                    pack: bool, splits: int, use_classes: bool):
     """`attention_forward_kernel` over (row blocks, batch × heads in grid, splits); with splits, out/stats are
     the partial buffers and their strides lead with the split's."""
@@ -195,12 +197,12 @@ def _forward_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, ou
     rows = group * lq if pack else lq
     launch(attention_forward_kernel, lambda meta: (cdiv(rows, meta["BLOCK_M"]), q.shape[0] * heads_in_grid, splits),
            ("attention.forward", id(plan), pack, splits),
-           q, k, v, mask, classes, seed, out, stats, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+           q, k, v, mask, classes, seed, sinks, out, stats, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
            *class_strides(classes), *out_strides, *stats_strides, heads_in_grid, *plan.sizes, *plan.literals,
            next_pow2(rows), plan.keys[1], **{**plan.kernel_constexprs, "USE_CLASSES": use_classes, "PACK_GQA": pack})
 
 
-def _merge_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, out, stats, part_out, part_stats,
+def _merge_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, sinks, out, stats, part_out, part_stats,
                  pack: bool):
     """`merge_splits_kernel`: the splits' partial softmaxes into out and stats."""
     hq, group, lq = plan.sizes[:3]
@@ -209,15 +211,16 @@ def _merge_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, out,
     flags = {key: value for key, value in plan.kernel_constexprs.items() if key != "CAN_SKIP"}
     launch(merge_splits_kernel, (cdiv(group * lq if pack else lq, block_m), q.shape[0] * heads_in_grid),
            ("attention.merge", id(plan), pack, part_out.shape[0]),
-           q, k, v, mask, classes, seed, out, stats, part_out, part_stats, *q.stride(), *k.stride(), *v.stride(),
+           q, k, v, mask, classes, seed, sinks, out, stats, part_out, part_stats, *q.stride(), *k.stride(), *v.stride(),
            *mask_strides, *class_strides(classes), *out.stride(), *stats.stride()[:3], *part_out.stride(),
            *part_stats.stride()[:4], part_out.shape[0], heads_in_grid, *plan.sizes, *plan.literals,
            BLOCK_M=block_m, BLOCK_N=16 if interpreting() else 64, PACK_GQA=pack, num_warps=4, num_stages=1, **flags)
 
 
-def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack_gqa: bool | None = None):
+def forward(plan: Plan, q, k, v, mask, seed, sinks=None, num_splits: int | None = None,
+            pack_gqa: bool | None = None):
     """(out, row statistics [B, Hq, Lq, 2] float32, tile classes) of `fuser::attention`; `seed` the dropout
-    seed tensor (None without dropout).
+    seed tensor (None without dropout), `sinks` the per-head sink logits (or None).
 
     A row's log-sum-exp of the scores, in log2 units, is stats[..., 0] + stats[..., 1]. num_splits and
     pack_gqa override the plan's choice (tests reach the decode paths with them).
@@ -237,7 +240,8 @@ def forward(plan: Plan, q, k, v, mask, seed, num_splits: int | None = None, pack
         return out, stats, classes
     pack = plan.pack_gqa if pack_gqa is None else pack_gqa
     splits = num_splits or plan.splits
-    inputs = dict(q=q, k=k, v=v, **masking, classes=classes, seed=_absent(q, torch.int64) if seed is None else seed)
+    inputs = dict(q=q, k=k, v=v, **masking, classes=classes, seed=_absent(q, torch.int64) if seed is None else seed,
+                  sinks=_absent(q, torch.float32) if sinks is None else sinks)
     if splits == 1:
         _forward_stage(plan, **inputs, out=out, stats=stats, out_strides=(0, *out.stride()),
                        stats_strides=(0, *stats.stride()[:3]), pack=pack, splits=1,
@@ -279,13 +283,16 @@ def _dq_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, grad_ou
            *plan.sizes, *plan.literals, *plan.keys, **plan.backward_constexprs)
 
 
-def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
-    """(dq, dk, dv) of `fuser::attention` from the forward's output, row statistics and tile classes."""
+def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed, sinks=None):
+    """(dq, dk, dv, dsinks) of `fuser::attention` from the forward's output, row statistics and tile classes
+    (dsinks empty without sinks). The sinks' gradient is −Σ over batch and rows of p(sink)·Δ: the sink has no value,
+    so dq, dk and dv are the formula's with statistics that hold it."""
     b = q.shape[0]
     hq, group, lq, lk, d, dv = plan.sizes
     dq, dk, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dsinks = _absent(q, torch.float32) if sinks is None else torch.zeros_like(sinks)
     if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv_out.zero_()
+        return dq.zero_(), dk.zero_(), dv_out.zero_(), dsinks
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     # which heads have saturated rows (tiles.py): only kernels that skip tiles read it
     head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device) if plan.constexprs["CAN_SKIP"] \
@@ -296,4 +303,7 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
                   stats=stats, delta=delta)
     _dkdv_stage(plan, **inputs, head_flags=head_flags, dk=dk, dv=dv_out)
     _dq_stage(plan, **inputs, dq=dq)
-    return dq, dk, dv_out
+    if sinks is not None:
+        sink_log2 = sinks.float()[None, :, None] * LOG2E
+        dsinks = -(torch.exp2(sink_log2 - stats[..., 0] - stats[..., 1]) * delta).sum((0, 2)).to(sinks.dtype)
+    return dq, dk, dv_out, dsinks

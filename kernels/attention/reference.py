@@ -44,9 +44,10 @@ class AttentionLiterals(NamedTuple):
     mask_value: float = -math.inf
     masking: str = "fill"
 
-    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`torch.ops.fuser.attention(q, k, v, mask, ...)` with these literals."""
-        return torch.ops.fuser.attention(q, k, v, mask, *self)
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+             sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """`torch.ops.fuser.attention(q, k, v, mask, ..., sinks=sinks)` with these literals."""
+        return torch.ops.fuser.attention(q, k, v, mask, *self, sinks=sinks)
 
 
 def visible_positions(lq: int, lk: int, causal: bool, window: int, bottom_right: bool,
@@ -99,11 +100,12 @@ def _softmax(scores, zero_empty_rows: bool):
             torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], math.inf), empty)
 
 
-def _probabilities(q, k, mask, literals: AttentionLiterals):
+def _probabilities(q, k, mask, literals: AttentionLiterals, sinks=None):
     """(softmax probabilities, natural lse, reach, passes, tanh of the softcapped scores or None) with K repeated
     over the query heads, in the compute dtype. `reach` (None: everywhere) holds the positions whose values reach
     each row (their probabilities are exactly zero elsewhere), `passes` (None: everywhere) those whose scores get
-    a gradient: reached and, but with "add", not replaced."""
+    a gradient: reached and, but with "add", not replaced. `sinks` [Hq] join each row's softmax as one more score
+    (unscaled, never masked, no value: GPT-OSS's sinks), whose probability is left out."""
     compute = torch.promote_types(q.dtype, torch.float32)
     kf = k.to(compute).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = q.to(compute) @ kf.transpose(-1, -2) * literals.scale
@@ -124,16 +126,23 @@ def _probabilities(q, k, mask, literals: AttentionLiterals):
             seen = ~(added * LOG2E <= -FLT_MAX)  # as the kernels' tile classes: a NaN is seen
             visible = seen if visible is None else visible & seen
     adds = literals.masking == "add"
+
+    def with_sinks(x):
+        if sinks is None:
+            return x
+        return torch.cat([x, sinks.to(compute).view(1, -1, 1, 1).expand(*x.shape[:-1], 1)], dim=-1)
     if shown is not None:
         fill = literals.mask_value
         scores = torch.where(shown, scores, scores + fill) if adds else scores.masked_fill(~shown, fill)
     reach = None
     if visible is not None:
-        open_rows = torch.logsumexp(scores, dim=-1, keepdim=True) * LOG2E <= saturation_lse(literals.mask_value,
-                                                                                            literals.masking)
+        open_rows = torch.logsumexp(with_sinks(scores), dim=-1, keepdim=True) * LOG2E <= saturation_lse(
+            literals.mask_value, literals.masking)
         reach = visible | open_rows
         scores = scores.masked_fill(~reach, -math.inf)
-    probs, lse, empty = _softmax(scores, zero_empty_rows=literals.masking == "sdpa")
+    probs, lse, empty = _softmax(with_sinks(scores), zero_empty_rows=literals.masking == "sdpa")
+    if sinks is not None:
+        probs, empty = probs[..., :-1], None
     if reach is not None:
         if empty is not None:  # nothing reaches a row SDPA zeroes
             reach = reach & ~empty
@@ -214,28 +223,29 @@ def _dropout_scale(probs, dropout_p, seed):
     return keep.to(probs.dtype) / (1 - dropout_p)
 
 
-def reference_forward(q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype); dropout keeps
-    what the kernels keep with this seed tensor."""
-    probs, lse, reach, _, _ = _probabilities(q, k, mask, literals)
+def reference_forward(q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None,
+                      sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype, sinks included);
+    dropout keeps what the kernels keep with this seed tensor."""
+    probs, lse, reach, _, _ = _probabilities(q, k, mask, literals, sinks)
     dropout = _dropout_scale(probs, literals.dropout_p, seed)
     if dropout is not None:
         probs = probs * dropout
     vf = v.to(probs.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out = selected_matmul(probs, vf, reach)
-    if reach is not None and literals.masking != "sdpa":  # a row that reaches nothing: NaN, a softmax over nothing
+    if reach is not None and literals.masking != "sdpa" and sinks is None:  # a softmax over nothing: NaN
         out = out.masked_fill(~reach.any(-1, keepdim=True), math.nan)
     return out.to(q.dtype), lse
 
 
-def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
-                       seed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None,
+                       sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them (for finite inputs): masked_fill
     passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's formulas,
-    each product formed only where the row reaches the key (the NaN rule above)."""
+    each product formed only where the row reaches the key (the NaN rule above). With sinks, their gradient
+    comes fourth: −Σ over batch and rows of p(sink)·Δ, Δ = Σ_j p·dP (= dO·O)."""
     group = q.shape[1] // k.shape[1]
-    probs, _, reach, passes, tanh = _probabilities(q, k, mask, literals)
+    probs, lse, reach, passes, tanh = _probabilities(q, k, mask, literals, sinks)
     compute = probs.dtype
     dropout = _dropout_scale(probs, literals.dropout_p, seed)
     do = grad_out.to(compute)
@@ -248,7 +258,8 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
     if dropout is not None:
         dp = dp * dropout
     weighted = probs * dp if reach is None else torch.where(reach, probs * dp, 0.0)
-    ds = probs * (dp - weighted.sum(-1, keepdim=True))
+    delta = weighted.sum(-1, keepdim=True)
+    ds = probs * (dp - delta)
     if tanh is not None:
         ds = ds * (1 - tanh * tanh)
     if passes is not None:
@@ -260,9 +271,14 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
     def per_kv_head(x):
         return x.unflatten(1, (k.shape[1], group)).sum(2)
 
-    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    grads = dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    if sinks is None:
+        return grads
+    sink_probs = torch.exp(sinks.to(compute).view(1, -1, 1) - lse)
+    return *grads, -(sink_probs * delta[..., 0]).sum((0, 2)).to(sinks.dtype)
 
 
-def attention_reference(q, k, v, mask, *literals, seed: torch.Tensor | None = None) -> torch.Tensor:
+def attention_reference(q, k, v, mask, *literals, seed: torch.Tensor | None = None,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`fuser::attention` in plain torch (the op's arguments); dropout keeps what the kernels keep with `seed`."""
-    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed)[0]
+    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed, sinks)[0]

@@ -65,6 +65,7 @@ class ScoreRule(NamedTuple):
     add_mask_value: bool
     softcap: bool
     dropout: bool
+    sinks: bool  # a per-head logit in each row's softmax (attend_rows)
 
 
 class Numerics(NamedTuple):
@@ -77,8 +78,8 @@ class Numerics(NamedTuple):
 # Inductor's generated code spells a launch's constexprs by their repr, where only Python's and Triton's names
 # resolve. The positions, named after the fields:
 HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV = (tl.constexpr(i) for i in range(4))
-RULE_CAUSAL, RULE_WINDOWED, RULE_MASK_KIND, RULE_ADD_MASK_VALUE, RULE_SOFTCAP, RULE_DROPOUT = (
-    tl.constexpr(i) for i in range(6))
+RULE_CAUSAL, RULE_WINDOWED, RULE_MASK_KIND, RULE_ADD_MASK_VALUE, RULE_SOFTCAP, RULE_DROPOUT, RULE_SINKS = (
+    tl.constexpr(i) for i in range(7))
 NUMERICS_UPCAST, NUMERICS_DOT_PRECISION = (tl.constexpr(i) for i in range(2))
 
 
