@@ -304,6 +304,7 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed, sin
     _dkdv_stage(plan, **inputs, head_flags=head_flags, dk=dk, dv=dv_out)
     _dq_stage(plan, **inputs, dq=dq)
     if sinks is not None:
-        sink_log2 = sinks.float()[None, :, None] * LOG2E
-        dsinks = -(torch.exp2(sink_log2 - stats[..., 0] - stats[..., 1]) * delta).sum((0, 2)).to(sinks.dtype)
+        shift, log2_sum = stats.unbind(-1)
+        sink_probabilities = torch.exp2(sinks.float().view(1, -1, 1) * LOG2E - shift - log2_sum)
+        dsinks = -(sink_probabilities * delta).sum((0, 2)).to(sinks.dtype)
     return dq, dk, dv_out, dsinks
