@@ -3,8 +3,8 @@
     python benchmarks/bench_attention_forms.py
 
 bf16, q/k/v as [B, H, L, D] views of [B, L, H, D] memory; forward and forward + backward, do_bench medians
-(host time included) and the ratio form / plain. Forms: sinks (one learned logit per head, gpt-oss), a learned
-additive bias [1, H, L, L] (T5's position bias), each with its own gradient in the backward.
+(host time included) and the ratio form / plain. Forms: sinks (one learned logit per head, gpt-oss), with their
+gradient in the backward.
 """
 from __future__ import annotations
 
@@ -36,13 +36,10 @@ def main():
     print("|---|---|---|---|---|---|")
     for b, hq, hkv, length, d, causal in SHAPES:
         q, k, v = _inputs(b, hq, hkv, length, d)
-        sinks = torch.randn(hq, 1, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        bias = torch.randn(1, hq, length, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        sinks = torch.randn(hq, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         literals = AttentionLiterals(d ** -0.5, causal)
-        biased = AttentionLiterals(d ** -0.5, causal, masking="add")
         forms = {"plain": (lambda: literals.call(q, k, v), (q, k, v)),
-                 "sinks": (lambda: literals.call(q, k, v, sinks=sinks), (q, k, v, sinks)),
-                 "learned bias": (lambda: biased.call(q, k, v, bias), (q, k, v, bias))}
+                 "sinks": (lambda: literals.call(q, k, v, sinks=sinks), (q, k, v, sinks))}
         plain = None
         for name, (call, leaves) in forms.items():
             forward, step = _timings(call, leaves)

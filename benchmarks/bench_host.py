@@ -1,6 +1,7 @@
 """Host cost of the fused ops inside compiled graphs, and whole models, against plain torch.compile (issue 12).
 
-    python benchmarks/bench_host.py [--parts ops models] [--budget-s 330] [--out DIR] [--smoke]
+    python benchmarks/bench_host.py [--parts ops models] [--only NAME ...] [--all-modes] [--budget-s 330] [--out DIR]
+                                    [--smoke]
 
 One run, bf16, every peer in the same process. Per fused op (a naive module fuser rewrites into that op, and
 the same module under plain torch.compile, whose Inductor kernels compute the same), forward and training step,
@@ -12,6 +13,9 @@ wall time in default mode, under a CUDA graph captured from the default-mode mod
 kernel time. Each compiled module's output is checked against the plain-compiled one first.
 
 Parts run in order of importance while `--budget-s` allows (compiling dominates); what was left out is said.
+`--only` keeps the workloads whose name contains one of its words; `--all-modes` times every workload (models and
+training steps too) in default mode and under mode="reduce-overhead". The attention and OLMoE rows of issue 12:
+    python benchmarks/bench_host.py --only "causal attention" "OLMoE 2 layers" --all-modes --budget-s 540
 A short table comes last; a log and JSON lines go to `--out` (default $OUT when set). `--smoke` runs the
 whole script on CPU through the Triton interpreter at toy sizes (eager codegen), to catch mistakes for free.
 """
@@ -322,11 +326,12 @@ def op_table(rows) -> list[str]:
 
 
 def model_table(rows) -> list[str]:
-    lines = ["| workload | pass | plain ms | fuser ms | x | plain CUDA graph | fuser CUDA graph | x | plain GPU ms | "
-             "fuser GPU ms | x | fuser matched | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | pass | mode | plain ms | fuser ms | x | plain CUDA graph | fuser CUDA graph | x | "
+             "plain GPU ms | fuser GPU ms | x | fuser matched | err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {'train' if r['train'] else 'fwd'} | {r['wall_ms_plain']:.3f} | "
+            f"| {r['workload']} | {'train' if r['train'] else 'fwd'} | {r['mode']} | {r['wall_ms_plain']:.3f} | "
             f"{r['wall_ms_fuser']:.3f} | {r['wall_ms_plain'] / r['wall_ms_fuser']:.2f} | {r['graph_ms_plain']:.3f} | "
             f"{r['graph_ms_fuser']:.3f} | {r['graph_ms_plain'] / r['graph_ms_fuser']:.2f} | "
             f"{r['gpu_us_plain'] / 1e3:.3f} | {r['gpu_us_fuser'] / 1e3:.3f} | "
@@ -337,6 +342,8 @@ def model_table(rows) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["ops", "models"], choices=["ops", "models"])
+    parser.add_argument("--only", nargs="+", help="workloads whose name contains one of these")
+    parser.add_argument("--all-modes", action="store_true", help="every workload also under reduce-overhead")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no workload after this many seconds")
     parser.add_argument("--calls", type=int, default=50, help="calls per host and profiler measurement")
     parser.add_argument("--out", default=os.environ.get("OUT"))
@@ -348,6 +355,8 @@ def main() -> int:
     say(f"# bench_host: {device}, {versions}, {DTYPE}")
     plan = [("ops", w) for w in op_workloads()] if "ops" in args.parts else []
     plan += [("models", w) for w in model_workloads()] if "models" in args.parts else []
+    if args.only:
+        plan = [(part, w) for part, w in plan if any(word in w.name for word in args.only)]
     plan.sort(key=lambda part_workload: part_workload[1].train)  # forwards first
     done, skipped = {"ops": [], "models": []}, []
     for part, workload in plan:
@@ -356,7 +365,7 @@ def main() -> int:
             continue
         say(f"## {part}: {workload.name} {'train' if workload.train else 'fwd'} "
             f"({time.perf_counter() - started:.0f} s in)")
-        modes = [None, "reduce-overhead"] if part == "ops" and not SMOKE else [None]
+        modes = [None, "reduce-overhead"] if (part == "ops" or args.all_modes) and not SMOKE else [None]
         try:
             done[part] += measure(workload, modes, 2 if SMOKE else args.calls)
         except Exception as error:  # report and go on: the table shows the rest

@@ -293,8 +293,6 @@ def _mask_plan(m) -> MaskPlan | None:
     skipping tiles would lose."""
     q, k, _ = _shapes(m)
     site, mask = m.site, m.bindings["mask"]
-    if m.meta("mask") is not None and m.meta("mask").requires_grad:  # a learned bias: read, and given its gradient
-        return None
     if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
     reader = next((n for n in m.nodes if mask in n.all_input_nodes), m.output)  # the mask's value there counts
@@ -343,6 +341,8 @@ def check(m) -> str | None:
     if site.compute_dtype not in (None, torch.float32, q.dtype):
         return f"softmax computed in {dtype_name(site.compute_dtype)}"
     bias = m.meta("bias") if m.bindings.get("bias") is not None else None
+    if bias is not None and bias.requires_grad:
+        return "the bias added to the scores takes a gradient (a learned bias); the kernel gives none"
     if bias is not None and (not bias.dtype.is_floating_point or site.how not in ("add", "none")):
         return (f"a {dtype_name(bias.dtype)} bias added to the scores, then a mask applied by "
                 f"{'masked_fill' if site.how == 'drop' else 'where'}: one mask tensor at most")
@@ -350,14 +350,16 @@ def check(m) -> str | None:
     if sinks is not None and (not sinks.dtype.is_floating_point
                               or tuple(sinks.shape[:-1]) != (q.shape[0], q.shape[1], q.shape[2])):
         return f"sinks of shape {tuple(sinks.shape)} are not one floating logit per row"
+    if sinks is not None and not all(sinks.shape[d] == 1 or sinks.stride(d) == 0 for d in (0, 2)):
+        return "the sinks differ between rows of one head; the kernel takes one sink per head"
     if site.how in ("keep", "drop") and not _large_negative(site.fill):
         return f"masked scores are set to {site.fill}, not a large negative number"
     mask = m.meta("mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
             return "the mask is not a bool or float tensor"
-        if mask.requires_grad and site.how != "add":
-            return "the mask takes a gradient but is not added to the scores"
+        if mask.requires_grad:
+            return "the additive mask takes a gradient (a learned bias); the kernel gives none"
         scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
@@ -399,13 +401,13 @@ def replace(m):
         if m.meta("mask").dim() < 4:  # [Lq, Lk], [H, Lq, Lk], ...: broadcast from the right, as torch does
             mask = mask[(None,) * (4 - m.meta("mask").dim())]
     masking = _masking(m, plan)
-    if bias is not None:  # added to the scores like an additive mask (and given its gradient)
+    if bias is not None:  # added to the scores like an additive mask
         mask = bias[(None,) * (4 - m.meta("bias").dim())] if mask is None else bias + mask
         masking = "add"
     sinks = m.get("sinks")
     return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, m.site.scale, causal, window, bottom_right,
                                      m.site.softcap, m["dropout_p"], fill, masking,
-                                     None if sinks is None else sinks[..., 0])
+                                     None if sinks is None else sinks[0, :, 0, 0])  # one per head (check())
 
 
 def describe(m) -> str:

@@ -1,6 +1,6 @@
-"""Attention sinks (`fuser::attention(..., sinks=σ)`): gpt-oss's naive code in float64 against the kernels
-(interpreter on CPU) and the reference path, values and gradients to q, k, v and the sinks; fully masked
-rows put their whole weight on the sink."""
+"""Attention sinks (`fuser::attention(..., sinks=σ)`, one logit per head): gpt-oss's naive code in float64 against
+the kernels (interpreter on CPU) and the reference path, values and gradients to q, k, v and the sinks; fully
+masked rows put their whole weight on the sink."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,7 @@ def gpt_oss_attention(q, k, v, mask, scale, sinks):
     scores = q @ k.transpose(2, 3) * scale
     if mask is not None:
         scores = scores + mask
-    combined = torch.cat([scores, sinks.expand(*scores.shape[:3])[..., None]], dim=-1)
+    combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)], dim=-1)
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
     return probs.to(v.dtype) @ v
@@ -43,10 +43,10 @@ def causal_padding_mask(b, lq, lk, padded_rows: bool, generator):
     return torch.where(hidden, FINFO_MIN, 0.0)
 
 
-def _inputs(b, hq, hkv, lq, lk, d, dtype, sinks_shape, padded_rows, seed):
+def _inputs(b, hq, hkv, lq, lk, d, dtype, padded_rows, seed):
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=generator).to(dtype) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
-    sinks = (torch.randn(*sinks_shape, generator=generator) * 2).to(dtype)
+    sinks = (torch.randn(hq, generator=generator) * 2).to(dtype)
     mask = causal_padding_mask(b, lq, lk, padded_rows, generator).to(dtype)
     return q, k, v, mask, sinks
 
@@ -69,19 +69,17 @@ def _check(q, k, v, mask, sinks, scale):
 
 @settings(max_examples=12, deadline=None)
 @given(st.sampled_from([torch.float32, torch.bfloat16]), st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]),
-       st.sampled_from([1, 5, 23]), st.integers(0, 19), st.sampled_from([8, 16]),
-       st.sampled_from(["head", "row"]), st.booleans(), st.integers(0, 2**16))
-def test_sinks_match_gpt_oss_code(dtype, b, heads, lq, extra_keys, d, per, padded_rows, seed):
+       st.sampled_from([1, 5, 23]), st.integers(0, 19), st.sampled_from([8, 16]), st.booleans(), st.integers(0, 2**16))
+def test_sinks_match_gpt_oss_code(dtype, b, heads, lq, extra_keys, d, padded_rows, seed):
     hq, hkv = heads
     lk = lq + extra_keys
-    sinks_shape = (hq, 1) if per == "head" else (b, hq, lq)
-    q, k, v, mask, sinks = _inputs(b, hq, hkv, lq, lk, d, dtype, sinks_shape, padded_rows and lq > 2, seed)
+    q, k, v, mask, sinks = _inputs(b, hq, hkv, lq, lk, d, dtype, padded_rows and lq > 2, seed)
     _check(q, k, v, mask, sinks, d ** -0.5)
 
 
 def test_rows_that_see_no_key_put_their_weight_on_the_sink():
     """Fully masked rows give zeros (−inf fill: no NaN, as the naive code with a sink gives)."""
-    q, k, v, _, sinks = _inputs(1, 2, 2, 6, 6, 8, torch.float32, (2, 1), False, 3)
+    q, k, v, _, sinks = _inputs(1, 2, 2, 6, 6, 8, torch.float32, False, 3)
     keep = torch.ones(6, 6, dtype=torch.bool).tril()
     keep[:2] = False
     out = AttentionLiterals(0.3, masking="fill").call(*on_kernel_device(q, k, v, keep), sinks=on_kernel_device(sinks)[0])
@@ -93,18 +91,10 @@ def test_rows_that_see_no_key_put_their_weight_on_the_sink():
 
 
 def test_reference_backward_with_sinks_is_autograd_of_the_code():
-    q, k, v, mask, sinks = _inputs(2, 4, 2, 7, 11, 8, torch.float64, (4, 1), True, 5)
+    q, k, v, mask, sinks = _inputs(2, 4, 2, 7, 11, 8, torch.float64, True, 5)
     grad_out = torch.randn(2, 4, 7, 8, dtype=torch.float64)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     expected = torch.autograd.grad(gpt_oss_attention(*leaves, mask, 0.4, sinks), leaves, grad_out)
     literals = AttentionLiterals(0.4, mask_value=FINFO_MIN, masking="add")
     for grad, ref_grad in zip(reference_backward(grad_out, q, k, v, mask, literals, sinks=sinks), expected):
         assert_close(grad, ref_grad, torch.float64, 1e-12)
-
-
-def test_sinks_are_refused_where_they_do_not_apply():
-    q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="sdpa"):
-        AttentionLiterals(0.3, masking="sdpa").call(q, q, q, sinks=torch.zeros(2, 1))
-    with pytest.raises(RuntimeError):
-        AttentionLiterals(0.3).call(q, q, q, sinks=torch.zeros(3, 1))

@@ -291,6 +291,49 @@ def test_dropout_backward_regenerates_the_mask():
         assert_close(grad, ref_grad, torch.float32)
 
 
+def test_dropout_is_the_references_philox_stream():
+    """The kernels drop by Philox4x32-10 of (seed tensor; key, query, batch·head): the reference draws the same
+    stream in torch (reference.philox_uniform), so dropout is checked against float64, gradients too."""
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 16, 16, torch.float32, "contiguous", 3)
+    literals = AttentionLiterals(0.4, causal=True, window=9, dropout_p=0.3)
+    seed = torch.tensor(2**31 - 5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.ops.fuser.attention_forward(*leaves, None, *literals, seed, None)[0]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    plain = [t.double() for t in (q, k, v)]
+    assert_close(out, reference_forward(*plain, None, literals, seed)[0], torch.float32)
+    for grad, expected in zip(grads, reference_backward(grad_out.double(), *plain, None, literals, seed)):
+        assert_close(grad, expected, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["plain", "split", "packed"])
+def test_sinks_values_and_gradients(path):
+    """Sinks (GPT-OSS: a per-head logit in each row's softmax, with no value) against float64, their gradient too:
+    GQA with a padding mask that hides every key from some rows (their output is 0: the sink takes the row), the
+    split-keys and packed-heads decode paths."""
+    q, k, v = make_qkv(1, 4, 2, 5 if path == "packed" else 20, 37, 16, 16, torch.float32, "contiguous", 5)
+    mask = torch.rand(1, 1, q.shape[2], 37, generator=torch.Generator().manual_seed(6)) > 0.5
+    mask[..., 1:3, :] = False
+    literals = AttentionLiterals(0.3, window=11 if path == "plain" else 0)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(7))
+    plain = [t.double() for t in (q, k, v)]
+    expected = reference_forward(*plain, mask, literals, None, sinks.double())[0]
+    if path != "plain":
+        out = plan.forward(plan.build_plan(q, k, v, mask, literals, sinks), q, k, v, mask, None, sinks,
+                           num_splits=3 if path == "split" else 1, pack_gqa=path == "packed")[0]
+        assert_close(out, expected, torch.float32)
+        return
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = literals.call(*leaves[:3], mask, leaves[3])
+    assert out[:, :, 1:3].abs().max() == 0
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert_close(out, expected, torch.float32)
+    for grad, want in zip(grads, reference_backward(grad_out.double(), *plain, mask, literals, None, sinks.double())):
+        assert_close(grad, want, torch.float32)
+
+
 def test_output_layout_follows_q():
     """q as a transposed view of [B, L, H, D]: the output is laid out [B, L, H, Dv] so that the
     usual transpose(1, 2).reshape back is free; gradients come back like their inputs."""
@@ -322,22 +365,21 @@ def opcheck_samples():
     q, k, v = make_qkv(1, 4, 2, 19, 23, 8, 8, torch.float32, "transposed", 0)
     mask = make_mask("key_padding", 1, 4, 19, 23, torch.float32, 0)
     seed = torch.tensor(3)
-    sinks = torch.randn(4, 1)
-    return [(q, k, v, None, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "sdpa", None),
-            (q, k, v, mask, None, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, "add", seed),
-            (q, k, v, mask, sinks, 0.35, True, 0, False, 0.0, 0.0, torch.finfo(torch.float32).min, "add", None)]
+    sinks = torch.randn(4)
+    return [(q, k, v, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "sdpa", None, None),
+            (q, k, v, mask, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, "add", seed, None),
+            (q, k, v, mask, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "fill", None, sinks)]
 
 
 @pytest.mark.parametrize("sample", range(3))
 def test_opcheck(sample):
     args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
-            and (i < 3 or i == 4) else a for i, a in enumerate(opcheck_samples()[sample])]
+            and (i < 3 or i == 13) else a for i, a in enumerate(opcheck_samples()[sample])]
     torch.library.opcheck(torch.ops.fuser.attention_forward.default, args)
     with torch.no_grad():  # no double backward: the backward op takes plain tensors
         out, stats, classes = torch.ops.fuser.attention_forward(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(out), *plain[:5], out, stats, classes, plain[13], *plain[5:13],
-                     plain[3] is not None and plain[3].dtype.is_floating_point)
+    backward_args = (torch.randn_like(out), *plain[:4], out, stats, classes, plain[12], *plain[4:12], plain[13])
     torch.library.opcheck(torch.ops.fuser.attention_backward.default, backward_args)
 
 

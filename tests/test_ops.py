@@ -7,6 +7,7 @@ The cases are shared with tests/test_ops_cuda.py, which runs them on a GPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,8 +98,31 @@ def mla_decode_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
                 frozenset({"_mla_decode_kernel"}))
 
 
+def attention_case(device="cpu", dtype=torch.float32, seed=0, dropout_p=0.0, sinks=False) -> Case:
+    """Causal GQA attention with a key-padding mask (tile classes), every row seeing its first key; with
+    dropout, the ops take a seed tensor (the entry op draws one per call); with sinks, a per-head sink logit."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = _draw(g, device, dtype, 2, 4, 24, 16), _draw(g, device, dtype, 2, 2, 24, 16), \
+        _draw(g, device, dtype, 2, 2, 24, 16)
+    mask = torch.rand(2, 1, 1, 24, generator=g) > 0.3
+    mask[..., 0] = True
+    mask = mask.to(device)
+    literals = (0.25, True, 0, False, 0.0, dropout_p, -math.inf, "fill")
+    dropout_seed = torch.tensor(1234, device=device) if dropout_p > 0 else None
+    sink_logits = _draw(g, device, dtype, 4) if sinks else None
+    forward = (q, k, v, mask, *literals, dropout_seed, sink_logits)
+    out, stats, classes = torch.ops.fuser.attention_forward(*forward)
+    backward = (_draw(g, device, dtype, *out.shape), q, k, v, mask, out, stats, classes, dropout_seed, *literals,
+                sink_logits)
+    return Case(lambda q, k, v: torch.ops.fuser.attention(q, k, v, mask, *literals), (q, k, v),
+                [(torch.ops.fuser.attention_forward.default, forward),
+                 (torch.ops.fuser.attention_backward.default, backward)],
+                frozenset({"_classify_tiles_kernel", "_attention_forward_kernel", "_backward_preprocess_kernel",
+                           "_attention_dkdv_kernel", "_attention_dq_kernel"}))
+
+
 CASES = {"rms_norm": rms_norm_case, "softmax": softmax_case, "moe_route": moe_route_case,
-         "moe_experts": moe_experts_case, "mla_decode": mla_decode_case}
+         "moe_experts": moe_experts_case, "mla_decode": mla_decode_case, "attention": attention_case}
 
 
 def _detached(args):
@@ -132,7 +156,7 @@ def run_both_paths(fn, leaves):
     return results
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "softmax", "mla_decode"])
+@pytest.mark.parametrize("name", ["rms_norm", "softmax", "mla_decode", "attention"])
 def test_direct_call_equals_the_op_path(name):
     """The entry ops built on the recipe take the direct path in eager (moe_route and moe_experts: test_launch.py)."""
     case = CASES[name]()
@@ -186,8 +210,49 @@ def _traced_graph(op, args):
     raise AssertionError("AOTAutograd compiled nothing")
 
 
+def _not_for_inductor(kernel, constant_args: dict) -> list[str]:
+    """What Inductor's generated code could not launch (checked without a GPU): a tuple passed as a runtime
+    argument (it has no type there), a constexpr whose repr does not read back without imports (the generated
+    code spells constexprs by repr), a global of the kernel's source closure that does not resolve there."""
+    import builtins
+    import dis
+    import importlib.util
+    import tempfile
+
+    import triton
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    problems = []
+    for param in kernel.params:
+        value = constant_args.get(param.name)
+        if param.is_constexpr:
+            try:
+                readable = eval(repr(value), {"triton": triton}) == value  # noqa: S307 (our own constants)
+            except Exception:  # noqa: BLE001
+                readable = False
+            if not readable:
+                problems.append(f"constexpr {param.name}={value!r}")
+        elif isinstance(value, tuple):
+            problems.append(f"tuple argument {param.name}")
+    source = f"{TritonKernel.gen_common_triton_imports()}\n@triton.jit\n" + \
+        user_defined_triton_kernel_transitive_closure_source_code(kernel)  # as Inductor writes it
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location(f"generated_{kernel.__name__}", file.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for value in vars(module).values():
+        if isinstance(value, triton.runtime.JITFunction):
+            problems += [f"{value.__name__} reads {inst.argval}" for inst in dis.Bytecode(value.fn)
+                         if inst.opname == "LOAD_GLOBAL" and inst.argval not in vars(module)
+                         and not hasattr(builtins, inst.argval)]
+    return problems
+
+
 def _launched_kernels(graph) -> tuple[list[str], list[str]]:
-    """(Triton kernels launched through wrap_triton, other fuser:: / host-sync ops called) in `graph`."""
+    """(Triton kernels launched through wrap_triton, other fuser:: / host-sync ops called and launches Inductor
+    could not generate) in `graph`."""
     import triton
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
@@ -200,6 +265,7 @@ def _launched_kernels(graph) -> tuple[list[str], list[str]]:
             while not isinstance(kernel, triton.runtime.JITFunction):
                 kernel = kernel.fn
             kernels.append(kernel.fn.__name__)
+            calls += _not_for_inductor(kernel, kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]))
         elif str(node.target).startswith("fuser.") or "_local_scalar_dense" in str(node.target):
             calls.append(str(node.target))
     return kernels, calls
@@ -211,14 +277,17 @@ def _trace_every_case() -> dict:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import fuser.kernels.attention.plan as attention_plan
     import fuser.kernels.mla_decode.decode as mla_decode_kernels
     import fuser.kernels.rms_norm as rms_norm_kernels
 
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU: no TTIR
-    rms_norm_kernels.program_slots = lambda device: 132  # the H200's multiprocessors; no device to ask
+    rms_norm_kernels.program_slots = attention_plan.program_slots = lambda device: 132  # the H200's; no device
     mla_decode_kernels.program_slots = rms_norm_kernels.program_slots
     traced = [(f"{name}/{op._name}", op, args, "cuda") for name, make in CASES.items()
               for op, args in make("cpu", torch.bfloat16).ops]
+    traced += [(f"dropout/{op._name}", op, args, "cuda") for op, args in attention_case(
+        "cpu", torch.bfloat16, dropout_p=0.2, sinks=True).ops]
     traced += [(f"{label}/{op._name}", op, args, device) for label, dtype, device in
                (("float64", torch.float64, "cuda"), ("cpu", torch.bfloat16, "cpu"))
                for op, args in rms_norm_case("cpu", dtype).ops[:1]]
@@ -250,6 +319,14 @@ def test_inductor_gets_the_launches_not_the_op(traced, name):
             assert kernels and not calls, (key, kernels, calls)
             launched.update(kernels)
     assert launched == CASES[name]().kernels
+
+
+def test_dropout_reads_its_seed_on_the_device(traced):
+    """With dropout (and sinks) the ops are their launches too: the seed is a tensor the kernels read (no host
+    read), the sinks' gradient torch ops Inductor generates."""
+    for key in ("dropout/fuser::attention_forward", "dropout/fuser::attention_backward"):
+        kernels, calls = traced[key]
+        assert kernels and not calls, (key, kernels, calls)
 
 
 def test_calls_the_kernels_do_not_take_keep_the_op(traced):

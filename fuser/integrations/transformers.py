@@ -116,9 +116,8 @@ def fuser_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         masking = "add"
     else:
         masking = "sdpa" if s_aux is None else "fill"
-    sinks = None if s_aux is None else s_aux.reshape(-1, 1)  # [Hq] -> broadcast over [B, Hq, Lq]
     out = torch.ops.fuser.attention(query, key, value, attention_mask, float(scale), causal, 0, False,
-                                    float(softcap or 0.0), float(dropout), float("-inf"), masking, sinks)
+                                    float(softcap or 0.0), float(dropout), float("-inf"), masking, s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 

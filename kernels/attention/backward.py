@@ -15,6 +15,7 @@ weights over all keys, and dQ/dK get nothing from replaced scores (masked_fill c
 gradient; an added mask, a float tensor or masking "add", passes it, as in the naive code).
 Rows SDPA zeroes have a log-sum-exp of +inf: every probability, so every gradient, is 0 there.
 A block whose gradients are not finite is redone by EXACT passes (tiles.py: the NaN rule).
+Sinks change nothing here: the statistics hold them; their own gradient is plan.backward's.
 
 Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 The saved statistics [B, Hq, Lq, 2] and Δ [B, Hq, Lq] are contiguous.
@@ -27,15 +28,18 @@ import triton
 import triton.language as tl
 
 from ..language import to_dtype
-from ..runtime import interpreting
+from ..runtime import autotune, flat_kernel, interpreting
 from .forward import registers_fit, tuning_pays
-from .tiles import (EXACT_BLOCK, FULL, PARTIAL, SKIP, any_nonfinite, dropout_keep, key_tiles, load_tile, mma_operand,
-                    open_rows, probabilities, query_tiles, rows_saturated, selected_dot, tile_scores)
+from .tiles import (EXACT_BLOCK, FULL, HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV, NUMERICS_DOT_PRECISION,
+                    PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SOFTCAP, RULE_WINDOWED, SKIP, HeadBlocks,
+                    any_nonfinite, dropout_keep, kernel_literals, key_tiles, load_tile, mma_operand, open_rows,
+                    probabilities, query_tiles, rows_saturated, selected_dot, tile_scores)
 
 
 @triton.jit
-def _backward_preprocess_kernel(Out, dOut, Stats, Delta, HeadFlags, so, sg, Hq, Lq, Dv, saturation_lse,
+def backward_preprocess_program(Out, dOut, Stats, Delta, HeadFlags, so, sg, Hq, Lq, Dv, saturation_lse,
                                 CAN_SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    saturation_lse = tl.cast(saturation_lse, tl.float32)  # Inductor passes Python floats as float64
     bh = tl.program_id(1)
     batch = (bh // Hq).to(tl.int64)
     head = (bh % Hq).to(tl.int64)
@@ -64,10 +68,10 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
     dropout_p, seed = literals[6], literals[7]
     q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = q_idx < Lq
-    d = tl.arange(0, HEAD.block_d)
-    dvi = tl.arange(0, HEAD.block_dv)
-    q = load_tile(Q_head + q_idx[:, None] * sq[2] + d[None, :] * sq[3], q_ok, d < D, MASKED, HEAD.pad_d)
-    do = load_tile(dO_head + q_idx[:, None] * sg[2] + dvi[None, :] * sg[3], q_ok, dvi < Dv, MASKED, HEAD.pad_dv)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
+    dvi = tl.arange(0, HEAD[HEAD_BLOCK_DV])
+    q = load_tile(Q_head + q_idx[:, None] * sq[2] + d[None, :] * sq[3], q_ok, d < D, MASKED, HEAD[HEAD_PAD_D])
+    do = load_tile(dO_head + q_idx[:, None] * sg[2] + dvi[None, :] * sg[3], q_ok, dvi < Dv, MASKED, HEAD[HEAD_PAD_DV])
     if MASKED:  # rows past Lq get p = 0 and Δ = 0
         shift = tl.load(Stats_head + 2 * q_idx, mask=q_ok, other=float("inf"))
         log2_sum = tl.load(Stats_head + 2 * q_idx + 1, mask=q_ok, other=0.0)
@@ -78,15 +82,15 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
         delta = tl.load(Delta_head + q_idx)
     q = mma_operand(q, NUMERICS)
     do = mma_operand(do, NUMERICS)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=NUMERICS.dot_precision)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     q_open = open_rows(shift + log2_sum, q_ok, literals[5])
     scores_t, reach_t, passes_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_open[None, :], q_ok[None, :],
                                                               k_idx[:, None], mask_head + q_idx[None, :].to(tl.int64)
                                                               * sm[2] + k_idx[:, None] * sm[3], Lk, literals, MASKED,
                                                               EXACT, RULE)
     p_t = probabilities(scores_t, reach_t, shift[None, :], log2_sum[None, :], MASKED, EXACT)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=NUMERICS.dot_precision)
-    if RULE.dropout:
+    dp_t = tl.dot(v, tl.trans(do), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
+    if RULE[RULE_DROPOUT]:
         undropped_t = dropout_keep(seed, stream, q_idx[None, :], k_idx[:, None], dropout_p)
         dropped_t = tl.where(undropped_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
         dp_t = tl.where(undropped_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -95,7 +99,7 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
     dv = selected_dot(mma_operand(to_dtype(dropped_t, Q_head.dtype.element_ty), NUMERICS), do, reach_t, dv,
                       MASKED and EXACT, NUMERICS)
     ds_t = p_t * (dp_t - delta[None, :])
-    if RULE.softcap:
+    if RULE[RULE_SOFTCAP]:
         ds_t = ds_t * softcap_grad_t
     if MASKED:  # selected: replaced (or, EXACT, unreached) scores pass no gradient (not even NaN)
         ds_t = tl.where(passes_t, ds_t, 0.0)
@@ -117,14 +121,14 @@ def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Sta
                sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
                RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
     """(dK, dV) of one key block over the query tiles of the group's heads that see it."""
-    BLOCK_D: tl.constexpr = HEAD.block_d
-    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    BLOCK_D: tl.constexpr = HEAD[HEAD_BLOCK_D]
+    BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
     Hq, group, Lq, Lk = sizes[0], sizes[1], sizes[2], sizes[3]
     pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     t_lo, f_lo, f_hi, t_hi = query_tiles(n_block * BLOCK_N, tl.minimum(n_block * BLOCK_N + BLOCK_N, Lk) - 1, Lq,
-                                         pos_offset, window, RULE.causal, RULE.windowed, BLOCK_M)
+                                         pos_offset, window, RULE[RULE_CAUSAL], RULE[RULE_WINDOWED], BLOCK_M)
     n_q_tiles = tl.cdiv(Lq, BLOCK_M)
     for g in range(group):
         head = kv_head * group + g
@@ -135,7 +139,7 @@ def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Sta
         mask_head = Mask + batch * sm[0] + head * sm[1]
         class_col = Classes + batch * sc[0] + head * sc[1] + (n_block * BLOCK_N // CELL) * sc[3]
         stream = (batch * Hq + head).to(tl.int32)
-        if RULE.mask_kind == 0:  # the masked edge before the fully visible run, the run, the masked edge after it
+        if RULE[RULE_MASK_KIND] == 0:  # the masked edge before the fully visible run, the run, the masked edge after it
             for part in tl.static_range(3):
                 lo = t_lo if part == 0 else (f_lo if part == 1 else f_hi)
                 hi = f_lo if part == 0 else (f_hi if part == 1 else t_hi)
@@ -149,10 +153,10 @@ def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Sta
         if CAN_SKIP:
             flagged = tl.load(HeadFlags + batch * Hq + head) != 0
         lo = tl.where(flagged, 0, t_lo)
-        hi = tl.where(flagged, n_q_tiles, t_hi if RULE.mask_kind != 0 else t_lo)
+        hi = tl.where(flagged, n_q_tiles, t_hi if RULE[RULE_MASK_KIND] != 0 else t_lo)
         for m in range(lo, hi):
             in_run = (m >= t_lo) & (m < t_hi)
-            if RULE.mask_kind != 0:
+            if RULE[RULE_MASK_KIND] != 0:
                 cls = tl.load(class_col + (m * BLOCK_M // CELL) * sc[2])
                 visit_full = in_run & (cls == FULL)
                 visit_masked = in_run & (cls == PARTIAL)
@@ -183,12 +187,12 @@ def dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, 
     kv_head = (tl.program_id(1) % Hkv).to(tl.int64)
     k_idx = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_idx < Lk
-    d = tl.arange(0, HEAD.block_d)
-    dvi = tl.arange(0, HEAD.block_dv)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
+    dvi = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     k = load_tile(K + batch * sk[0] + kv_head * sk[1] + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D,
-                  True, HEAD.pad_d)
+                  True, HEAD[HEAD_PAD_D])
     v = load_tile(V + batch * sv[0] + kv_head * sv[1] + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok,
-                  dvi < Dv, True, HEAD.pad_dv)
+                  dvi < Dv, True, HEAD[HEAD_PAD_DV])
     k = mma_operand(k, NUMERICS)
     v = mma_operand(v, NUMERICS)
     dk, dv = dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Stats, Delta, HeadFlags, sq,
@@ -201,12 +205,13 @@ def dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, 
 
 
 @triton.jit
-def _attention_dkdv_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv, sizes,
-        literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+def attention_dkdv_program(
+        Q, K, V, Mask, Classes, Seed, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg, sdk, sdv, Hkv,
+        sizes, literals, LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
         CELL: tl.constexpr, RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (key blocks, batch × KV heads). A block whose dK or dV is not finite is redone by EXACT passes over
     its EXACT_BLOCK-key parts (a plain dot may have spread a NaN or ±inf from a position some row does not see)."""
+    literals = kernel_literals(literals, Seed, RULE)
     nonfinite = dkdv_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, HeadFlags, dK, dV, sq, sk, sv, sm, sc, sg,
                              sdk, sdv, Hkv, sizes, literals, tl.program_id(0), BLOCK_M, BLOCK_N, HEAD, CELL, RULE,
                              CAN_SKIP, False, NUMERICS)
@@ -219,95 +224,86 @@ def _attention_dkdv_kernel(
 
 
 @triton.jit
-def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, dmask_row_ptrs, sdm,
-            sizes, literals, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-            RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
+def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
+            BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+            RULE: tl.constexpr, NUMERICS: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end);
     row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream) of the program's rows, q_open those every
-    position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py). With
-    MASK_GRAD, dS (the gradient of the score the float mask is added to) is stored at the mask's place."""
+    position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py)."""
     shift, log2_sum, delta = row_stats
     q_idx, q_ok, stream = rows
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
     dropout_p, seed = literals[6], literals[7]
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_idx < Lk
-    d = tl.arange(0, HEAD.block_d)
-    dvi = tl.arange(0, HEAD.block_dv)
-    k = mma_operand(load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD.pad_d),
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
+    dvi = tl.arange(0, HEAD[HEAD_BLOCK_DV])
+    k = mma_operand(load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED,
+                              HEAD[HEAD_PAD_D]),
                     NUMERICS)
     v = mma_operand(load_tile(v_base + k_idx[:, None] * sv[2] + dvi[None, :] * sv[3], k_ok, dvi < Dv, MASKED,
-                              HEAD.pad_dv), NUMERICS)
-    qk = tl.dot(q, tl.trans(k), input_precision=NUMERICS.dot_precision)
+                              HEAD[HEAD_PAD_DV]), NUMERICS)
+    qk = tl.dot(q, tl.trans(k), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     scores, reach, passes, softcap_grad = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None],
                                                       k_idx[None, :], mask_row_ptrs[:, None] + k_idx[None, :] * sm[3],
                                                       Lk, literals, MASKED, EXACT, RULE)
     p = probabilities(scores, reach, shift[:, None], log2_sum[:, None], MASKED, EXACT)
-    dp = tl.dot(do, tl.trans(v), input_precision=NUMERICS.dot_precision)
-    if RULE.dropout:
+    dp = tl.dot(do, tl.trans(v), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
+    if RULE[RULE_DROPOUT]:
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         dp = tl.where(undropped, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
+    if RULE[RULE_SOFTCAP]:
+        ds = ds * softcap_grad
     if MASKED:
         ds = tl.where(passes, ds, 0.0)
-    if MASK_GRAD:
-        tl.store(dmask_row_ptrs[:, None] + k_idx[None, :] * sdm[3], ds, mask=q_ok[:, None] & k_ok[None, :])
-    if RULE.softcap:
-        ds = ds * softcap_grad
     return selected_dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), NUMERICS), k, passes, dq,
                         MASKED and EXACT, NUMERICS)
 
 
 @triton.jit
-def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, dmask_row_ptrs,
-             sdm, sizes, literals, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr,
-             EXACT: tl.constexpr, RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
+def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
+             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+             RULE: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
-        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, dmask_row_ptrs,
-                     sdm, sizes, literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, MASK_GRAD, NUMERICS)
+        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes,
+                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, NUMERICS)
     return dq
 
 
 @triton.jit
 def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-            dmask_row_ptrs, sdm, class_row, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr,
-            MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
+            class_row, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+            CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
     """dQ of the program's rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi) (see attend_rows)."""
-    BLOCK_D: tl.constexpr = HEAD.block_d
+    BLOCK_D: tl.constexpr = HEAD[HEAD_BLOCK_D]
     t_lo, f_lo, f_hi, t_hi = tiles
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if RULE.mask_kind != 0:
+    if RULE[RULE_MASK_KIND] != 0:
         for n in range(t_lo, t_hi):
             cls = tl.load(class_row + (n * BLOCK_N // CELL) * sc[3], mask=respect_classes, other=PARTIAL)
             if cls != SKIP:
                 if cls == FULL:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE,
-                                 MASK_GRAD, NUMERICS)
+                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
                 else:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE,
-                                 MASK_GRAD, NUMERICS)
+                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
     else:  # masked edges around the fully visible run, like the forward
         dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD,
-                      NUMERICS)
+                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
         dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, MASK_GRAD,
-                      NUMERICS)
+                      sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
         dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD,
-                      NUMERICS)
+                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
     return dq
 
 
 @triton.jit
-def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm, sizes, literals,
-               m_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, MASK_GRAD: tl.constexpr,
-               NUMERICS: tl.constexpr):
+def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, m_block,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
     """Store dQ of query block m_block (BLOCK_M rows, of batch × query head program_id(1)); whether it is not finite.
     A block with rows that skipping would change visits every key tile with full masking."""
     Hq, group, Lq, Lk, D, Dv = sizes
@@ -317,12 +313,12 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv
     kv_head = head // group
     q_idx = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = q_idx < Lq
-    d = tl.arange(0, HEAD.block_d)
-    dvi = tl.arange(0, HEAD.block_dv)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
+    dvi = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     q = mma_operand(load_tile(Q + batch * sq[0] + head * sq[1] + q_idx[:, None] * sq[2] + d[None, :] * sq[3], q_ok,
-                              d < D, True, HEAD.pad_d), NUMERICS)
+                              d < D, True, HEAD[HEAD_PAD_D]), NUMERICS)
     do = mma_operand(load_tile(dOut + batch * sg[0] + head * sg[1] + q_idx[:, None] * sg[2] + dvi[None, :] * sg[3],
-                               q_ok, dvi < Dv, True, HEAD.pad_dv), NUMERICS)
+                               q_ok, dvi < Dv, True, HEAD[HEAD_PAD_DV]), NUMERICS)
     stats = Stats + ((batch * Hq + head) * Lq + q_idx) * 2
     shift = tl.load(stats, mask=q_ok, other=0.0)
     log2_sum = tl.load(stats + 1, mask=q_ok, other=0.0)
@@ -330,13 +326,12 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv
     k_base = K + batch * sk[0] + kv_head * sk[1]
     v_base = V + batch * sv[0] + kv_head * sv[1]
     mask_row_ptrs = Mask + batch * sm[0] + head * sm[1] + q_idx.to(tl.int64) * sm[2]
-    dmask_row_ptrs = dMask + batch * sdm[0] + head * sdm[1] + q_idx.to(tl.int64) * sdm[2]
     class_row = Classes + batch * sc[0] + head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
     rows = (q_idx, q_ok, (batch * Hq + head).to(tl.int32) + q_idx * 0)
     q_open = open_rows(shift + log2_sum, q_ok, saturation_lse)
     q_pos_lo = m_block * BLOCK_M + pos_offset
     q_pos_hi = tl.minimum(m_block * BLOCK_M + BLOCK_M, Lq) - 1 + pos_offset
-    t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE.causal, RULE.windowed, BLOCK_N)
+    t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE[RULE_CAUSAL], RULE[RULE_WINDOWED], BLOCK_N)
     respect_classes = t_lo == t_lo
     if CAN_SKIP:
         saturated = rows_saturated(shift + log2_sum, q_ok, saturation_lse)
@@ -346,39 +341,38 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv
         f_hi = tl.where(saturated, 0, f_hi)
         t_hi = tl.where(saturated, tl.cdiv(Lk, BLOCK_N), t_hi)
     dq = dq_rows(q, do, row_stats, (t_lo, f_lo, f_hi, t_hi), respect_classes, k_base, v_base, sk, sv, rows, q_open,
-                 mask_row_ptrs, sm, dmask_row_ptrs, sdm, class_row, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL,
-                 RULE, EXACT, MASK_GRAD, NUMERICS)
+                 mask_row_ptrs, sm, class_row, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, EXACT,
+                 NUMERICS)
     tl.store(dQ + batch * sdq[0] + head * sdq[1] + q_idx[:, None] * sdq[2] + d[None, :] * sdq[3],
              to_dtype(dq * literals[2], dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
     return any_nonfinite(dq)
 
 
 @triton.jit
-def _attention_dq_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm, sizes, literals,
-        LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
+def attention_dq_program(
+        Q, K, V, Mask, Classes, Seed, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, LQ_KEY,
+        LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (query blocks, batch × query heads). A block whose dQ is not finite is redone by EXACT passes over its
-    EXACT_BLOCK-row parts (which store dS again over the first pass's). With MASK_GRAD, dS into dMask
-    [B, Hq, Lq, Lk] (zeros where no tile is visited)."""
+    EXACT_BLOCK-row parts."""
+    literals = kernel_literals(literals, Seed, RULE)
     m_block = tl.program_id(0)
-    if RULE.causal:  # the longest rows first
+    if RULE[RULE_CAUSAL]:  # the longest rows first
         m_block = tl.num_programs(0) - 1 - m_block
-    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm,
-                           sizes, literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, MASK_GRAD,
-                           NUMERICS)
+    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
+                           literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, NUMERICS)
     if CAN_SKIP:
         if nonfinite:
             for part in range(BLOCK_M // EXACT_BLOCK):
-                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm,
-                           sizes, literals, m_block * (BLOCK_M // EXACT_BLOCK) + part, EXACT_BLOCK, EXACT_BLOCK, HEAD,
-                           CELL, RULE, CAN_SKIP, True, MASK_GRAD, NUMERICS)
+                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
+                           literals, m_block * (BLOCK_M // EXACT_BLOCK) + part, EXACT_BLOCK, EXACT_BLOCK, HEAD, CELL,
+                           RULE, CAN_SKIP, True, NUMERICS)
 
 
 def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):
     """Keep configs that fit shared memory (one block resident, the other side's tiles pipelined)
     and registers: dK/dV (key_blocks) or dQ accumulators plus four [rows, keys] float32 temporaries."""
-    block_d, block_dv = kwargs["HEAD"].block_d, kwargs["HEAD"].block_dv
+    block_d, block_dv = HeadBlocks(*kwargs["HEAD"])[:2]
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
@@ -399,16 +393,18 @@ def _configs(shapes):
 
 
 _BACKWARD_KEY = ["LQ_KEY", "LK_KEY", "HEAD", "RULE"]
+_TUPLES = {"sq": 4, "sk": 4, "sv": 4, "sm": 4, "sc": 4, "sg": 4, "sizes": 6, "literals": 7}
 # (query rows, key rows, warps, stages) per program
-attention_dkdv_kernel = triton.autotune(
+attention_dkdv_kernel = autotune(
     _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2),
               (16, 64, 8, 2), (16, 32, 4, 2)]),
     key=_BACKWARD_KEY,
     prune_configs_by={"early_config_prune": functools.partial(_prune_backward_configs, key_blocks=True)})(
-    _attention_dkdv_kernel)
-attention_dq_kernel = triton.autotune(
+    flat_kernel(attention_dkdv_program, "_attention_dkdv_kernel", {**_TUPLES, "sdk": 4, "sdv": 4}))
+attention_dq_kernel = autotune(
     _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
     key=_BACKWARD_KEY,
     prune_configs_by={"early_config_prune": functools.partial(_prune_backward_configs, key_blocks=False)})(
-    _attention_dq_kernel)
-backward_preprocess_kernel = _backward_preprocess_kernel
+    flat_kernel(attention_dq_program, "_attention_dq_kernel", {**_TUPLES, "sdq": 4}))
+backward_preprocess_kernel = flat_kernel(backward_preprocess_program, "_backward_preprocess_kernel",
+                                         {"so": 4, "sg": 4})

@@ -12,7 +12,8 @@ query blocks (decode), the group's query heads are packed into the rows of one p
 (PACK_GQA), so K/V are read once per KV head. When there are too few programs to fill the GPU,
 the keys are split across programs (flash-decoding); a second kernel merges their partial
 softmaxes (and does the exact recompute for rows that need it). Results that are not finite are
-redone by an EXACT pass (tiles.py: the NaN rule).
+redone by an EXACT pass (tiles.py: the NaN rule). Sinks: a row's sink logit starts its online
+softmax (max = sink, sum = 1, no value); with splits, the first split holds it.
 
 Grouped arguments (strides, sizes, literals; HEAD, RULE, NUMERICS) are laid out in tiles.py.
 """
@@ -23,8 +24,10 @@ import triton
 import triton.language as tl
 
 from ..language import to_dtype
-from ..runtime import interpreting
-from .tiles import (EXACT_BLOCK, FULL, LOG2E, PARTIAL, SKIP, any_nonfinite, dropout_keep, key_tiles, load_tile,
+from ..runtime import autotune, flat_kernel, interpreting
+from .tiles import (EXACT_BLOCK, FULL, HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV, LOG2E,
+                    NUMERICS_DOT_PRECISION, PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SINKS, RULE_SOFTCAP,
+                    RULE_WINDOWED, SKIP, any_nonfinite, dropout_keep, kernel_literals, key_tiles, load_tile,
                     mma_operand, open_rows, rows_saturated, selected_dot, tile_scores)
 
 
@@ -61,13 +64,13 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
     scale, dropout_p, seed = literals[2], literals[6], literals[7]
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD.block_d)
-    dv = tl.arange(0, HEAD.block_dv)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
+    dv = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     k_ok = k_idx < Lk
-    k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD.pad_d)
-    qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS.dot_precision)
+    k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD[HEAD_PAD_D])
+    qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     reach = True
-    if MASKED or RULE.softcap:
+    if MASKED or RULE[RULE_SOFTCAP]:
         scores, reach, _, _ = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None], k_idx[None, :],
                                           mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED,
                                           EXACT, RULE)
@@ -83,10 +86,10 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_
         p = tl.exp2(qk * (scale * LOG2E) - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if RULE.dropout:
+    if RULE[RULE_DROPOUT]:
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         p = tl.where(undropped, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    v = load_tile(v_base + k_idx[:, None] * sv[2] + dv[None, :] * sv[3], k_ok, dv < Dv, MASKED, HEAD.pad_dv)
+    v = load_tile(v_base + k_idx[:, None] * sv[2] + dv[None, :] * sv[3], k_ok, dv < Dv, MASKED, HEAD[HEAD_PAD_DV])
     acc = selected_dot(mma_operand(to_dtype(p, v.dtype), NUMERICS), mma_operand(v, NUMERICS), reach,
                        acc * alpha[:, None], MASKED and EXACT, NUMERICS)
     return acc, m_new, l_i
@@ -105,7 +108,7 @@ def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, sk, sv, rows, q_open,
 
 @triton.jit
 def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+                Sinks, with_sinks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
                 EVERY_TILE: tl.constexpr, EXACT: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
                 NUMERICS: tl.constexpr):
     """(acc, max, sum) of the rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi): all of [t_lo, t_hi),
@@ -114,12 +117,16 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
     With a mask tensor every tile's class decides, but with EVERY_TILE (tiles (0, 0, 0, all)): every tile masked.
     EXACT passes (EVERY_TILE too) follow the NaN rule for the rows q_open says are open (tiles.py).
     """
-    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
     t_lo, f_lo, f_hi, t_hi = tiles
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if RULE.mask_kind != 0:
+    if RULE[RULE_SINKS]:  # the row's sink (log2 units) starts the running max and sum: a score with no value
+        sink = tl.load(Sinks + rows[2] % sizes[0], mask=rows[1], other=0.0).to(tl.float32) * LOG2E
+        m_i = tl.where(with_sinks, sink, m_i)
+        l_i = tl.where(with_sinks & (sink > float("-inf")), 1.0, l_i)
+    if RULE[RULE_MASK_KIND] != 0:
         for n in range(t_lo, t_hi):
             if USE_CLASSES and not EVERY_TILE:
                 cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * sc[3])
@@ -145,8 +152,8 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
 
 
 @triton.jit
-def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, split, num_splits, sq, sk, sv, sm,
-                        sc, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def attend_program_rows(Q, K, V, Mask, Classes, Sinks, m_block, bh, exact, known_lse, split, num_splits, sq, sk, sv,
+                        sm, sc, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
                         PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
     """Attention of one block of rows: (rows' head and index, acc, max, sum).
@@ -161,9 +168,9 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M,
                                                                  PACK_GQA)
     batch = batch.to(tl.int64)
-    d = tl.arange(0, HEAD.block_d)
+    d = tl.arange(0, HEAD[HEAD_BLOCK_D])
     q_rows = Q + batch * sq[0] + q_head.to(tl.int64) * sq[1] + q_idx.to(tl.int64) * sq[2]
-    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sq[3], q_ok, d < D, True, HEAD.pad_d), NUMERICS)
+    q = mma_operand(load_tile(q_rows[:, None] + d[None, :] * sq[3], q_ok, d < D, True, HEAD[HEAD_PAD_D]), NUMERICS)
     k_base = K + batch * sk[0] + kv_head.to(tl.int64) * sk[1]
     v_base = V + batch * sv[0] + kv_head.to(tl.int64) * sv[1]
     mask_row_ptrs = Mask + batch * sm[0] + q_head.to(tl.int64) * sm[1] + q_idx.to(tl.int64) * sm[2]
@@ -173,13 +180,14 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
     q_open = q_ok & False
     if exact:
         acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                    class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, True, False, RULE,
-                                    USE_CLASSES, NUMERICS)
+                                    class_ptr, sc, sizes, literals, Sinks, True, BLOCK_M, BLOCK_N, HEAD, CELL, True,
+                                    False, RULE, USE_CLASSES, NUMERICS)
         lse = known_lse
     else:
         q_pos_lo = tl.min(tl.where(q_ok, q_idx, Lq), 0) + pos_offset
         q_pos_hi = tl.max(tl.where(q_ok, q_idx, 0), 0) + pos_offset
-        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE.causal, RULE.windowed, BLOCK_N)
+        t_lo, f_lo, f_hi, t_hi = key_tiles(q_pos_lo, q_pos_hi, Lk, window, RULE[RULE_CAUSAL], RULE[RULE_WINDOWED],
+                                           BLOCK_N)
         share = tl.cdiv(t_hi - t_lo, num_splits)
         s_lo = tl.minimum(t_lo + split * share, t_hi)
         s_hi = tl.minimum(s_lo + share, t_hi)
@@ -187,23 +195,23 @@ def attend_program_rows(Q, K, V, Mask, Classes, m_block, bh, exact, known_lse, s
         f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
         f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
         acc, m_i, l_i = attend_rows(q, (t_lo, f_lo, f_hi, t_hi), k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs,
-                                    sm, class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, False, False,
-                                    RULE, USE_CLASSES, NUMERICS)
+                                    sm, class_ptr, sc, sizes, literals, Sinks, split == 0, BLOCK_M, BLOCK_N, HEAD,
+                                    CELL, False, False, RULE, USE_CLASSES, NUMERICS)  # the first split has the sinks
         lse = m_i + tl.log2(l_i)
         if CAN_SKIP:
             if num_splits == 1:
                 if rows_saturated(lse, q_ok, saturation_lse):  # skipping may have changed a row
                     acc, m_i, l_i = attend_rows(q, (0, 0, 0, n_tiles), k_base, v_base, sk, sv, rows, q_open,
-                                                mask_row_ptrs, sm, class_ptr, sc, sizes, literals, BLOCK_M, BLOCK_N,
-                                                HEAD, CELL, True, False, RULE, USE_CLASSES, NUMERICS)
+                                                mask_row_ptrs, sm, class_ptr, sc, sizes, literals, Sinks, True,
+                                                BLOCK_M, BLOCK_N, HEAD, CELL, True, False, RULE, USE_CLASSES, NUMERICS)
                     lse = m_i + tl.log2(l_i)
     if CAN_SKIP:
         if num_splits == 1:  # (the merge's recompute is one split)
             if any_nonfinite(acc):  # a plain dot may have spread a NaN or ±inf from a position some row cannot see
                 q_open = open_rows(lse, q_ok, saturation_lse)
                 acc, m_i, l_i = attend_rows(q, (0, 0, 0, tl.cdiv(Lk, EXACT_BLOCK)), k_base, v_base, sk, sv, rows,
-                                            q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals, BLOCK_M,
-                                            EXACT_BLOCK, HEAD, CELL, True, True, RULE, USE_CLASSES, NUMERICS)
+                                            q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals, Sinks, True,
+                                            BLOCK_M, EXACT_BLOCK, HEAD, CELL, True, True, RULE, USE_CLASSES, NUMERICS)
                 m_i = tl.where((l_i == 0) & ~q_open, float("nan"), m_i)  # reaches nothing: no gradient either
     return batch, q_head, q_idx, q_ok, acc, m_i, l_i
 
@@ -240,22 +248,23 @@ def store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so,
 
 
 @triton.jit
-def _attention_forward_kernel(
-        Q, K, V, Mask, Classes, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
+def attention_forward_program(
+        Q, K, V, Mask, Classes, Seed, Sinks, Out, Stats, sq, sk, sv, sm, sc, so, ss, heads_in_grid, sizes, literals,
         ROWS_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
         RULE: tl.constexpr, USE_CLASSES: tl.constexpr, PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr,
         ZERO_EMPTY_ROWS: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (row blocks, batch × heads in grid, splits). so / ss lead with the split stride: with splits,
     Out/Stats are the float32 partial buffers (normalized partial output, 0 where a split saw nothing, and
     its statistics)."""
+    literals = kernel_literals(literals, Seed, RULE)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     m_block = tl.program_id(0)
-    if RULE.causal:  # the longest rows first: fewer idle multiprocessors at the end
+    if RULE[RULE_CAUSAL]:  # the longest rows first: fewer idle multiprocessors at the end
         m_block = tl.num_programs(0) - 1 - m_block
     unknown_lse = tl.zeros([BLOCK_M], dtype=tl.float32)  # the first pass finds it
     batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
-        Q, K, V, Mask, Classes, m_block, tl.program_id(1), False, unknown_lse, split, num_splits, sq, sk, sv, sm,
+        Q, K, V, Mask, Classes, Sinks, m_block, tl.program_id(1), False, unknown_lse, split, num_splits, sq, sk, sv, sm,
         sc, heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, PACK_GQA, CAN_SKIP,
         NUMERICS)
     if num_splits > 1:  # the merge finishes the rows
@@ -265,23 +274,24 @@ def _attention_forward_kernel(
     else:
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
     store_rows(Out + split * so[0], Stats + split * ss[0], batch, q_head, q_idx, q_ok, out, shift, log2_sum,
-               (so[1], so[2], so[3], so[4]), (ss[1], ss[2], ss[3]), sizes[5], HEAD.block_dv)
+               (so[1], so[2], so[3], so[4]), (ss[1], ss[2], ss[3]), sizes[5], HEAD[HEAD_BLOCK_DV])
 
 
 @triton.jit
-def _merge_splits_kernel(
-        Q, K, V, Mask, Classes, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st, num_splits,
-        heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+def merge_splits_program(
+        Q, K, V, Mask, Classes, Seed, Sinks, Out, Stats, PartOut, PartStats, sq, sk, sv, sm, sc, so, ss, sp, st,
+        num_splits, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
         CELL: tl.constexpr, RULE: tl.constexpr, PACK_GQA: tl.constexpr, ZERO_EMPTY_ROWS: tl.constexpr,
         NUMERICS: tl.constexpr):
     """Merge the splits' partial softmaxes (sp / st: their strides, split first); rows that skipping may
     have changed, or a result that is not finite, are recomputed by an exact pass."""
-    BLOCK_DV: tl.constexpr = HEAD.block_dv
+    BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
+    literals = kernel_literals(literals, Seed, RULE)
     group, Lq, Dv = sizes[1], sizes[2], sizes[5]
     batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
                                                                  group, Lq, BLOCK_M, PACK_GQA)
     batch = batch.to(tl.int64)
-    dv = tl.arange(0, HEAD.block_dv)
+    dv = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     part_rows = batch * sp[1] + q_head.to(tl.int64) * sp[2] + q_idx.to(tl.int64) * sp[3]
     stat_rows = PartStats + batch * st[1] + q_head.to(tl.int64) * st[2] + q_idx.to(tl.int64) * st[3]
     lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -302,10 +312,10 @@ def _merge_splits_kernel(
     log2_sum = tl.log2(total)
     if rows_saturated(lse, q_ok, literals[5]) | any_nonfinite(out):  # as attend_program_rows' exact pass
         _, _, _, _, acc, m_i, l_i = attend_program_rows(
-            Q, K, V, Mask, Classes, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
+            Q, K, V, Mask, Classes, Sinks, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
             heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, PACK_GQA, True, NUMERICS)
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
-    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD.block_dv)
+    store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD[HEAD_BLOCK_DV])
 
 
 def _forward_configs():
@@ -332,7 +342,7 @@ def tuning_pays(rows_key: int, lk_key: int) -> bool:
 def _prune_forward_configs(configs, named_args, **kwargs):
     """Keep configs whose K/V pipeline fits in shared memory, whose registers do not spill and whose
     rows suit the row count."""
-    rows, block_d, block_dv = named_args["ROWS_KEY"], kwargs["HEAD"].block_d, kwargs["HEAD"].block_dv
+    rows, (block_d, block_dv, _, _) = named_args["ROWS_KEY"], kwargs["HEAD"]
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
@@ -345,10 +355,12 @@ def _prune_forward_configs(configs, named_args, **kwargs):
     return kept if tuning_pays(rows, named_args["LK_KEY"]) else kept[:1]
 
 
-attention_forward_kernel = triton.autotune(_forward_configs(), key=["ROWS_KEY", "LK_KEY", "HEAD", "RULE", "PACK_GQA"],
-                                           prune_configs_by={"early_config_prune": _prune_forward_configs})(
-    _attention_forward_kernel)
-merge_splits_kernel = _merge_splits_kernel
+_STRIDES = {"sq": 4, "sk": 4, "sv": 4, "sm": 4, "sc": 4, "sizes": 6, "literals": 7}
+attention_forward_kernel = autotune(_forward_configs(), key=["ROWS_KEY", "LK_KEY", "HEAD", "RULE", "PACK_GQA"],
+                                    prune_configs_by={"early_config_prune": _prune_forward_configs})(
+    flat_kernel(attention_forward_program, "_attention_forward_kernel", {**_STRIDES, "so": 5, "ss": 4}))
+merge_splits_kernel = flat_kernel(merge_splits_program, "_merge_splits_kernel",
+                                  {**_STRIDES, "so": 4, "ss": 3, "sp": 5, "st": 4})
 
 
 def output_strides(q: torch.Tensor, last_dim: int) -> tuple:

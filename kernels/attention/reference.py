@@ -104,8 +104,8 @@ def _probabilities(q, k, mask, literals: AttentionLiterals, sinks=None):
     """(softmax probabilities, natural lse, reach, passes, tanh of the softcapped scores or None) with K repeated
     over the query heads, in the compute dtype. `reach` (None: everywhere) holds the positions whose values reach
     each row (their probabilities are exactly zero elsewhere), `passes` (None: everywhere) those whose scores get
-    a gradient: reached and, but with "add", not replaced. `sinks` (broadcast to [B, Hq, Lq]) join the softmax
-    as one more score per row that carries no value (gpt-oss); the lse includes them."""
+    a gradient: reached and, but with "add", not replaced. `sinks` [Hq] join each row's softmax as one more score
+    (unscaled, never masked, no value: GPT-OSS's sinks), whose probability is left out."""
     compute = torch.promote_types(q.dtype, torch.float32)
     kf = k.to(compute).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = q.to(compute) @ kf.transpose(-1, -2) * literals.scale
@@ -126,29 +126,28 @@ def _probabilities(q, k, mask, literals: AttentionLiterals, sinks=None):
             seen = ~(added * LOG2E <= -FLT_MAX)  # as the kernels' tile classes: a NaN is seen
             visible = seen if visible is None else visible & seen
     adds = literals.masking == "add"
+
+    def with_sinks(x):
+        if sinks is None:
+            return x
+        return torch.cat([x, sinks.to(compute).view(1, -1, 1, 1).expand(*x.shape[:-1], 1)], dim=-1)
     if shown is not None:
         fill = literals.mask_value
         scores = torch.where(shown, scores, scores + fill) if adds else scores.masked_fill(~shown, fill)
-    if sinks is not None:  # a last column, always visible, dropped after the softmax
-        sink_column = sinks.to(compute).expand(scores.shape[:-1])[..., None]
-        scores = torch.cat([scores, sink_column], dim=-1)
-        shown, visible = (None if m is None else torch.cat([m.expand(*scores.shape[:-1], scores.shape[-1] - 1),
-                                                             torch.ones_like(sink_column, dtype=torch.bool)], -1)
-                          for m in (shown, visible))
     reach = None
     if visible is not None:
-        open_rows = torch.logsumexp(scores, dim=-1, keepdim=True) * LOG2E <= saturation_lse(literals.mask_value,
-                                                                                            literals.masking)
+        open_rows = torch.logsumexp(with_sinks(scores), dim=-1, keepdim=True) * LOG2E <= saturation_lse(
+            literals.mask_value, literals.masking)
         reach = visible | open_rows
         scores = scores.masked_fill(~reach, -math.inf)
-    probs, lse, empty = _softmax(scores, zero_empty_rows=literals.masking == "sdpa")
+    probs, lse, empty = _softmax(with_sinks(scores), zero_empty_rows=literals.masking == "sdpa")
+    if sinks is not None:
+        probs, empty = probs[..., :-1], None
     if reach is not None:
         if empty is not None:  # nothing reaches a row SDPA zeroes
             reach = reach & ~empty
         probs = probs.masked_fill(~reach, 0.0)
     passes = reach if adds or shown is None else (shown if reach is None else reach & shown)
-    if sinks is not None:
-        probs, reach, passes = (None if t is None else t[..., :-1] for t in (probs, reach, passes))
     return probs, lse, reach, passes, tanh
 
 
@@ -176,39 +175,79 @@ def selected_matmul(a: torch.Tensor, b: torch.Tensor, reach: torch.Tensor | None
     return a @ torch.where(finite, b, 0.0) + special
 
 
-def _dropout_scale(probs, dropout_p, generator):
+# Philox4x32-10 as Triton's tl.philox computes it (its round and key constants), so that the reference drops what the
+# kernels drop, from the same seed tensor, on any device and without reading the seed on the host.
+_PHILOX_ROUNDS = 10
+_PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _multiply_32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a·b for a < 2^32 and int64 b in [0, 2^32), in 16-bit parts (no overflow)."""
+    low_part = a * (b & 0xFFFF)
+    upper = a * (b >> 16) + (low_part >> 16)
+    return upper >> 16, ((upper & 0xFFFF) << 16) | (low_part & 0xFFFF)
+
+
+def philox_uniform(seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1): the first output of tl.philox(seed, c0, c1, c2, 0) through
+    tl.uint_to_uniform_float (counters are int64 tensors in [0, 2^32) that broadcast)."""
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+    c3 = torch.zeros_like(c0)
+    for _ in range(_PHILOX_ROUNDS):
+        high_b, low_b = _multiply_32(_PHILOX_MULTIPLIERS[1], c2)
+        high_a, low_a = _multiply_32(_PHILOX_MULTIPLIERS[0], c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _PHILOX_KEY_STEPS[0]) & _LOW32, (k1 + _PHILOX_KEY_STEPS[1]) & _LOW32
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # the bits as int32
+    return torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * 4.6566127342e-10
+
+
+def dropout_uniforms(seed: torch.Tensor, b: int, h: int, lq: int, lk: int) -> torch.Tensor:
+    """[B, H, Lq, Lk] float32 uniforms of the kernels' dropout (tiles.dropout_keep): counters (key, query,
+    batch·H + head)."""
+    device = seed.device
+    stream = torch.arange(b * h, device=device).view(b, h, 1, 1)
+    queries = torch.arange(lq, device=device).view(1, 1, lq, 1)
+    keys = torch.arange(lk, device=device).view(1, 1, 1, lk)
+    return philox_uniform(seed.to(torch.int64), keys, queries, stream).expand(b, h, lq, lk)
+
+
+def _dropout_scale(probs, dropout_p, seed):
     """The factor dropout multiplies the probabilities by (keep / (1 − p)), or None."""
     if dropout_p <= 0:
         return None
-    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return (uniform >= dropout_p).to(probs.dtype) / (1 - dropout_p)
+    uniform = dropout_uniforms(seed.to(probs.device), *probs.shape)
+    keep = uniform >= torch.tensor(dropout_p, dtype=torch.float32, device=probs.device)
+    return keep.to(probs.dtype) / (1 - dropout_p)
 
 
-def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: torch.Generator | None = None,
+def reference_forward(q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None,
                       sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
+    """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype, sinks included);
+    dropout keeps what the kernels keep with this seed tensor."""
     probs, lse, reach, _, _ = _probabilities(q, k, mask, literals, sinks)
-    dropout = _dropout_scale(probs, literals.dropout_p, generator)
+    dropout = _dropout_scale(probs, literals.dropout_p, seed)
     if dropout is not None:
         probs = probs * dropout
     vf = v.to(probs.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out = selected_matmul(probs, vf, reach)
-    if reach is not None and literals.masking != "sdpa":  # a row that reaches nothing: NaN, a softmax over nothing
+    if reach is not None and literals.masking != "sdpa" and sinks is None:  # a softmax over nothing: NaN
         out = out.masked_fill(~reach.any(-1, keepdim=True), math.nan)
     return out.to(q.dtype), lse
 
 
-def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
-                       generator: torch.Generator | None = None, sinks: torch.Tensor | None = None,
-                       mask_grad: bool = False) -> tuple[torch.Tensor, ...]:
+def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None,
+                       sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them (for finite inputs): masked_fill
     passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's formulas,
-    each product formed only where the row reaches the key (the NaN rule above). With mask_grad a fourth:
-    the gradient of the scores a float mask is added to, [B, Hq, Lq, Lk] in the compute dtype."""
+    each product formed only where the row reaches the key (the NaN rule above). With sinks, their gradient
+    comes fourth: −Σ over batch and rows of p(sink)·Δ, Δ = Σ_j p·dP (= dO·O)."""
     group = q.shape[1] // k.shape[1]
-    probs, _, reach, passes, tanh = _probabilities(q, k, mask, literals, sinks)
+    probs, lse, reach, passes, tanh = _probabilities(q, k, mask, literals, sinks)
     compute = probs.dtype
-    dropout = _dropout_scale(probs, literals.dropout_p, generator)
+    dropout = _dropout_scale(probs, literals.dropout_p, seed)
     do = grad_out.to(compute)
     qf = q.to(compute)
     kf = k.to(compute).repeat_interleave(group, dim=1)
@@ -219,12 +258,12 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
     if dropout is not None:
         dp = dp * dropout
     weighted = probs * dp if reach is None else torch.where(reach, probs * dp, 0.0)
-    ds = probs * (dp - weighted.sum(-1, keepdim=True))
-    if passes is not None:
-        ds = ds.masked_fill(~passes, 0.0)
-    dscores = ds
+    delta = weighted.sum(-1, keepdim=True)
+    ds = probs * (dp - delta)
     if tanh is not None:
         ds = ds * (1 - tanh * tanh)
+    if passes is not None:
+        ds = ds.masked_fill(~passes, 0.0)
     dq = selected_matmul(ds, kf, passes) * literals.scale
     dk = selected_matmul(ds.transpose(-1, -2), qf, None if passes is None else passes.transpose(-1, -2)) \
         * literals.scale
@@ -233,10 +272,13 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
         return x.unflatten(1, (k.shape[1], group)).sum(2)
 
     grads = dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
-    return (*grads, dscores) if mask_grad else grads
+    if sinks is None:
+        return grads
+    sink_probs = torch.exp(sinks.to(compute).view(1, -1, 1) - lse)
+    return *grads, -(sink_probs * delta[..., 0]).sum((0, 2)).to(sinks.dtype)
 
 
-def attention_reference(q, k, v, mask, *literals, sinks: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """`fuser::attention` in plain torch (the op's arguments); dropout draws from `generator`."""
-    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), generator, sinks)[0]
+def attention_reference(q, k, v, mask, *literals, seed: torch.Tensor | None = None,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """`fuser::attention` in plain torch (the op's arguments); dropout keeps what the kernels keep with `seed`."""
+    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), seed, sinks)[0]

@@ -26,7 +26,7 @@ would a lone argument: == 1, divisibility by 16):
     strides      one tuple per tensor, in its dimension order
     sizes        (Hq, group, Lq, Lk, D, Dv)
     literals     (pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p, seed)
-and constexpr named tuples, read by attribute (HEAD.block_d): HeadBlocks, ScoreRule, Numerics below.
+and constexpr named tuples, read by attribute (HEAD[HEAD_BLOCK_D]): HeadBlocks, ScoreRule, Numerics below.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import cdiv, interpreting, launch
+from ..runtime import cdiv, flat_kernel, interpreting, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -65,12 +65,27 @@ class ScoreRule(NamedTuple):
     add_mask_value: bool
     softcap: bool
     dropout: bool
+    sinks: bool  # a per-head logit in each row's softmax (attend_rows)
 
 
 class Numerics(NamedTuple):
     """NUMERICS: float32 copies of 16-bit operands (the interpreter), and the dots' input precision."""
     upcast: bool
     dot_precision: str
+
+
+# The kernels take HEAD, RULE and NUMERICS as plain tuples (`as_constexprs`) and read their fields by position:
+# Inductor's generated code spells a launch's constexprs by their repr, where only Python's and Triton's names
+# resolve. The positions, named after the fields:
+HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV = (tl.constexpr(i) for i in range(4))
+RULE_CAUSAL, RULE_WINDOWED, RULE_MASK_KIND, RULE_ADD_MASK_VALUE, RULE_SOFTCAP, RULE_DROPOUT, RULE_SINKS = (
+    tl.constexpr(i) for i in range(7))
+NUMERICS_UPCAST, NUMERICS_DOT_PRECISION = (tl.constexpr(i) for i in range(2))
+
+
+def as_constexprs(constexprs: dict) -> dict:
+    """A launch's constexprs with the records above as plain tuples."""
+    return {name: tuple(value) if isinstance(value, tuple) else value for name, value in constexprs.items()}
 
 
 def class_cell() -> int:
@@ -94,7 +109,7 @@ def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.con
 @triton.jit
 def mma_operand(x, NUMERICS: tl.constexpr):
     """A dot operand; the interpreter's bf16/fp16 arithmetic is wrong: it multiplies float32 copies instead."""
-    if NUMERICS.upcast:
+    if NUMERICS[NUMERICS_UPCAST]:
         return x.to(tl.float32)
     else:
         return x
@@ -166,7 +181,7 @@ def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED:
     """(scores in log2 units, reach, passes, d(softcapped score)/d(scaled score)) of one tile.
 
     q_idx/q_open/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
-    (position, False in a bool mask) become mask_value, or get it added with RULE.add_mask_value; keys
+    (position, False in a bool mask) become mask_value, or get it added with RULE[RULE_ADD_MASK_VALUE]; keys
     past Lk −inf. `passes` is where a gradient reaches the score: not replaced. EXACT passes also follow the
     NaN rule (reference.py): a position is visible unless excluded or hidden by a float mask value
     ≤ −FLT_MAX/log2 e; `reach` holds the visible positions and, in open rows (q_open), every position inside
@@ -175,7 +190,7 @@ def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED:
     """
     pos_offset, window, scale, softcap, mask_value_log2 = literals[0], literals[1], literals[2], literals[3], \
         literals[4]
-    if RULE.softcap:
+    if RULE[RULE_SOFTCAP]:
         t = tanh(qk * (scale / softcap))
         scores = t * (softcap * LOG2E)
         softcap_grad = 1.0 - t * t
@@ -188,19 +203,19 @@ def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED:
         in_range = k_idx < Lk
         keep = in_range
         q_pos = q_idx + pos_offset
-        if RULE.causal:
+        if RULE[RULE_CAUSAL]:
             keep = keep & (k_idx <= q_pos)
-        if RULE.windowed:
+        if RULE[RULE_WINDOWED]:
             keep = keep & (q_pos - k_idx < window)
-        if RULE.mask_kind == 1:
+        if RULE[RULE_MASK_KIND] == 1:
             keep = keep & (tl.load(mask_ptrs, mask=in_range & q_ok, other=1) != 0)
         visible = keep
-        if RULE.mask_kind == 2:
+        if RULE[RULE_MASK_KIND] == 2:
             added = mask_to_log2(tl.load(mask_ptrs, mask=in_range & q_ok, other=0.0).to(tl.float32))
             scores = scores + added
             if EXACT:
                 visible = visible & ~(added <= -FLT_MAX)
-        if RULE.add_mask_value:
+        if RULE[RULE_ADD_MASK_VALUE]:
             scores = tl.where(keep, scores, scores + mask_value_log2)
             keep = in_range
         else:
@@ -259,7 +274,7 @@ def selected_dot(a, b, reach, acc, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
     if EXACT:
         a = tl.where(reach, a, 0.0)
         bad_rows = tl.max(nonfinite(b).to(tl.int32), 1)
-        acc = tl.dot(a, tl.where(bad_rows[:, None] > 0, 0.0, b), acc, input_precision=NUMERICS.dot_precision)
+        acc = tl.dot(a, tl.where(bad_rows[:, None] > 0, 0.0, b), acc, input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
         keys = tl.arange(0, b.shape[0])
         for j in range(b.shape[0]):
             if tl.sum(tl.where(keys == j, bad_rows, 0)) > 0:  # where() selects: other rows' NaN stay out
@@ -268,8 +283,20 @@ def selected_dot(a, b, reach, acc, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
                 b_j = tl.sum(tl.where(keys[:, None] == j, b.to(tl.float32), 0.0), 0)
                 acc = tl.where(reach_j[:, None], acc + a_j[:, None] * b_j[None, :], acc)
     else:
-        acc = tl.dot(a, b, acc, input_precision=NUMERICS.dot_precision)
+        acc = tl.dot(a, b, acc, input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     return acc
+
+
+@triton.jit
+def kernel_literals(literals, Seed, RULE: tl.constexpr):
+    """(pos_offset, window, scale, softcap, mask_value_log2, saturation_lse, dropout_p, seed) from a launch's seven
+    literals and the seed tensor: floats in float32 (Inductor passes Python floats as float64), the dropout seed
+    read on the device (0 without dropout: Seed is then empty)."""
+    seed = 0
+    if RULE[RULE_DROPOUT]:
+        seed = tl.load(Seed)
+    return (literals[0], literals[1], tl.cast(literals[2], tl.float32), tl.cast(literals[3], tl.float32),
+            tl.cast(literals[4], tl.float32), tl.cast(literals[5], tl.float32), tl.cast(literals[6], tl.float32), seed)
 
 
 @triton.jit
@@ -288,7 +315,7 @@ def rows_saturated(lse, row_ok, saturation_lse):
 
 
 @triton.jit
-def _classify_tiles_kernel(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offset, window, CAUSAL: tl.constexpr,
+def classify_tiles_program(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offset, window, CAUSAL: tl.constexpr,
                            WINDOWED: tl.constexpr, IS_BOOL: tl.constexpr, CELL: tl.constexpr):
     n_cell = tl.program_id(0)
     m_cell = tl.program_id(1)
@@ -328,31 +355,30 @@ def _classify_tiles_kernel(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offs
     tl.store(Classes + batch * sc[0] + head * sc[1] + m_cell * sc[2] + n_cell * sc[3], cls.to(tl.int8))
 
 
-def classify_tiles(mask: torch.Tensor, is_bool: bool, lq: int, lk: int, pos_offset: int, causal: bool,
-                   window: int) -> torch.Tensor:
-    """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of an expanded [B, H, Lq, Lk] mask
-    (B', H' are 1 where the mask broadcasts), positions folded in."""
-    cell = class_cell()
-    batches = mask.shape[0] if mask.stride(0) != 0 else 1
-    heads = mask.shape[1] if mask.stride(1) != 0 else 1
-    classes = torch.empty(batches, heads, cdiv(lq, cell), cdiv(lk, cell), dtype=torch.int8,
-                          device=mask.device)
+_classify_tiles_kernel = flat_kernel(classify_tiles_program, "_classify_tiles_kernel", {"sm": 4, "sc": 4})
+
+
+def classify_tiles(mask: torch.Tensor, strides: tuple, heads: tuple[int, int], is_bool: bool, lq: int, lk: int,
+                   pos_offset: int, causal: bool, window: int) -> torch.Tensor:
+    """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of a mask read with `strides` as [B, H, Lq, Lk]
+    (heads = (B, H); B', H' are 1 where the mask broadcasts), positions folded in."""
+    shape = class_map_shape(strides, heads, lq, lk)
+    classes = torch.empty(shape, dtype=torch.int8, device=mask.device)
     if classes.numel() == 0:
         return classes
-    grid = (classes.shape[3], classes.shape[2], batches * heads)
+    grid = (shape[3], shape[2], shape[0] * shape[1])
     launch(_classify_tiles_kernel, grid, ("attention.classify", lq, lk),
-           mask, classes, mask.stride(), classes.stride(), heads, lq, lk, pos_offset, max(window, 0),
-           CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=cell, num_warps=4)
+           mask, classes, *strides, *classes.stride(), shape[1], lq, lk, pos_offset, max(window, 0),
+           CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=class_cell(), num_warps=4)
     return classes
 
 
-def class_map_shape(mask: torch.Tensor | None, lq: int, lk: int) -> tuple[int, ...]:
-    """Shape `classify_tiles` returns for an expanded mask ((0,) without a mask): for fake tensors."""
-    if mask is None:
+def class_map_shape(strides: tuple | None, heads: tuple[int, int], lq: int, lk: int) -> tuple[int, ...]:
+    """Shape `classify_tiles` returns for a mask of these broadcast strides ((0,) without a mask)."""
+    if strides is None:
         return (0,)
     cell = class_cell()
-    return (mask.shape[0] if mask.stride(0) != 0 else 1, mask.shape[1] if mask.stride(1) != 0 else 1,
-            (lq + cell - 1) // cell, (lk + cell - 1) // cell)
+    return (heads[0] if strides[0] != 0 else 1, heads[1] if strides[1] != 0 else 1, cdiv(lq, cell), cdiv(lk, cell))
 
 
 def class_strides(classes: torch.Tensor) -> tuple[int, int, int, int]:

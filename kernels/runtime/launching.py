@@ -5,6 +5,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import linecache
 import math
 import operator
 import threading
@@ -91,6 +92,28 @@ def traced_launches():
         yield
     finally:
         _TRACING.active = previous
+
+
+def flat_kernel(body, name: str, tuples: dict[str, int]):
+    """A kernel `name` running the @triton.jit function `body` with each of its tuple arguments (`tuples`: name ->
+    length) taken as that many scalars, `<name>_0`, `<name>_1`, ...: Inductor's generated code launches kernels of
+    tensors and scalars only (a tuple argument has no type there). The kernel is written as source next to `body`
+    (in its module's globals, its source in linecache), so that Triton and Inductor read it as any other kernel."""
+    parameters, arguments = [], []
+    for arg, parameter in inspect.signature(body.fn).parameters.items():
+        if arg in tuples:
+            spread = [f"{arg}_{i}" for i in range(tuples[arg])]
+            parameters += spread
+            arguments.append(f"({', '.join(spread)},)")
+        else:
+            parameters.append(f"{arg}: tl.constexpr" if "constexpr" in str(parameter.annotation) else arg)
+            arguments.append(arg)
+    source = f"def {name}({', '.join(parameters)}):\n    {body.fn.__name__}({', '.join(arguments)})\n"
+    filename = f"<fuser kernel {body.fn.__module__}.{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = body.fn.__globals__
+    exec(compile(source, filename, "exec"), namespace)
+    return triton.jit(namespace[name])
 
 
 # Launching. Triton's own launch path binds every argument, recomputes its specialization and, for an

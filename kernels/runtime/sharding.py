@@ -27,13 +27,15 @@ class Rows:
 class BatchAndHeads:
     """Tensors [B, H, ...] computed per (batch, head), sharded alike along B or H, as are the outputs. A
     `broadcast` argument (a mask, its tile classes) is sharded with them where it has that dim whole (else
-    replicated), and the `follows` outputs are placed like `broadcast[0]`. A dim is sharded only where every
-    sharded size divides by the mesh's size (a query head h reads KV head h // (Hq // Hkv): shards keep that
-    only then); nothing with `dropout` > 0 (each shard would draw the same random stream)."""
+    replicated), and the `follows` outputs are placed like `broadcast[0]`, the `replicated` ones replicated. A dim
+    is sharded only where every sharded size divides by the mesh's size (a query head h reads KV head
+    h // (Hq // Hkv): shards keep that only then); nothing where an argument of `unsharded_with` is given (a
+    dropout p > 0: each shard would draw the same random stream; sinks: one per head, not [B, H, ...])."""
     args: tuple[int, ...]
     broadcast: tuple[int, ...]
     follows: tuple[int, ...]
-    dropout: int
+    unsharded_with: tuple[int, ...]
+    replicated: tuple[int, ...] = ()
 
 
 def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
@@ -59,7 +61,8 @@ def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
 
     def batch_and_heads(*args):
         replicated = placements(args, lambda i, a: Replicate(), lambda i: Replicate())
-        if args[rule.dropout] > 0:
+        if any(args[i] is not None and (not isinstance(args[i], (int, float)) or args[i] > 0)
+               for i in rule.unsharded_with):
             return [replicated]
         strategies = [replicated]
         size = args[rule.args[0]].mesh.size()
@@ -74,7 +77,7 @@ def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
                     return Shard(d)
                 return Shard(d) if i in rule.broadcast and a.ndim > d and a.shape[d] > 1 else Replicate()
             strategies.append(placements(args, sharded, lambda i, d=d, whole=whole: whole if i in rule.follows
-                                         else Shard(d)))
+                                         else Replicate() if i in rule.replicated else Shard(d)))
         return strategies
 
     register_sharding(op)(rows if isinstance(rule, Rows) else batch_and_heads)
