@@ -35,6 +35,13 @@ class Match:
     bindings: dict[str, Any]
     nodes: list[fx.Node]  # the model's nodes the match covers, in graph order; the last is its output
     resolve: Callable[[fx.Node], Any] | None = None
+    # the nodes whose values the replacement gives, in the order `replace` returns them, where that is not
+    # the output alone (a chain: the buffer its steps write, and the final state); read after the match ends
+    results: tuple[fx.Node, ...] | None = None
+
+    @property
+    def outputs(self) -> tuple[fx.Node, ...]:
+        return self.results if self.results is not None else (self.output,)
 
     @property
     def output(self) -> fx.Node:
@@ -139,18 +146,31 @@ class SearchGraph:
         self.graph = fx.symbolic_trace(search).graph
         canonicalize(self.graph)
         (output,) = [n for n in self.graph.nodes if n.op == "output"]
-        self.output = output.args[0]
+        # a search returning a tuple (a chain's step: next state, output) is matched at its last value;
+        # the others lie inside that match
+        self.returns = tuple(output.args[0]) if isinstance(output.args[0], tuple) else (output.args[0],)
+        self.output = self.returns[-1]
 
     def matches(self, node: fx.Node, failure: _Failure | None = None) -> Iterator[tuple[dict, list[fx.Node]]]:
         """(bindings, covered nodes) for each way the search matches with `node` as its output,
         the ones that cover most first (structural pieces try their largest shape first)."""
+        for bindings, covered, _ in self.ways(node, failure):
+            yield bindings, covered
+
+    def ways(self, node: fx.Node, failure: _Failure | None = None
+             ) -> Iterator[tuple[dict, list[fx.Node], tuple[fx.Node, ...]]]:
+        """`matches`, each with the model's nodes the search's returned values are (its output last)."""
         failure = failure or _Failure()
         names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
         order = {n: i for i, n in enumerate(node.graph.nodes)}
         for state in self._node(self.output, node, _State({}, {}), failure):
+            returned = tuple(state.mapped.get(r) for r in self.returns)
+            if None in returned:  # a returned value outside the walk from the output: not this search's shape
+                continue
             covered = set(state.mapped.values())
             covered |= _writes_into(covered, node, order)
-            yield {name: state.bindings.get(name) for name in names}, sorted(covered, key=order.__getitem__)
+            yield ({name: state.bindings.get(name) for name in names}, sorted(covered, key=order.__getitem__),
+                   returned)
 
     def _node(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
         if p.op == "placeholder":
