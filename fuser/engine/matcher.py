@@ -113,11 +113,24 @@ def _op(p: fx.Node) -> str:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        return a is b
+        return a is b or _same_view(a, b)
     try:
         return type(a) is type(b) and bool(a == b)
     except Exception:
         return False
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    """`k[t]` written twice: two getitem nodes of one tensor at one basic index (no tensor in it) read the same
+    values (a write into the tensor between them is a write into a matched input, which the rewriter refuses)."""
+    def basic(index: Any) -> bool:
+        entries = index if isinstance(index, tuple) else (index,)
+        return all(e is None or e is Ellipsis or type(e) is int or
+                   isinstance(e, slice) and all(type(x) in (int, type(None)) for x in (e.start, e.stop, e.step))
+                   for e in entries)
+    return (isinstance(a, fx.Node) and isinstance(b, fx.Node) and
+            all(n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and not n.kwargs
+                for n in (a, b)) and a.args[0] is b.args[0] and basic(a.args[1]) and a.args[1] == b.args[1])
 
 
 def _literal_equal(pattern_literal: Any, target: Any) -> bool:
