@@ -61,8 +61,18 @@ def assert_rewritten_like_float64(fn, args, count=1):
         assert_close(ours, exact, torch.float32)
 
 
-def test_a_hand_written_loop_forward_and_backward_against_float64():
-    assert_rewritten_like_float64(hand_written, inputs(T=4))
+def concatenated(S, q, k, v, g, beta):
+    """The same loop, outputs unsqueezed and concatenated along time (last dim but one)."""
+    outs = []
+    for t in range(q.shape[0]):
+        S, o = _step(S, q[t], k[t], v[t], g[t], beta[t])
+        outs.append(o.unsqueeze(-2))
+    return torch.cat(outs, dim=2), S
+
+
+@pytest.mark.parametrize("loop", [hand_written, concatenated])
+def test_a_hand_written_loop_forward_and_backward_against_float64(loop):
+    assert_rewritten_like_float64(loop, inputs(T=4))
 
 
 def test_a_single_step_is_a_chain():

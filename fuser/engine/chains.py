@@ -195,6 +195,9 @@ def _collected(outputs: list[fx.Node]) -> tuple[str, int, fx.Node, set[fx.Node]]
                 any(list(o.users) != [stack] for o in outputs):
             return f"the steps' outputs are stacked by {stack.name} with other tensors or arguments"
         return "stack", args["dim"], stack, {stack}
+    unsqueezed = _unsqueezed_for_cat(outputs)
+    if unsqueezed is not None:
+        return unsqueezed
     writes = [_writes(o) for o in outputs]
     if any(w is None for w in writes):
         t = next(i for i, w in enumerate(writes) if w is None)
@@ -217,6 +220,22 @@ def _collected(outputs: list[fx.Node]) -> tuple[str, int, fx.Node, set[fx.Node]]
     if early:
         return f"{early[0].name} reads {buffer.name} while the steps write into it"
     return "setitem", dim, buffer, setitems | {buffer}
+
+
+def _unsqueezed_for_cat(outputs: list[fx.Node]) -> tuple[str, int, fx.Node, set[fx.Node]] | str | None:
+    """`torch.cat([o.unsqueeze(d) for o in outputs], d)`: a stack; None when the outputs are not unsqueezed."""
+    rank = tensor_meta(outputs[0]).dim() + 1 if tensor_meta(outputs[0]) is not None else None
+    views = [next(iter(o.users)) if len(o.users) == 1 else None for o in outputs]
+    if rank is None or not all(v is not None and v.op == "call_method" and v.target == "unsqueeze" and
+                               len(v.args) == 2 and isinstance(v.args[1], int) and len(v.users) == 1 for v in views):
+        return None
+    cat = next(iter(views[0].users))
+    args = arguments(cat, ["tensors", "dim"], {"dim": 0}) if cat.target is torch.cat else None
+    dims = {v.args[1] % rank for v in views}
+    if args is None or list(args["tensors"]) != views or not isinstance(args["dim"], int) or \
+            dims != {args["dim"] % rank}:
+        return f"the steps' outputs are unsqueezed and joined by {cat.name} with other tensors or along another dim"
+    return "stack", args["dim"], cat, {cat, *views}
 
 
 def _show(bound: Any) -> str:

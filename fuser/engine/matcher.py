@@ -177,7 +177,7 @@ class SearchGraph:
         names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
         order = {n: i for i, n in enumerate(node.graph.nodes)}
         for state in self._node(self.output, node, _State({}, {}), failure):
-            returned = tuple(state.mapped.get(r) for r in self.returns)
+            returned = tuple(state.mapped.get(r) for r in self.returns[:-1]) + (node,)
             if None in returned:  # a returned value outside the walk from the output: not this search's shape
                 continue
             covered = set(state.mapped.values())
