@@ -70,7 +70,18 @@ def concatenated(S, q, k, v, g, beta):
     return torch.cat(outs, dim=2), S
 
 
-@pytest.mark.parametrize("loop", [hand_written, concatenated])
+def reused(S, q, k, v, g, beta):
+    """A loop body that computes k_t[..., None] once and reads it twice."""
+    outs = []
+    for t in range(q.shape[0]):
+        column = k[t][..., None]
+        S = S * g[t].exp()[..., None, None]
+        S = S + column * ((v[t] - (S * column).sum(-2)) * beta[t][..., None])[..., None, :]
+        outs.append((S * q[t][..., None]).sum(-2))
+    return torch.stack(outs), S
+
+
+@pytest.mark.parametrize("loop", [hand_written, concatenated, reused])
 def test_a_hand_written_loop_forward_and_backward_against_float64(loop):
     assert_rewritten_like_float64(loop, inputs(T=4))
 

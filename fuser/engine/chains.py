@@ -99,7 +99,7 @@ def _writes(output: fx.Node) -> tuple[fx.Node, fx.Node, int, int] | None:
 
 def _steps(pattern: Pattern, search: Search, roots: list[fx.Node], claimed: set[fx.Node],
            attempts: list[_Failure]) -> list[_Step]:
-    graph = search_graph(search.function)
+    graph = search_graph(search.function, merge_duplicates=True)
     found = []
     for root in roots:
         if root in claimed or root.op != "call_function" and root.op != "call_method":

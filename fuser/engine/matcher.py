@@ -154,10 +154,12 @@ def _writes_into(covered: set[fx.Node], output: fx.Node, order: dict) -> set[fx.
 class SearchGraph:
     """A search function traced and canonicalized, ready to match at any node."""
 
-    def __init__(self, search: Callable):
-        self.search = search
+    def __init__(self, search: Callable, merge_duplicates: bool = False):
+        self.search, self.merge_duplicates = search, merge_duplicates
         self.graph = fx.symbolic_trace(search).graph
         canonicalize(self.graph)
+        if merge_duplicates:
+            _merge_duplicates(self.graph)
         (output,) = [n for n in self.graph.nodes if n.op == "output"]
         # a search returning a tuple (a chain's step: next state, output) is matched at its last value;
         # the others lie inside that match
@@ -212,6 +214,8 @@ class SearchGraph:
         if p in state.mapped:
             if state.mapped[p] is t:
                 yield state
+            elif self.merge_duplicates and _duplicate(state.mapped[p], t) and t not in state.mapped.values():
+                yield state.map((p, "again", t), t)  # the same value computed twice (`k[..., None]` written twice)
             return
         if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
             failure.note(state, f"expected {_op(p)}, found {_describe(t)}")
@@ -249,10 +253,42 @@ class SearchGraph:
             failure.note(state, f"expected {p!r}, found {_describe(t)}")
 
 
+def _duplicate(a: fx.Node, b: Any) -> bool:
+    """Two nodes computing one value: the same pure op on arguments that are the same values."""
+    return (isinstance(b, fx.Node) and a.op == b.op and a.op in ("call_function", "call_method") and
+            a.target == b.target and not written(a) and not written(b) and
+            _equivalent(a.args, b.args) and _equivalent(a.kwargs, b.kwargs))
+
+
+def _equivalent(a: Any, b: Any) -> bool:
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        return a is b or _same_view(a, b) or _duplicate(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equivalent(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equivalent(a[k], b[k]) for k in a)
+    return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and _same(a, b)
+
+
+def _merge_duplicates(graph: fx.Graph) -> None:
+    """One node per value in a search graph: a loop body may compute `k[..., None]` once or at each use, and the
+    matcher then takes a model node computed twice as one (`_duplicate`)."""
+    seen: dict = {}
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        key = (node.op, node.target, repr((node.args, node.kwargs)))
+        if key in seen and seen[key].args == node.args and seen[key].kwargs == node.kwargs:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen.setdefault(key, node)
+
+
 @functools.lru_cache(maxsize=None)
-def search_graph(search: Callable) -> SearchGraph:
-    """Each search function is traced once per process."""
-    return SearchGraph(search)
+def search_graph(search: Callable, merge_duplicates: bool = False) -> SearchGraph:
+    """Each search function is traced once per process (chains' steps with duplicate values merged)."""
+    return SearchGraph(search, merge_duplicates)
 
 
 def find_all(pattern: Pattern, search: Search, node: fx.Node, failure: _Failure | None = None,
