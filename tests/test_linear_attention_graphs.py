@@ -198,3 +198,10 @@ def test_explain_reports_the_chain():
 def test_the_fuzzer_draws_loops():
     result = fuser.fuzz("linear_attention", max_examples=4, seed=1)
     assert result.ok, str(result)
+
+
+def test_fuzzing_a_loop_as_a_model_checks_every_result():
+    """`fuser.fuzz(fn, *inputs)`: the chain's outputs and final state, and the gradients of every input."""
+    result = fuser.fuzz(hand_written, *inputs(T=3), max_examples=3, seed=0)
+    assert result.ok, str(result)
+    assert {"out", "dq", "dk", "dv", "dg", "dbeta", "dstate"} <= {k.split(".")[-1] for k in result.worst_error}

@@ -192,8 +192,10 @@ class SearchGraph:
             bound = state.bindings.get(p.target, _State)
             if bound is _State:
                 yield state.bind(p.target, t)
-            elif _same(bound, t):
+            elif bound is t or not isinstance(t, fx.Node) and _same(bound, t):
                 yield state
+            elif _same(bound, t):  # the same view read twice: the second is covered too (it has no other use)
+                yield state.map((p, "again", t), t)
             else:
                 failure.note(state, f"{p.target} bound to {_describe(bound)} and {_describe(t)}")
             return
@@ -214,8 +216,12 @@ class SearchGraph:
         if p in state.mapped:
             if state.mapped[p] is t:
                 yield state
-            elif self.merge_duplicates and _duplicate(state.mapped[p], t) and t not in state.mapped.values():
-                yield state.map((p, "again", t), t)  # the same value computed twice (`k[..., None]` written twice)
+            elif self.merge_duplicates and t not in state.mapped.values():
+                copies = _copies(state.mapped[p], t)  # the same value computed twice (`k[..., None]` written twice)
+                if copies is not None:
+                    for copy in copies:
+                        state = state.map((p, "again", copy), copy)
+                    yield state
             return
         if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
             failure.note(state, f"expected {_op(p)}, found {_describe(t)}")
@@ -253,26 +259,37 @@ class SearchGraph:
             failure.note(state, f"expected {p!r}, found {_describe(t)}")
 
 
-def _duplicate(a: fx.Node, b: Any) -> bool:
-    """Two nodes computing one value: the same pure op on arguments that are the same values."""
-    return (isinstance(b, fx.Node) and a.op == b.op and a.op in ("call_function", "call_method") and
-            a.target == b.target and not written(a) and not written(b) and
-            _equivalent(a.args, b.args) and _equivalent(a.kwargs, b.kwargs))
-
-
-def _equivalent(a: Any, b: Any) -> bool:
+def _copies(a: Any, b: Any) -> list[fx.Node] | None:
+    """The nodes of `b` that recompute a node of `a` (`b` itself first), where `b` computes the value `a` does
+    (the same node, the same view, the same pure op on such arguments); None where it may not."""
     if isinstance(a, fx.Node) and isinstance(b, fx.Node):
-        return a is b or _same_view(a, b) or _duplicate(a, b)
+        if a is b:
+            return []
+        if _same_view(a, b):
+            return [b]
+        if a.op != b.op or a.op not in ("call_function", "call_method") or a.target != b.target or \
+                written(a) or written(b):
+            return None
+        inner = _copies((a.args, a.kwargs), (b.args, b.kwargs))
+        return None if inner is None else [b, *inner]
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equivalent(x, y) for x, y in zip(a, b))
+        if type(a) is not type(b) or len(a) != len(b):
+            return None
+        found = []
+        for x, y in zip(a, b):
+            inner = _copies(x, y)
+            if inner is None:
+                return None
+            found += inner
+        return found
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equivalent(a[k], b[k]) for k in a)
-    return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and _same(a, b)
+        return _copies(list(a.items()), list(b.items())) if a.keys() == b.keys() else None
+    return [] if not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and _same(a, b) else None
 
 
 def _merge_duplicates(graph: fx.Graph) -> None:
     """One node per value in a search graph: a loop body may compute `k[..., None]` once or at each use, and the
-    matcher then takes a model node computed twice as one (`_duplicate`)."""
+    matcher then takes a model node computed twice as one (`_copies`)."""
     seen: dict = {}
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
