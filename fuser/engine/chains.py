@@ -161,7 +161,7 @@ def _read(pattern: Pattern, search: Search, run: list[_Step]) -> Match | str:
                 base, dim, start_here = found
                 start = start_here if start is None else start
                 if start_here != start:
-                    return f"step 0 reads {name} at position {start_here}, the others at {start}"
+                    return f"step 0 reads {name} at position {start_here} and {chain.sliced[0]} at {start}"
             elif found != (base, dim, start + t):
                 return (f"step {t} reads {name} at {found[0].name}[dim {found[1]}: {found[2]}], not "
                         f"{base.name}[dim {dim}: {start + t}] (the steps read consecutive positions of one tensor)")
