@@ -1,36 +1,70 @@
-"""`fuser::gated_delta_rule` on the GPU: bf16 checks against float64, then the forward against transformers'
-torch fallback and the decode step's bandwidth against a copy.
+"""`fuser::gated_delta_rule` on the GPU: quick checks against float64, then timings against transformers' torch
+fallback (eager and torch.compile), flash-linear-attention when importable, and a whole Qwen3-Next-shaped model.
 
-    python benchmarks/bench_gated_delta.py [--compile]
+    python benchmarks/bench_gated_delta.py [--parts checks ops decode model] [--budget-s 300]
+                                           [--full-checks] [--out DIR] [--smoke]
+    python benchmarks/bench_gated_delta.py --parts compiled      (a call of its own: compiling takes minutes)
 
-1. Checks (bf16 and fp32 inputs, against the chunkwise reference in float64, itself tested equal to the
-   per-token recurrence): decode-sized calls (recurrent kernel), prefill across chunk edges, GQA (value heads
-   twice the key heads), l2norm on and off, initial states; the Triton backward at one shape.
-2. Forward, and forward + backward, at B1 T4096 and B8 T2048, 16 heads, head dim 128, bf16, l2norm (Qwen3-Next's
-   call): ours against transformers' `torch_chunk_gated_delta_rule` in eager (and its forward under
-   torch.compile with --compile: the fallback's loop over chunks unrolls, so compiling takes a while).
-3. Decode: one token, B32, 16 key / 32 value heads, head dim 128 (Qwen3-Next's shapes): the state's read and
-   write in TB/s against `copy_` of a tensor of the state's size, measured in the same run.
-4. Where our time goes: the CUDA kernels of one forward + backward at B1 T4096 (torch.profiler).
-Times are triton.testing.do_bench medians (ms).
+Parts, in the order given, each started only while `--budget-s` allows (what was left out is said at the end):
+- checks: bf16 and fp32 against the chunkwise reference in float64 (itself tested equal to the per-token
+  recurrence): decode-sized calls, prefill across chunk edges, GQA, l2norm on and off, initial states, the
+  Triton backward at one shape (`--full-checks`: the long set of the first GPU call, > 200 s).
+- ops: B1 T4096 and B8 T2048, 16 heads, head dim 128, bf16, l2norm (Qwen3-Next's call): forward, and forward +
+  backward, ours against transformers' `torch_chunk_gated_delta_rule` in eager and fla's `chunk_gated_delta_rule`.
+- decode: one token, B32, 16 key / 32 value heads, head dim 128: ours, transformers' recurrent fallback eager and
+  compiled, fla's `fused_recurrent_gated_delta_rule`; the state's read and write in TB/s against a copy.
+- model: a Qwen3-Next-shaped model (4 layers, 3 gated delta net + 1 attention, hidden 2048, its real head counts,
+  16 experts instead of 512), prefill 4×2048 forward and a training step, through the public API: transformers
+  as it runs here (its torch fallback, or fla where transformers finds it) against `fuser.convert(model)`;
+  and a cached decode step under torch.compile, plain and backend="fuser" (counts of fused layers printed).
+- compiled: transformers' chunk fallback under plain torch.compile at B1 T4096 (its loop over chunks unrolls:
+  compiling takes minutes; the compile time is printed).
+Times are triton.testing.do_bench medians (ms). A table comes last; the log goes to `--out` (default $OUT).
+`--smoke` runs every part on CPU through the Triton interpreter at toy sizes, to catch mistakes for free.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import sys
+import time
 
-import torch
-import triton
-from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fuser  # noqa: F401  (registers torch.ops.fuser.*)
-from fuser.kernels.gated_delta import chunked_reference
-from fuser.numerics.contract import numerics_error, tolerance
+import torch  # noqa: E402
+import triton  # noqa: E402
+from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next  # noqa: E402
 
-DEVICE = "cuda"
+import fuser  # noqa: E402
+from fuser.kernels.gated_delta import chunked_reference  # noqa: E402
+from fuser.numerics.contract import numerics_error, tolerance  # noqa: E402
+
+DEVICE = "cpu" if SMOKE else "cuda"
+CHUNK = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__
+RECURRENT = qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__
+# (batch, length) of the op rows, decode batch, model (batch, length), head dim: toy sizes under --smoke
+OP_SIZES = ((1, 40), (2, 24)) if SMOKE else ((1, 4096), (8, 2048))
+DECODE_BATCH, MODEL_SIZE, D = (2, (1, 24), 16) if SMOKE else (32, (4, 2048), 128)
+LOG: list[str] = []
+ROWS: list[str] = []
 
 
-def log(*parts):
-    print(*parts, flush=True)
+def log(line: str = "") -> None:
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def fla_functions():
+    """fla's (chunk, fused recurrent) gated delta functions, or None when flash-linear-attention is not importable."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except Exception as error:  # not installed, or built for another torch
+        log(f"flash-linear-attention not importable ({type(error).__name__}: {error}): no fla rows")
+        return None
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 
 def inputs(batch, length, heads_k, heads_v, dk, dv, dtype, initial=False, seed=0):
@@ -46,7 +80,7 @@ def inputs(batch, length, heads_k, heads_v, dk, dv, dtype, initial=False, seed=0
             randn(batch, length, heads_v, dv).to(dtype), g, beta, state)
 
 
-def check(name, args, l2norm, dtype):
+def check(name, args, l2norm, dtype) -> bool:
     q, k, v, g, beta, state = args
     scale = q.shape[-1] ** -0.5
     if not l2norm:
@@ -61,8 +95,8 @@ def check(name, args, l2norm, dtype):
     return ok
 
 
-def check_backward():
-    args = inputs(1, 300, 2, 4, 64, 64, torch.bfloat16, initial=True)
+def check_backward() -> bool:
+    args = inputs(1, 40 if SMOKE else 300, 2, 4, D // 2, D // 2, torch.bfloat16, initial=True)
     leaves = [t.detach().requires_grad_() for t in args]
     out, final = torch.ops.fuser.gated_delta_rule(*leaves, 0.125, True)
     (out.float().square().sum() + final.sum()).backward()
@@ -71,28 +105,34 @@ def check_backward():
     (out64.square().sum() + final64.sum()).backward()
     errors = [numerics_error(a.grad, b.grad) for a, b in zip(leaves, leaves64)]
     ok = all(e <= tolerance(torch.bfloat16) for e in errors)
-    log(f"  {'ok  ' if ok else 'FAIL'} backward B1 T300 2/4 heads D64: dq dk dv dg dbeta dstate "
-        + " ".join(f"{e:.1e}" for e in errors))
+    log(f"  {'ok  ' if ok else 'FAIL'} backward 2/4 heads: dq dk dv dg dbeta dstate " + " ".join(f"{e:.1e}" for e in errors))
     return ok
 
 
-def checks() -> bool:
+def checks(full: bool) -> bool:
     log("checks against float64:")
+    lengths = (1, 7, 16, 17, 64, 200, 1000) if full else ((1, 17, 70) if SMOKE else (1, 17, 200))
+    cases = [(dtype, length) for dtype in (torch.bfloat16, torch.float32) for length in lengths] if full else \
+        [(torch.bfloat16, length) for length in lengths] + [(torch.float32, lengths[-1])]
     results = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for length in (1, 7, 16, 17, 64, 200, 1000):
-            for l2norm, initial, heads in ((True, False, (16, 16)), (True, True, (4, 8)), (False, True, (2, 2))):
-                name = f"{str(dtype)[6:]} T{length} heads {heads[0]}/{heads[1]} l2norm={l2norm} initial={initial}"
-                results.append(check(name, inputs(2, length, *heads, 128, 128, dtype, initial), l2norm, dtype))
+    for dtype, length in cases:
+        for l2norm, initial, heads in ((True, False, (16, 16)), (True, True, (4, 8)), (False, True, (2, 2))):
+            name = f"{str(dtype)[6:]} T{length} heads {heads[0]}/{heads[1]} l2norm={l2norm} initial={initial}"
+            results.append(check(name, inputs(2, length, *heads, D, D, dtype, initial), l2norm, dtype))
     results.append(check_backward())
+    log(f"checks: {'all passed' if all(results) else 'FAILURES above'}")
     return all(results)
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50)
+    if SMOKE:
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
+    return triton.testing.do_bench(fn, warmup=5, rep=40)
 
 
-def train_step(function, args) -> callable:
+def train_step(function, args):
     leaves = [t.detach().requires_grad_() for t in args]
 
     def step():
@@ -101,82 +141,158 @@ def train_step(function, args) -> callable:
     return step
 
 
-def forward_table(compile_fallback: bool) -> list[tuple]:
-    rows = []
-    fallback = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__
-    compiled = torch.compile(fallback) if compile_fallback else None
-    for batch, length in ((1, 4096), (8, 2048)):
-        q, k, v, g, beta, _ = inputs(batch, length, 16, 16, 128, 128, torch.bfloat16)
-
-        def ours():
-            return torch.ops.fuser.gated_delta_rule(q, k, v, g, beta, None, 128 ** -0.5, True)
-
-        def theirs(function=fallback):
-            return function(q, k, v, g, beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
-        with torch.no_grad():
-            t_ours, t_eager = bench(ours), bench(theirs)
-            t_compiled = bench(lambda: theirs(compiled)) if compiled is not None else float("nan")
-        t_train = bench(train_step(lambda *a: torch.ops.fuser.gated_delta_rule(*a, None, 128 ** -0.5, True),
-                                   (q, k, v, g, beta)))
-        t_train_eager = bench(train_step(lambda *a: fallback(*a, output_final_state=True,
-                                                             use_qk_l2norm_in_kernel=True), (q, k, v, g, beta)))
-        name = f"B{batch} T{length} H16 D128"
-        rows.append((name, t_ours, t_eager, t_compiled, t_train, t_train_eager))
-        log(f"  {name}: fuser {t_ours:.3f} ms, fallback eager {t_eager:.3f} ms ({t_eager / t_ours:.1f}x), "
-            f"compiled {t_compiled:.3f} ms; fwd+bwd fuser {t_train:.3f} ms, fallback {t_train_eager:.3f} ms")
-    return rows
+def ours_call(q, k, v, g, beta, state=None):
+    return torch.ops.fuser.gated_delta_rule(q, k, v, g, beta, state, q.shape[-1] ** -0.5, True)
 
 
-def decode_row() -> tuple:
-    batch, heads_k, heads_v, d = 32, 16, 32, 128
-    q, k, v, g, beta, state = inputs(batch, 1, heads_k, heads_v, d, d, torch.bfloat16, initial=True)
+def ops_part(fla) -> None:
+    log("ops (bf16, l2norm, 16 heads):")
+    for batch, length in OP_SIZES:
+        args = inputs(batch, length, 16, 16, D, D, torch.bfloat16)[:5]
+        peers = {"fuser": ours_call,
+                 "fallback eager": lambda *a: CHUNK(*a, output_final_state=True, use_qk_l2norm_in_kernel=True)}
+        if fla is not None:
+            peers["fla"] = lambda *a: fla[0](*a, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        name = f"B{batch} T{length} H16 D{D}"
+        for peer, function in peers.items():
+            with torch.no_grad():
+                forward = bench(lambda: function(*args))
+            train = bench(train_step(function, args))
+            log(f"  {name} {peer}: forward {forward:.3f} ms, fwd+bwd {train:.3f} ms")
+            ROWS.append(f"| {name} | {peer} | {forward:.3f} | {train:.3f} |")
+
+
+def decode_part(fla) -> None:
+    log("decode (one token, bf16, l2norm):")
+    q, k, v, g, beta, state = inputs(DECODE_BATCH, 1, 16, 32, D, D, torch.bfloat16, initial=True)
+    compiled = torch.compile(RECURRENT)
+    peers = {"fuser": lambda: ours_call(q, k, v, g, beta, state),
+             "fallback eager": lambda: RECURRENT(q, k, v, g, beta, state, True, True),
+             "fallback compiled": lambda: compiled(q, k, v, g, beta, state, True, True)}
+    if fla is not None:  # with key heads repeated per value head, as transformers calls it
+        q2, k2 = (x.repeat_interleave(2, dim=2) for x in (q, k))
+        peers["fla"] = lambda: fla[1](q2, k2, v, g, beta, initial_state=state, output_final_state=True,
+                                      use_qk_l2norm_in_kernel=True)
+    copy_target = torch.empty_like(state)
     with torch.no_grad():
-        t_ours = bench(lambda: torch.ops.fuser.gated_delta_rule(q, k, v, g, beta, state, d ** -0.5, True))
-        t_theirs = bench(lambda: qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__(
-            q, k, v, g, beta, state, True, True))
-        copy_target = torch.empty_like(state)
+        times = {peer: bench(function) for peer, function in peers.items()}
         t_copy = bench(lambda: copy_target.copy_(state))
     moved = 2 * state.numel() * state.element_size()  # the state read and written (q, k, v are ~1% of it)
-    tbps, copy_tbps = moved / t_ours / 1e9, moved / t_copy / 1e9
-    log(f"  decode B{batch} {heads_k}/{heads_v} heads D{d}: fuser {t_ours * 1e3:.1f} us ({tbps:.2f} TB/s, "
-        f"{100 * tbps / copy_tbps:.0f}% of copy {copy_tbps:.2f} TB/s), fallback {t_theirs * 1e3:.1f} us")
-    return t_ours, t_theirs, tbps, copy_tbps
+    copy_tbps = moved / t_copy / 1e9
+    for peer, t in times.items():
+        tbps = moved / t / 1e9
+        log(f"  decode B{DECODE_BATCH} 16/32 heads D{D} {peer}: {t * 1e3:.1f} us, state {tbps:.2f} TB/s "
+            f"({100 * tbps / copy_tbps:.0f}% of copy {copy_tbps:.2f} TB/s)")
+        ROWS.append(f"| decode B{DECODE_BATCH} 16/32 heads D{D} | {peer} | {t:.4f} | {100 * tbps / copy_tbps:.0f}% of copy |")
 
 
-def kernel_breakdown():
-    """The profiler's CUDA time per kernel of one forward + backward (ours, B1 T4096 H16 D128 bf16)."""
-    q, k, v, g, beta, _ = inputs(1, 4096, 16, 16, 128, 128, torch.bfloat16)
-    step = train_step(lambda *a: torch.ops.fuser.gated_delta_rule(*a, None, 128 ** -0.5, True), (q, k, v, g, beta))
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        step()
-        torch.cuda.synchronize()
-    log(profile.key_averages().table(sort_by="device_time_total", row_limit=12))
+def qwen3_next_model() -> torch.nn.Module:
+    """4 layers (3 gated delta net, 1 attention) at Qwen3-Next-80B's widths and head counts, 16 experts."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    small = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                 linear_value_head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    real = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5120, num_attention_heads=16,
+                num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                linear_key_head_dim=128, linear_value_head_dim=128, moe_intermediate_size=512,
+                shared_expert_intermediate_size=512)
+    config = Qwen3NextConfig(**(small if SMOKE else real), num_hidden_layers=4,
+                             layer_types=["linear_attention"] * 3 + ["full_attention"], linear_conv_kernel_dim=4,
+                             num_experts=16, num_experts_per_tok=4, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return Qwen3NextForCausalLM(config).to(DEVICE, torch.float32 if SMOKE else torch.bfloat16)
+
+
+def model_part() -> None:
+    from transformers import DynamicCache
+    model = qwen3_next_model()
+    batch, length = MODEL_SIZE
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device=DEVICE)
+    log(f"model: fuser.convert fuses {fuser.convert(copy.deepcopy(model), dry_run=True).counts()}")
+    converted = fuser.convert(copy.deepcopy(model))
+    for name, m in (("transformers", model), ("fuser.convert", converted)):
+        with torch.no_grad():
+            logits = m(ids).logits
+            forward = bench(lambda: m(ids))
+
+        def step():
+            m.zero_grad(set_to_none=True)
+            m(ids).logits.float().square().mean().backward()
+        train = bench(step)
+        if name == "transformers":
+            exact = logits.float()
+        error = numerics_error(logits.float(), exact)
+        log(f"  prefill {batch}x{length} {name}: forward {forward:.2f} ms, training step {train:.2f} ms, "
+            f"logits vs transformers {error:.1e}")
+        ROWS.append(f"| Qwen3-Next-shaped 4 layers prefill {batch}x{length} | {name} | {forward:.2f} | {train:.2f} |")
+    step_ids = ids[:, -1:]
+    for name, options in (("plain torch.compile", None), ('backend="fuser"', {})):
+        torch._dynamo.reset()
+        fuser.reset_reports()
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :-1], past_key_values=cache, use_cache=True)
+            fast = torch.compile(model) if options is None else \
+                torch.compile(model, backend="fuser", options={"codegen": "eager"} if SMOKE else None)
+            started = time.perf_counter()
+            fast(step_ids, past_key_values=copy.deepcopy(cache), use_cache=True)
+            compile_s = time.perf_counter() - started
+            t = bench(lambda: fast(step_ids, past_key_values=copy.deepcopy(cache), use_cache=True))
+            t_copy = bench(lambda: copy.deepcopy(cache))
+        counts = fuser.last_report().counts() if options is not None else ""
+        log(f"  decode step B{batch} {name}: {t - t_copy:.3f} ms (the cache's copy taken off), first call {compile_s:.0f} s"
+            f" {counts}")
+        ROWS.append(f"| Qwen3-Next-shaped 4 layers decode B{batch} | {name} | {t - t_copy:.3f} | |")
+
+
+def compiled_part() -> None:
+    batch, length = OP_SIZES[0]
+    args = inputs(batch, length, 16, 16, D, D, torch.bfloat16)[:5]
+    compiled = torch.compile(CHUNK)
+    with torch.no_grad():
+        started = time.perf_counter()
+        compiled(*args, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        compile_s = time.perf_counter() - started
+        t = bench(lambda: compiled(*args, output_final_state=True, use_qk_l2norm_in_kernel=True))
+    log(f"  B{batch} T{length} fallback under torch.compile: forward {t:.3f} ms (compiling took {compile_s:.0f} s)")
+    ROWS.append(f"| B{batch} T{length} H16 D{D} | fallback compiled | {t:.3f} | |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compile", action="store_true", help="also time the fallback under torch.compile")
-    options = parser.parse_args()
-    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    passed = checks()
-    log("forward:")
-    rows = forward_table(options.compile)
-    log("decode:")
-    decode = decode_row()
-    log("kernels of one forward + backward, B1 T4096:")
-    kernel_breakdown()
-    log("\n| case | fuser ms | fallback eager ms | speedup | fallback compiled ms | fwd+bwd fuser ms | "
-        "fwd+bwd fallback ms | speedup |")
-    log("|---|---|---|---|---|---|---|---|")
-    for name, ours, eager, compiled, train, train_eager in rows:
-        log(f"| {name} | {ours:.3f} | {eager:.3f} | {eager / ours:.1f}x | {compiled:.3f} | {train:.3f} | "
-            f"{train_eager:.3f} | {train_eager / train:.1f}x |")
-    t_ours, t_theirs, tbps, copy_tbps = decode
-    log(f"| decode B32 16/32 heads D128 | {t_ours:.4f} | {t_theirs:.4f} | {t_theirs / t_ours:.1f}x | "
-        f"{tbps:.2f} TB/s = {100 * tbps / copy_tbps:.0f}% of copy ({copy_tbps:.2f}) | | | |")
-    log(f"checks: {'all passed' if passed else 'FAILURES above'}")
+    parser.add_argument("--parts", nargs="+", default=["checks", "ops", "decode", "model"],
+                        choices=["checks", "ops", "decode", "model", "compiled"])
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no part after this many seconds")
+    parser.add_argument("--full-checks", action="store_true", help="the long check set (> 200 s on an H200)")
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    log(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (smoke)'}, torch {torch.__version__}, "
+        f"triton {triton.__version__}")
+    fla = fla_functions() if {"ops", "decode"} & set(args.parts) else None
+    parts = {"checks": lambda: checks(args.full_checks), "ops": lambda: ops_part(fla),
+             "decode": lambda: decode_part(fla), "model": model_part, "compiled": compiled_part}
+    skipped = []
+    for name in args.parts:
+        if time.perf_counter() - started > args.budget_s:
+            skipped.append(name)
+            continue
+        part_started = time.perf_counter()
+        try:
+            parts[name]()
+        except Exception as error:  # one part's failure leaves the others their time
+            log(f"part {name} failed: {type(error).__name__}: {error}")
+        log(f"({name}: {time.perf_counter() - part_started:.0f} s)")
+    log("\n| case | impl | forward ms | fwd+bwd ms |\n|---|---|---|---|")
+    for row in ROWS:
+        log(row)
+    if skipped:
+        log(f"not run (over --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_gated_delta.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
 
 
 if __name__ == "__main__":

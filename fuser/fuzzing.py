@@ -414,13 +414,13 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
                 for node in site.outside}
 
     def original(leaves: list[Leaf]) -> tuple[torch.Tensor, torch.Tensor]:
-        return (run_nodes(m.nodes, inputs_for(leaves, "ref"), float64=True),
-                run_nodes(m.nodes, inputs_for(leaves, "plain")))
+        return (joined(m, run_nodes(m.nodes, inputs_for(leaves, "ref"), float64=True, results=m.results)),
+                joined(m, run_nodes(m.nodes, inputs_for(leaves, "plain"), results=m.results)))
 
     ours = inputs_for(leaves, "ours")
     m.resolve = lambda node: ours[node] if node in ours else values[node]
     try:
-        out = m.pattern.replace(m)
+        out = joined(m, m.pattern.replace(m))
     finally:
         m.resolve = None
     return _contract_errors(out, leaves, original, functools.partial(_neighbours, named, grads, constants),
@@ -435,6 +435,12 @@ def _argument_names(model: Callable) -> dict[int, str]:
     except (TypeError, ValueError):
         return {}
     return {i: p.name for i, p in enumerate(parameters) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def joined(m: Match, result: Any) -> torch.Tensor:
+    """A site's result as one tensor: a match with several results (a chain's outputs and final state) gives them
+    flattened end to end, so that one comparison and one gradient cover all."""
+    return result if m.results is None else torch.cat([r.flatten() for r in result])
 
 
 def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, seed: int, grads: bool) -> FuzzResult:

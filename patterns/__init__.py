@@ -1,10 +1,11 @@
-"""The pattern library, in match order (the larger first): attention (it contains a softmax) → MoE router with
-its experts → MoE experts → norms → softmax."""
+"""The pattern library, in match order (the larger first): attention (it contains a softmax) → linear attention
+(chains of gated delta steps) → MoE router with its experts → MoE experts → norms → softmax."""
 from fuser.patterns.attention import ATTENTION
 from fuser.patterns.base import Pattern
+from fuser.patterns.linear_attention import LINEAR_ATTENTION
 from fuser.patterns.moe import MOE, MOE_ROUTER
 from fuser.patterns.norms import RMS_NORM
 from fuser.patterns.softmax import SOFTMAX
 
-PATTERNS: tuple[Pattern, ...] = (ATTENTION, MOE_ROUTER, MOE, RMS_NORM, SOFTMAX)
+PATTERNS: tuple[Pattern, ...] = (ATTENTION, LINEAR_ATTENTION, MOE_ROUTER, MOE, RMS_NORM, SOFTMAX)
 BY_NAME = {p.name: p for p in PATTERNS}

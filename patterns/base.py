@@ -79,6 +79,18 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Chain:
+    """A search function that is one step of a loop Dynamo unrolled: `step(state, *inputs) -> (next state,
+    output)`. The engine matches the steps along the threaded `state` (the first step's is the chain's initial
+    state); each parameter in `sliced` reads position t of one base tensor along one dim at step t
+    (consecutive positions); the others must bind the same thing in every step. The steps' outputs are
+    written into one buffer at consecutive positions (`out[:, :, t] = o`) or stacked (`torch.stack(outs, d)`).
+    The match binds `state` and each sliced name to the base tensor, and `chain` to a `ChainReading`."""
+    state: str
+    sliced: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Search:
     """One spelling of a family, as a row of the pattern's table (Inductor's fuse_attention keeps rows of
     search, replacement, example inputs, extra check the same way):
@@ -87,11 +99,13 @@ class Search:
     - examples: () -> a hypothesis strategy of `Example`s whose code holds this spelling (shared by the
       tests and `fuser.fuzz`, so every spelling the engine rewrites is proved);
     - read: match -> the site in the family's own terms (scale, mask, weight placement ...), so that the
-      pattern's check and replace see one description whichever spelling matched (`match.site`).
+      pattern's check and replace see one description whichever spelling matched (`match.site`);
+    - chain: set when the function is one step of a loop (`Chain`), matched along its state.
     """
     function: Callable
     examples: Callable[..., Any]
     read: Callable[[Any], Any] = lambda match: None
+    chain: Chain | None = None  # the function is one step of a chain (see Chain)
 
     @property
     def __name__(self) -> str:

@@ -17,6 +17,9 @@ Canonical forms (all value-preserving):
   a full slice `x[:, :, :, :n]` (n the whole dim) disappears;
 - `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
   `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
+- `x.unsqueeze(d)` (a method) for `torch.unsqueeze` and for trailing new axes `x[..., None, :]` (d negative);
+  `x.sum(d)` / `x.sum(d, True)` for one-dim sums in any spelling; `torch.exp`. (Their dims stay as written:
+  search functions, traced without shapes, could not follow a positive dim made negative);
 - keyword arguments equal to their default are dropped (`F.silu(x, inplace=False)`);
 - identities vanish: dropout with p=0 or training=False. (`contiguous()` stays: a later `view`
   may need its layout.)
@@ -69,6 +72,7 @@ _SPELLINGS: dict[Any, tuple[list[tuple[str, Any]], list[str]]] = {
     F.scaled_dot_product_attention: ([("call_function", F.scaled_dot_product_attention)], list(_SDPA_DEFAULTS)),
     torch.einsum: ([("call_function", torch.einsum)], ["equation", "a", "b"]),
     torch.permute: ([("call_function", torch.permute), ("call_method", "permute")], ["input", "dims"]),
+    torch.exp: ([("call_function", torch.exp), ("call_method", "exp")], ["input"]),
 }
 _CANONICAL_OF = {spelling: canon for canon, (spellings, _) in _SPELLINGS.items() for spelling in spellings}
 # F.softmax's _stacklevel and the like carry no meaning for the value
@@ -238,6 +242,8 @@ def _canonicalize_node(node: fx.Node) -> None:
     if _is_full_slice(node):
         _drop_identity(node, node.args[0])
         return
+    if _canonical_view_or_sum(node):
+        return
     cast = _canonical_cast(node)
     if cast is not None:
         node = cast
@@ -263,6 +269,68 @@ def _canonicalize_node(node: fx.Node) -> None:
         rewrite(node, args, bound)
     elif (node.op, node.target) != ("call_function", canon) or node.kwargs or tuple(args) != node.args:
         _replace(node, "call_function", canon, tuple(args))
+
+
+def _trailing_new_axes(node: fx.Node) -> list[int] | None:
+    """The dims `x[..., None, :, None]` inserts, as `unsqueeze` dims applied left to right; None for other indices."""
+    if node.op != "call_function" or node.target != operator.getitem or len(node.args) != 2 or node.kwargs:
+        return None
+    index = node.args[1]
+    if not isinstance(index, tuple) or len(index) < 2 or index[0] is not Ellipsis or None not in index[1:]:
+        return None
+    rest = index[1:]
+    if not all(e is None or (isinstance(e, slice) and e == slice(None)) for e in rest):
+        return None
+    return [-(sum(e is not None for e in rest[i + 1:]) + 1) for i, e in enumerate(rest) if e is None]
+
+
+def _unsqueezed(node: fx.Node, source: Any, dim: int) -> fx.Node:
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_method("unsqueeze", (source, dim))
+    src = tensor_meta(source)
+    if src is not None:
+        new.meta["example_value"] = _on_meta(src, lambda t: t.unsqueeze(dim))
+    return new
+
+
+def _on_meta(t: torch.Tensor, f: Callable) -> torch.Tensor:
+    if _is_fake(t):
+        with t.fake_mode:
+            return f(t)
+    return f(t)
+
+
+def _canonical_view_or_sum(node: fx.Node) -> bool:
+    """`unsqueeze` and one-dim `sum` in their canonical spelling; True when `node` was one (and is rewritten)."""
+    dims = _trailing_new_axes(node)
+    if dims is not None:
+        source = node.args[0]
+        for dim in dims[:-1]:
+            source = _unsqueezed(node, source, dim)
+        _replace(node, "call_method", "unsqueeze", (source, dims[-1]))
+        return True
+    spelling = (node.op, node.target)
+    if spelling in (("call_method", "unsqueeze"), ("call_function", torch.unsqueeze)):
+        bound = _normalized_args(node, ["input", "dim"])
+        if bound is None or not isinstance(bound.get("dim"), int):
+            return False
+        args = (bound["input"], bound["dim"])
+        if spelling != ("call_method", "unsqueeze") or node.args != args or node.kwargs:
+            _replace(node, "call_method", "unsqueeze", args)
+        return True
+    if spelling in (("call_method", "sum"), ("call_function", torch.sum)):
+        bound = _normalized_args(node, ["input", "dim", "keepdim"])
+        dim = bound.get("dim") if bound is not None else None
+        if isinstance(dim, (tuple, list)) and len(dim) == 1:
+            dim = dim[0]
+        if not isinstance(dim, int) or not isinstance(bound.get("keepdim", False), bool):
+            return False
+        args = (bound["input"], dim) + ((True,) if bound.get("keepdim") else ())
+        if spelling != ("call_method", "sum") or node.args != args or node.kwargs:
+            _replace(node, "call_method", "sum", args)
+        return True
+    return False
 
 
 def _rewrite_softmax(node: fx.Node, args: list, bound: dict) -> None:

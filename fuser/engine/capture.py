@@ -55,7 +55,10 @@ def stash_values(gm: fx.GraphModule, inputs: list, matches: list) -> dict[fx.Nod
     nodes read and its output, and every small value (what a replacement may read besides, e.g. a padding table
     behind a recognized mask). Nothing else is kept, so a large model's activations are not all held at
     once. Inputs the graph writes into are cloned first; the others are read as they are."""
-    keep = {m.output for m in matches} | {node for m in matches for n in m.nodes for node in n.all_input_nodes}
+    keep = {node for m in matches for node in m.outputs}
+    for m in matches:  # a chain's states inside the match are not kept (T states would not fit)
+        inside = set(m.nodes)
+        keep |= {node for n in m.nodes for node in n.all_input_nodes if node not in inside}
     written = _written_inputs(gm.graph)
     run_inputs = [x.clone() if isinstance(x, torch.Tensor) and i in written else _concrete(x) for i, x in enumerate(inputs)]
     values: dict[fx.Node, Any] = {}

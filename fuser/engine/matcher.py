@@ -35,6 +35,13 @@ class Match:
     bindings: dict[str, Any]
     nodes: list[fx.Node]  # the model's nodes the match covers, in graph order; the last is its output
     resolve: Callable[[fx.Node], Any] | None = None
+    # the nodes whose values the replacement gives, in the order `replace` returns them, where that is not
+    # the output alone (a chain: the buffer its steps write, and the final state); read after the match ends
+    results: tuple[fx.Node, ...] | None = None
+
+    @property
+    def outputs(self) -> tuple[fx.Node, ...]:
+        return self.results if self.results is not None else (self.output,)
 
     @property
     def output(self) -> fx.Node:
@@ -108,11 +115,24 @@ def _op(p: fx.Node) -> str:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
-        return a is b
+        return a is b or _same_view(a, b)
     try:
         return type(a) is type(b) and bool(a == b)
     except Exception:
         return False
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    """`k[t]` written twice: two getitem nodes of one tensor at one basic index (no tensor in it) read the same
+    values (a write into the tensor between them is a write into a matched input, which the rewriter refuses)."""
+    def basic(index: Any) -> bool:
+        entries = index if isinstance(index, tuple) else (index,)
+        return all(e is None or e is Ellipsis or type(e) is int or
+                   isinstance(e, slice) and all(type(x) in (int, type(None)) for x in (e.start, e.stop, e.step))
+                   for e in entries)
+    return (isinstance(a, fx.Node) and isinstance(b, fx.Node) and
+            all(n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and not n.kwargs
+                for n in (a, b)) and a.args[0] is b.args[0] and basic(a.args[1]) and a.args[1] == b.args[1])
 
 
 def _literal_equal(pattern_literal: Any, target: Any) -> bool:
@@ -136,31 +156,48 @@ def _writes_into(covered: set[fx.Node], output: fx.Node, order: dict) -> set[fx.
 class SearchGraph:
     """A search function traced and canonicalized, ready to match at any node."""
 
-    def __init__(self, search: Callable):
-        self.search = search
+    def __init__(self, search: Callable, merge_duplicates: bool = False):
+        self.search, self.merge_duplicates = search, merge_duplicates
         self.graph = fx.symbolic_trace(search).graph
         canonicalize(self.graph)
+        if merge_duplicates:
+            _merge_duplicates(self.graph)
         (output,) = [n for n in self.graph.nodes if n.op == "output"]
-        self.output = output.args[0]
+        # a search returning a tuple (a chain's step: next state, output) is matched at its last value;
+        # the others lie inside that match
+        self.returns = tuple(output.args[0]) if isinstance(output.args[0], tuple) else (output.args[0],)
+        self.output = self.returns[-1]
 
     def matches(self, node: fx.Node, failure: _Failure | None = None) -> Iterator[tuple[dict, list[fx.Node]]]:
         """(bindings, covered nodes) for each way the search matches with `node` as its output,
         the ones that cover most first (structural pieces try their largest shape first)."""
+        for bindings, covered, _ in self.ways(node, failure):
+            yield bindings, covered
+
+    def ways(self, node: fx.Node, failure: _Failure | None = None
+             ) -> Iterator[tuple[dict, list[fx.Node], tuple[fx.Node, ...]]]:
+        """`matches`, each with the model's nodes the search's returned values are (its output last)."""
         failure = failure or _Failure()
         names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
         order = {n: i for i, n in enumerate(node.graph.nodes)}
         for state in self._node(self.output, node, _State({}, {}), failure):
+            returned = tuple(state.mapped.get(r) for r in self.returns[:-1]) + (node,)
+            if None in returned:  # a returned value outside the walk from the output: not this search's shape
+                continue
             covered = set(state.mapped.values())
             covered |= _writes_into(covered, node, order)
-            yield {name: state.bindings.get(name) for name in names}, sorted(covered, key=order.__getitem__)
+            yield ({name: state.bindings.get(name) for name in names}, sorted(covered, key=order.__getitem__),
+                   returned)
 
     def _node(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
         if p.op == "placeholder":
             bound = state.bindings.get(p.target, _State)
             if bound is _State:
                 yield state.bind(p.target, t)
-            elif _same(bound, t):
+            elif bound is t or not isinstance(t, fx.Node) and _same(bound, t):
                 yield state
+            elif _same(bound, t):  # the same view read twice: the second is covered too (it has no other use)
+                yield state.map((p, "again", t), t)
             else:
                 failure.note(state, f"{p.target} bound to {_describe(bound)} and {_describe(t)}", t)
             return
@@ -181,6 +218,12 @@ class SearchGraph:
         if p in state.mapped:
             if state.mapped[p] is t:
                 yield state
+            elif self.merge_duplicates and t not in state.mapped.values():
+                copies = _copies(state.mapped[p], t)  # the same value computed twice (`k[..., None]` written twice)
+                if copies is not None:
+                    for copy in copies:
+                        state = state.map((p, "again", copy), copy)
+                    yield state
             return
         if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
             failure.note(state, f"expected {_op(p)}, found {_describe(t)}", t)
@@ -218,10 +261,53 @@ class SearchGraph:
             failure.note(state, f"expected {p!r}, found {_describe(t)}", t)
 
 
+def _copies(a: Any, b: Any) -> list[fx.Node] | None:
+    """The nodes of `b` that recompute a node of `a` (`b` itself first), where `b` computes the value `a` does
+    (the same node, the same view, the same pure op on such arguments); None where it may not."""
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        if a is b:
+            return []
+        if _same_view(a, b):
+            return [b]
+        if a.op != b.op or a.op not in ("call_function", "call_method") or a.target != b.target or \
+                written(a) or written(b):
+            return None
+        inner = _copies((a.args, a.kwargs), (b.args, b.kwargs))
+        return None if inner is None else [b, *inner]
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return None
+        found = []
+        for x, y in zip(a, b):
+            inner = _copies(x, y)
+            if inner is None:
+                return None
+            found += inner
+        return found
+    if isinstance(a, dict) and isinstance(b, dict):
+        return _copies(list(a.items()), list(b.items())) if a.keys() == b.keys() else None
+    return [] if not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and _same(a, b) else None
+
+
+def _merge_duplicates(graph: fx.Graph) -> None:
+    """One node per value in a search graph: a loop body may compute `k[..., None]` once or at each use, and the
+    matcher then takes a model node computed twice as one (`_copies`)."""
+    seen: dict = {}
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        key = (node.op, node.target, repr((node.args, node.kwargs)))
+        if key in seen and seen[key].args == node.args and seen[key].kwargs == node.kwargs:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen.setdefault(key, node)
+
+
 @functools.lru_cache(maxsize=None)
-def search_graph(search: Callable) -> SearchGraph:
-    """Each search function is traced once per process."""
-    return SearchGraph(search)
+def search_graph(search: Callable, merge_duplicates: bool = False) -> SearchGraph:
+    """Each search function is traced once per process (chains' steps with duplicate values merged)."""
+    return SearchGraph(search, merge_duplicates)
 
 
 def find_all(pattern: Pattern, search: Search, node: fx.Node, failure: _Failure | None = None,

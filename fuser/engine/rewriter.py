@@ -27,6 +27,7 @@ from torch import fx
 
 from fuser.engine.canonical import canonicalize, where
 from fuser.engine.capture import stash_values
+from fuser.engine.chains import find_chains
 from fuser.engine.matcher import Match, _Failure, find_all, search_graph
 from fuser.numerics.contract import compare_site
 from fuser.patterns.base import Pattern
@@ -53,15 +54,16 @@ class Plan:
 def convexity_problem(m: Match) -> str | None:
     """Why the matched nodes cannot be replaced as one unit, or None."""
     inside = set(m.nodes)
+    order = {n: i for i, n in enumerate(m.output.graph.nodes)}
+    end = order[m.output]
     for node in m.nodes:
         if any(target not in inside for target in written(node)):
             return f"{node.name} inside the match modifies a tensor it did not create"
     for node in m.nodes[:-1]:
-        outside = [u for u in node.users if u not in inside]
+        # a result (a chain's final state) may be read after the match, where the replacement gives it
+        outside = [u for u in node.users if u not in inside and (node not in m.outputs or order[u] < end)]
         if outside:
             return f"a value inside the match ({node.name}) is also used outside it (by {outside[0].name})"
-    order = {n: i for i, n in enumerate(m.output.graph.nodes)}
-    end = order[m.output]
     for name, node in m.inputs().items():  # a write through any alias, between its first reader and the end
         start = min((order[n] for n in m.nodes if node in n.all_input_nodes), default=end)
         for writer in sorted(writers(alias_class(node)) - inside, key=order.__getitem__):
@@ -152,6 +154,9 @@ def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = Fals
         attempts: list[_Failure] = []
         for search in pattern.searches:
             roots = _roots(anchors, _reach(pattern, search))
+            if search.chain is not None:
+                _plan_chains(pattern, search, sorted(roots, key=order.__getitem__), claimed, attempts, result, strict)
+                continue
             for node in sorted(roots, key=order.__getitem__, reverse=True):
                 if node in claimed or node.op in ("placeholder", "output", "get_attr"):
                     continue
@@ -181,6 +186,20 @@ def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = Fals
                 reported.update(reached)
     result.matches.sort(key=lambda m: order[m.output])
     return result
+
+
+def _plan_chains(pattern: Pattern, search, roots: list[fx.Node], claimed: set[fx.Node], attempts: list[_Failure],
+                 result: Plan, strict: bool) -> None:
+    """`plan` for a search that is one step of a chain (`patterns.base.Chain`): each chain its steps make is
+    one site, taken when it is convex and accepted, else a near miss."""
+    for m, problem, nodes in find_chains(pattern, search, roots, claimed, attempts):
+        problem = problem or _problem(m, strict)
+        if problem is None:
+            result.matches.append(m)
+            claimed.update(m.nodes)
+        else:
+            _add_near_miss(result.near_misses, NearMiss(pattern.name, Where(*where(nodes[-1])), problem,
+                                                        tuple(n.name for n in nodes)))
 
 
 def _positions(graph: fx.Graph) -> dict[str, int]:
@@ -220,7 +239,7 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
         inputs = {replaced.get(i, i) for n in m.nodes for i in n.all_input_nodes}  # before erasing clears them
         bound = tuple((name, node.name) for name, node in m.inputs().items())
         try:
-            new_nodes = _replace(m, replaced)
+            new_nodes, results = _replace(m, replaced)
         except Exception as error:  # a pattern bug must not break the user's model
             if strict:
                 raise RewriteError(f"{m.pattern.name} at {site}: {type(error).__name__}: {error}") from error
@@ -228,7 +247,7 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
                                                f" {error}); kept the original", names, graph=tag[:-1]))
             continue
         inputs_of_rewrites |= inputs
-        replaced[m.output] = new_nodes[-1]
+        replaced.update(results)
         for new in new_nodes:
             new.meta["fuser_match"] = match_id
         fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
@@ -251,9 +270,10 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
     return report
 
 
-def _replace(m: Match, replaced: dict[fx.Node, fx.Node]) -> list[fx.Node]:
-    """Put what the match's pattern builds in place of its nodes; the new nodes (the output last). A node
-    an earlier match replaced is read as the fused op that took its place."""
+def _replace(m: Match, replaced: dict[fx.Node, fx.Node]) -> tuple[list[fx.Node], dict[fx.Node, fx.Node]]:
+    """Put what the match's pattern builds in place of its nodes; the new nodes (the output last) and the
+    new node of each of the match's results. A node an earlier match replaced is read as the fused op that
+    took its place; a result read after the match (a chain's final state) is read from the replacement."""
     graph = m.output.graph
     tracer = fx.proxy.GraphAppendingTracer(graph)
     existing = set(graph.nodes)
@@ -270,10 +290,13 @@ def _replace(m: Match, replaced: dict[fx.Node, fx.Node]) -> list[fx.Node]:
         for node in reversed(new_nodes):
             graph.erase_node(node)
         raise
-    m.output.replace_all_uses_with(result.node)
+    values = result if m.results is not None else (result,)
+    inside = set(m.nodes)
+    for node, new in zip(m.outputs, values):
+        node.replace_all_uses_with(new.node, delete_user_cb=lambda user: user not in inside)
     for node in reversed(m.nodes):
         graph.erase_node(node)
-    return new_nodes
+    return new_nodes, {node: new.node for node, new in zip(m.outputs, values)}
 
 
 def _propagate_meta(new_nodes: Iterable[fx.Node], like: fx.Node) -> None:

@@ -178,11 +178,12 @@ def gradient_problems(names: Sequence[str], fused: Run, own: Run | None, ref: Ru
 
 def compare_site(m, values: dict[fx.Node, object]) -> str | None:
     """First-call verification: a match's replacement against its original nodes in float64 on the recorded
-    values, by `judge` with the original's own recorded result (no neighbours: see `judge`); None if right."""
+    values, by `judge` with the original's own recorded result (no neighbours: see `judge`); None if right.
+    A match with several results (a chain: its outputs and final state) is judged on each."""
     inside = set(m.nodes)
     inputs = {node: values[node] for n in m.nodes for node in n.all_input_nodes if node not in inside}
-    expected = values.get(m.output)
-    if not isinstance(expected, torch.Tensor):
+    expected = [values.get(node) for node in m.outputs]
+    if not all(isinstance(e, torch.Tensor) for e in expected):
         return None
     m.resolve = values.__getitem__
     try:
@@ -191,9 +192,14 @@ def compare_site(m, values: dict[fx.Node, object]) -> str | None:
     finally:
         m.resolve = None
     with torch.no_grad():
-        ref = run_nodes(m.nodes, inputs, float64=True)
-    problem = judge(*map(_whole, (ours, ref)), own=_whole(expected)).problem
-    return f"verification failed: {problem}; kept the original" if problem else None
+        refs = run_nodes(m.nodes, inputs, float64=True, results=m.outputs)
+    ours = ours if m.results is not None else (ours,)
+    for node, mine, ref, own in zip(m.outputs, ours, refs, expected):
+        problem = judge(*map(_whole, (mine, ref)), own=_whole(own)).problem
+        if problem:
+            which = f" ({node.name})" if m.results is not None else ""
+            return f"verification failed{which}: {problem}; kept the original"
+    return None
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ graph's nodes on real inputs, and random inputs like real ones for the checks th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,14 @@ def grouped_mm_float64(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | No
 _GROUPED_MM = {torch._grouped_mm, torch.ops.aten._grouped_mm.default, getattr(F, "grouped_mm", torch._grouped_mm)}
 
 
-def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = False) -> Any:
-    """Evaluate `nodes` (in graph order) from `inputs`: as written, or with all floating math in float64."""
+def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = False,
+              results: Sequence[fx.Node] | None = None) -> Any:
+    """Evaluate `nodes` (in graph order) from `inputs`: as written, or with all floating math in float64.
+    The last node's value, or the values of `results` after the last node (a buffer the nodes write into)."""
     cast = to64 if float64 else (lambda x: x)
     env = {node: cast(v) for node, v in inputs.items()}
+    kept = {nodes[-1], *(results or ())}
+    last_reader = {i: node for node in nodes for i in node.all_input_nodes}  # values dropped once read (a chain's states)
     for node in nodes:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
         args, kwargs = fx.node.map_aggregate((args, kwargs), cast)
@@ -65,7 +69,10 @@ def run_nodes(nodes: list[fx.Node], inputs: dict[fx.Node, Any], float64: bool = 
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
             raise ValueError(f"cannot evaluate {node.op} node {node.name}")
-    return env[nodes[-1]]
+        for i in node.all_input_nodes:
+            if last_reader[i] is node and i not in kept:
+                env.pop(i, None)
+    return env[nodes[-1]] if results is None else tuple(env[node] for node in results)
 
 
 class _Recorder(fx.Interpreter):
