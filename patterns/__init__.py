@@ -2,7 +2,8 @@
 its experts → MoE experts → norms → softmax."""
 from fuser.patterns.attention import ATTENTION
 from fuser.patterns.base import Pattern
-from fuser.patterns.moe import MOE, MOE_ROUTER
+from fuser.patterns.moe import MOE
+from fuser.patterns.moe_routers import MOE_ROUTER
 from fuser.patterns.norms import RMS_NORM
 from fuser.patterns.softmax import SOFTMAX
 
