@@ -64,7 +64,7 @@ def _experts_search(gating: str):
     return grouped_mm_experts
 
 
-def _experts_problem(m) -> str | None:
+def experts_problem(m) -> str | None:
     """What the kernel does not take in the experts themselves: their activation, weights and sizes. The weights
     are read as the grouped GEMMs take them: gate_up [E, H, 2I], down [E, I, H]."""
     x, gate_up, down = m.meta("x"), m.meta("gate_up_proj"), m.meta("down_proj")
@@ -109,17 +109,18 @@ def _gating_problem(m) -> str | None:
 
 def _writes_problem(m) -> str | None:
     """In-place writes in the match are modeled or provably change nothing: the inverse permutation's setitem,
-    the biases' `add_` (grouped_linear), and transformers 5.17's sentinel handling (`masked_fill_` where ids
-    ≥ E, `clamp_(max=E - 1)`), a no-op on ids from a router (`check`)."""
+    the biases' `out.add_(bias[ids])` (grouped_linear), and transformers 5.17's sentinel handling
+    (`masked_fill_` where ids ≥ E, `clamp_(max=E - 1)`), a no-op on ids from a router (`check`)."""
+    biases = {m.bindings.get("gate_up_bias"), m.bindings.get("down_bias")} - {None}
     for node in m.nodes:
         if not written(node):
             continue
-        name = op_name(node)
-        target = node.args[0] if node.args else None
+        name, target = op_name(node), (node.args[0] if node.args else None)
+        added = node.args[1] if name == "add_" and len(node.args) == 2 else None
         if name in ("setitem", "__setitem__") and op_name(target) == "empty_like":
             continue
-        if name == "add_" and getattr(target, "target", None) is not None and \
-                getattr(target.target, "__name__", None) in GROUPED_MM_NAMES:
+        if op_name(added) == "getitem" and added.args[0] in biases and \
+                getattr(getattr(target, "target", None), "__name__", None) in GROUPED_MM_NAMES:
             continue
         if name in ("masked_fill_", "clamp_") and _sentinel_no_op(node, m["num_experts"]):
             continue
@@ -147,7 +148,7 @@ def check(m) -> str | None:
         return f"hidden states {tuple(x.shape)} and top-k {tuple(ids.shape)} are not [T, H] and [T, K]"
     if ids.dtype not in (torch.int64, torch.int32):
         return f"expert ids in {dtype_name(ids.dtype)}, not int32/int64"
-    problem = _experts_problem(m)
+    problem = experts_problem(m)
     return problem or ids_problem(m.bindings["top_k_index"], m.meta("gate_up_proj").shape[0])
 
 
@@ -164,7 +165,7 @@ def experts_tensors(m) -> tuple:
     return (gate_up, None, down, gate_up_bias, None, down_bias, *gating)
 
 
-def _fused_experts(m, ids, weights):
+def fused_experts(m, ids, weights):
     """`fuser::moe_experts` in place of the grouped_mm experts path of `m` (weights in the activations' dtype)."""
     out = torch.ops.fuser.moe_experts(m["x"], ids, weights.to(m.meta("x").dtype), *experts_tensors(m))
     return out.to(tensor_meta(m.output).dtype)
@@ -173,7 +174,7 @@ def _fused_experts(m, ids, weights):
 def replace(m):
     if isinstance(m.site, DenseRouting):
         return _replace_dense(m)
-    return _fused_experts(m, m["top_k_index"], m["top_k_weights"])
+    return fused_experts(m, m["top_k_index"], m["top_k_weights"])
 
 
 def describe(m) -> str:
@@ -217,7 +218,7 @@ def experts_arguments(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: to
                 stored_transposed=stored_transposed)
 
 
-def _experts_arguments(draw, dtype: torch.dtype, tokens: int, experts: int, top_k: int, gating: str) -> dict:
+def draw_experts_arguments(draw, dtype: torch.dtype, tokens: int, experts: int, top_k: int, gating: str) -> dict:
     """Hidden states, expert weights (and biases, or none) of any size from 1 and any layout; for the clamped
     gatings, a limit the pre-activations cross or one they hardly reach."""
     hidden, intermediate = draw(sizes(40)), draw(sizes(40))
@@ -250,7 +251,7 @@ def _examples(draw, routing: str | None = None, gating: str = "swiglu") -> Examp
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     scores = _router_scores(routing, tokens, experts, generator)
     return routed_example(scores.softmax(-1).to(dtype),
-                          _experts_arguments(draw, dtype, tokens, experts, top_k, gating))
+                          draw_experts_arguments(draw, dtype, tokens, experts, top_k, gating))
 
 
 def routed_example(router_probs: torch.Tensor, experts: dict) -> Example:
@@ -359,7 +360,7 @@ def _read_dense(m) -> DenseRouting:
 
 def _experts_row(gating: str) -> Search:
     return Search(EXPERTS_SEARCHES[gating], lambda routing=None: _examples(routing, gating),
-                  lambda m: RoutedExperts(_experts_problem, m.meta("x").dtype, _fused_experts, gating))
+                  lambda m: RoutedExperts(experts_problem, m.meta("x").dtype, fused_experts, gating))
 
 
 MOE = Pattern("moe", (*(_experts_row(gating) for gating in GATINGS),

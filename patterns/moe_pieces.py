@@ -38,18 +38,16 @@ GROUPED_MM_NAMES = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
 
 
 def _bias_added(node):
-    """(bias, ids) of the one in-place write into a grouped GEMM's output, `out.add_(bias[ids])` (transformers'
-    `_grouped_linear`); (None, UNCHECKED) without writes; None for any other write (not modeled: no match)."""
+    """(bias, ids, covered nodes) of the one in-place write into a grouped GEMM's output, `out.add_(bias[ids])`
+    (transformers' `_grouped_linear`); (None, UNCHECKED, ()) otherwise: any other write then joins the match
+    unmodeled, and the pattern's check names it."""
     writes = [user for user in node.users if node in written(user)]
-    if not writes:
-        return None, UNCHECKED, ()
-    (write,) = writes if len(writes) == 1 else (None,)
-    if write is None or op_name(write) != "add_" or write.kwargs or len(write.args) != 2 or write.args[0] is not node:
-        return None
-    selected = write.args[1]
-    if not (isinstance(selected, fx.Node) and selected.target is operator.getitem
+    write = writes[0] if len(writes) == 1 else None
+    selected = write.args[1] if write is not None and len(write.args) == 2 else None
+    if op_name(write) != "add_" or write.kwargs or write.args[0] is not node or not (
+            isinstance(selected, fx.Node) and selected.target is operator.getitem
             and all(isinstance(a, fx.Node) for a in selected.args)):
-        return None
+        return None, UNCHECKED, ()
     return selected.args[0], selected.args[1], (write, *((selected,) if len(selected.users) == 1 else ()))
 
 
@@ -59,9 +57,8 @@ def _grouped_linear_shapes(node):
     if isinstance(node, fx.Node) and node.op == "call_function" and len(node.args) == 2 \
             and getattr(node.target, "__name__", None) in GROUPED_MM_NAMES and "offs" in node.kwargs \
             and all(node.kwargs.get(k) is None for k in ("bias", "out_dtype")):
-        bias = _bias_added(node)
-        if bias is not None:
-            yield node.args[0], (node.args[1], node.kwargs["offs"], bias[0], bias[1]), (node, *bias[2])
+        bias, ids, covered = _bias_added(node)
+        yield node.args[0], (node.args[1], node.kwargs["offs"], bias, ids), (node, *covered)
 
 
 @structural(_grouped_linear_shapes)

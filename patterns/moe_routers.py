@@ -20,7 +20,7 @@ from torch import fx
 from fuser.kernels.moe import LIMITS
 from fuser.kernels.moe.route import routing_tie_problem
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name, structural
-from fuser.patterns.moe import EXPERTS_SEARCHES, RoutedExperts, _experts_arguments, _experts_problem, _fused_experts
+from fuser.patterns.moe import EXPERTS_SEARCHES, RoutedExperts, draw_experts_arguments, experts_problem, fused_experts
 from fuser.patterns.nodes import tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
@@ -83,7 +83,7 @@ def routed_fused_experts(router_logits, compute_dtype, top_k, renormalize, weigh
 
 
 def _read_grouped_mm(m) -> RoutedExperts:
-    return RoutedExperts(_experts_problem, m.meta("x").dtype, _fused_experts)
+    return RoutedExperts(experts_problem, m.meta("x").dtype, fused_experts)
 
 
 def _read_fused(m) -> RoutedExperts:
@@ -135,7 +135,7 @@ def _router_examples(draw) -> Example:
     """The router in front of transformers' grouped_mm experts path, one token among the sizes."""
     dtype, tokens, experts = draw(st.sampled_from(FLOAT_DTYPES)), draw(sizes(24)), draw(st.integers(1, 6))
     router = _router(draw, dtype, tokens, experts)
-    experts_arguments = _experts_arguments(draw, dtype, tokens, experts, experts, "swiglu")
+    experts_arguments = draw_experts_arguments(draw, dtype, tokens, experts, experts, "swiglu")
     if not experts_arguments.pop("stored_transposed"):  # the grouped GEMMs' weights, as routed_experts makes them
         for name in ("gate_up_proj", "down_proj"):
             experts_arguments[name] = experts_arguments[name].transpose(-2, -1)

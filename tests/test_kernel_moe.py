@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import fuser.kernels.moe as moe
 from fuser.kernels.language import to_dtype
+from fuser.numerics.contract import NEIGHBOURS, nudged
 from numerics import TOLERANCE, assert_close, rel_l2
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -257,23 +258,36 @@ def check_experts(case):
     grad = torch.randn_like(expected)
     out.backward(grad.to(case.dtype))
     expected.backward(grad)
-    floors = _clamped_floors(case, ids, grad, by_leaf, reference_weights, leaves64)
+    floors = _clamped_floors(case, ids, grad, by_leaf, reference_weights, [x, weights, *leaves], leaves64)
     for leaf, leaf64, floor in zip([x, weights, *leaves], leaves64, floors):
         assert_close(leaf.grad, leaf64.grad, case.dtype, max(tolerance(case.dtype), floor))
 
 
-def _clamped_floors(case, ids, grad, by_leaf, reference_weights, leaves64):
-    """Per leaf, twice the gradient error of the original loop in its own 16-bit dtype (the contract's floor):
-    a clamp's gradient is a step at the limit, and a pre-activation rounded to 16 bits falls on the other side of
-    it, in the original as in the kernel (which saves the pre-activations in x's dtype). Zero elsewhere."""
+def _clamped_floors(case, ids, grad, by_leaf, reference_weights, originals, leaves64):
+    """Per leaf, the contract's floor for 16-bit clamped experts: a clamp's gradient is a step at the limit, and
+    a pre-activation rounded to 16 bits falls on the other side of it, in the original as in the kernel (which
+    saves the pre-activations in x's dtype), each at other elements. So, as `neighbour_floors`: over the inputs
+    and NEIGHBOURS nudges of them by an ulp, the worst of twice the original loop's own error and of how far the
+    exact gradient moves. Zero for other cases."""
     if not case.clamped or case.dtype == torch.float32:
         return [0.0] * len(leaves64)
-    own = [t.detach().to(case.dtype).requires_grad_() for t in leaves64]
-    own_by_leaf = dict(zip(by_leaf, own))  # by_leaf's keys are in leaves64's order
-    gate, up, down, *biases = (None if w is None else _rebuild(w, own_by_leaf) for w in reference_weights)
-    out = experts_float64(own[0], ids, own[1], gate, up, down, biases, (ALPHA, LIMIT), dtype=case.dtype)
-    out.backward(grad.to(case.dtype))
-    return [2 * rel_l2(t.grad, t64.grad) for t, t64 in zip(own, leaves64)]
+    dtypes = [t.dtype for t in originals]
+
+    def gradients(leaves, dtype):
+        own = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        own_by_leaf = dict(zip(by_leaf, own))  # by_leaf's keys are in leaves64's order
+        gate, up, down, *biases = (None if w is None else _rebuild(w, own_by_leaf) for w in reference_weights)
+        experts_float64(own[0], ids, own[1], gate, up, down, biases, (ALPHA, LIMIT), dtype=dtype).backward(
+            grad.to(dtype))
+        return [t.grad for t in own]
+
+    floors = [0.0] * len(leaves64)
+    for seed in range(NEIGHBOURS + 1):
+        named = {str(i): t.detach().to(d) for i, (t, d) in enumerate(zip(leaves64, dtypes))}
+        near = list((nudged(named, (), seed - 1) if seed else named).values())
+        exact, written = gradients(near, torch.float64), gradients(near, case.dtype)
+        floors = [max(f, 2 * rel_l2(w, e), rel_l2(e, t.grad)) for f, w, e, t in zip(floors, written, exact, leaves64)]
+    return floors
 
 
 def _rebuild(view, by_leaf):
