@@ -57,24 +57,25 @@ def _index_source(node: fx.Node, experts: int) -> str | None:
     return f"{name or node.op}({node.name})"
 
 
-def ids_problem(node: object, experts: int) -> str | None:
-    """Why the expert ids `node` are not provably in [0, experts), or None (module docstring)."""
+def ids_problem(node: object, experts: int, inside: frozenset = frozenset()) -> str | None:
+    """Why the expert ids `node` are not provably in [0, experts), or None (module docstring). Writes by nodes
+    `inside` (the match reading the ids, whose own writes its check models) are not counted."""
     if not isinstance(node, fx.Node):
         return "the expert ids are not a tensor of the graph"
     meta = tensor_meta(node)
     if not isinstance(meta, torch.Tensor) or meta.dtype not in _INTEGER_DTYPES:
         return "the expert ids are not an integer tensor"
-    if writers(alias_class(node)):
+    if writers(alias_class(node)) - inside:
         return f"the expert ids ({node.name}) are written in place after they are made"
     name = op_name(node)
     if name in _PASS_THROUGH or (name == "to" and len(node.args) == 2 and node.args[1] in _INTEGER_DTYPES
                                  and not node.kwargs):
-        return ids_problem(node.args[0], experts)
+        return ids_problem(node.args[0], experts, inside)
     if name in ("cat", "concat", "concatenate"):
         parts, dim = _argument(node, 0, "tensors"), _argument(node, 1, "dim", 0)
         if dim not in (-1, meta.dim() - 1) or not isinstance(parts, (list, tuple)):
             return f"the expert ids are a concatenation along dim {dim}, not along the choices"
-        return next((p for p in (ids_problem(part, experts) for part in parts) if p), None)
+        return next((p for p in (ids_problem(part, experts, inside) for part in parts) if p), None)
     source = _index_source(node, experts)
     if source is None:
         return None
@@ -105,7 +106,8 @@ def _cast_or_sigmoid(node):
     return None
 
 
-def scattered_top_k(scores: object, experts: int) -> tuple[fx.Node, None] | tuple[None, str]:
+def scattered_top_k(scores: object, experts: int, inside: frozenset = frozenset()
+                    ) -> tuple[fx.Node, None] | tuple[None, str]:
     """(the ids [T, k] of Llama-4's router, None) where `scores` [T, E] is
     `sigmoid(full_like(logits, -inf).scatter_(1, ids, values))` (casts aside) for `values, ids = topk(logits, k,
     dim=1)`: 0 off the chosen experts, the sigmoid of their logits at them. Else (None, why not)."""
@@ -125,7 +127,7 @@ def scattered_top_k(scores: object, experts: int) -> tuple[fx.Node, None] | tupl
             or not isinstance(ids, fx.Node) or ids.target is not operator.getitem or ids.args != (top, 1) \
             or op_name(top) != "topk" or top.args[0] is not base.args[0] or dim not in (1, -1):
         return not_it
-    if writers(alias_class(base)) != {node} or any(writers({n}) for n in chain):
+    if writers(alias_class(base)) - inside != {node} or any(writers({n}) - inside for n in chain):
         return None, "the routing scores are written in place after they are made"
-    problem = ids_problem(ids, experts)
+    problem = ids_problem(ids, experts, inside)
     return (None, problem) if problem else (ids, None)

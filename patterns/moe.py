@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from torch import fx
 
-from fuser.kernels.moe import LIMITS
+from fuser.kernels.moe import LIMITS, expert_arguments
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
 from fuser.patterns.expert_ids import ids_problem, router_name, scattered_top_k
 from fuser.patterns.moe_pieces import GATINGS, GROUPED_MM_NAMES, gate_activation, grouped_linear, sentinel_masked
@@ -149,20 +149,16 @@ def check(m) -> str | None:
     if ids.dtype not in (torch.int64, torch.int32):
         return f"expert ids in {dtype_name(ids.dtype)}, not int32/int64"
     problem = experts_problem(m)
-    return problem or ids_problem(m.bindings["top_k_index"], m.meta("gate_up_proj").shape[0])
+    return problem or ids_problem(m.bindings["top_k_index"], m.meta("gate_up_proj").shape[0], frozenset(m.nodes))
 
 
 def experts_tensors(m) -> tuple:
-    """`fuser::moe_experts`'s expert arguments for the grouped_mm experts of `m`: (gate, up, down, gate bias, up
-    bias, down bias, activation, alpha, limit), views of the bound weights [E, H, 2I] and [E, I, H]."""
+    """`fuser::moe_experts`'s expert arguments for the grouped_mm experts of `m`, from the bound weights as the
+    grouped GEMMs take them ([E, H, 2I], [E, I, H]) and the biases."""
     activation, layout, _, _ = GATINGS[m.site.gating]
-    gate_up, down = m["gate_up_proj"].transpose(1, 2), m["down_proj"].transpose(1, 2)
-    gate_up_bias, down_bias = m.get("gate_up_bias"), m.get("down_bias")
     gating = (activation, float(m["alpha"]), float(m["limit"])) if activation != "silu" else ("silu", 1.0, 0.0)
-    if layout == "interleaved":
-        biases = (None,) * 3 if gate_up_bias is None else (gate_up_bias[:, 0::2], gate_up_bias[:, 1::2], down_bias)
-        return (gate_up[:, 0::2], gate_up[:, 1::2], down, *biases, *gating)
-    return (gate_up, None, down, gate_up_bias, None, down_bias, *gating)
+    return expert_arguments(m["gate_up_proj"].transpose(1, 2), m["down_proj"].transpose(1, 2), m.get("gate_up_bias"),
+                            m.get("down_bias"), layout == "interleaved", gating)
 
 
 def fused_experts(m, ids, weights):
@@ -354,8 +350,8 @@ def _dense_examples(draw) -> Example:
 
 def _read_dense(m) -> DenseRouting:
     scores = m.bindings["router_scores"]
-    return DenseRouting(*scattered_top_k(scores, tensor_meta(scores).shape[-1] if tensor_meta(scores) is not None
-                                         else 0))
+    experts = tensor_meta(scores).shape[-1] if tensor_meta(scores) is not None else 0
+    return DenseRouting(*scattered_top_k(scores, experts, frozenset(m.nodes)))
 
 
 def _experts_row(gating: str) -> Search:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuser.kernels.moe import expert_arguments
 from fuser.kernels.runtime import KERNEL_DTYPES
 from fuser.modules.converters import source_line
 from fuser.modules.module_graphs import buffers_kept
@@ -265,17 +266,15 @@ def _gating(experts: nn.Module) -> tuple[str, tuple] | str:
     return layout, ("clamped_swiglu", float(alpha), float(limit))
 
 
-def _experts_tensors(experts: nn.Module, layout: str) -> tuple:
-    """`fuser::moe_experts`'s (gate, up, down, gate bias, up bias, down bias) as views of the module's parameters:
-    [E, 2I, H] (gate rows first; up None) or gate and up [E, I, H] of interleaved rows, down [E, H, I]."""
+def _experts_tensors(experts: nn.Module, layout: str, gating: tuple) -> tuple:
+    """`fuser::moe_experts`'s expert arguments as views of the module's parameters (stored [E, 2I, H] / [E, H, I],
+    or transposed)."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
     if getattr(experts, "is_transposed", False):  # stored [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if getattr(experts, "has_bias", False) else None
-    if layout == "interleaved":
-        return (gate_up[:, 0::2], gate_up[:, 1::2], down,
-                *((biases[0][:, 0::2], biases[0][:, 1::2], biases[1]) if biases else (None,) * 3))
-    return (gate_up, None, down, *((biases[0], None, biases[1]) if biases else (None,) * 3))
+    biased = getattr(experts, "has_bias", False)
+    return expert_arguments(gate_up, down, experts.gate_up_proj_bias if biased else None,
+                            experts.down_proj_bias if biased else None, layout == "interleaved", gating)
 
 
 def experts_call(experts: nn.Module, hidden_states: torch.Tensor) -> tuple | str:
@@ -287,12 +286,12 @@ def experts_call(experts: nn.Module, hidden_states: torch.Tensor) -> tuple | str
     gating = _gating(experts)
     if isinstance(gating, str):
         return gating
-    tensors = _experts_tensors(experts, gating[0])
-    dtypes = sorted({dtype_name(t.dtype) for t in tensors if t is not None})
+    call = _experts_tensors(experts, *gating)
+    dtypes = sorted({dtype_name(t.dtype) for t in call[:6] if t is not None})
     if hidden_states.dtype not in KERNEL_DTYPES or dtypes != [dtype_name(hidden_states.dtype)]:
         return (f"hidden states in {dtype_name(hidden_states.dtype)}, expert weights in {' and '.join(dtypes)} "
                 "(the kernel takes one of float16, bfloat16, float32 for both)")
-    return (*tensors, *gating[1])
+    return call
 
 
 def fuser_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

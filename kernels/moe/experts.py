@@ -128,6 +128,16 @@ def _plan_layout(tokens, top_k, experts):
     return PlanLayout(rows, experts, block_m_for(rows, experts))
 
 
+def expert_arguments(gate_up, down, gate_up_bias, down_bias, interleaved: bool, gating: tuple) -> tuple:
+    """`moe_experts`' arguments after the routing for gate_up [E, 2I, H] and down [E, H, I] (views of any strides)
+    and their biases [E, 2I] / [E, H] (or None): gate rows first, or `interleaved` (gate and up rows alternate,
+    GPT-OSS), as views; `gating` is (activation, alpha, limit)."""
+    if not interleaved:
+        return (gate_up, None, down, gate_up_bias, None, down_bias, *gating)
+    biases = (None,) * 3 if gate_up_bias is None else (gate_up_bias[:, 0::2], gate_up_bias[:, 1::2], down_bias)
+    return (gate_up[:, 0::2], gate_up[:, 1::2], down, *biases, *gating)
+
+
 def bias_views(gate_bias, up_bias):
     """(gate bias [E, I], up bias [E, I]) views, as `gate_up_views`; (None, None) without biases."""
     if gate_bias is None or up_bias is not None:
