@@ -20,11 +20,37 @@ import operator
 import torch
 from torch import fx
 
-from fuser.patterns.nodes import alias_class, op_name, tensor_meta, writers
+from fuser.patterns.nodes import op_name, shares_storage_with, tensor_meta, writers
 
 # ops that pass ids through unchanged in value (views, integer casts)
 _PASS_THROUGH = {"view", "reshape", "long", "int", "contiguous", "unsqueeze", "squeeze", "flatten", "clone"}
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16)
+
+
+# ops whose outputs (a tuple: values and indices) are fresh tensors, sharing no storage with each other
+_FRESH_TUPLES = {"topk", "sort", "max", "min", "aminmax"}
+
+
+def _fresh_output(node: fx.Node) -> bool:
+    """`node` is one output of a tuple-valued fresh op (`topk(...)[1]`): it shares no storage with the others."""
+    return node.target is operator.getitem and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int) \
+        and op_name(node.args[0]) in _FRESH_TUPLES
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """`nodes.alias_class`, except that the outputs of a tuple-valued fresh op are apart (the alias class takes
+    `getitem` as sharing its input's storage, and would join topk's indices to its values, which routers
+    renormalize in place)."""
+    seen, frontier = {node}, [node]
+    while frontier:
+        current = frontier.pop()
+        bases = () if _fresh_output(current) else shares_storage_with(current)
+        views = (u for u in current.users if current in shares_storage_with(u) and not _fresh_output(u))
+        for other in (*bases, *views):
+            if other not in seen:
+                seen.add(other)
+                frontier.append(other)
+    return seen
 
 
 def _argument(node: fx.Node, position: int, name: str, default=None):
@@ -65,7 +91,7 @@ def ids_problem(node: object, experts: int, inside: frozenset = frozenset()) -> 
     meta = tensor_meta(node)
     if not isinstance(meta, torch.Tensor) or meta.dtype not in _INTEGER_DTYPES:
         return "the expert ids are not an integer tensor"
-    if writers(alias_class(node)) - inside:
+    if writers(_aliases(node)) - inside:
         return f"the expert ids ({node.name}) are written in place after they are made"
     name = op_name(node)
     if name in _PASS_THROUGH or (name == "to" and len(node.args) == 2 and node.args[1] in _INTEGER_DTYPES
@@ -127,7 +153,7 @@ def scattered_top_k(scores: object, experts: int, inside: frozenset = frozenset(
             or not isinstance(ids, fx.Node) or ids.target is not operator.getitem or ids.args != (top, 1) \
             or op_name(top) != "topk" or top.args[0] is not base.args[0] or dim not in (1, -1):
         return not_it
-    if writers(alias_class(base)) - inside != {node} or any(writers({n}) - inside for n in chain):
+    if writers(_aliases(base)) - inside != {node} or any(writers({n}) - inside for n in chain):
         return None, "the routing scores are written in place after they are made"
     problem = ids_problem(ids, experts, inside)
     return (None, problem) if problem else (ids, None)

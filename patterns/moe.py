@@ -109,8 +109,9 @@ def _gating_problem(m) -> str | None:
 
 def _writes_problem(m) -> str | None:
     """In-place writes in the match are modeled or provably change nothing: the inverse permutation's setitem,
-    the biases' `out.add_(bias[ids])` (grouped_linear), and transformers 5.17's sentinel handling
-    (`masked_fill_` where ids ≥ E, `clamp_(max=E - 1)`), a no-op on ids from a router (`check`)."""
+    the biases' `out.add_(bias[ids])` (grouped_linear), a router's renormalization `w /= w.sum(...)` (the
+    `renormalized` piece of `moe_router`), and transformers 5.17's sentinel handling (`masked_fill_` where ids
+    ≥ E, `clamp_(max=E - 1)`), a no-op on ids from a router (`check`)."""
     biases = {m.bindings.get("gate_up_bias"), m.bindings.get("down_bias")} - {None}
     for node in m.nodes:
         if not written(node):
@@ -124,6 +125,9 @@ def _writes_problem(m) -> str | None:
             continue
         if name in ("masked_fill_", "clamp_") and _sentinel_no_op(node, m["num_experts"]):
             continue
+        if name == "itruediv" and op_name(node.args[1]) == "sum" and node.args[1].args[0] is target \
+                and op_name(target) == "getitem" and op_name(target.args[0]) == "topk" and target.args[1] == 0:
+            continue  # the router's top-k weights, renormalized
         return f"the experts' code writes into {getattr(target, 'name', target)} in place ({name}), which the " \
                "kernel does not model"
     return None
