@@ -154,6 +154,16 @@ def _progress(step: str):
         say(f": {elapsed():.1f} s")
 
 
+class _ProgressHandler(logging.StreamHandler):
+    """Log records as progress: on a terminal each overwrites the last (a warning stays); elsewhere one a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.terminator = "" if self.stream.isatty() and record.levelno < logging.WARNING else "\n"
+        if self.stream.isatty():
+            self.stream.write("\r\033[K")
+        super().emit(record)
+
+
 def _float64_copy(model):
     import copy
     reference = copy.deepcopy(model).double()
@@ -267,7 +277,7 @@ def fuzz(args) -> int:
         elif target not in BY_NAME:
             raise UsageError(f"unknown pattern or architecture {target!r}; patterns: {', '.join(BY_NAME)}; "
                              f"architectures: {', '.join(ARCHITECTURES)}; {OWN_MODEL}")
-    progress = logging.StreamHandler(sys.stderr)  # one line per example
+    progress = _ProgressHandler(sys.stderr)  # each example, over the last one on a terminal
     logger = logging.getLogger("fuser.fuzz")
     logger.addHandler(progress)
     logger.setLevel(logging.INFO)
@@ -281,6 +291,8 @@ def fuzz(args) -> int:
                 model, model_args, model_kwargs = load_model(target, args)
                 result = fuser.fuzz(model, *model_args, max_examples=args.max_examples, seed=args.seed,
                                     grads=not args.no_grads, **model_kwargs)
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # end the progress line
             print(result)
             ok &= result.ok
     finally:

@@ -18,13 +18,16 @@ and, on failure, hypothesis' shrunk example and the seed that reproduces it.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, seed as hypothesis_seed, settings, strategies as st
+from hypothesis.errors import UnsatisfiedAssumption
 from torch import fx
 
 from fuser.options import Options
@@ -35,8 +38,9 @@ from fuser.engine.matcher import Match
 from fuser.patterns import BY_NAME
 from fuser.patterns.base import Example, Pattern
 from fuser.report import Where
+from fuser.report.graphs import readable_input_name
 from fuser.engine.rewriter import canonical_copy, plan, rewrite
-from fuser.numerics.contract import float64_resolution, judge, neighbour_floors, nudged
+from fuser.numerics.contract import Verdict, float64_resolution, judge, neighbour_floors, nudged
 from fuser.numerics.float64 import capture_values, leaf64, random_like, run_nodes, to64
 
 log = logging.getLogger("fuser.fuzz")
@@ -58,18 +62,35 @@ class FuzzResult:
     sites: list[str] = field(default_factory=list)  # the sites fuzzed (for a model)
     ran: str = ""  # what computed the fused ops: it decides what the run proves
 
+    bounds: dict[str, float] = field(default_factory=dict)  # per site: the bound its worst error was held to
+    failed_at: int | None = None  # which drawn example first failed (before hypothesis shrank it)
+
     def __str__(self) -> str:
-        status = "ok" if self.ok else "FAILED"
-        text = f"fuzz {self.target}: {status} after {self.examples} example(s)"
-        if self.sites:
-            text += f", {len(self.sites)} site(s)"
-        elif self.ok and not self.worst_error:
-            text += " (nothing to fuzz: no site is rewritten)"
-        errors = [f"{k}: {v:.1e}" for k, v in self.worst_error.items()]
-        text += "; worst error " + (", ".join(errors) if len(errors) <= 4 else "".join(f"\n  {e}" for e in errors)) \
-            if errors else ""
+        """A summary line, then each error beside its bound, then (on failure) what broke and how to rerun it."""
+        if self.ok:
+            text = f"fuzz {self.target}: ok after {self.examples} example(s)"
+            text += f", {len(self.sites)} site(s)" if self.sites else ""
+            text += ", every error within its bound" if self.worst_error else \
+                (" (nothing to fuzz: no site is rewritten)" if not self.sites else "")
+        else:
+            first = self.failure.splitlines()[0] if self.failure else "failed"
+            text = f"fuzz {self.target}: FAILED at example {self.failed_at or self.examples}: {first}"
+        width = max(map(len, self.worst_error), default=0)
+        text += "".join(f"\n  {key:<{width}}  {error:.1e}  {_bound_text(error, self.bounds.get(key))}"
+                        for key, error in self.worst_error.items())
+        if self.failure:
+            text += "".join(f"\n  {line}" for line in self.failure.splitlines()[1:])
         text += f"\n  the fused ops ran as {self.ran}" if self.ran else ""
-        return text + (f"\n{self.failure}\nreproduce with seed={self.seed}" if self.failure else "")
+        return text + (f"\n  reproduce with seed={self.seed}" if self.failure else "")
+
+
+def _bound_text(error: float, bound: float | None) -> str:
+    """The bound an error was held to, for people: `<= 1e-05`, or why there was none."""
+    if bound is None:
+        return ""
+    if math.isinf(bound):
+        return "(no bound: below what float64 resolves)"
+    return f"{'<=' if error <= bound else '>'} {bound:.1e}"
 
 
 @dataclass(frozen=True)
@@ -113,8 +134,8 @@ def _results(out: torch.Tensor, leaves: list[Leaf], side: str, grad_out: torch.T
 
 
 def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
-                     neighbours: Callable[[int], list[Leaf]], prefix: str = "") -> dict[str, float]:
-    """Relative errors of the output and of each input's gradient; AssertionError where the contract
+                     neighbours: Callable[[int], list[Leaf]], prefix: str = "") -> dict[str, Verdict]:
+    """Verdicts (the error and its bound) on the output and each input's gradient; AssertionError where the contract
     (`fuser.numerics.contract.judge`) fails, with every floor: the original's own error, float64's
     resolution of a gradient, and the floor on inputs about an ulp away (`neighbours(seed)`)."""
     ref, plain = original(leaves)
@@ -140,15 +161,15 @@ def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
         resolution = float64_resolution([grad_out], [want["out"]], wrt[key]) if key != "out" else 0.0
         verdict = judge(got, want[key], own=theirs[key], resolution=resolution,
                         attainable=lambda key=key: floors().get(key, 0.0))
-        errors[key] = verdict.error
+        errors[key] = verdict
         assert verdict.problem is None, f"{what}: {verdict.problem}"
     return errors
 
 
-def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> dict[str, float]:
+def run_example(pattern: Pattern, example: Example, *, grads: bool = True) -> dict[str, Verdict]:
     """Compile the example's search function with only `pattern` enabled and compare with float64.
 
-    Returns the relative errors (output and each gradient); raises AssertionError with the
+    Returns the verdicts (output and each gradient: error and bound); raises AssertionError with the
     reason when the site is not rewritten exactly once or the numerics contract fails."""
     tensors = {k: v for k, v in example.kwargs.items() if isinstance(v, torch.Tensor)}
     literals = {k: v for k, v in example.kwargs.items() if not isinstance(v, torch.Tensor)}
@@ -197,31 +218,51 @@ def fuzz(target: str | Callable, *args: Any, max_examples: int = 100, seed: int 
     return _fuzz_model(target, args, kwargs, max_examples, seed, grads)
 
 
-def _record(result: FuzzResult, site: str, errors: dict[str, float]) -> None:
-    for key, error in errors.items():
-        name = f"{site}.{key}"
-        result.worst_error[name] = max(result.worst_error.get(name, 0.0), error if math.isfinite(error) else 0.0)
+def _record(result: FuzzResult, site: str, verdicts: dict[str, Verdict]) -> None:
+    """Keep each key's worst error and the bound it was held to in that example."""
+    for key, verdict in verdicts.items():
+        name, error = f"{site}.{key}", verdict.error if math.isfinite(verdict.error) else 0.0
+        if name not in result.worst_error or error > result.worst_error[name]:
+            result.worst_error[name], result.bounds[name] = error, verdict.bound
 
 
 def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[Any], None],
           max_examples: int) -> FuzzResult:
-    """Run hypothesis over `strategy`; a failure is kept with hypothesis' shrunk example."""
+    """Run hypothesis over `strategy`; a failure is kept with hypothesis' shrunk example. Progress goes to the
+    "fuser.fuzz" logger, one record per example: `example 3/100` while drawing, then `shrinking` tries."""
     @hypothesis_seed(result.seed)
     @settings(max_examples=max_examples, **SETTINGS)
     @given(strategy)
     def check(example: Any) -> None:
         nonlocal last
         last = example  # hypothesis runs the shrunk failing example last
-        result.examples += 1
-        log.info("fuzz %s: example %d/%d: %r", result.target, result.examples, max_examples, example)
-        check_one(example)
+        try:
+            check_one(example)
+        except UnsatisfiedAssumption:  # not an example: hypothesis draws another
+            raise
+        except Exception:
+            count(example, failed=True)
+            raise
+        count(example, failed=False)
 
-    last = None
+    def count(example: Any, failed: bool) -> None:
+        nonlocal shrinks
+        if result.failed_at is not None:
+            shrinks += 1
+            log.info("fuzz %s: shrinking example %d: try %d", result.target, result.failed_at, shrinks)
+            return
+        result.examples += 1
+        result.failed_at = result.examples if failed else None
+        log.info("fuzz %s: example %d/%d %s", result.target, result.examples, max_examples,
+                 "failed; shrinking it" if failed else "ok")
+        log.debug("fuzz %s: example %d was %r", result.target, result.examples, example)
+
+    last, shrinks = None, 0
     try:
         check()
     except Exception as error:  # a pattern raising is as much a finding as a wrong number
-        notes = "\n".join(getattr(error, "__notes__", []))
-        result.ok, result.failure = False, f"{type(error).__name__}: {error}\nshrunk example: {last!r}\n{notes}".strip()
+        what = str(error) if isinstance(error, AssertionError) else f"{type(error).__name__}: {error}"  # the contract
+        result.ok, result.failure = False, f"{what}\nshrunk example: {last!r}"
     return result
 
 
@@ -247,9 +288,10 @@ class ModelExample:
     """New inputs for a captured model: a size for each dynamic dim, and the seed of the values."""
     sizes: dict[str, int]
     values_seed: int
+    names: dict[str, str] = field(default_factory=dict, compare=False)  # symbol -> `input_ids.size(1)`
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        sizes = ", ".join(f"{self.names.get(k, k)}={v}" for k, v in self.sizes.items())
         return f"ModelExample(sizes: {sizes or 'none dynamic'}; values from seed {self.values_seed})"
 
 
@@ -271,7 +313,7 @@ class CapturedGraph:
         self.drawn = {i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and id(x) not in kept}
         self.shape_env = next((f.fake_mode.shape_env for f in self.fakes if isinstance(f, torch._subclasses.FakeTensor)
                                and f.fake_mode.shape_env is not None), None)
-        self.symbols = self._symbols()
+        self.symbols, self.names = self._symbols()
         self.sites = self._sites(patterns)
         self.differentiable = self._differentiable()
 
@@ -298,18 +340,23 @@ class CapturedGraph:
                 found.add(node)
         return found
 
-    def _symbols(self) -> dict[Any, tuple[int, int]]:
-        """Each dynamic size of the graph's inputs: (lower bound, size in the example)."""
-        found = {}
-        for fake in self.fakes:
+    def _symbols(self) -> tuple[dict[Any, tuple[int, int]], dict[str, str]]:
+        """Each dynamic size of the graph's inputs: (lower bound, size in the example); and a name for people
+        (`input_ids.size(1)`, from the first input whose size it is)."""
+        found, names = {}, {}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        tensors_first = sorted(zip(placeholders, self.fakes), key=lambda pair: not isinstance(pair[1], torch.Tensor))
+        for node, fake in tensors_first:
             dims = fake.shape if isinstance(fake, torch.Tensor) else [fake] if isinstance(fake, torch.SymInt) else []
-            for dim in dims:
+            for axis, dim in enumerate(dims):
                 if isinstance(dim, torch.SymInt):
+                    suffix = f".size({axis})" if isinstance(fake, torch.Tensor) else ""
+                    names.setdefault(str(dim.node.expr), readable_input_name(str(node.target)) + suffix)
                     for symbol in dim.node.expr.free_symbols:
                         hint = int(self.shape_env.backed_var_to_val[symbol])
                         lower = self.shape_env.var_to_range[symbol].lower
                         found[symbol] = (max(2, int(lower)) if math.isfinite(lower) else 2, hint)
-        return found
+        return found, names
 
     def inputs(self, example: ModelExample) -> list | None:
         """The graph's inputs for `example` (None where its sizes break the graph's guards)."""
@@ -350,7 +397,7 @@ def capture_model(model: Callable, args: tuple, kwargs: dict, patterns: tuple[Pa
 
 
 def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
-               differentiable: set[fx.Node] = frozenset()) -> dict[str, float]:
+               differentiable: set[fx.Node] = frozenset()) -> dict[str, Verdict]:
     """The rewrite of one site against its original nodes in float64, on the values that reach it;
     gradients with respect to the `differentiable` inputs when `grads`."""
     m = site.match
@@ -380,6 +427,16 @@ def check_site(site: Site, values: dict[fx.Node, Any], grads: bool,
                             prefix=f"{site.name}: ")
 
 
+def _argument_names(model: Callable) -> dict[int, str]:
+    """Position -> name of the model's positional parameters (none where its signature cannot be read)."""
+    try:
+        function = model.forward if isinstance(model, torch.nn.Module) else model  # a module's own: its forward
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {i: p.name for i, p in enumerate(parameters) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
 def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, seed: int, grads: bool) -> FuzzResult:
     graphs = capture_model(model, args, kwargs, Options().selected_patterns(), grads)
     name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
@@ -390,8 +447,12 @@ def _fuzz_model(model: Callable, args: tuple, kwargs: dict, max_examples: int, s
     if not result.sites:
         return result
     symbols = {str(s): bounds for g in graphs for s, bounds in g.symbols.items()}
-    strategy = st.builds(ModelExample, st.fixed_dictionaries({s: st.integers(lo, max(lo, hint))
-                                                              for s, (lo, hint) in symbols.items()}),
+    arguments = _argument_names(model)
+    names = {name: re.sub(r"^args_(\d+)", lambda m: arguments.get(int(m[1]), m[0]), described)
+             for g in reversed(graphs) for name, described in g.names.items()}  # the first graph's name wins
+    strategy = st.builds(functools.partial(ModelExample, names=names),
+                         st.fixed_dictionaries({s: st.integers(lo, max(lo, hint))
+                                                for s, (lo, hint) in symbols.items()}),
                          st.integers(0, 2**31 - 1))
 
     def check_one(example: ModelExample) -> None:

@@ -8,4 +8,7 @@ visible as a top-level `kernels`, a name transformers probes for (a PyPI package
 exists) and imports: under that name it registers nothing, so the ops are not defined twice.
 """
 if __name__ == "fuser.kernels":
-    from . import attention, gated_delta, moe, rms_norm, softmax  # noqa: F401  (registers torch.ops.fuser.*)
+    from . import attention, gated_delta, mla_decode, moe, rms_norm, softmax  # noqa: F401  (registers torch.ops.fuser.*)
+    from .runtime.flops import register_flop_formulas
+
+    register_flop_formulas()  # what FlopCounterMode counts for each op

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .language import load_rows, program_rows, store_rows, to_dtype
-from .runtime import (KernelLimits, RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch, next_pow2,
-                      program_slots)
+from .runtime import (KernelLimits, RowTiling, Rows, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch,
+                      next_pow2, program_slots)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -268,7 +268,8 @@ def _backward_fake(grad_out, x, weight, eps, weight_offset):
 
 
 _call_backward = fused_op("rms_norm_backward", _backward_kernel, _backward_reference, _backward_fake,
-                          lambda grad_out, x, weight, *_: kernels_apply(grad_out, x, weight))
+                          lambda grad_out, x, weight, *_: kernels_apply(grad_out, x, weight),
+                          rows=Rows(args=(0, 1), summed=(1,)))  # dweight sums over rows
 
 
 def _forward_kernel(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
@@ -299,7 +300,7 @@ def _backward(ctx, grad_out):
 _call_forward = fused_op("rms_norm_forward", _forward_kernel, _forward_reference, _forward_fake,
                          lambda x, weight, eps, offset, before_cast, out_dtype: kernels_apply(x, weight,
                                                                                              out_dtype=out_dtype),
-                         setup_context=_setup_context, backward=_backward)
+                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)))
 
 
 @entry_op

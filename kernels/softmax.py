@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .language import exp, load_rows, program_rows, store_rows
-from .runtime import KernelLimits, RowTiling, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch
+from .runtime import KernelLimits, RowTiling, Rows, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch
 
 
 LIMITS = KernelLimits()  # x in one of `dtypes`, the softmax in float32
@@ -171,7 +171,7 @@ def _backward_fake(grad_out, x):
 
 
 _call_backward = fused_op("softmax_backward", _backward_kernel, _backward_reference, _backward_fake,
-                          lambda grad_out, x: kernels_apply(grad_out, x, out_dtype=x.dtype))
+                          lambda grad_out, x: kernels_apply(grad_out, x, out_dtype=x.dtype), rows=Rows(args=(0, 1)))
 
 
 def _forward_kernel(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -199,7 +199,7 @@ def _backward(ctx, grad_out):
 
 _call_forward = fused_op("softmax_forward", _forward_kernel, _forward_reference, _forward_fake,
                          lambda x, out_dtype: kernels_apply(x, out_dtype=out_dtype),
-                         setup_context=_setup_context, backward=_backward)
+                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)))
 
 
 @entry_op

@@ -24,7 +24,7 @@ from torch import fx
 from fuser.kernels.attention import LIMITS
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name, structural
 from fuser.patterns.attention_masks import MaskPlan, recognize
-from fuser.patterns.nodes import dropout_arguments, tensor_meta
+from fuser.patterns.nodes import arguments, dropout_arguments, tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -119,6 +119,21 @@ def _masked_shapes(node):
     yield node, (None, 0.0, "none"), ()
 
 
+def _biased_shapes(node):
+    """`s + bias`: a float tensor added to the scores before a mask is (T5's position bias, then its mask), or no
+    bias. With a single term the mask is tried first (`masked`)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.add:
+        for scores, bias in (node.args, node.args[::-1]):
+            if isinstance(bias, fx.Node) and isinstance(scores, fx.Node) and _broadcasts_to(bias, scores):
+                yield scores, (bias,), (node,)
+    yield node, (None,), ()
+
+
+@structural(_biased_shapes)
+def biased(scores, bias):
+    return scores if bias is None else scores + bias
+
+
 @structural(_masked_shapes)
 def masked(scores, mask, fill, how):
     if how == "add":
@@ -126,6 +141,72 @@ def masked(scores, mask, fill, how):
     if how == "drop":
         return scores.masked_fill(mask, fill)
     return scores if how == "none" else torch.where(mask, scores, fill)
+
+
+def _last_dim(node, dim) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and dim in (-1, meta.dim() - 1)
+
+
+def _row_max(node, x) -> tuple | None:
+    """The nodes of `x.max(dim=-1, keepdim=True).values` / `[0]` or `x.amax(-1, keepdim=True)` (any spelling)
+    that `node` is, or None."""
+    covered = (node,)
+    if isinstance(node, fx.Node) and node.target == operator.getitem and node.args[1:] == (0,):
+        node, names = node.args[0], ("max", torch.max)
+        covered = (node, *covered)
+    else:
+        names = ("amax", torch.amax)
+    if not isinstance(node, fx.Node) or node.target not in names:
+        return None
+    bound = arguments(node, ("input", "dim", "keepdim"), {"keepdim": False})
+    if bound is None or bound["input"] is not x or bound["keepdim"] is not True or not _last_dim(x, bound["dim"]):
+        return None
+    return covered
+
+
+def _with_sinks_shapes(node):
+    """gpt-oss's `torch.cat([scores, sinks], dim=-1)` (sinks [..., 1]: one logit per row), its row max subtracted
+    or not (which changes no softmax): the sinks join the softmax's denominator. Or no sinks."""
+    combined, around = node, ()
+    if isinstance(node, fx.Node) and node.target == operator.sub and len(node.args) == 2:
+        row_max = _row_max(node.args[1], node.args[0])
+        if row_max is not None:
+            combined, around = node.args[0], (*row_max, node)
+    bound = arguments(combined, ("tensors", "dim"), {"dim": 0}) if isinstance(combined, fx.Node) \
+        and combined.target == torch.cat else None
+    if bound is not None and isinstance(bound["tensors"], (list, tuple)) and len(bound["tensors"]) == 2:
+        scores, sinks = bound["tensors"]
+        meta = tensor_meta(sinks)
+        if isinstance(scores, fx.Node) and meta is not None and meta.shape[-1] == 1 and _last_dim(combined, bound["dim"]):
+            yield scores, (sinks,), (combined, *around)
+    yield node, (None,), ()
+
+
+@structural(_with_sinks_shapes)
+def with_sinks(scores, sinks):
+    if sinks is None:
+        return scores
+    combined = torch.cat([scores, sinks], dim=-1)
+    return combined - combined.max(dim=-1, keepdim=True).values
+
+
+def _sink_dropped_shapes(node):
+    """`probs[..., :-1]`: the sinks' column dropped after the softmax, or nothing dropped. (Sinks not dropped, or
+    a column dropped with no sinks, leave p·v with one key more or fewer than k: check()'s shapes refuse it.)"""
+    if isinstance(node, fx.Node) and node.target == operator.getitem and isinstance(node.args[0], fx.Node):
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        meta = tensor_meta(node.args[0])
+        if index and meta is not None and index[-1] == slice(None, -1, None) and all(
+                i is Ellipsis or i == slice(None) for i in index[:-1]) and (
+                Ellipsis in index or len(index) == meta.dim()):
+            yield node.args[0], (True,), (node,)
+    yield node, (False,), ()
+
+
+@structural(_sink_dropped_shapes)
+def sink_dropped(probs, dropped):
+    return probs[..., :-1] if dropped else probs
 
 
 def _dropout_shapes(node):
@@ -140,12 +221,14 @@ def dropout(probs, p):
     return F.dropout(probs, p, training=p > 0)
 
 
-def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, mask, fill, how, dim, compute_dtype, out_dtype,
-              dropout_p):
-    """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it."""
+def attention(q, k, v, n_rep, q_scale, k_scale, scale, softcap, bias, mask, fill, how, sinks, dim, compute_dtype,
+              sink_is_dropped, out_dtype, dropout_p):
+    """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it
+    (gpt-oss: with sinks in the softmax, their column dropped after it)."""
     keys = repeat_kv(scaled(k, k_scale), n_rep)
     scores = softcapped(scaled(torch.matmul(scaled(q, q_scale), keys.transpose(-2, -1)), scale), softcap)
-    probs = cast(torch.softmax(cast(masked(scores, mask, fill, how), compute_dtype), dim), out_dtype)
+    logits = cast(with_sinks(masked(biased(scores, bias), mask, fill, how), sinks), compute_dtype)
+    probs = cast(sink_dropped(torch.softmax(logits, dim), sink_is_dropped), out_dtype)
     return torch.matmul(dropout(probs, dropout_p), repeat_kv(v, n_rep))
 
 
@@ -210,6 +293,8 @@ def _mask_plan(m) -> MaskPlan | None:
     skipping tiles would lose."""
     q, k, _ = _shapes(m)
     site, mask = m.site, m.bindings["mask"]
+    if m.meta("mask") is not None and m.meta("mask").requires_grad:  # a learned bias: read, and given its gradient
+        return None
     if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
     reader = next((n for n in m.nodes if mask in n.all_input_nodes), m.output)  # the mask's value there counts
@@ -255,16 +340,24 @@ def check(m) -> str | None:
         return f"scale {site.scale} is not positive"
     if site.softmax_dim not in (-1, 3):
         return f"softmax over dim {site.softmax_dim}, not over the keys"
-    if site.compute_dtype not in (None, torch.float32):
+    if site.compute_dtype not in (None, torch.float32, q.dtype):
         return f"softmax computed in {dtype_name(site.compute_dtype)}"
+    bias = m.meta("bias") if m.bindings.get("bias") is not None else None
+    if bias is not None and (not bias.dtype.is_floating_point or site.how not in ("add", "none")):
+        return (f"a {dtype_name(bias.dtype)} bias added to the scores, then a mask applied by "
+                f"{'masked_fill' if site.how == 'drop' else 'where'}: one mask tensor at most")
+    sinks = m.meta("sinks") if m.bindings.get("sinks") is not None else None
+    if sinks is not None and (not sinks.dtype.is_floating_point
+                              or tuple(sinks.shape[:-1]) != (q.shape[0], q.shape[1], q.shape[2])):
+        return f"sinks of shape {tuple(sinks.shape)} are not one floating logit per row"
     if site.how in ("keep", "drop") and not _large_negative(site.fill):
         return f"masked scores are set to {site.fill}, not a large negative number"
     mask = m.meta("mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
             return "the mask is not a bool or float tensor"
-        if mask.requires_grad:
-            return "the additive mask takes a gradient (a learned bias); the kernel gives none"
+        if mask.requires_grad and site.how != "add":
+            return "the mask takes a gradient but is not added to the scores"
         scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores
@@ -289,7 +382,10 @@ def _sdpa_worth_it(m) -> str | None:
 
 
 def replace(m):
+    bias = m.get("bias")
     plan = _mask_plan(m)
+    if plan is not None and bias is not None and plan.padding is not None:
+        plan = None  # one mask tensor: the bias plus the padding, both added
     if plan is not None:
         causal, window, bottom_right, fill = plan.causal, plan.window, plan.bottom_right, plan.fill
         mask = None if plan.padding is None else m.value_of(plan.padding)[:, None, None, :]
@@ -302,8 +398,14 @@ def replace(m):
             mask = mask.to(m.meta("q").dtype)
         if m.meta("mask").dim() < 4:  # [Lq, Lk], [H, Lq, Lk], ...: broadcast from the right, as torch does
             mask = mask[(None,) * (4 - m.meta("mask").dim())]
+    masking = _masking(m, plan)
+    if bias is not None:  # added to the scores like an additive mask (and given its gradient)
+        mask = bias[(None,) * (4 - m.meta("bias").dim())] if mask is None else bias + mask
+        masking = "add"
+    sinks = m.get("sinks")
     return torch.ops.fuser.attention(m["q"], m["k"], m["v"], mask, m.site.scale, causal, window, bottom_right,
-                                     m.site.softcap, m["dropout_p"], fill, _masking(m, plan))
+                                     m.site.softcap, m["dropout_p"], fill, masking,
+                                     None if sinks is None else sinks[..., 0])
 
 
 def describe(m) -> str:
@@ -313,11 +415,15 @@ def describe(m) -> str:
         parts = ["mask read as a tensor"]
     else:
         parts = [plan.describe() + (", no mask read" if m.bindings["mask"] is not None and plan.padding is None else "")]
+    if m.get("bias") is not None:
+        parts.append("bias read as a tensor")
     ratio = _head_ratio(m)
     if ratio > 1:
         parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")
     if m.site.softcap:
         parts.append(f"softcap {m.site.softcap:g}")
+    if m.get("sinks") is not None:
+        parts.append("sinks")
     if m["dropout_p"]:
         parts.append(f"dropout {m['dropout_p']:g}")
     parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))
@@ -356,11 +462,14 @@ def _examples(draw) -> Example:
         keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
         mask, how, fill = (keep if mask_kind == "keep" else ~keep), mask_kind, float("-inf")
     upcast = draw(st.booleans())
+    sinks = draw(tensors((kv_heads * n_rep, 1, 1), dtype)).expand(batch, -1, lq, 1) if draw(st.booleans()) else None
+    bias = draw(tensors((1, kv_heads * n_rep, lq, lk), dtype)) if how in ("add", "none") and draw(st.booleans()) \
+        else None  # a learned bias (takes a gradient), then the mask
     return Example(attention, dict(
         q=q, k=k, v=v, mask=mask, n_rep=n_rep, q_scale=1.0, k_scale=1.0, scale=1.0 / math.sqrt(d),
-        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), fill=fill, how=how, dim=-1,
-        compute_dtype=torch.float32 if upcast else None, out_dtype=dtype if upcast else None, dropout_p=0.0),
-        constants=("mask",))
+        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), bias=bias, fill=fill, how=how, sinks=sinks, dim=-1,
+        compute_dtype=torch.float32 if upcast else None, sink_is_dropped=sinks is not None,
+        out_dtype=dtype if upcast else None, dropout_p=0.0), constants=("mask",))
 
 
 @st.composite

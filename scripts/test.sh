@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# the HTML report test looks at the page in headless Chromium (Debian's package); without it, it skips
-if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
-    || echo "chromium could not be installed: the screenshot test will skip" >&2
+# the HTML report test looks at the page in headless Chromium and its pictures are laid out by Graphviz's dot
+# (Debian's packages); without them, those tests skip (and the report uses its own layout)
+if ! { command -v chromium && command -v dot; } >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium graphviz; } >/dev/null 2>&1 \
+    || echo "chromium or graphviz could not be installed: the screenshot and layout tests will skip" >&2
 fi
 exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"

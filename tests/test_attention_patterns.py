@@ -28,6 +28,15 @@ def repeat_kv(x, n):
 
 
 CAUSAL = torch.ones(L, L, dtype=torch.bool).tril()
+SINKS = torch.linspace(-1.0, 2.0, H)
+
+
+def with_sinks(q, k, v):
+    """gpt-oss's sinks, written by hand: one logit per head joins the softmax, its column dropped after it."""
+    scores = q @ k.transpose(-2, -1) * 0.25
+    combined = torch.cat([scores, SINKS.to(q.dtype).reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], -1)], -1)
+    combined = combined - combined.amax(-1, keepdim=True)
+    return combined.softmax(-1)[..., :-1] @ v
 
 SPELLINGS = {
     # name: (function of q, k, v, the mode the report must name)
@@ -61,6 +70,7 @@ SPELLINGS = {
     "sdpa with an additive causal mask": (lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.where(torch.ones(L, L, dtype=torch.bool).tril(), 0.0, float("-inf")).to(q.dtype)),
         "causal, no mask read"),
+    "sinks": (with_sinks, "sinks"),
     "bool mask added to the scores": (lambda q, k, v: torch.softmax(
         q @ k.transpose(-2, -1) * 0.25 + CAUSAL[None, None], -1) @ v, "mask read as a tensor"),
 }
@@ -184,6 +194,8 @@ NEAR_MISSES = {
                                                     * CAUSAL) @ v, None),
     "value matmul of another tensor": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1).exp() @ v,
                                        None),
+    "last column dropped, no sinks": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1)[..., :-1]
+                                      @ v[:, :, :-1], "do not form an attention"),
     "probabilities used twice": (lambda q, k, v: (lambda p: (p @ v, p))(torch.softmax(q @ k.transpose(-2, -1), -1)),
                                  "used outside"),
 }
@@ -202,12 +214,25 @@ def test_attention_near_misses_are_left_alone(case):
         assert_close(got, ref, torch.float32)
 
 
-def test_a_learned_additive_bias_keeps_its_gradient():
-    bias = torch.zeros(1, H, L, L, requires_grad=True)
-    q, k, v = _qkv()
-    out, report = compile_and_run(lambda q, k, v, b: torch.softmax(q @ k.transpose(-2, -1) + b, -1) @ v, q, k, v, bias)
-    assert "attention" not in report.counts()
-    assert any("learned bias" in n.reason for n in report.near_misses), report
+def test_a_learned_additive_bias_is_rewritten_with_its_gradient():
+    """A relative-position-style bias [1, H, L, L] that takes a gradient, with a causal mask folded in (T5's
+    position_bias + mask): read as a tensor, and given dS summed over the batch."""
+    bias = (torch.randn(1, H, L, L) * 0.5).requires_grad_()
+    causal = torch.where(CAUSAL, 0.0, torch.finfo(torch.float32).min)
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def fn(q, k, v, b):
+        return torch.softmax(q @ k.transpose(-2, -1) + (b + causal), -1) @ v
+
+    out, report = compile_and_run(fn, q, k, v, bias, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    assert "mask read as a tensor" in report.matches[0].mode
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    causal = causal.double()
+    want = torch.autograd.grad(fn(*leaves).sum(), leaves)
+    for got, ref in zip(grads, want):
+        assert_close(got, ref, torch.float32)
 
 
 # attention sites of each tiny model (2 layers) and the mode the kernel runs
@@ -290,3 +315,54 @@ def test_training_with_attention_dropout_is_rewritten_with_dropout():
     report = fuser.explain(model, ids)
     modes = [m.mode for m in report.matches if m.pattern == "attention"]
     assert len(modes) == 2 and all("dropout 0.25" in mode for mode in modes), report
+
+
+def test_gpt_oss_attention_with_sinks_is_rewritten_in_training():
+    """gpt-oss's eager attention (sinks, a sliding layer and a full one) under torch.compile: both layers
+    rewritten; logits and every gradient, the sinks' included, against float64."""
+    from fuser.models import tiny_gpt_oss
+
+    model = tiny_gpt_oss().train()
+    ids = tiny_inputs(model)
+    reference = float64_reference(model)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(ids, labels=ids).loss
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 2, report
+    assert {m.mode.split(", GQA")[0] for m in report.matches if m.pattern == "attention"} == {
+        "causal, window 8, no mask read", "causal, no mask read"}, report
+    assert all("sinks" in m.mode for m in report.matches if m.pattern == "attention")
+    loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        if p.grad is not None and p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32), name
+    assert all(layer.self_attn.sinks.grad.abs().sum() > 0 for layer in model.model.layers)
+
+
+def test_t5_attention_with_a_learned_position_bias_is_rewritten_in_training():
+    """T5 (eager): the relative position bias takes a gradient and the decoder adds its causal mask after it; all
+    six layers (encoder, decoder self- and cross-attention) rewritten, every gradient against float64."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    config._attn_implementation = "eager"
+    model = T5ForConditionalGeneration(config).train()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference = float64_reference(model)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
+        input_ids=ids, labels=ids[:, :7].contiguous()).loss
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 6, report
+    assert sum("bias read as a tensor" in m.mode for m in report.matches) == 2, report
+    loss.backward()
+    reference(input_ids=ids, labels=ids[:, :7].contiguous()).loss.backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        if p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32), name
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert bias.grad is not None and bias.grad.abs().sum() > 0

@@ -123,8 +123,12 @@ def test_a_factory_without_the_function_lists_what_is_there(tmp_path, capsys):
 def test_fuzz_patterns_shows_progress_and_results(capsys):
     assert main(["fuzz", "softmax", "--max-examples", "3", "--seed", "0"]) == 0
     captured = capsys.readouterr()
-    assert "fuzz softmax: ok after 3 example(s)" in captured.out
-    assert "fuzz softmax: example 3/3" in captured.err  # progress, one line per example
+    assert "fuzz softmax: ok after 3 example(s), every error within its bound" in captured.out
+    assert re.search(r"^  softmax\.out +\d\.\de-\d\d  <= 2\.0e-02$", captured.out, re.M), captured.out  # error, bound
+    assert "fuzz softmax: example 3/3 ok" in captured.err  # progress, one line per example off a terminal
+    counters = [(int(a), int(b)) for a, b in re.findall(r"example (\d+)/(\d+)", captured.err)]
+    assert counters == [(1, 3), (2, 3), (3, 3)], captured.err
+    assert "tensor(" not in captured.err + captured.out  # no example is printed when nothing fails
 
 
 def test_fuzz_a_model(capsys):

@@ -31,6 +31,7 @@ if not hasattr(torch.ops.fuser, "attention"):
 EXPECTED = {"llama": (5, 2, 0), "mistral": (5, 2, 0), "qwen2": (5, 2, 0), "gpt2": (0, 2, 0), "bert": (0, 2, 0),
             "olmoe": (9, 2, 2), "mixtral": (5, 2, 2), "deepseek_v3": (9, 2, 1)}
 OPS = ("fuser::rms_norm", "fuser::attention", "fuser::moe_experts")
+LATENT_ATTENTION = {"deepseek_v3": 2}  # MLA layers decoding in the latent space (tests/test_latent_attention_convert.py)
 
 
 def _fused_op_calls(model, *args, **kwargs) -> Counter:
@@ -52,7 +53,9 @@ def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     report = fuser.convert(model, dry_run=True)
-    assert report.counts() == {k: v for k, v in zip(("rms_norm", "attention", "moe"), EXPECTED[arch]) if v}, report
+    latent = LATENT_ATTENTION.get(arch, 0)
+    assert report.counts() == {k: v for k, v in zip(("rms_norm", "attention", "moe", "latent_attention"),
+                                                    (*EXPECTED[arch], latent)) if v}, report
     assert not report.near_misses, report
     experts_implementation = model.config._experts_implementation
     assert _fused_modules(model) == [] and model.config._attn_implementation == "eager"  # a dry run changes nothing
@@ -60,7 +63,7 @@ def test_convert_runs_the_kernels_matches_float64_and_generates_the_same(arch):
     assert report.notes == [WITHOUT_EXAMPLES]
 
     assert fuser.convert(model) is model
-    assert len(_fused_modules(model)) == norms and model.config._attn_implementation == "fuser"
+    assert len(_fused_modules(model)) == norms + latent and model.config._attn_implementation == "fuser"
     assert (model.config._experts_implementation == "fuser") == bool(experts)
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
@@ -444,28 +447,36 @@ def test_experts_that_fail_their_check_keep_their_implementation(monkeypatch):
 
 # --- what transformers hands the attention function ---------------------------------------------------
 
-def test_attention_given_sinks_stays_as_it_was_and_says_why():
-    """fuser::attention has no sinks: convert keeps the model's attention (before, the "fuser" implementation
-    handed them to SDPA, which ignores them: logits 0.2 off, and the dry run said "converted")."""
+def test_attention_with_sinks_is_converted_and_exact():
+    """gpt-oss passes its sinks (s_aux) to the attention function: the "fuser" implementation joins them to the
+    softmax (before, it handed them to SDPA, which ignores them: logits 0.2 off, and the dry run said
+    "converted"). Logits against float64, the sinks' gradient against the eager model's, greedy tokens."""
     model = tiny_gpt_oss()
+    original = copy.deepcopy(model)
     ids = tiny_inputs(model)
     reference = float64_reference(model)
     report = fuser.convert(model, dry_run=True)
-    misses = [m for m in report.near_misses if m.pattern == "attention"]
-    assert "attention" not in report.counts() and len(misses) == 2, report
-    assert all(m.reason == "its attention function is given s_aux (attention sinks), which fuser::attention does not "
-               "implement; the model keeps its attention implementation ('eager')" for m in misses), misses
-    assert fuser.convert(model) is model and model.config._attn_implementation == "eager"
+    assert report.counts().get("attention") == 2, report
+    assert fuser.convert(model) is model and model.config._attn_implementation == "fuser"
     with torch.no_grad():
         assert_close(model(ids).logits, reference(ids).logits, torch.float32)
+    for m in (model, original):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    sinks = [(a.self_attn.sinks.grad, b.self_attn.sinks.grad) for a, b in zip(model.model.layers, original.model.layers)]
+    assert all(g is not None and g.abs().sum() > 0 for g, _ in sinks)
+    for grad, expected in sinks:
+        assert_close(grad, expected, torch.float32)
+    model.eval(), original.eval()
+    prompt = ids[:1, :5]
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False),
+                       original.generate(prompt, max_new_tokens=5, do_sample=False))
 
 
 def test_the_fuser_attention_refuses_what_it_does_not_implement():
-    """Set by hand, the "fuser" attention implementation raises on sinks rather than ignore them."""
-    from fuser.integrations.transformers import register
+    """The "fuser" attention implementation raises on an argument it does not implement rather than ignore it."""
+    from fuser.integrations.transformers import fuser_attention
 
-    register()
-    model = tiny_gpt_oss()
-    model.set_attn_implementation("fuser")
-    with pytest.raises(NotImplementedError, match=r"passes s_aux \(attention sinks\), which fuser::attention does not"):
-        model(tiny_inputs(model))
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match=r"passes position_bias \(a position bias\), which fuser::attention"):
+        fuser_attention(torch.nn.Linear(1, 1), q, q, q, None, position_bias=torch.zeros(1, 2, 3, 3))

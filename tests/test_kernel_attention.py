@@ -322,19 +322,22 @@ def opcheck_samples():
     q, k, v = make_qkv(1, 4, 2, 19, 23, 8, 8, torch.float32, "transposed", 0)
     mask = make_mask("key_padding", 1, 4, 19, 23, torch.float32, 0)
     seed = torch.tensor(3)
-    return [(q, k, v, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "sdpa", None),
-            (q, k, v, mask, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, "add", seed)]
+    sinks = torch.randn(4, 1)
+    return [(q, k, v, None, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "sdpa", None),
+            (q, k, v, mask, None, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, "add", seed),
+            (q, k, v, mask, sinks, 0.35, True, 0, False, 0.0, 0.0, torch.finfo(torch.float32).min, "add", None)]
 
 
-@pytest.mark.parametrize("sample", range(2))
+@pytest.mark.parametrize("sample", range(3))
 def test_opcheck(sample):
     args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
-            and a.dim() == 4 and i < 3 else a for i, a in enumerate(opcheck_samples()[sample])]
+            and (i < 3 or i == 4) else a for i, a in enumerate(opcheck_samples()[sample])]
     torch.library.opcheck(torch.ops.fuser.attention_forward.default, args)
     with torch.no_grad():  # no double backward: the backward op takes plain tensors
         out, stats, classes = torch.ops.fuser.attention_forward(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(out), *plain[:4], out, stats, classes, plain[12], *plain[4:12])
+    backward_args = (torch.randn_like(out), *plain[:5], out, stats, classes, plain[13], *plain[5:13],
+                     plain[3] is not None and plain[3].dtype.is_floating_point)
     torch.library.opcheck(torch.ops.fuser.attention_backward.default, backward_args)
 
 

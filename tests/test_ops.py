@@ -99,8 +99,19 @@ def moe_experts_gpt_oss_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
     return moe_experts_case(device, dtype, seed, gpt_oss=True)
 
 
+def mla_decode_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+    """The forward only: the backward is plain torch (the reference formula; tests/test_kernel_mla_decode.py)."""
+    g = torch.Generator().manual_seed(seed)
+    q_lat, q_pe = _draw(g, device, dtype, 2, 2, 4, 24), _draw(g, device, dtype, 2, 2, 4, 8)
+    c, k_pe = _draw(g, device, dtype, 2, 37, 24), _draw(g, device, dtype, 2, 37, 8)
+    return Case(lambda *tensors: torch.ops.fuser.mla_decode(*tensors, 0.18), (q_lat, q_pe, c, k_pe),
+                [(torch.ops.fuser.mla_decode_forward.default, (q_lat, q_pe, c, k_pe, 0.18))],
+                frozenset({"_mla_decode_kernel"}))
+
+
 CASES = {"rms_norm": rms_norm_case, "softmax": softmax_case, "moe_route": moe_route_case,
-         "moe_experts": moe_experts_case, "moe_experts_gpt_oss": moe_experts_gpt_oss_case}
+         "moe_experts": moe_experts_case, "moe_experts_gpt_oss": moe_experts_gpt_oss_case,
+         "mla_decode": mla_decode_case}
 
 
 def _detached(args):
@@ -134,7 +145,7 @@ def run_both_paths(fn, leaves):
     return results
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "softmax"])
+@pytest.mark.parametrize("name", ["rms_norm", "softmax", "mla_decode"])
 def test_direct_call_equals_the_op_path(name):
     """The entry ops built on the recipe take the direct path in eager (moe_route and moe_experts: test_launch.py)."""
     case = CASES[name]()
@@ -213,10 +224,12 @@ def _trace_every_case() -> dict:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import fuser.kernels.mla_decode.decode as mla_decode_kernels
     import fuser.kernels.rms_norm as rms_norm_kernels
 
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU: no TTIR
     rms_norm_kernels.program_slots = lambda device: 132  # the H200's multiprocessors; no device to ask
+    mla_decode_kernels.program_slots = rms_norm_kernels.program_slots
     traced = [(f"{name}/{op._name}", op, args, "cuda") for name, make in CASES.items()
               for op, args in make("cpu", torch.bfloat16).ops]
     traced += [(f"{label}/{op._name}", op, args, device) for label, dtype, device in

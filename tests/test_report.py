@@ -1,6 +1,7 @@
 """Reports a person reads: the graphs before and after as networkx graphs, and the HTML page
 with a picture of each rewritten region (checked as structure here, and as pixels in a
 headless Chromium where one is installed)."""
+import html
 import re
 import shutil
 import struct
@@ -84,8 +85,97 @@ def test_html_has_a_region_per_rewrite_with_highlighted_nodes(llama_report, tmp_
     norm = next(m for m in llama_report.matches if m.pattern == "rms_norm")
     texts = _Elements(sections[norm.id]).texts
     assert "rsqrt" in texts and "[2, 11, 64] float32" in texts and "add(1e-06)" in texts
-    assert "model.layers.0.input_layernorm.weight" in texts  # a parameter's readable name
+    assert any(t.startswith("weight: model.layers.") for t in texts)  # an input: the name it is bound to, its source
+    assert "weight = model.layers.0.input_layernorm.weight" in sections[norm.id]  # ... in full
     assert all(len(t) <= 44 for t in texts)
+
+
+def test_html_names_inputs_arguments_and_source_lines_in_source_order(llama_report, tmp_path):
+    llama_report.save_html(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    sections = _sections(page)
+    attention = next(m for m in llama_report.matches if m.pattern == "attention")
+    texts = _Elements(sections[attention.id]).texts
+    assert {t.split(":")[0] for t in texts if re.match(r"^[qkv]: ", t)} == {"q", "k", "v"}  # the inputs told apart
+    norm = next(m for m in llama_report.matches if m.pattern == "rms_norm")
+    assert ("fuser::rms_norm(eps=1e-06, weight_offset=0, weight_before_cast=True, out_dtype=float32)"
+            in sections[norm.id])  # the fused op's literals by name
+    assert "models/llama/modeling_llama.py:" in sections[norm.id]  # the path, and the text of the line
+    assert "return self.weight * hidden_states.to(input_dtype)" in sections[norm.id]
+    rows = re.findall(r"<tr><td><a href='#match-[^']*'>([^<]+)</a></td><td>(g\d+)</td><td>([a-z_]+)</td>"
+                      r"<td class='mono'>([^<]+)</td>", page)
+    assert [r[3] for r in rows] == ["model.layers.0.input_layernorm", "model.layers.0.self_attn",
+                                    "model.layers.0.post_attention_layernorm", "model.norm"]  # source order
+    assert [r[0] for r in rows] == [f"{rows[0][1]}.m{i}" for i in range(4)]  # ids count up with it
+
+
+def test_html_pictures_each_near_miss_and_where_matching_stopped(tmp_path):
+    def tensor_scaled(q, k, v, t):  # no literal scale to read back: not attention (the softmax alone is rewritten)
+        return torch.softmax(q @ k.transpose(-1, -2) * t, dim=-1) @ v
+
+    report = fuser.explain(tensor_scaled, *(torch.randn(1, 2, 5, 8) for _ in range(3)), torch.tensor(0.3))
+    (miss,) = [n for n in report.near_misses if n.pattern == "attention"]
+    assert miss.stopped and miss.graph and miss.stopped not in miss.nodes, miss
+    report.save_html(tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    (section,) = re.findall(r"<section class='near-miss' id='near-miss-0' data-near-miss='0'>(.*?)</section>", page,
+                            re.S)
+    nodes = _Elements(section).tags
+    stopped = [a["data-node"] for tag, a in nodes if a.get("class") == "node stopped"]
+    assert stopped == [f"{miss.graph}.{miss.stopped}"]
+    near = {a["data-node"].split(".", 1)[1] for tag, a in nodes if a.get("class") == "node near"}
+    assert near == set(miss.nodes)
+    assert html.escape(miss.reason) in section and "<a href='#near-miss-0'>see</a>" in page
+
+
+def test_a_recompiled_graph_lists_each_site_once(tmp_path):
+    """Dynamo compiles a graph again when the sizes change (then with dynamic sizes): its sites are the same
+    sites, listed once with the recompile's graph id beside the first."""
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    compiled = torch.compile(norm, backend="fuser", options={"codegen": "eager", "pictures": True})
+    for length in (5, 7):
+        compiled(torch.randn(2, length, 16), torch.randn(16))
+    report = fuser.last_report()
+    assert report.counts() == {"rms_norm": 2} and len(report.sites()) == 1
+    first, again = report.sites()[0]
+    assert first.graph != again.graph
+    assert "1 of the rewrites are recompiles of a graph, listed once" in str(report)
+    assert len([line for line in str(report).splitlines() if "fuser::rms_norm" in line]) == 1
+    report.save_html(tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert len(_sections(page)) == 1 and f"{first.graph} (recompiled: {again.graph})" in page
+
+
+def _bezier_points(path: str, steps: int = 24) -> list[tuple[float, float]]:
+    numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", path)]
+    points = list(zip(numbers[::2], numbers[1::2]))
+    out = []
+    for i in range(0, len(points) - 3, 3):
+        p0, p1, p2, p3 = points[i:i + 4]
+        for t in np.linspace(0, 1, steps):
+            out.append(tuple((1 - t) ** 3 * a + 3 * (1 - t) ** 2 * t * b + 3 * (1 - t) * t ** 2 * c + t ** 3 * d
+                             for a, b, c, d in zip(p0, p1, p2, p3)))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's `dot` (apt-get install graphviz)")
+def test_edges_go_around_the_boxes_they_do_not_join(llama_report, tmp_path):
+    """With dot laying the pictures out, no edge passes through a box other than the two it joins."""
+    llama_report.save_html(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    for svg in re.findall(r"<svg .*?</svg>", page, re.S):
+        boxes = {name: tuple(map(float, xywh)) for name, *xywh in re.findall(
+            r"<g class='node [a-z]+' data-node='([^']+)'><title>[^<]*</title><rect x='([\d.]+)' y='([\d.]+)' "
+            r"width='([\d.]+)' height='([\d.]+)'", svg)}
+        for path in re.findall(r"<path class='edge' d='([^']+)'", svg):
+            points = _bezier_points(path)
+            touched = {name for name, (x, y, w, h) in boxes.items()
+                       if any(x + 2 < px < x + w - 2 and y + 2 < py < y + h - 2 for px, py in points)}
+            assert not touched, f"an edge passes through {touched}"
 
 
 def test_html_is_self_contained(llama_report, tmp_path):

@@ -85,11 +85,13 @@ class _Failure:
 
     def __init__(self):
         self.depth, self.reason, self.reached = -1, "no node of this shape", frozenset()
+        self.at: fx.Node | None = None  # the model's node where it stopped
 
-    def note(self, state: "_State", reason: str) -> None:
+    def note(self, state: "_State", reason: str, at: Any = None) -> None:
         if len(state.mapped) > self.depth:
             self.depth, self.reason = len(state.mapped), reason
             self.reached = frozenset(n for n in state.mapped.values() if isinstance(n, fx.Node))
+            self.at = at if isinstance(at, fx.Node) else None
 
 
 def _describe(node: Any) -> str:
@@ -160,7 +162,7 @@ class SearchGraph:
             elif _same(bound, t):
                 yield state
             else:
-                failure.note(state, f"{p.target} bound to {_describe(bound)} and {_describe(t)}")
+                failure.note(state, f"{p.target} bound to {_describe(bound)} and {_describe(t)}", t)
             return
         if isinstance(p.target, Structural):
             for inner, params, covered in p.target.alternatives(t):
@@ -181,10 +183,10 @@ class SearchGraph:
                 yield state
             return
         if not isinstance(t, fx.Node) or t.op != p.op or t.target != p.target:
-            failure.note(state, f"expected {_op(p)}, found {_describe(t)}")
+            failure.note(state, f"expected {_op(p)}, found {_describe(t)}", t)
             return
         if t in state.mapped.values() or len(t.args) != len(p.args) or set(t.kwargs) != set(p.kwargs):
-            failure.note(state, f"{_describe(t)} has other arguments than the {_op(p)} of the search")
+            failure.note(state, f"{_describe(t)} has other arguments than the {_op(p)} of the search", t)
             return
         state = state.map(p, t)
         orders = [p.args]
@@ -209,11 +211,11 @@ class SearchGraph:
             if isinstance(t, (list, tuple)) and len(t) == len(p):
                 yield from self._sequence(list(zip(p, t)), state, failure)
             else:
-                failure.note(state, f"expected {p!r}, found {_describe(t)}")
+                failure.note(state, f"expected {p!r}, found {_describe(t)}", t)
         elif _literal_equal(p, t):
             yield state
         else:
-            failure.note(state, f"expected {p!r}, found {_describe(t)}")
+            failure.note(state, f"expected {p!r}, found {_describe(t)}", t)
 
 
 @functools.lru_cache(maxsize=None)

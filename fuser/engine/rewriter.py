@@ -14,6 +14,8 @@ with its reason; `strict` raises instead.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -102,11 +104,37 @@ def _problem(m: Match, strict: bool) -> str | None:
     """Why `m` cannot be rewritten (convexity, the pattern's check), or None; a pattern's exception is a
     problem too (a pattern bug must not break the user's model), raised in strict mode."""
     try:
-        return convexity_problem(m) or m.pattern.check(m)
+        return convexity_problem(m) or m.pattern.check(m) or _dtensor_problem(m)
     except Exception as error:
         if strict:
             raise RewriteError(f"{m.pattern.name} at {Where(*m.where())}: {type(error).__name__}: {error}") from error
         return f"the rewrite failed here ({type(error).__name__}: {error}); kept the original"
+
+
+def _dtensor_problem(m: Match) -> str | None:
+    """Where a match reads DTensors (tensor parallelism), its replacement is run once on their example values
+    (fake, no data): a fused op without a sharding rule for them (`kernels.runtime.sharding`) leaves the
+    original code, rather than failing at compile time."""
+    inside = set(m.nodes)
+    read = [value(a) for n in m.nodes for a in n.all_input_nodes if a not in inside]
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    dtensors = [v for v in read if isinstance(v, DTensor)]
+    if not dtensors:
+        return None
+    m.resolve = value
+    try:
+        with contextlib.ExitStack() as stack:
+            fake_mode = getattr(dtensors[0]._local_tensor, "fake_mode", None)
+            if fake_mode is not None:
+                stack.enter_context(fake_mode)
+            m.pattern.replace(m)
+    except Exception as error:
+        return f"reads DTensors, which the fused op cannot take ({type(error).__name__}: {error}); kept the original"
+    finally:
+        m.resolve = None
+    return None
 
 
 def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = False) -> Plan:
@@ -148,7 +176,8 @@ def plan(gm: fx.GraphModule, patterns: Iterable[Pattern], *, strict: bool = Fals
             if closest is not None:
                 reached = tuple(n.name for n in sorted(closest.reached, key=order.__getitem__))
                 result.near_misses.append(NearMiss(pattern.name, Where(*where(anchor)),
-                                                   f"not {pattern.name}: {closest.reason}", reached))
+                                                   f"not {pattern.name}: {closest.reason}", reached,
+                                                   closest.at.name if closest.at is not None else ""))
                 reported.update(reached)
     result.matches.sort(key=lambda m: order[m.output])
     return result
@@ -179,9 +208,8 @@ def verify_plan(result: Plan, values: dict[fx.Node, Any], *, strict: bool = Fals
 def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Report:
     """Replace every accepted match of `result` in its graph; the report of what was and was not rewritten
     (with the graph before and after as networkx graphs when `pictures`)."""
-    gm, report = result.gm, Report(near_misses=list(result.near_misses))
-    graph = gm.graph
-    tag = f"g{next(_graph_ids)}."
+    gm, graph, tag = result.gm, result.gm.graph, f"g{next(_graph_ids)}."
+    report = Report(near_misses=[dataclasses.replace(miss, graph=tag[:-1]) for miss in result.near_misses])
     before = graph_to_networkx(graph, tag) if pictures else None
     position = _positions(graph)
     replaced: dict[fx.Node, fx.Node] = {}  # an applied match's output -> its fused op's node
@@ -190,20 +218,22 @@ def apply(result: Plan, *, strict: bool = False, pictures: bool = False) -> Repo
         names, site, mode = tuple(n.name for n in m.nodes), Where(*m.where()), m.pattern.describe(m)
         match_id = f"{tag}m{len(report.matches)}"
         inputs = {replaced.get(i, i) for n in m.nodes for i in n.all_input_nodes}  # before erasing clears them
+        bound = tuple((name, node.name) for name, node in m.inputs().items())
         try:
             new_nodes = _replace(m, replaced)
         except Exception as error:  # a pattern bug must not break the user's model
             if strict:
                 raise RewriteError(f"{m.pattern.name} at {site}: {type(error).__name__}: {error}") from error
             report.near_misses.append(NearMiss(m.pattern.name, site, f"the rewrite failed here ({type(error).__name__}:"
-                                               f" {error}); kept the original", names))
+                                               f" {error}); kept the original", names, graph=tag[:-1]))
             continue
         inputs_of_rewrites |= inputs
         replaced[m.output] = new_nodes[-1]
         for new in new_nodes:
             new.meta["fuser_match"] = match_id
         fused = next((n for n in new_nodes if _op_name(n).startswith("fuser::")), new_nodes[-1])
-        report.matches.append(MatchRecord(m.pattern.name, site, _op_name(fused), mode, names, fused.name, match_id))
+        report.matches.append(MatchRecord(m.pattern.name, site, _op_name(fused), mode, names, fused.name, match_id,
+                                          bound))
         log.info("%s: rewrote %s at %s into %s (%s)", match_id, m.pattern.name, site, _op_name(fused), mode)
         if before is not None:
             for name in names:

@@ -66,7 +66,7 @@ def _warn_once(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # keyword arguments of transformers' attention functions that `fuser_attention` implements
-IMPLEMENTED = ("dropout", "scaling", "is_causal", "softcap")
+IMPLEMENTED = ("dropout", "scaling", "is_causal", "softcap", "s_aux")
 # ... and those that do not change the result: the mask already holds the window (masks come from
 # `sdpa_mask`), the cache is in the keys and values, the rest is for the caller
 WITHOUT_EFFECT = ("sliding_window", "position_ids", "cache_position", "use_cache", "output_attentions",
@@ -87,19 +87,22 @@ def _described(names: list[str]) -> str:
 
 def fuser_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    is_causal: bool | None = None, softcap: float | None = None, **kwargs: Any):
+                    is_causal: bool | None = None, softcap: float | None = None, s_aux: torch.Tensor | None = None,
+                    **kwargs: Any):
     """transformers' attention interface on `fuser::attention`: q, k, v are [batch, heads, length,
     head_dim] (fewer k/v heads for GQA, read as they are); returns ([batch, length, heads, head_dim], None).
 
-    The mask is SDPA's (True = attend) or None; None means causal for a causal layer, as in SDPA. An argument
-    it does not implement is an error (see `unimplemented_arguments`); dtypes the kernel does not take
-    (float64) run SDPA."""
+    The mask is SDPA's (True = attend) or None; None means causal for a causal layer, as in SDPA. `s_aux` are
+    gpt-oss's attention sinks (one logit per head in the softmax's denominator; a row that sees no key then
+    gives zeros, as the eager code does). An argument it does not implement is an error (see
+    `unimplemented_arguments`); dtypes the kernel does not take (float64) run SDPA, or with sinks the op's
+    plain-torch path."""
     unimplemented = unimplemented_arguments(k for k, v in kwargs.items() if v is not None)
     if unimplemented:
         raise NotImplementedError(
             f"fuser attention: {type(module).__name__} passes {_described(unimplemented)}, which fuser::attention "
             "does not implement; use another attn_implementation for this model (fuser.convert keeps its own)")
-    if query.dtype not in KERNEL_DTYPES:
+    if query.dtype not in KERNEL_DTYPES and s_aux is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, softcap=softcap, **kwargs)
@@ -111,10 +114,15 @@ def fuser_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    # SDPA's semantics: a bool mask's fully masked rows give zeros, a float mask is added to the scores
-    masking = "add" if attention_mask is not None and attention_mask.dtype.is_floating_point else "sdpa"
+    # SDPA's semantics: a bool mask's fully masked rows give zeros, a float mask is added to the scores; with
+    # sinks such rows give zeros by the masked softmax itself
+    if attention_mask is not None and attention_mask.dtype.is_floating_point:
+        masking = "add"
+    else:
+        masking = "sdpa" if s_aux is None else "fill"
+    sinks = None if s_aux is None else s_aux.reshape(-1, 1)  # [Hq] -> broadcast over [B, Hq, Lq]
     out = torch.ops.fuser.attention(query, key, value, attention_mask, float(scale), causal, 0, False,
-                                    float(softcap or 0.0), float(dropout), float("-inf"), masking)
+                                    float(softcap or 0.0), float(dropout), float("-inf"), masking, sinks)
     return out.transpose(1, 2).contiguous(), None
 
 

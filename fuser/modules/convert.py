@@ -10,6 +10,8 @@
   interfaces (`fuser.integrations.transformers`): the model switches to the "fuser" implementations
   when every layer passes only what they implement and every experts module passes its check against
   its own code in float64; otherwise every layer stays as it was, with a near miss saying why.
+- Multi-head latent attention layers (DeepSeek-V2/V3), whose decode steps switch to the latent space
+  (`fuser.integrations.latent_attention`) after a decode step agrees with their own forward in float64.
 - Any other module, by rewriting its graph (`fuser.modules.module_rewriting`), when convert is given example
   inputs (`convert(model, *args, **kwargs)`, a call of the model): one calibration run records each
   module's arguments, and the smallest modules whose forward holds a pattern are captured, rewritten
@@ -25,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from fuser.integrations.latent_attention import convert_latent_attention
 from fuser.integrations.linear_attention import (RebindsKernelFunctions, convert_linear_attention,
                                                  dispatches_linear_attention)
 from fuser.integrations.transformers import convert_attention, convert_experts, dispatches_attention, dispatches_experts
@@ -75,6 +78,7 @@ def convert(model: nn.Module, *example_args: Any, dry_run: bool = False, **examp
     else:
         report.notes.append(WITHOUT_EXAMPLES)
     convert_attention(model, report, dry_run, example_args, example_kwargs)
+    convert_latent_attention(model, report, dry_run)  # after convert_attention: see its docstring
     convert_experts(model, report, dry_run)
     convert_linear_attention(model, report, dry_run)
     if dry_run:

@@ -1,6 +1,8 @@
 """FX graphs as networkx graphs, built only when a picture or a caller asks for one."""
 from __future__ import annotations
 
+import re
+
 
 def graph_to_networkx(graph, prefix: str = ""):
     """An FX graph as a networkx.DiGraph. Node attributes: op, target, args (its literal arguments,
@@ -40,6 +42,28 @@ def _literal_args(node) -> str:
 
     if node.op not in ("call_function", "call_method"):
         return ""
+    names = _parameter_names(node.target)  # an op's literals by name (`eps=1e-06`): its schema has them
+    if names:
+        return ", ".join(f"{name}={show(a)}" for name, a in [*zip(names, node.args), *node.kwargs.items()]
+                         if a is not None and not has_node(a))
     literals = [show(a) for a in node.args if a is not None and not has_node(a)]
     literals += [f"{k}={show(v)}" for k, v in node.kwargs.items() if v is not None and not has_node(v)]
     return ", ".join(literals)
+
+
+def readable_input_name(target: str) -> str:
+    """A placeholder's target as its source names it:
+    `L_args_0_modules_model_modules_layers_modules_0_modules_norm_parameters_weight_` → `model.layers.0.norm.weight`;
+    a positional argument of a captured call (`L_args_0_`, see `fuser.engine.capture`) → `args_0`."""
+    name = re.sub(r"^[Ll]_(self_|target_|args_\d+_(?=.)|kwargs_)?", "", target).rstrip("_")  # target_: engine.capture
+    name = re.sub(r"^modules_", "", name)
+    return re.sub(r"_(modules|parameters|buffers)_", ".", name)
+
+
+def _parameter_names(target) -> list[str]:
+    """The parameter names of a torch op (`torch.ops.fuser.rms_norm`), from its schema; [] for anything else."""
+    import torch
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = getattr(target, "default", None)
+    schema = getattr(target, "_schema", None) if isinstance(target, torch._ops.OpOverload) else None
+    return [argument.name for argument in schema.arguments] if schema is not None else []

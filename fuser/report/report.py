@@ -1,6 +1,7 @@
 """What a rewrite did, for people and for tests: matches, near misses and why, counts."""
 from __future__ import annotations
 
+import linecache
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,11 @@ class Where:
         file_line = self.location.rsplit("/", 1)[-1]
         return f"{self.module or '<top>'} ({file_line})"
 
+    def line_text(self) -> str:
+        """The text of the source line (empty where the file cannot be read)."""
+        path, _, line = self.location.rpartition(":")
+        return linecache.getline(path, int(line)).strip() if line.isdigit() else ""
+
 
 @dataclass(frozen=True)
 class MatchRecord:
@@ -25,7 +31,13 @@ class MatchRecord:
     mode: str        # the kernel mode chosen, e.g. "weight after cast, eps=1e-06, bfloat16"
     nodes: tuple[str, ...]  # names of the replaced nodes of the original graph
     replacement: str = ""   # name of the fused op's node in the rewritten graph
-    id: str = ""            # the `match` attribute of its nodes in `Report.graph_before/after`
+    id: str = ""            # the `match` attribute of its nodes in `Report.graph_before/after`: `g0.m1`
+    inputs: tuple[tuple[str, str], ...] = ()  # (name in the search, e.g. "q"; node of the original graph)
+
+    @property
+    def graph(self) -> str:
+        """The id of the FX graph it was found in (`g0`): one per graph Dynamo compiled."""
+        return self.id.rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,9 @@ class NearMiss:
     pattern: str
     where: Where
     reason: str
-    nodes: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()   # the nodes it covered (or reached) in the original graph
+    stopped: str = ""             # the node where matching stopped, when that is why
+    graph: str = ""               # the id of its FX graph (`g0`), where pictures were kept
 
 
 @dataclass
@@ -55,6 +69,17 @@ class Report:
     def counts(self) -> dict[str, int]:
         return dict(Counter(m.pattern for m in self.matches))
 
+    def sites(self) -> list[list[MatchRecord]]:
+        """The matches by site, in source order: the records of one site are the same rewrite found again in
+        other graphs (a graph Dynamo compiled again, e.g. for dynamic shapes), first graph first."""
+        found: dict[tuple, list[MatchRecord]] = {}
+        for m in self.matches:
+            key = (m.pattern, m.where, m.op, m.mode, len(m.nodes))
+            if key in found and m.graph in {r.graph for r in found[key]}:
+                key += (m.id,)  # two sites of one graph at the same code (a loop): both kept
+            found.setdefault(key, []).append(m)
+        return list(found.values())
+
     def extend(self, other: "Report") -> None:
         self.matches += other.matches
         self.near_misses += other.near_misses
@@ -69,10 +94,14 @@ class Report:
             file.write(report_html(self))
 
     def __str__(self) -> str:
-        lines = [f"fuser: {len(self.matches)} rewrite(s), {len(self.near_misses)} near miss(es)"]
+        sites = self.sites()
+        again = len(self.matches) - len(sites)
+        lines = [f"fuser: {len(self.matches)} rewrite(s), {len(self.near_misses)} near miss(es)"
+                 + (f"; {again} of the rewrites are recompiles of a graph, listed once" if again else "")]
         if self.matches:
-            lines.append(_table(["pattern", "where", "op", "mode"],
-                                [[m.pattern, str(m.where), m.op, m.mode] for m in self.matches]))
+            lines.append(_table(["pattern", "where", "op", "mode"] + ["graphs"] * bool(again),
+                                [[m.pattern, str(m.where), m.op, m.mode] + [", ".join(r.graph for r in records)] *
+                                 bool(again) for records in sites for m in records[:1]]))
         if self.near_misses:
             lines.append("near misses (left as they were):")
             lines.append(_table(["pattern", "where", "reason"],

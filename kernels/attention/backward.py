@@ -219,12 +219,13 @@ def _attention_dkdv_kernel(
 
 
 @triton.jit
-def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
-            BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-            RULE: tl.constexpr, NUMERICS: tl.constexpr):
+def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, dmask_row_ptrs, sdm,
+            sizes, literals, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
+            RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end);
     row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream) of the program's rows, q_open those every
-    position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py)."""
+    position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py). With
+    MASK_GRAD, dS (the gradient of the score the float mask is added to) is stored at the mask's place."""
     shift, log2_sum, delta = row_stats
     q_idx, q_ok, stream = rows
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
@@ -247,29 +248,32 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         dp = tl.where(undropped, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
-    if RULE.softcap:
-        ds = ds * softcap_grad
     if MASKED:
         ds = tl.where(passes, ds, 0.0)
+    if MASK_GRAD:
+        tl.store(dmask_row_ptrs[:, None] + k_idx[None, :] * sdm[3], ds, mask=q_ok[:, None] & k_ok[None, :])
+    if RULE.softcap:
+        ds = ds * softcap_grad
     return selected_dot(mma_operand(to_dtype(ds, k_base.dtype.element_ty), NUMERICS), k, passes, dq,
                         MASKED and EXACT, NUMERICS)
 
 
 @triton.jit
-def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
-             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-             RULE: tl.constexpr, NUMERICS: tl.constexpr):
+def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, dmask_row_ptrs,
+             sdm, sizes, literals, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr,
+             EXACT: tl.constexpr, RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
-        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes,
-                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, NUMERICS)
+        dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, dmask_row_ptrs,
+                     sdm, sizes, literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, MASK_GRAD, NUMERICS)
     return dq
 
 
 @triton.jit
 def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-            class_row, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
-            CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+            dmask_row_ptrs, sdm, class_row, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr,
+            MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """dQ of the program's rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi) (see attend_rows)."""
     BLOCK_D: tl.constexpr = HEAD.block_d
     t_lo, f_lo, f_hi, t_hi = tiles
@@ -280,24 +284,30 @@ def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, ro
             if cls != SKIP:
                 if cls == FULL:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+                                 dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE,
+                                 MASK_GRAD, NUMERICS)
                 else:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                                 dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE,
+                                 MASK_GRAD, NUMERICS)
     else:  # masked edges around the fully visible run, like the forward
         dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                      dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD,
+                      NUMERICS)
         dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+                      dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, MASK_GRAD,
+                      NUMERICS)
         dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                      dmask_row_ptrs, sdm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD,
+                      NUMERICS)
     return dq
 
 
 @triton.jit
-def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, m_block,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm, sizes, literals,
+               m_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, MASK_GRAD: tl.constexpr,
+               NUMERICS: tl.constexpr):
     """Store dQ of query block m_block (BLOCK_M rows, of batch × query head program_id(1)); whether it is not finite.
     A block with rows that skipping would change visits every key tile with full masking."""
     Hq, group, Lq, Lk, D, Dv = sizes
@@ -320,6 +330,7 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, s
     k_base = K + batch * sk[0] + kv_head * sk[1]
     v_base = V + batch * sv[0] + kv_head * sv[1]
     mask_row_ptrs = Mask + batch * sm[0] + head * sm[1] + q_idx.to(tl.int64) * sm[2]
+    dmask_row_ptrs = dMask + batch * sdm[0] + head * sdm[1] + q_idx.to(tl.int64) * sdm[2]
     class_row = Classes + batch * sc[0] + head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
     rows = (q_idx, q_ok, (batch * Hq + head).to(tl.int32) + q_idx * 0)
     q_open = open_rows(shift + log2_sum, q_ok, saturation_lse)
@@ -335,8 +346,8 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, s
         f_hi = tl.where(saturated, 0, f_hi)
         t_hi = tl.where(saturated, tl.cdiv(Lk, BLOCK_N), t_hi)
     dq = dq_rows(q, do, row_stats, (t_lo, f_lo, f_hi, t_hi), respect_classes, k_base, v_base, sk, sv, rows, q_open,
-                 mask_row_ptrs, sm, class_row, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, EXACT,
-                 NUMERICS)
+                 mask_row_ptrs, sm, dmask_row_ptrs, sdm, class_row, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL,
+                 RULE, EXACT, MASK_GRAD, NUMERICS)
     tl.store(dQ + batch * sdq[0] + head * sdq[1] + q_idx[:, None] * sdq[2] + d[None, :] * sdq[3],
              to_dtype(dq * literals[2], dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
     return any_nonfinite(dq)
@@ -344,22 +355,24 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, s
 
 @triton.jit
 def _attention_dq_kernel(
-        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, LQ_KEY,
-        LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
+        Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm, sizes, literals,
+        LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (query blocks, batch × query heads). A block whose dQ is not finite is redone by EXACT passes over its
-    EXACT_BLOCK-row parts."""
+    EXACT_BLOCK-row parts (which store dS again over the first pass's). With MASK_GRAD, dS into dMask
+    [B, Hq, Lq, Lk] (zeros where no tile is visited)."""
     m_block = tl.program_id(0)
     if RULE.causal:  # the longest rows first
         m_block = tl.num_programs(0) - 1 - m_block
-    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
-                           literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, NUMERICS)
+    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm,
+                           sizes, literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, MASK_GRAD,
+                           NUMERICS)
     if CAN_SKIP:
         if nonfinite:
             for part in range(BLOCK_M // EXACT_BLOCK):
-                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
-                           literals, m_block * (BLOCK_M // EXACT_BLOCK) + part, EXACT_BLOCK, EXACT_BLOCK, HEAD, CELL,
-                           RULE, CAN_SKIP, True, NUMERICS)
+                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sdm,
+                           sizes, literals, m_block * (BLOCK_M // EXACT_BLOCK) + part, EXACT_BLOCK, EXACT_BLOCK, HEAD,
+                           CELL, RULE, CAN_SKIP, True, MASK_GRAD, NUMERICS)
 
 
 def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):

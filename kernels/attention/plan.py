@@ -254,21 +254,25 @@ def _dkdv_stage(plan: Plan, *, q, k, v, mask, classes, grad_out, stats, delta, h
            dk.stride(), dv.stride(), hkv, plan.sizes, literals, *plan.keys, **plan.backward_constexprs)
 
 
-def _dq_stage(plan: Plan, *, q, k, v, mask, classes, grad_out, stats, delta, dq, literals):
-    """dQ, one program per query block and query head."""
+def _dq_stage(plan: Plan, *, q, k, v, mask, classes, grad_out, stats, delta, dq, dmask, literals):
+    """dQ (and dS into dmask when it is not empty), one program per query block and query head."""
+    mask_grad = dmask.numel() > 0
     launch(attention_dq_kernel, lambda meta: (cdiv(plan.sizes[2], meta["BLOCK_M"]), q.shape[0] * plan.sizes[0]),
-           ("attention.dq", id(plan)), q, k, v, mask, classes[0], grad_out, stats, delta, dq, q.stride(),
-           k.stride(), v.stride(), plan.mask_strides, classes[1], grad_out.stride(), dq.stride(), plan.sizes,
-           literals, *plan.keys, **plan.backward_constexprs)
+           ("attention.dq", id(plan), mask_grad), q, k, v, mask, classes[0], grad_out, stats, delta, dq,
+           dmask if mask_grad else dq, q.stride(), k.stride(), v.stride(), plan.mask_strides, classes[1],
+           grad_out.stride(), dq.stride(), dmask.stride() if mask_grad else (0, 0, 0, 0), plan.sizes, literals,
+           *plan.keys, MASK_GRAD=mask_grad, **plan.backward_constexprs)
 
 
-def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
-    """(dq, dk, dv) of `fuser::attention` from the forward's output, row statistics and tile classes."""
+def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed, mask_grad: bool = False):
+    """(dq, dk, dv, dS) of `fuser::attention` from the forward's output, row statistics and tile classes; dS, the
+    gradient of the scores a float mask is added to ([B, Hq, Lq, Lk] float32), only with mask_grad (else empty)."""
     b = q.shape[0]
     hq, group, lq, lk, d, dv = plan.sizes
     dq, dk, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dmask = q.new_zeros((b, hq, lq, lk) if mask_grad else (0,), dtype=torch.float32)
     if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv_out.zero_()
+        return dq.zero_(), dk.zero_(), dv_out.zero_(), dmask
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     # which heads have saturated rows (tiles.py): only kernels that skip tiles read it
     head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device) if plan.constexprs["CAN_SKIP"] else delta
@@ -277,5 +281,5 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed):
                   classes=_class_map(classes, q), grad_out=grad_out, stats=stats, delta=delta,
                   literals=plan.seeded(seed))
     _dkdv_stage(plan, **inputs, head_flags=head_flags, dk=dk, dv=dv_out)
-    _dq_stage(plan, **inputs, dq=dq)
-    return dq, dk, dv_out
+    _dq_stage(plan, **inputs, dq=dq, dmask=dmask)
+    return dq, dk, dv_out, dmask

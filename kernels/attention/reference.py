@@ -44,9 +44,10 @@ class AttentionLiterals(NamedTuple):
     mask_value: float = -math.inf
     masking: str = "fill"
 
-    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`torch.ops.fuser.attention(q, k, v, mask, ...)` with these literals."""
-        return torch.ops.fuser.attention(q, k, v, mask, *self)
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+             sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """`torch.ops.fuser.attention(q, k, v, mask, ..., sinks=sinks)` with these literals."""
+        return torch.ops.fuser.attention(q, k, v, mask, *self, sinks=sinks)
 
 
 def visible_positions(lq: int, lk: int, causal: bool, window: int, bottom_right: bool,
@@ -99,11 +100,12 @@ def _softmax(scores, zero_empty_rows: bool):
             torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], math.inf), empty)
 
 
-def _probabilities(q, k, mask, literals: AttentionLiterals):
+def _probabilities(q, k, mask, literals: AttentionLiterals, sinks=None):
     """(softmax probabilities, natural lse, reach, passes, tanh of the softcapped scores or None) with K repeated
     over the query heads, in the compute dtype. `reach` (None: everywhere) holds the positions whose values reach
     each row (their probabilities are exactly zero elsewhere), `passes` (None: everywhere) those whose scores get
-    a gradient: reached and, but with "add", not replaced."""
+    a gradient: reached and, but with "add", not replaced. `sinks` (broadcast to [B, Hq, Lq]) join the softmax
+    as one more score per row that carries no value (gpt-oss); the lse includes them."""
     compute = torch.promote_types(q.dtype, torch.float32)
     kf = k.to(compute).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = q.to(compute) @ kf.transpose(-1, -2) * literals.scale
@@ -127,6 +129,12 @@ def _probabilities(q, k, mask, literals: AttentionLiterals):
     if shown is not None:
         fill = literals.mask_value
         scores = torch.where(shown, scores, scores + fill) if adds else scores.masked_fill(~shown, fill)
+    if sinks is not None:  # a last column, always visible, dropped after the softmax
+        sink_column = sinks.to(compute).expand(scores.shape[:-1])[..., None]
+        scores = torch.cat([scores, sink_column], dim=-1)
+        shown, visible = (None if m is None else torch.cat([m.expand(*scores.shape[:-1], scores.shape[-1] - 1),
+                                                             torch.ones_like(sink_column, dtype=torch.bool)], -1)
+                          for m in (shown, visible))
     reach = None
     if visible is not None:
         open_rows = torch.logsumexp(scores, dim=-1, keepdim=True) * LOG2E <= saturation_lse(literals.mask_value,
@@ -139,6 +147,8 @@ def _probabilities(q, k, mask, literals: AttentionLiterals):
             reach = reach & ~empty
         probs = probs.masked_fill(~reach, 0.0)
     passes = reach if adds or shown is None else (shown if reach is None else reach & shown)
+    if sinks is not None:
+        probs, reach, passes = (None if t is None else t[..., :-1] for t in (probs, reach, passes))
     return probs, lse, reach, passes, tanh
 
 
@@ -174,10 +184,10 @@ def _dropout_scale(probs, dropout_p, generator):
     return (uniform >= dropout_p).to(probs.dtype) / (1 - dropout_p)
 
 
-def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: torch.Generator | None = None,
+                      sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(output in q's dtype, natural log-sum-exp of the scores [B, Hq, Lq] in the compute dtype)."""
-    probs, lse, reach, _, _ = _probabilities(q, k, mask, literals)
+    probs, lse, reach, _, _ = _probabilities(q, k, mask, literals, sinks)
     dropout = _dropout_scale(probs, literals.dropout_p, generator)
     if dropout is not None:
         probs = probs * dropout
@@ -189,12 +199,14 @@ def reference_forward(q, k, v, mask, literals: AttentionLiterals, generator: tor
 
 
 def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+                       generator: torch.Generator | None = None, sinks: torch.Tensor | None = None,
+                       mask_grad: bool = False) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the formula, as autograd of the naive code gives them (for finite inputs): masked_fill
     passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's formulas,
-    each product formed only where the row reaches the key (the NaN rule above)."""
+    each product formed only where the row reaches the key (the NaN rule above). With mask_grad a fourth:
+    the gradient of the scores a float mask is added to, [B, Hq, Lq, Lk] in the compute dtype."""
     group = q.shape[1] // k.shape[1]
-    probs, _, reach, passes, tanh = _probabilities(q, k, mask, literals)
+    probs, _, reach, passes, tanh = _probabilities(q, k, mask, literals, sinks)
     compute = probs.dtype
     dropout = _dropout_scale(probs, literals.dropout_p, generator)
     do = grad_out.to(compute)
@@ -208,10 +220,11 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
         dp = dp * dropout
     weighted = probs * dp if reach is None else torch.where(reach, probs * dp, 0.0)
     ds = probs * (dp - weighted.sum(-1, keepdim=True))
-    if tanh is not None:
-        ds = ds * (1 - tanh * tanh)
     if passes is not None:
         ds = ds.masked_fill(~passes, 0.0)
+    dscores = ds
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
     dq = selected_matmul(ds, kf, passes) * literals.scale
     dk = selected_matmul(ds.transpose(-1, -2), qf, None if passes is None else passes.transpose(-1, -2)) \
         * literals.scale
@@ -219,9 +232,11 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals,
     def per_kv_head(x):
         return x.unflatten(1, (k.shape[1], group)).sum(2)
 
-    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    grads = dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    return (*grads, dscores) if mask_grad else grads
 
 
-def attention_reference(q, k, v, mask, *literals, generator: torch.Generator | None = None) -> torch.Tensor:
+def attention_reference(q, k, v, mask, *literals, sinks: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
     """`fuser::attention` in plain torch (the op's arguments); dropout draws from `generator`."""
-    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), generator)[0]
+    return reference_forward(q, k, v, mask, AttentionLiterals(*literals), generator, sinks)[0]

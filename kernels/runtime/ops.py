@@ -31,16 +31,19 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 
 from .dispatch import interpreting
 from .launching import traced_launches
+from .sharding import Rows, register as register_sharding
 
 
 def fused_op(name: str, kernel: Callable, reference: Callable, fake: Callable, runs_kernels: Callable[..., bool], *,
-             setup_context: Callable | None = None, backward: Callable | None = None) -> Callable:
+             setup_context: Callable | None = None, backward: Callable | None = None, rows: Rows | None = None
+             ) -> Callable:
     """Define `fuser::<name>` and return its direct call (see `direct_call`).
 
     `kernel` (its type annotations are the op's schema) launches Triton through `launching.launch`;
     `reference` computes the same in plain torch; `fake` gives the outputs' metadata; `runs_kernels(*args)` says
     whether `kernel` computes this call (devices and dtypes only); `setup_context` / `backward` are the op's
-    autograd formula, the backward itself another fused op."""
+    autograd formula, the backward itself another fused op; `rows`, where a shard of the rows computes its part,
+    is how the op shards under DTensor (`sharding.register`)."""
     def implementation(*args):
         return kernel(*args) if runs_kernels(*args) else reference(*args)
 
@@ -50,6 +53,8 @@ def fused_op(name: str, kernel: Callable, reference: Callable, fake: Callable, r
     op.register_torch_dispatch(FunctionalTensorMode, _inductor_launches(kernel, runs_kernels))
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
+    if rows is not None:
+        register_sharding(getattr(torch.ops.fuser, name).default, rows)
     return direct_call(getattr(torch.ops.fuser, name).default, implementation, setup_context, backward)
 
 

@@ -1,0 +1,80 @@
+"""How a fused op shards under DTensor (`torch.distributed.tensor`, tensor parallelism), declared through
+torch's sharding-rule registration for custom ops (`register_sharding`), so DTensor neither falls back to
+replication nor runs a kernel on a shard it cannot compute exactly.
+
+Two forms, declared by the families whose shards compute their part exactly:
+- `Rows`: every row (all dims but the last) computed on its own (RMSNorm, softmax);
+- `BatchAndHeads`: every (batch, head) computed on its own (attention).
+An op without a rule (MoE, gated delta) raises on DTensors, and the engine keeps the original code there
+(`fuser.engine.rewriter`: a near miss naming the op)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The arguments (positions) that are row tensors of one shape, sharded alike along any dim but the last;
+    the outputs that sum over rows (a weight's gradient) are then partial sums. Other tensors are replicated."""
+    args: tuple[int, ...]
+    summed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchAndHeads:
+    """Tensors [B, H, ...] computed per (batch, head), sharded alike along B or H, as are the outputs. A
+    `broadcast` argument (a mask, its tile classes) is sharded with them where it has that dim whole (else
+    replicated), and the `follows` outputs are placed like `broadcast[0]`. A dim is sharded only where every
+    sharded size divides by the mesh's size (a query head h reads KV head h // (Hq // Hkv): shards keep that
+    only then); nothing with `dropout` > 0 (each shard would draw the same random stream)."""
+    args: tuple[int, ...]
+    broadcast: tuple[int, ...]
+    follows: tuple[int, ...]
+    dropout: int
+
+
+def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
+    """Register `op`'s sharding on one mesh dim (DTensor expands it to the whole mesh)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    from torch.distributed.tensor.experimental import register_sharding
+
+    outputs = len(op._schema.returns)
+
+    def placements(args: tuple, sharded: Callable[[int, Any], Any], out: Callable[[int], Any]) -> tuple[list, list]:
+        ins = [sharded(i, a) if isinstance(a, DTensorSpec) else None for i, a in enumerate(args)]
+        return [out(i) for i in range(outputs)], ins
+
+    def rows(*args):
+        def strategy(shard, summed):
+            return placements(args, lambda i, a: shard if i in rule.args else Replicate(),
+                              lambda i: summed if i in rule.summed else shard)
+        return [strategy(Replicate(), Replicate())] + [strategy(Shard(d), Partial())
+                                                       for d in range(args[rule.args[0]].ndim - 1)]
+
+    def batch_and_heads(*args):
+        replicated = placements(args, lambda i, a: Replicate(), lambda i: Replicate())
+        if args[rule.dropout] > 0:
+            return [replicated]
+        strategies = [replicated]
+        size = args[rule.args[0]].mesh.size()
+        for d in (0, 1):
+            if any(args[i].shape[d] % size for i in rule.args):
+                continue
+            broadcast = args[rule.broadcast[0]]
+            whole = Shard(d) if broadcast is not None and broadcast.shape[d] > 1 else Replicate()
+
+            def sharded(i, a, d=d):
+                if i in rule.args:
+                    return Shard(d)
+                return Shard(d) if i in rule.broadcast and a.ndim > d and a.shape[d] > 1 else Replicate()
+            strategies.append(placements(args, sharded, lambda i, d=d, whole=whole: whole if i in rule.follows
+                                         else Shard(d)))
+        return strategies
+
+    register_sharding(op)(rows if isinstance(rule, Rows) else batch_and_heads)
