@@ -3,7 +3,8 @@
 from fuser.patterns.attention import ATTENTION
 from fuser.patterns.base import Pattern
 from fuser.patterns.linear_attention import LINEAR_ATTENTION
-from fuser.patterns.moe import MOE, MOE_ROUTER
+from fuser.patterns.moe import MOE
+from fuser.patterns.moe_routers import MOE_ROUTER
 from fuser.patterns.norms import RMS_NORM
 from fuser.patterns.softmax import SOFTMAX
 

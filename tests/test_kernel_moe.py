@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import fuser.kernels.moe as moe
 from fuser.kernels.language import to_dtype
-from numerics import TOLERANCE, assert_close
+from fuser.numerics.contract import NEIGHBOURS, nudged
+from numerics import TOLERANCE, assert_close, rel_l2
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,14 +39,24 @@ def route_float64(logits, ids, scoring, renormalize, scaling):
     return weights * scaling
 
 
-def experts_float64(x, ids, weights, gate, up, down):
-    """The eager loop of transformers' experts, in float64 (ids outside [0, E) contribute nothing)."""
-    x, weights, gate, up, down = (t.double() for t in (x, weights, gate, up, down))
+def experts_float64(x, ids, weights, gate, up, down, biases=(None, None, None), gating=None, dtype=torch.float64):
+    """The eager loop of transformers' experts, in float64 or `dtype` (ids outside [0, E) contribute nothing);
+    `biases` (gate, up, down) and `gating` (alpha, limit: GPT-OSS's `_apply_gate`, written as it is) optional."""
+    x, weights, gate, up, down = (t.to(dtype) for t in (x, weights, gate, up, down))
+    gate_bias, up_bias, down_bias = (0.0 if b is None else b.to(dtype) for b in biases)
     out = torch.zeros_like(x)
     for expert in range(gate.shape[0]):
         token, slot = torch.where(ids == expert)
-        h = F.silu(x[token] @ gate[expert].T) * (x[token] @ up[expert].T)
-        out = out.index_add(0, token, (h @ down[expert].T) * weights[token, slot, None])
+        g, u = (x[token] @ w[expert].T + (b if isinstance(b, float) else b[expert])
+                for w, b in ((gate, gate_bias), (up, up_bias)))
+        if gating is None:
+            h = F.silu(g) * u
+        else:
+            alpha, limit = gating
+            g, u = g.clamp(min=None, max=limit), u.clamp(min=-limit, max=limit)
+            h = (u + 1) * (g * torch.sigmoid(g * alpha))
+        y = h @ down[expert].T + (down_bias if isinstance(down_bias, float) else down_bias[expert])
+        out = out.index_add(0, token, y * weights[token, slot, None])
     return out
 
 
@@ -151,8 +162,10 @@ class ExpertsCase:
     dtype: torch.dtype
     weights_fp32: bool
     routing: str  # random | same_experts | few_experts | sentinel
-    layout: str  # views | fused | separate | transposed
+    layout: str  # views | fused | separate | transposed | interleaved
     seed: int
+    bias: bool = False
+    clamped: bool = False  # GPT-OSS's clamped SwiGLU (alpha 1.702, limit drawn near the pre-activations' scale)
 
 
 @st.composite
@@ -163,7 +176,12 @@ def experts_cases(draw):
         experts=experts, top_k=draw(st.integers(1, experts)), dtype=draw(st.sampled_from(DTYPES)),
         weights_fp32=draw(st.booleans()),
         routing=draw(st.sampled_from(["random", "same_experts", "few_experts", "sentinel"])),
-        layout=draw(st.sampled_from(["views", "fused", "separate", "transposed"])), seed=draw(st.integers(0, 2**16)))
+        layout=draw(st.sampled_from(LAYOUTS)), seed=draw(st.integers(0, 2**16)), bias=draw(st.booleans()),
+        clamped=draw(st.booleans()))
+
+
+LAYOUTS = ("views", "fused", "separate", "transposed", "interleaved")
+ALPHA, LIMIT = 1.702, 0.8  # GPT-OSS's alpha; a limit the unit-scale pre-activations cross often
 
 
 def make_routing(case):
@@ -179,22 +197,38 @@ def make_routing(case):
 
 
 def make_weights(case):
-    """(leaves to differentiate, the op's (gate, up, down) arguments, float64 (gate, up, down))."""
+    """(leaves to differentiate, the op's expert tensors (gate, up, down, gate bias, up bias, down bias), their
+    float64 counterparts' views (gate, up, down, gate bias, up bias, down bias)), biases None unless case.bias."""
     e, i, h, dtype = case.experts, case.intermediate, case.hidden, case.dtype
-    gate_up = (torch.randn(e, 2 * i, h) / h ** 0.5).to(dtype).requires_grad_()
-    down = (torch.randn(e, h, i) / i ** 0.5).to(dtype).requires_grad_()
+
+    def leaf(*shape, scale):
+        return (torch.randn(*shape) * scale).to(dtype).requires_grad_()
+
+    gate_up, down = leaf(e, 2 * i, h, scale=h ** -0.5), leaf(e, h, i, scale=i ** -0.5)
+    gate_up_bias, down_bias = (leaf(e, 2 * i, scale=0.5), leaf(e, h, scale=0.5)) if case.bias else (None, None)
+    if case.layout == "interleaved":  # GPT-OSS: [E, H, 2I] with gate and up columns alternating, down [E, I, H]
+        gate_up = gate_up.detach().transpose(1, 2).contiguous().requires_grad_()
+        down = down.detach().transpose(1, 2).contiguous().requires_grad_()
+        weights = (gate_up[:, :, ::2].transpose(1, 2), gate_up[:, :, 1::2].transpose(1, 2), down.transpose(1, 2))
+        biases = (gate_up_bias[:, ::2], gate_up_bias[:, 1::2], down_bias) if case.bias else (None,) * 3
+        return [t for t in (gate_up, down, gate_up_bias, down_bias) if t is not None], weights + biases, \
+            weights + biases
+    split = (gate_up_bias[:, :i], gate_up_bias[:, i:], down_bias) if case.bias else (None,) * 3
     if case.layout in ("views", "fused"):
-        args = (gate_up, None) if case.layout == "fused" else (gate_up[:, :i], gate_up[:, i:])
-        return [gate_up, down], (*args, down), (gate_up[:, :i], gate_up[:, i:], down)
+        leaves = [t for t in (gate_up, down, gate_up_bias, down_bias) if t is not None]
+        if case.layout == "fused":
+            return leaves, (gate_up, None, down, gate_up_bias, None, down_bias), \
+                (gate_up[:, :i], gate_up[:, i:], down) + split
+        return leaves, (gate_up[:, :i], gate_up[:, i:], down) + split, (gate_up[:, :i], gate_up[:, i:], down) + split
+    copies = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (gate_up[:, :i], gate_up[:, i:], down) + split]
     if case.layout == "separate":
-        gate, up = (t.detach().clone().requires_grad_() for t in (gate_up[:, :i], gate_up[:, i:]))
-        return [gate, up, down], (gate, up, down), (gate, up, down)
+        return [t for t in copies if t is not None], tuple(copies), tuple(copies)
     # transposed: stored [E, H, I] and [E, I, H], read through transposed views
-    gate_t, up_t = (t.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format).requires_grad_()
-                    for t in (gate_up[:, :i], gate_up[:, i:]))
-    down_t = down.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format).requires_grad_()
-    views = (gate_t.transpose(1, 2), up_t.transpose(1, 2), down_t.transpose(1, 2))
-    return [gate_t, up_t, down_t], views, views
+    stored = [t.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format).requires_grad_()
+              for t in copies[:3]]
+    views = tuple(t.transpose(1, 2) for t in stored) + tuple(copies[3:])
+    return stored + [t for t in copies[3:] if t is not None], views, views
 
 
 @given(experts_cases())
@@ -209,21 +243,51 @@ def check_experts(case):
     weights = torch.rand(case.tokens, case.top_k).to(torch.float32 if case.weights_fp32 else case.dtype)
     weights.requires_grad_()
     leaves, args, reference_weights = make_weights(case)
-    out = torch.ops.fuser.moe_experts(x, ids, weights, *args)
+    gating = ("clamped_swiglu", ALPHA, LIMIT) if case.clamped else ()
+    out = torch.ops.fuser.moe_experts(x, ids, weights, *args, *gating)
     assert out.dtype == case.dtype and out.shape == x.shape
 
     leaves64 = [t.detach().double().requires_grad_() for t in [x, weights, *leaves]]
     by_leaf = {id(t): t64 for t, t64 in zip([x, weights, *leaves], leaves64)}
     # rebuild the float64 weights through the same views, from the float64 leaves
-    gate64, up64, down64 = (_rebuild(w, by_leaf) for w in reference_weights)
-    expected = experts_float64(leaves64[0], ids, leaves64[1], gate64, up64, down64)
+    gate64, up64, down64, *biases64 = (None if w is None else _rebuild(w, by_leaf) for w in reference_weights)
+    expected = experts_float64(leaves64[0], ids, leaves64[1], gate64, up64, down64, biases64,
+                               (ALPHA, LIMIT) if case.clamped else None)
     assert_close(out, expected, case.dtype, tolerance(case.dtype))
 
     grad = torch.randn_like(expected)
     out.backward(grad.to(case.dtype))
     expected.backward(grad)
-    for leaf, leaf64 in zip([x, weights, *leaves], leaves64):
-        assert_close(leaf.grad, leaf64.grad, case.dtype, tolerance(case.dtype))
+    floors = _clamped_floors(case, ids, grad, by_leaf, reference_weights, [x, weights, *leaves], leaves64)
+    for leaf, leaf64, floor in zip([x, weights, *leaves], leaves64, floors):
+        assert_close(leaf.grad, leaf64.grad, case.dtype, max(tolerance(case.dtype), floor))
+
+
+def _clamped_floors(case, ids, grad, by_leaf, reference_weights, originals, leaves64):
+    """Per leaf, the contract's floor for 16-bit clamped experts: a clamp's gradient is a step at the limit, and
+    a pre-activation rounded to 16 bits falls on the other side of it, in the original as in the kernel (which
+    saves the pre-activations in x's dtype), each at other elements. So, as `neighbour_floors`: over the inputs
+    and NEIGHBOURS nudges of them by an ulp, the worst of twice the original loop's own error and of how far the
+    exact gradient moves. Zero for other cases."""
+    if not case.clamped or case.dtype == torch.float32:
+        return [0.0] * len(leaves64)
+    dtypes = [t.dtype for t in originals]
+
+    def gradients(leaves, dtype):
+        own = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        own_by_leaf = dict(zip(by_leaf, own))  # by_leaf's keys are in leaves64's order
+        gate, up, down, *biases = (None if w is None else _rebuild(w, own_by_leaf) for w in reference_weights)
+        experts_float64(own[0], ids, own[1], gate, up, down, biases, (ALPHA, LIMIT), dtype=dtype).backward(
+            grad.to(dtype))
+        return [t.grad for t in own]
+
+    floors = [0.0] * len(leaves64)
+    for seed in range(NEIGHBOURS + 1):
+        named = {str(i): t.detach().to(d) for i, (t, d) in enumerate(zip(leaves64, dtypes))}
+        near = list((nudged(named, (), seed - 1) if seed else named).values())
+        exact, written = gradients(near, torch.float64), gradients(near, case.dtype)
+        floors = [max(f, 2 * rel_l2(w, e), rel_l2(e, t.grad)) for f, w, e, t in zip(floors, written, exact, leaves64)]
+    return floors
 
 
 def _rebuild(view, by_leaf):
@@ -277,8 +341,8 @@ def test_experts_on_no_tokens_and_nan_rows():
 def test_reference_path_without_interpreter(monkeypatch):
     """On a CPU without TRITON_INTERPRET the ops run their plain-torch references."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    case = ExpertsCase(9, 20, 11, 5, 2, torch.bfloat16, False, "sentinel", "views", 0)
-    check_experts(case)
+    check_experts(ExpertsCase(9, 20, 11, 5, 2, torch.bfloat16, False, "sentinel", "views", 0))
+    check_experts(ExpertsCase(9, 20, 11, 5, 2, torch.float32, False, "sentinel", "interleaved", 0, True, True))
     for scoring, renormalize, experts, top_k in [("softmax", True, 6, 2), ("sigmoid", True, 6, 2),
                                                  ("softmax", False, 1, 1), ("sigmoid", False, 5, 5)]:
         logits = torch.randn(7, experts, requires_grad=True)
@@ -374,11 +438,16 @@ def test_opcheck():
     weights.requires_grad_()
     torch.library.opcheck(torch.ops.fuser.moe_experts.default,
                           (x, ids, weights, gate_up[:, :12], gate_up[:, 12:], down))
-    torch.library.opcheck(torch.ops.fuser.moe_experts_forward.default, (x, ids, weights, gate_up, None, down, True))
-    _, plan, act, h = torch.ops.fuser.moe_experts_forward(x, ids, weights, gate_up, None, down, True)
-    torch.library.opcheck(torch.ops.fuser.moe_experts_backward.default,
-                          (torch.randn(9, 20), x.detach(), ids, weights.detach(), gate_up.detach(), None,
-                           down.detach(), plan, act, h, True, True, True))
+    biases = (torch.randn(5, 24, requires_grad=True), None, torch.randn(5, 20, requires_grad=True))
+    for experts in ((gate_up, None, down, None, None, None, "silu", 1.0, 0.0),
+                    (gate_up, None, down, *biases, "clamped_swiglu", 1.702, 0.5)):
+        torch.library.opcheck(torch.ops.fuser.moe_experts.default, (x, ids, weights, *experts))
+        torch.library.opcheck(torch.ops.fuser.moe_experts_forward.default, (x, ids, weights, *experts, True))
+        _, plan, act, h = torch.ops.fuser.moe_experts_forward(x, ids, weights, *experts, True)
+        detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in experts)
+        torch.library.opcheck(torch.ops.fuser.moe_experts_backward.default,
+                              (torch.randn(9, 20), x.detach(), ids, weights.detach(), *detached, plan, act, h, True,
+                               True, True))
 
 
 def test_compiles_fullgraph_without_graph_breaks():

@@ -21,7 +21,8 @@ from fuser.modules.swap import FusedModule, install
 from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
 import fuser.patterns.moe as moe_patterns
-from fuser.patterns.moe import MOE, MOE_ROUTER, ROUTING_CASES, experts_arguments, routed_example
+from fuser.patterns.moe import MOE, ROUTING_CASES, experts_arguments, routed_example
+from fuser.patterns.moe_routers import MOE_ROUTER
 from helpers import float64_reference
 from numerics import TOLERANCE, assert_close
 
@@ -187,10 +188,10 @@ def _own_gate(experts):
     experts.__class__ = type("ClampedExperts", (type(experts),), {"_apply_gate": lambda self, x: x.chunk(2, -1)[1]})
 
 
+COVERED = {"bias": _with_bias, "transposed": _transposed}  # layouts the kernel takes (GPT-OSS's: biased, transposed)
+
 FALLBACKS = {  # what makes the kernel not apply: (change to the experts, the reason the warning gives)
-    "bias": (_with_bias, "its experts have bias terms"),
     "not gated": (_not_gated, "its experts are not gated (an up projection only)"),
-    "transposed": (_transposed, "its expert weights are stored transposed ([E, H, 2I])"),
     "expert parallel": (lambda e: setattr(e, "_is_expert_parallel", True),
                         "it runs expert-parallel (ids of other ranks' experts are sentinels)"),
     "own gating": (_own_gate, "it has its own gating (`_apply_gate`)"),
@@ -217,6 +218,27 @@ def test_experts_the_kernel_does_not_cover_run_grouped_mm_with_one_warning(case,
     assert [str(w.message) for w in _fallback_warnings(caught)] == [
         f"fuser experts: {type(experts).__name__} runs transformers' grouped_mm experts: {reason}"]
     assert all(torch.equal(out, grouped_mm_experts_forward(experts, x, ids, weights)) for out in outs)
+
+
+@pytest.mark.parametrize("case", COVERED)
+def test_biased_and_transposed_experts_run_the_kernel(case, monkeypatch):
+    """Experts with biases or stored transposed run fuser::moe_experts, without a warning, as transformers'
+    batched_mm experts do (its grouped_mm takes no float64 on a CPU)."""
+    from transformers.integrations.moe import batched_mm_experts_forward
+
+    monkeypatch.setattr(fuser_transformers, "_warned", set())
+    experts = _olmoe_experts()
+    COVERED[case](experts)
+    generator = torch.Generator().manual_seed(0)
+    x, weights = torch.randn(7, 64, generator=generator), torch.rand(7, 2, generator=generator)
+    ids = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(7)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _experts_calls(experts, x, ids, weights) == 1
+        out = experts(x, ids, weights)
+    assert not _fallback_warnings(caught)
+    assert_close(out, batched_mm_experts_forward(copy.deepcopy(experts).double(), x.double(), ids, weights.double()),
+                 torch.float32)
 
 
 def _fallback_warnings(caught):
@@ -290,8 +312,8 @@ def test_the_contract_still_fails_a_rewrite_a_few_percent_off(monkeypatch):
         torch.randn(5, 16, generator=g).to(bf16), (torch.randn(4, 24, 16, generator=g) * 0.3).to(bf16),
         (torch.randn(4, 16, 12, generator=g) * 0.3).to(bf16), top_k=2))
     run_example(MOE, example)
-    fused = moe_patterns._fused_experts
-    monkeypatch.setattr(moe_patterns, "_fused_experts", lambda *args: fused(*args) * 1.03)
+    fused = moe_patterns.fused_experts
+    monkeypatch.setattr(moe_patterns, "fused_experts", lambda *args: fused(*args) * 1.03)
     with pytest.raises(AssertionError, match="output: relative L2 error"):
         run_example(MOE, example)
 

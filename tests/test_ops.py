@@ -67,7 +67,8 @@ def moe_route_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
                 frozenset({"_route_forward_kernel", "_route_backward_kernel"}))
 
 
-def moe_experts_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+def moe_experts_case(device="cpu", dtype=torch.float32, seed=0, gpt_oss=False) -> Case:
+    """The experts on [E, 2I, H] / [E, H, I] weights; `gpt_oss`: with biases and the clamped SwiGLU."""
     g = torch.Generator().manual_seed(seed)
     tokens, hidden, intermediate, experts, top_k = 9, 16, 12, 4, 2
     x = _draw(g, device, dtype, tokens, hidden)
@@ -75,17 +76,28 @@ def moe_experts_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
     weights = torch.rand(tokens, top_k, generator=g).to(dtype).to(device)
     gate_up = _draw(g, device, dtype, experts, 2 * intermediate, hidden, scale=hidden ** -0.5)
     down = _draw(g, device, dtype, experts, hidden, intermediate, scale=intermediate ** -0.5)
-    forward = (x, ids, weights, gate_up, None, down, True)
+    biases = (_draw(g, device, dtype, experts, 2 * intermediate), _draw(g, device, dtype, experts, hidden))
+    experts_args = ((gate_up, None, down, biases[0], None, biases[1], "clamped_swiglu", 1.702, 0.7) if gpt_oss
+                    else (gate_up, None, down, None, None, None, "silu", 1.0, 0.0))
+    forward = (x, ids, weights, *experts_args, True)
     _, plan, act, h = torch.ops.fuser.moe_experts_forward(*forward)
-    backward = (_draw(g, device, dtype, tokens, hidden), x, ids, weights, gate_up, None, down, plan, act, h,
+    backward = (_draw(g, device, dtype, tokens, hidden), x, ids, weights, *experts_args, plan, act, h,
                 True, True, True)
-    def entry(x, ids, weights, gate_up, down):
-        return torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down)
-    return Case(entry, (x, ids, weights, gate_up, down),
+
+    def entry(x, ids, weights, gate_up, down, *biases):
+        return torch.ops.fuser.moe_experts(x, ids, weights, gate_up, None, down,
+                                           *((biases[0], None, biases[1]) if biases else (None,) * 3),
+                                           *experts_args[6:])
+    return Case(entry, (x, ids, weights, gate_up, down, *(biases if gpt_oss else ())),
                 [(torch.ops.fuser.moe_experts_forward.default, forward),
                  (torch.ops.fuser.moe_experts_backward.default, backward)],
                 frozenset({"_count_kernel", "_place_kernel", "_expert_rows_gemm_kernel", "_sum_over_topk_kernel",
-                           "_expert_weight_grad_kernel"}))
+                           "_expert_weight_grad_kernel", *(("_expert_bias_grad_kernel", "_bias_dot_kernel")
+                                                           if gpt_oss else ())}))
+
+
+def moe_experts_gpt_oss_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
+    return moe_experts_case(device, dtype, seed, gpt_oss=True)
 
 
 def mla_decode_case(device="cpu", dtype=torch.float32, seed=0) -> Case:
@@ -122,7 +134,8 @@ def attention_case(device="cpu", dtype=torch.float32, seed=0, dropout_p=0.0, sin
 
 
 CASES = {"rms_norm": rms_norm_case, "softmax": softmax_case, "moe_route": moe_route_case,
-         "moe_experts": moe_experts_case, "mla_decode": mla_decode_case, "attention": attention_case}
+         "moe_experts": moe_experts_case, "moe_experts_gpt_oss": moe_experts_gpt_oss_case,
+         "mla_decode": mla_decode_case, "attention": attention_case}
 
 
 def _detached(args):

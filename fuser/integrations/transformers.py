@@ -8,7 +8,8 @@
   and that it does not implement (attention sinks `s_aux`, a position bias...) is an error naming it,
   never a result that ignores it; `fuser.convert` sees these arguments first and keeps such a model's
   attention as it was.
-- `fuser_experts_forward` runs `fuser::moe_experts` on transformers' 3-D expert weights in place;
+- `fuser_experts_forward` runs `fuser::moe_experts` on transformers' 3-D expert weights and biases in place
+  (stored transposed or not, gate and up rows concatenated or interleaved; SwiGLU or GPT-OSS's clamped SwiGLU);
   experts the kernel does not cover run transformers' `grouped_mm` experts, with a warning saying why.
 - For `fuser.convert`: which modules dispatch to these interfaces, the arguments each attention layer
   passes in a run of the model (`attention_arguments`), the check of experts against their own code
@@ -18,6 +19,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 import warnings
 from typing import Any, Callable, Iterable
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuser.kernels.moe import expert_arguments
 from fuser.kernels.runtime import KERNEL_DTYPES
 from fuser.modules.converters import source_line
 from fuser.modules.module_graphs import buffers_kept
@@ -222,13 +226,15 @@ def convert_attention(model: nn.Module, report: Report, dry_run: bool, args: tup
 
 # (attribute `use_experts_implementation` sets, its value the kernel does not cover, why)
 _UNSUPPORTED_LAYOUTS = (
-    ("has_bias", True, "its experts have bias terms"),
     ("has_gate", False, "its experts are not gated (an up projection only)"),
-    ("is_transposed", True, "its expert weights are stored transposed ([E, H, 2I])"),
-    ("is_concatenated", False, "its gate and up rows are interleaved"),
     ("has_post_expert_norm", True, "a norm follows each expert"),
     ("_is_expert_parallel", True, "it runs expert-parallel (ids of other ranks' experts are sentinels)"),
 )
+# transformers experts whose `_apply_gate` is GPT-OSS's clamped SwiGLU (alpha and limit read off the module), and
+# how it reads gate and up out of the gate_up projection: (module under transformers.models, class, layout)
+_CLAMPED_SWIGLU_GATES = (("gpt_oss.modeling_gpt_oss", "GptOssExperts", "interleaved"),
+                         ("openai_privacy_filter.modeling_openai_privacy_filter", "OpenAIPrivacyFilterExperts",
+                          "concatenated"))
 
 
 def _is_silu(activation: Any) -> bool:
@@ -236,36 +242,76 @@ def _is_silu(activation: Any) -> bool:
     return activation is F.silu or isinstance(activation, (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU)))
 
 
-def unsupported_experts(experts: nn.Module, hidden_states: torch.Tensor) -> str | None:
-    """Why `fuser::moe_experts` cannot run these transformers experts on `hidden_states`, or None."""
+@functools.cache
+def _clamped_swiglu_gates() -> dict[Callable, str]:
+    """{the `_apply_gate` function: its gate/up layout} of `_CLAMPED_SWIGLU_GATES` this transformers has."""
+    found = {}
+    for module, name, layout in _CLAMPED_SWIGLU_GATES:
+        try:
+            found[getattr(importlib.import_module(f"transformers.models.{module}"), name)._apply_gate] = layout
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def _gating(experts: nn.Module) -> tuple[str, tuple] | str:
+    """(gate/up layout "concatenated" or "interleaved", (activation, alpha, limit) of `fuser::moe_experts`) of
+    transformers experts, or why the kernel does not compute their gating."""
     from transformers.integrations.moe import _default_apply_gate
 
+    gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
+    if gate is _default_apply_gate:
+        if not getattr(experts, "is_concatenated", True):
+            return "its gate and up rows are interleaved"
+        if not _is_silu(getattr(experts, "act_fn", None)):
+            return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
+        return "concatenated", ("silu", 1.0, 0.0)
+    layout = _clamped_swiglu_gates().get(gate)
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if layout is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)):
+        return "it has its own gating (`_apply_gate`)"
+    return layout, ("clamped_swiglu", float(alpha), float(limit))
+
+
+def _experts_tensors(experts: nn.Module, layout: str, gating: tuple) -> tuple:
+    """`fuser::moe_experts`'s expert arguments as views of the module's parameters (stored [E, 2I, H] / [E, H, I],
+    or transposed)."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False):  # stored [E, H, 2I] and [E, I, H]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    biased = getattr(experts, "has_bias", False)
+    return expert_arguments(gate_up, down, experts.gate_up_proj_bias if biased else None,
+                            experts.down_proj_bias if biased else None, layout == "interleaved", gating)
+
+
+def experts_call(experts: nn.Module, hidden_states: torch.Tensor) -> tuple | str:
+    """The arguments of `fuser::moe_experts` after the routing that compute these transformers experts on
+    `hidden_states` (their weights and biases read in place, their gating), or why the kernel cannot."""
     for attribute, unsupported, reason in _UNSUPPORTED_LAYOUTS:
         if getattr(experts, attribute, not unsupported) == unsupported:
             return reason
-    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        return "it has its own gating (`_apply_gate`)"
-    if not _is_silu(getattr(experts, "act_fn", None)):
-        return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
-    weights = sorted({dtype_name(experts.gate_up_proj.dtype), dtype_name(experts.down_proj.dtype)})
-    if hidden_states.dtype not in KERNEL_DTYPES or weights != [dtype_name(hidden_states.dtype)]:
-        return (f"hidden states in {dtype_name(hidden_states.dtype)}, expert weights in {' and '.join(weights)} "
+    gating = _gating(experts)
+    if isinstance(gating, str):
+        return gating
+    call = _experts_tensors(experts, *gating)
+    dtypes = sorted({dtype_name(t.dtype) for t in call[:6] if t is not None})
+    if hidden_states.dtype not in KERNEL_DTYPES or dtypes != [dtype_name(hidden_states.dtype)]:
+        return (f"hidden states in {dtype_name(hidden_states.dtype)}, expert weights in {' and '.join(dtypes)} "
                 "(the kernel takes one of float16, bfloat16, float32 for both)")
-    return None
+    return call
 
 
 def fuser_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts interface on `fuser::moe_experts`: hidden states [T, H], the router's
-    top-k ids and weights [T, K]; the weights `gate_up_proj [E, 2I, H]` (gate rows first) and
-    `down_proj [E, H, I]` are read in place. What the kernel does not cover runs `grouped_mm`."""
-    problem = unsupported_experts(self, hidden_states)
-    if problem is not None:
+    top-k ids and weights [T, K]; the weights (`gate_up_proj` [E, 2I, H] or, transposed, [E, H, 2I]; `down_proj`)
+    and biases are read in place. What the kernel does not cover runs `grouped_mm`."""
+    call = experts_call(self, hidden_states)
+    if isinstance(call, str):
         from transformers.integrations.moe import grouped_mm_experts_forward
-        _warn_once(f"fuser experts: {type(self).__name__} runs transformers' grouped_mm experts: {problem}")
+        _warn_once(f"fuser experts: {type(self).__name__} runs transformers' grouped_mm experts: {call}")
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return torch.ops.fuser.moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
-                                      self.gate_up_proj, None, self.down_proj)
+    return torch.ops.fuser.moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), *call)
 
 
 def dispatches_experts(module: nn.Module) -> bool:
@@ -281,11 +327,12 @@ def fused_experts_problem(experts: nn.Module) -> str | None:
     the experts' own code run in float64 on random tokens routed at random."""
     gate_up = experts.gate_up_proj
     generator = torch.Generator().manual_seed(0)
-    tokens, num_experts, hidden = 7, gate_up.shape[0], gate_up.shape[-1]
+    tokens, num_experts = 7, gate_up.shape[0]
+    hidden = gate_up.shape[1] if getattr(experts, "is_transposed", False) else gate_up.shape[2]
     x = torch.randn(tokens, hidden, generator=generator).to(gate_up)
-    problem = unsupported_experts(experts, x)
-    if problem is not None:
-        return problem
+    call = experts_call(experts, x)
+    if isinstance(call, str):
+        return call
     top_k = min(2, num_experts)
     ids = torch.rand(tokens, num_experts, generator=generator).argsort(-1)[:, :top_k].to(gate_up.device)
     routing = torch.rand(tokens, top_k, generator=generator).to(gate_up)
@@ -303,10 +350,11 @@ def fused_experts_problem(experts: nn.Module) -> str | None:
         problem = judge(got, expected, own=own).problem
         problem = f"output: {problem}" if problem else None
         if problem is None and gradients:
-            weights = [experts.gate_up_proj, experts.down_proj]
-            names = ("the hidden states", "the routing weights", "gate_up_proj", "down_proj")
-            problems = gradient_problems(names, Run([got], [*ours_in, *weights]), Run([own], [*own_in, *weights]),
-                                         Run([expected], [*ref_in, reference.gate_up_proj, reference.down_proj]),
+            names = [n for n, _ in experts.named_parameters()]
+            weights = [p for _, p in experts.named_parameters()]
+            problems = gradient_problems(("the hidden states", "the routing weights", *names),
+                                         Run([got], [*ours_in, *weights]), Run([own], [*own_in, *weights]),
+                                         Run([expected], [*ref_in, *(p for _, p in reference.named_parameters())]),
                                          generator)
             problem = next((p for p in problems if p), None)
     return f"fuser's experts differ from the module's own code: {problem}" if problem else None

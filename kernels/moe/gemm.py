@@ -2,14 +2,17 @@
 
 One row-grouped kernel serves the four products whose rows are (token, k) pairs; a constexpr
 EPILOGUE says which:
-  GATE_UP  x[token] @ gate[e]^T and @ up[e]^T (A read once for both)  -> w * silu(gate) * up
-  DOWN     (w * h) @ down[e]^T                                         -> that (token, k) row
-  GRAD_H   grad_out[token] @ down[e], times the weight, through silu*  -> d(gate | up); d(weight) partials
+  GATE_UP  x[token] @ gate[e]^T and @ up[e]^T (+ biases; A read once)  -> w * glu(gate, up)
+  DOWN     (w * h) @ down[e]^T (+ w * down bias)                       -> that (token, k) row
+  GRAD_H   grad_out[token] @ down[e], times the weight, through glu'   -> d(gate | up); d(weight) partials
   GRAD_X   d(gate) @ gate[e] + d(up) @ up[e]                           -> that (token, k) row of dx
+glu is SwiGLU, silu(gate) * up, or (CLAMPED) GPT-OSS's clamped form: gate' = min(gate, limit),
+up' = clamp(up, -limit, limit), gate' * sigmoid(alpha * gate') * (up' + 1).
 The routing weight w scales h before the down GEMM rather than its output (down is linear): the
-DOWN epilogue is a plain store, and d(down) = grad_out^T (w * h) needs no rescaled operand.
-A second kernel makes the per-expert weight gradients, reducing over each expert's rows.
-Per-(token, k) rows are summed over k by a third kernel: no atomics, deterministic.
+DOWN epilogue is a store (plus w times the bias), and d(down) = grad_out^T (w * h) needs no rescaled operand.
+A second kernel makes the per-expert weight gradients, reducing over each expert's rows; a third the bias
+gradients (column sums over each expert's rows), a fourth the bias term of d(weight).
+Per-(token, k) rows are summed over k by a fifth kernel: no atomics, deterministic.
 
 Weights are read in place through their strides (gate/up are usually views of one
 [E, 2I, H] tensor). Operands load in their own dtype; everything after the dot is fp32.
@@ -87,6 +90,35 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _clamped(gate, up, limit):
+    """GPT-OSS's clamps: gate to at most limit, up to [-limit, limit] (NaN stays NaN, as torch.clamp)."""
+    return tl.where(gate > limit, limit, gate), tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
+
+
+@triton.jit
+def glu(gate, up, alpha, limit, CLAMPED: tl.constexpr):
+    """The gated activation of fp32 pre-activations: silu(gate) * up, or the clamped form (module docstring)."""
+    if CLAMPED:
+        gate, up = _clamped(gate, up, limit)
+        return gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def glu_grad(grad_h, gate, up, alpha, limit, CLAMPED: tl.constexpr):
+    """(d gate, d up, glu(gate, up)) from d(loss)/d(glu); a clamp passes the gradient where its input is within
+    its bounds, ends included (torch.clamp's rule)."""
+    if CLAMPED:
+        gate_c, up_c = _clamped(gate, up, limit)
+        sig = tl.sigmoid(alpha * gate_c)
+        d_gate = tl.where(gate <= limit, grad_h * (up_c + 1.0) * sig * (1.0 + alpha * gate_c * (1.0 - sig)), 0.0)
+        d_up = tl.where((up >= -limit) & (up <= limit), grad_h * gate_c * sig, 0.0)
+        return d_gate, d_up, gate_c * sig * (up_c + 1.0)
+    sig = tl.sigmoid(gate)
+    return grad_h * up * sig * (1.0 + gate * (1.0 - sig)), grad_h * gate * sig, gate * sig * up
+
+
+@triton.jit
 def _k_loop(acc, acc2, a_ptrs, b_ptrs, b2_ptrs, stride_b_k, stride_b2_k, n_ok, K,
             TWO_B: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc += A @ B over K; with TWO_B also acc2 += A @ B2, loading each A tile once."""
@@ -128,7 +160,7 @@ def _weight_grad_candidates(configs, named_args, **kwargs):
     return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]
 
 
-@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
+@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT", "HAS_BIAS", "CLAMPED"],
           prune_configs_by={"early_config_prune": _accumulators_fit})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -141,8 +173,12 @@ def _expert_rows_gemm_kernel(
     act_ptr,  # gate | up pre-activations [R, 2N]: GATE_UP writes them (EXTRA_OUTPUT), GRAD_H reads them
     routing_weights_ptr,  # [R], read by GATE_UP and GRAD_H
     partials_ptr,  # [R, cdiv(N, PARTIAL_GRAIN)] d(weight) partial sums (GRAD_H with EXTRA_OUTPUT)
+    bias_ptr, stride_bias_e, stride_bias_n,  # HAS_BIAS: GATE_UP's gate bias [E, N], DOWN's down bias [E, N]
+    bias2_ptr, stride_bias2_e, stride_bias2_n,  # HAS_BIAS: GATE_UP's up bias [E, N]
+    alpha, limit,  # the clamped activation's (CLAMPED)
     N, K, TOPK,
-    EPILOGUE: tl.constexpr, EXTRA_OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPILOGUE: tl.constexpr, EXTRA_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of one expert's rows. GATE_UP and GRAD_H read A's rows by token
@@ -185,31 +221,39 @@ def _expert_rows_gemm_kernel(
     pos64 = pos.to(tl.int64)[:, None]
     act = act_ptr + pos64 * (2 * N) + offs_n[None, :]
     out_ty = out_ptr.dtype.element_ty
+    if HAS_BIAS and (EPILOGUE == GATE_UP or EPILOGUE == DOWN):
+        bias_at = expert.to(tl.int64) * stride_bias_e + offs_n * stride_bias_n
+        bias = tl.load(bias_ptr + bias_at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == GATE_UP:
+        if HAS_BIAS:
+            acc += bias
+            acc2 += tl.load(bias2_ptr + expert.to(tl.int64) * stride_bias2_e + offs_n * stride_bias2_n, mask=n_ok,
+                            other=0.0).to(tl.float32)[None, :]
         weight = tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None]
-        tl.store(out_ptr + pos64 * N + offs_n[None, :], to_dtype(weight * acc * tl.sigmoid(acc) * acc2, out_ty),
-                 mask=keep)
+        tl.store(out_ptr + pos64 * N + offs_n[None, :], to_dtype(weight * glu(acc, acc2, alpha, limit, CLAMPED),
+                                                                 out_ty), mask=keep)
         if EXTRA_OUTPUT:
             tl.store(act, to_dtype(acc, act_ptr.dtype.element_ty), mask=keep)
             tl.store(act + N, to_dtype(acc2, act_ptr.dtype.element_ty), mask=keep)
     elif EPILOGUE == GRAD_H:  # acc = d(loss)/d(h) before the routing weight
         gate = tl.load(act, mask=keep, other=0.0).to(tl.float32)
         up = tl.load(act + N, mask=keep, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
         grad_h = acc * tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None]
+        d_gate, d_up, h = glu_grad(grad_h, gate, up, alpha, limit, CLAMPED)
         grad_act = out_ptr + pos64 * (2 * N) + offs_n[None, :]
-        tl.store(grad_act, to_dtype(grad_h * up * sig * (1.0 + gate * (1.0 - sig)), out_ty), mask=keep)
-        tl.store(grad_act + N, to_dtype(grad_h * silu, out_ty), mask=keep)
+        tl.store(grad_act, to_dtype(d_gate, out_ty), mask=keep)
+        tl.store(grad_act + N, to_dtype(d_up, out_ty), mask=keep)
         if EXTRA_OUTPUT:  # d(weight) = grad_out . (down @ h) = (grad_out @ down) . h, in sums of PARTIAL_GRAIN
             # columns: every config writes every partial, so autotuning leaves no stale one behind
             grains_per_tile: tl.constexpr = BLOCK_N // PARTIAL_GRAIN
-            partial = tl.sum(tl.reshape(acc * silu * up, (BLOCK_M, grains_per_tile, PARTIAL_GRAIN)), 2)
+            partial = tl.sum(tl.reshape(acc * h, (BLOCK_M, grains_per_tile, PARTIAL_GRAIN)), 2)
             grain = tile_n * grains_per_tile + tl.arange(0, grains_per_tile)
             grains = tl.cdiv(N, PARTIAL_GRAIN)
             tl.store(partials_ptr + row_id.to(tl.int64)[:, None] * grains + grain[None, :], partial,
                      mask=row_ok[:, None] & (grain[None, :] < grains))
     else:  # DOWN, GRAD_X
+        if HAS_BIAS and EPILOGUE == DOWN:  # w * (h @ down^T + bias) = (w * h) @ down^T + w * bias
+            acc += tl.load(routing_weights_ptr + row_id).to(tl.float32)[:, None] * bias
         tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], to_dtype(acc, out_ty), mask=keep)
 
 
@@ -254,6 +298,51 @@ def _expert_weight_grad_kernel(
 
 
 @triton.jit
+def _expert_bias_grad_kernel(plan_ptr, R, src_ptr, routing_weights_ptr, out_ptr, N, TOPK,
+                             OF_DOWN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[e] = sum over expert e's rows of d(gate | up) [R, N] in plan order, or (OF_DOWN) of w * grad_out[token]
+    (the down bias meets the output scaled by w). Experts without rows get zeros."""
+    expert = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    start = tl.load(plan_ptr + R + expert)
+    end = tl.load(plan_ptr + R + expert + 1)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for first in range(start, end, BLOCK_R):
+        pos = first + tl.arange(0, BLOCK_R)
+        r_ok = pos < end
+        row_id = tl.load(plan_ptr + pos, mask=r_ok, other=0)
+        if OF_DOWN:
+            src_row = (row_id // TOPK).to(tl.int64)
+            scale = tl.load(routing_weights_ptr + row_id, mask=r_ok, other=0.0).to(tl.float32)
+        else:
+            src_row = pos.to(tl.int64)
+            scale = tl.where(r_ok, 1.0, 0.0)
+        rows = tl.load(src_ptr + src_row[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(tl.float32)
+        acc += tl.sum(rows * scale[:, None], 0)
+    tl.store(out_ptr + expert.to(tl.int64) * N + offs_n, to_dtype(acc, out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _bias_dot_kernel(grad_out_ptr, ids_ptr, bias_ptr, stride_bias_e, stride_bias_n, out_ptr, H, E,
+                     TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t * TOPK + k] = grad_out[t] . down_bias[ids[t, k]] in fp32 (0 for ids outside [0, E)): the down bias's
+    share of d(weight)."""
+    row = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + row)
+    width = tl.where((expert >= 0) & (expert < E), H, 0)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for first in range(0, H, BLOCK_H):
+        offs = first + tl.arange(0, BLOCK_H)
+        ok = offs < width
+        g = tl.load(grad_out_ptr + (row // TOPK) * H + offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + offs * stride_bias_n, mask=ok, other=0.0)
+        acc += g * b.to(tl.float32)
+    tl.store(out_ptr + row, tl.sum(acc, 0))
+
+
+@triton.jit
 def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[t] = sum_k rows[t * TOPK + k] in fp32, skipping k whose expert id is outside [0, E)."""
     token = tl.program_id(0).to(tl.int64)
@@ -267,23 +356,32 @@ def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, 
 
 
 def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, *, b2=None, b2_strides=None,
-                     act=None, routing_weights=None, partials=None, extra_output=False):
+                     act=None, routing_weights=None, partials=None, extra_output=False, biases=(None, None),
+                     gating=("silu", 1.0, 0.0)):
     """The row-grouped GEMM over the plan's tiles. B[e][k, n] lives at b + e*s0 + k*s1 + n*s2 for
-    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up). Pointers the epilogue does
-    not use get an empty tensor, never an output: where Inductor cannot tell which arguments a kernel writes, it
-    takes each as written, and an output passed twice would come back as the copy the kernel did not write."""
+    b_strides = (s0, s1, s2), so transposed weights need no view; b2 likewise (up). `biases`: GATE_UP's gate
+    and up biases [E, n], DOWN's down bias [E, n] and None, any strides; `gating`: (activation, alpha, limit).
+    Pointers the epilogue does not use get an empty tensor, never an output: where Inductor cannot tell which
+    arguments a kernel writes, it takes each as written, and an output passed twice would come back as the copy
+    the kernel did not write."""
     if layout.max_tiles == 0:
         return
     b2, b2_strides = (b, b_strides) if b2 is None else (b2, b2_strides)
     unused = out.new_empty(0)
+    bias, bias2 = biases
+    bias2 = bias if bias2 is None else bias2
+    bias_args = ((unused, 0, 0) * 2 if bias is None
+                 else (bias, bias.stride(0), bias.stride(1), bias2, bias2.stride(0), bias2.stride(1)))
+    activation, alpha, limit = gating
     grid = lambda meta: (layout.max_tiles * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    key = ("rows", epilogue.value, extra_output, layout.block_m, n, k, a.dtype, b.dtype, out.dtype,
-           None if routing_weights is None else routing_weights.dtype, a.device)
+    key = ("rows", epilogue.value, extra_output, bias is not None, activation, layout.block_m, n, k, a.dtype,
+           b.dtype, out.dtype, None if routing_weights is None else routing_weights.dtype, a.device)
     launch(_expert_rows_gemm_kernel, grid, key,
-            plan, layout.rows, layout.experts, a, a.stride(0), b, *b_strides, b2, *b2_strides, out,
-            unused if act is None else act, unused if routing_weights is None else routing_weights,
-            unused if partials is None else partials, n, k, top_k,
-            EPILOGUE=epilogue.value, EXTRA_OUTPUT=extra_output, BLOCK_M=layout.block_m, PRECISION=dot_precision())
+           plan, layout.rows, layout.experts, a, a.stride(0), b, *b_strides, b2, *b2_strides, out,
+           unused if act is None else act, unused if routing_weights is None else routing_weights,
+           unused if partials is None else partials, *bias_args, float(alpha), float(limit), n, k, top_k,
+           EPILOGUE=epilogue.value, EXTRA_OUTPUT=extra_output, HAS_BIAS=bias is not None,
+           CLAMPED=activation == "clamped_swiglu", BLOCK_M=layout.block_m, PRECISION=dot_precision())
 
 
 def expert_weight_grad(plan, layout, p, q, out, top_k, *, of_down):
@@ -294,6 +392,27 @@ def expert_weight_grad(plan, layout, p, q, out, top_k, *, of_down):
     key = ("weight_grad", of_down, p_size, q_size, p.dtype, q.dtype, out.dtype, p.device)
     launch(_expert_weight_grad_kernel, grid, key, plan, layout.rows, p, q, q.stride(0), out, p_size, q_size, top_k,
             OF_DOWN=of_down, PRECISION=dot_precision())
+
+
+def expert_bias_grad(plan, layout, src, out, top_k, *, of_down, routing_weights=None):
+    """out [E, N] = per expert, the sum over its rows of src (d(gate | up) [R, N] in plan order), or of_down, of
+    w * src[token] (src = grad_out [T, N])."""
+    experts, n = out.shape
+    block_n = 16 if interpreting() else min(256, next_pow2(n))
+    unused = out.new_empty(0)
+    launch(_expert_bias_grad_kernel, (cdiv(n, block_n), experts), ("moe.bias_grad", of_down, n, out.dtype),
+           plan, layout.rows, src, unused if routing_weights is None else routing_weights, out, n, top_k,
+           of_down, 16 if interpreting() else 32, block_n, num_warps=4)
+
+
+def bias_dot(grad_out, topk_ids, down_bias, out):
+    """out [T*K] fp32 = grad_out[t] . down_bias[ids[t, k]] (0 for ids outside [0, E))."""
+    tokens, top_k = topk_ids.shape
+    experts, hidden = down_bias.shape
+    block_h = 16 if interpreting() else min(1024, next_pow2(hidden))
+    if tokens:
+        launch(_bias_dot_kernel, (tokens * top_k,), ("moe.bias_dot", hidden), grad_out, topk_ids, down_bias,
+               down_bias.stride(0), down_bias.stride(1), out, hidden, experts, top_k, block_h, num_warps=4)
 
 
 def sum_over_topk(rows, topk_ids, out, experts):

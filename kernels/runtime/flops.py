@@ -32,13 +32,14 @@ def _nothing(*_, **__) -> int:
 
 
 def _experts(x, ids, weights, gate, up, down, *_, out_shape=None, **__) -> int:
-    """Each (token, k) row: gate and up [I, H] products and the down [H, I] product."""
+    """Each (token, k) row: gate and up [I, H] products and the down [H, I] product (the biases' additions,
+    rows·(2I + H), are not products and are not counted)."""
     rows, hidden, intermediate = math.prod(ids), x[-1], down[-1]
     return 6 * rows * hidden * intermediate
 
 
-def _experts_backward(grad_out, x, ids, weights, gate, up, down, plan, act, h, needs_x, needs_weights, needs_params,
-                      *_, out_shape=None, **__) -> int:
+def _experts_backward(grad_out, x, ids, weights, gate, up, down, gate_bias, up_bias, down_bias, activation, alpha,
+                      limit, plan, act, h, needs_x, needs_weights, needs_params, *_, out_shape=None, **__) -> int:
     """The gradient of h through down, of x through gate and up, and of the weights (each the forward's size)."""
     rows, hidden, intermediate = math.prod(ids), x[-1], down[-1]
     return 2 * rows * hidden * intermediate * (1 + (2 if needs_x else 0) + (3 if needs_params else 0))
