@@ -82,11 +82,12 @@ def broadcast_strides(t: torch.Tensor, shape: tuple) -> tuple:
 
 
 def kernel_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int) -> tuple[torch.Tensor, tuple]:
-    """(the mask as the kernels read it, its strides broadcast to [B, Hq, Lq, Lk]): bool viewed as uint8 (the
-    interpreter cannot load bool), float64 narrowed to float32 (−inf kept, finite values clamped)."""
+    """(the mask as the kernels read it, its strides broadcast to [B, Hq, Lq, Lk]): bool viewed as uint8 under the
+    interpreter (which cannot load bool; on the GPU a bool view would fail Inductor's lowering on torch 2.11),
+    float64 narrowed to float32 (−inf kept, finite values clamped)."""
     if mask.dtype == torch.float64:
         mask = torch.where(mask == -math.inf, mask, mask.clamp(-FLT_MAX, FLT_MAX)).float()
-    if mask.dtype == torch.bool:
+    if mask.dtype == torch.bool and interpreting():
         mask = mask.view(torch.uint8)
     return mask, broadcast_strides(mask, (b, hq, lq, lk))
 

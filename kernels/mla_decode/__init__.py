@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import INDUCTOR_TAKES_EVERY_LAUNCH, KernelLimits, entry_op, fused_op, kernels_apply
+from ..runtime import KernelLimits, entry_op, fused_op, kernels_apply
 from .decode import DecodeTiling, decode_tiling, mla_decode_launch
 from .reference import mla_decode_backward_reference, mla_decode_reference
 
@@ -105,8 +105,7 @@ def _backward(ctx, grad_out):
 
 _call_forward = fused_op("mla_decode_forward", _forward_kernel, _forward_reference, _forward_fake,
                          lambda q_lat, q_pe, c, k_pe, scale: kernels_support(q_lat, q_pe, c, k_pe),
-                         setup_context=_setup_context, backward=_backward,
-                         traceable=lambda *args: INDUCTOR_TAKES_EVERY_LAUNCH)
+                         setup_context=_setup_context, backward=_backward)
 
 
 @entry_op

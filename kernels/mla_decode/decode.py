@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.tiles import Numerics, mma_operand
+from ..attention.tiles import NUMERICS_DOT_PRECISION, Numerics, as_constexprs, mma_operand
 from ..language import to_dtype
-from ..runtime import cdiv, interpreting, launch, next_pow2, program_slots
+from ..runtime import cdiv, flat_kernel, interpreting, launch, next_pow2, program_slots
 
 LOG2E = 1.4426950408889634
 
@@ -69,7 +69,7 @@ def _row_pointers(ptr, batch, t, h, strides):
 
 
 @triton.jit
-def _mla_decode_kernel(QL, QP, C, KP, Out, PartOut, PartStats, sql, sqp, sc, skp, new_tokens, heads, context,
+def mla_decode_program(QL, QP, C, KP, Out, PartOut, PartStats, sql, sqp, sc, skp, new_tokens, heads, context,
                        latent, rope, scale_log2, blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, NUMERICS: tl.constexpr):
     m_block, split, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -100,8 +100,8 @@ def _mla_decode_kernel(QL, QP, C, KP, Out, PartOut, PartStats, sql, sqp, sc, skp
         kp = tl.load(kp_base + n.to(tl.int64)[:, None] * skp[1] + p[None, :] * skp[2],
                      mask=n_ok[:, None] & p_ok[None, :], other=0.0)
         c = mma_operand(c, NUMERICS)
-        s = tl.dot(q, tl.trans(c), input_precision=NUMERICS.dot_precision)
-        s = tl.dot(qp, tl.trans(mma_operand(kp, NUMERICS)), s, input_precision=NUMERICS.dot_precision)
+        s = tl.dot(q, tl.trans(c), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
+        s = tl.dot(qp, tl.trans(mma_operand(kp, NUMERICS)), s, input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
         s = tl.where(n_ok[None, :] & (n[None, :] <= last[:, None]), s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -109,7 +109,7 @@ def _mla_decode_kernel(QL, QP, C, KP, Out, PartOut, PartStats, sql, sqp, sc, skp
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(e, 1)
         acc = tl.dot(mma_operand(to_dtype(e, C.dtype.element_ty), NUMERICS), c, acc * alpha[:, None],
-                     input_precision=NUMERICS.dot_precision)
+                     input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
         m_i = m_new
     out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
     out_rows = (batch * n_rows + rows.to(tl.int64)) * latent
@@ -121,6 +121,10 @@ def _mla_decode_kernel(QL, QP, C, KP, Out, PartOut, PartStats, sql, sqp, sc, skp
         tl.store(PartStats + part + batch * n_rows + rows, lse, mask=row_ok)
     else:
         tl.store(Out + out_rows[:, None] + r[None, :], to_dtype(out, Out.dtype.element_ty), mask=store_mask)
+
+
+# launched flat (strides as scalars) so that Inductor's generated code can launch it (runtime.flat_kernel)
+_mla_decode_kernel = flat_kernel(mla_decode_program, "_mla_decode_kernel", {"sql": 4, "sqp": 4, "sc": 3, "skp": 3})
 
 
 @triton.jit
@@ -164,10 +168,10 @@ def mla_decode_launch(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, 
     block_r, block_p = max(32, next_pow2(latent)), max(32, next_pow2(rope))
     fp32_exact = q_lat.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     launch(_mla_decode_kernel, (cdiv(rows, tiling.block_m), splits, batch), ("mla_decode",),
-           q_lat, q_pe, c, k_pe, out, part_out, part_stats, q_lat.stride(), q_pe.stride(), c.stride(), k_pe.stride(),
-           new_tokens, heads, context, latent, rope, float(scale) * LOG2E, blocks_per_split,
+           q_lat, q_pe, c, k_pe, out, part_out, part_stats, *q_lat.stride(), *q_pe.stride(), *c.stride(),
+           *k_pe.stride(), new_tokens, heads, context, latent, rope, float(scale) * LOG2E, blocks_per_split,
            BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_R=block_r, BLOCK_P=block_p, SPLIT=split,
-           NUMERICS=Numerics(interpreting(), "ieee" if fp32_exact else "tf32"),
+           **as_constexprs({"NUMERICS": Numerics(interpreting(), "ieee" if fp32_exact else "tf32")}),
            num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if split:
         merge_rows = 16

@@ -72,9 +72,9 @@ def entry_op(function: Callable) -> Callable:
 
 # Traced for Inductor. AOTAutograd runs each op under FunctionalTensorMode; this rule answers for ours.
 
-# Inductor before torch 2.13 fails to generate some of our launches (seen on torch 2.11 / Triton 3.6, H200): stride
-# tuples have no type in its kernel signatures (mla_decode), and with an attention mask tensor its codegen fails
-# too (the bool mask viewed as uint8 in its lowering; a tuple compared as an int). Those calls keep the op there.
+# Inductor before torch 2.13 fails to generate the launches of attention with a mask tensor (seen on torch 2.11 /
+# Triton 3.6, H200: the bool mask's uint8 view in its lowering, and a tuple compared as an int in its kernel
+# signature code). Those calls keep the op there.
 INDUCTOR_TAKES_EVERY_LAUNCH = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13)
 
 _TRACED_TENSOR_TYPES = (FakeTensor, FunctionalTensor)
