@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import INDUCTOR_TAKES_EVERY_LAUNCH, BatchAndHeads, fused_op, register_sharding
+from ..runtime import BatchAndHeads, fused_op, register_sharding
 from . import plan
 from .forward import output_like
 from .plan import LIMITS, AttentionLimits
@@ -138,8 +138,7 @@ def _backward_fake(grad_out, q, k, v, *arguments):
 
 
 _call_backward = fused_op("attention_backward", _backward_kernel, _backward_reference, _backward_fake,
-                          _backward_runs_kernels, traceable=lambda grad_out, q, k, v, mask, *_: (
-                              INDUCTOR_TAKES_EVERY_LAUNCH or mask is None))
+                          _backward_runs_kernels)
 
 
 def _setup_context(ctx, inputs, output):
@@ -162,8 +161,7 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
 
 
 _call_forward = fused_op("attention_forward", _forward_kernel, _forward_reference, _forward_fake,
-                         _forward_runs_kernels, setup_context=_setup_context, backward=_backward,
-                         traceable=lambda q, k, v, mask, *_: INDUCTOR_TAKES_EVERY_LAUNCH or mask is None)
+                         _forward_runs_kernels, setup_context=_setup_context, backward=_backward)
 # under DTensor: sharded by batch or heads (q, k, v, out, statistics; the mask and its classes where they have
 # the dim); with dropout or sinks replicated
 register_sharding(torch.ops.fuser.attention_forward.default, BatchAndHeads(

@@ -73,6 +73,7 @@ def mla_decode_program(QL, QP, C, KP, Out, PartOut, PartStats, sql, sqp, sc, skp
                        latent, rope, scale_log2, blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, NUMERICS: tl.constexpr):
     m_block, split, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as float64
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     n_rows = new_tokens * heads
     row_ok = rows < n_rows

@@ -185,6 +185,7 @@ def _expert_rows_gemm_kernel(
     (row // TOPK), DOWN and GRAD_X by sorted position; GATE_UP and GRAD_H write in plan order,
     DOWN and GRAD_X at the row's own (token, k) index (and share that epilogue)."""
     max_tiles = R // BLOCK_M + tl.minimum(E, R)
+    alpha, limit = tl.cast(alpha, tl.float32), tl.cast(limit, tl.float32)  # Inductor passes Python floats as fp64
     tile_expert_ptr = plan_ptr + R + E + 1
     tile_m, tile_n = _grouped_tile(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile_m)

@@ -35,24 +35,22 @@ from .sharding import Rows, register as register_sharding
 
 
 def fused_op(name: str, kernel: Callable, reference: Callable, fake: Callable, runs_kernels: Callable[..., bool], *,
-             setup_context: Callable | None = None, backward: Callable | None = None, rows: Rows | None = None,
-             traceable: Callable[..., bool] = lambda *args: True) -> Callable:
+             setup_context: Callable | None = None, backward: Callable | None = None, rows: Rows | None = None
+             ) -> Callable:
     """Define `fuser::<name>` and return its direct call (see `direct_call`).
 
     `kernel` (its type annotations are the op's schema) launches Triton through `launching.launch`;
     `reference` computes the same in plain torch; `fake` gives the outputs' metadata; `runs_kernels(*args)` says
     whether `kernel` computes this call (devices and dtypes only); `setup_context` / `backward` are the op's
     autograd formula, the backward itself another fused op; `rows`, where a shard of the rows computes its part,
-    is how the op shards under DTensor (`sharding.register`); `traceable(*args)` whether Inductor's generated code
-    can launch `kernel` for this call (else the traced graph keeps the op, which runs `kernel` when called)."""
+    is how the op shards under DTensor (`sharding.register`)."""
     def implementation(*args):
         return kernel(*args) if runs_kernels(*args) else reference(*args)
 
     op = torch.library.custom_op(f"fuser::{name}", implementation, mutates_args=(),
                                  schema=torch.library.infer_schema(kernel, mutates_args=()))
     op.register_fake(fake)
-    op.register_torch_dispatch(FunctionalTensorMode, _inductor_launches(
-        kernel, lambda *args: runs_kernels(*args) and traceable(*args)))
+    op.register_torch_dispatch(FunctionalTensorMode, _inductor_launches(kernel, runs_kernels))
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
     if rows is not None:
@@ -71,11 +69,6 @@ def entry_op(function: Callable) -> Callable:
 
 
 # Traced for Inductor. AOTAutograd runs each op under FunctionalTensorMode; this rule answers for ours.
-
-# Inductor before torch 2.13 fails to generate the launches of attention with a mask tensor (seen on torch 2.11 /
-# Triton 3.6, H200: the bool mask's uint8 view in its lowering, and a tuple compared as an int in its kernel
-# signature code). Those calls keep the op there.
-INDUCTOR_TAKES_EVERY_LAUNCH = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13)
 
 _TRACED_TENSOR_TYPES = (FakeTensor, FunctionalTensor)
 
