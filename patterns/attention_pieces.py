@@ -1,0 +1,180 @@
+"""The structural pieces attention's search functions are written with (patterns/base.py: `structural`):
+each lists the node shapes it accepts, or its absence, and what its parameters bind to.
+
+`repeat_kv`, `scaled` (a number, a symbolic scalar or a tensor: patterns/attention_scales.py reads it),
+`softcapped`, `masked`, `dropout`, and the head views of batched-head code over 3-D tensors
+(`split_heads` / `merged_heads`: scores [B·H, Lq, Lk] viewed as [B, H, Lq, Lk] for a mask and back).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fuser.patterns.base import structural
+from fuser.patterns.nodes import dropout_arguments, is_number, known_equal, symbolic_scalar, tensor_meta
+
+
+def _sole_user(node) -> bool:
+    return isinstance(node, fx.Node) and len(node.users) == 1
+
+
+def _repeat_kv_shapes(node):
+    """transformers' `repeat_kv`: x[:, :, None].expand(b, h, n, s, d).reshape(b, h·n, s, d), or
+    `repeat_interleave(n, dim=1)`; or no repeat (n = 1)."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape":
+        expand = node.args[0]
+        if _sole_user(expand) and expand.op == "call_method" and expand.target == "expand":
+            index = expand.args[0]
+            full = slice(None)
+            if _sole_user(index) and index.op == "call_function" and index.target == operator.getitem \
+                    and index.args[1] == (full, full, None, full, full) and tensor_meta(expand) is not None:
+                yield index.args[0], (tensor_meta(expand).shape[2],), (index, expand, node)
+    if isinstance(node, fx.Node) and node.target in ("repeat_interleave", torch.repeat_interleave) \
+            and len(node.args) >= 2 and is_number(node.args[1]) \
+            and (node.args[2:3] == (1,) or node.kwargs.get("dim") == 1) and tensor_meta(node) is not None:
+        yield node.args[0], (node.args[1],), (node,)
+    yield node, (1,), ()
+
+
+@structural(_repeat_kv_shapes)
+def repeat_kv(x, n_rep):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _scaled_shapes(node):
+    """`x * c` (`x / c` with c a number is canonicalized to a product) with c a number, a symbolic scalar
+    or a tensor; `x / c` with c a symbolic scalar or a tensor (`inverse`); or x itself (c = 1)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.mul:
+        for x, c in (node.args, node.args[::-1]):
+            if isinstance(x, fx.Node) and tensor_meta(x) is not None and c is not x:
+                if is_number(c):
+                    yield x, (float(c), False), (node,)
+                elif isinstance(c, fx.Node) and (symbolic_scalar(c) or tensor_meta(c) is not None):
+                    yield x, (c, False), (node,)
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.truediv \
+            and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], fx.Node):
+        c = node.args[1]
+        if isinstance(c, fx.Node) and (symbolic_scalar(c) or tensor_meta(c) is not None):
+            yield node.args[0], (c, True), (node,)
+    yield node, (1.0, False), ()
+
+
+@structural(_scaled_shapes)
+def scaled(x, scale, inverse):
+    return x / scale if inverse else x * scale
+
+
+def _softcapped_shapes(node):
+    """Gemma-2's `tanh(s / cap) * cap`, or no softcapping (cap = 0)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.mul:
+        for tanh, cap in (node.args, node.args[::-1]):
+            if _sole_user(tanh) and tanh.target == torch.tanh and is_number(cap) and cap > 0:
+                inner = tanh.args[0]
+                if _sole_user(inner) and inner.target == operator.mul and inner.args[1:] and is_number(inner.args[1]) \
+                        and math.isclose(inner.args[1] * cap, 1.0, rel_tol=1e-6):
+                    yield inner.args[0], (float(cap),), (inner, tanh, node)
+    yield node, (0.0,), ()
+
+
+@structural(_softcapped_shapes)
+def softcapped(scores, cap):
+    return scores if cap == 0 else torch.tanh(scores / cap) * cap
+
+
+def broadcasts_to(mask, scores) -> bool:
+    """Whether the mask's shape broadcasts to the scores' shape (and not the scores to a larger one)."""
+    mask, scores = tensor_meta(mask), tensor_meta(scores)
+    if mask is None or scores is None or mask.dim() > scores.dim():
+        return False
+    try:
+        return tuple(torch.broadcast_shapes(mask.shape, scores.shape)) == tuple(scores.shape)
+    except RuntimeError:
+        return False
+
+
+def _masked_shapes(node):
+    """`s + mask` (additive), `s.masked_fill(mask, fill)` (True = masked), `torch.where(mask, s, fill)`
+    (True = kept), or no mask."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.add:
+        # a mask of any rank ([Lq, Lk], [H, Lq, Lk], [B, 1, 1, Lk], ...): check() rejects one that does
+        # not broadcast to the scores; the order whose mask does is tried first
+        orders = sorted((node.args, node.args[::-1]), key=lambda pair: not broadcasts_to(pair[1], pair[0]))
+        for scores, mask in orders:
+            if isinstance(mask, fx.Node) and tensor_meta(mask) is not None and isinstance(scores, fx.Node):
+                yield scores, (mask, 0.0, "add"), (node,)
+    if isinstance(node, fx.Node) and node.target in ("masked_fill", torch.masked_fill) and is_number(node.args[2]):
+        yield node.args[0], (node.args[1], float(node.args[2]), "drop"), (node,)
+    if isinstance(node, fx.Node) and node.target == torch.where and len(node.args) == 3 and is_number(node.args[2]):
+        yield node.args[1], (node.args[0], float(node.args[2]), "keep"), (node,)
+    yield node, (None, 0.0, "none"), ()
+
+
+@structural(_masked_shapes)
+def masked(scores, mask, fill, how):
+    if how == "add":
+        return scores + mask
+    if how == "drop":
+        return scores.masked_fill(mask, fill)
+    return scores if how == "none" else torch.where(mask, scores, fill)
+
+
+def _dropout_shapes(node):
+    bound = dropout_arguments(node)  # `torch.dropout(x, p, train=False)` is no dropout
+    if bound is not None and is_number(bound["p"]) and bound["training"] is True and not bound["inplace"]:
+        yield bound["input"], (float(bound["p"]),), (node,)
+    yield node, (0.0,), ()
+
+
+@structural(_dropout_shapes)
+def dropout(probs, p):
+    return F.dropout(probs, p, training=p > 0)
+
+
+def _view_shape(node) -> tuple | None:
+    """(input, result shape) of `x.view(...)` / `x.reshape(...)` / `torch.reshape(x, ...)`, or None."""
+    if not isinstance(node, fx.Node) or tensor_meta(node) is None or not node.args or node.kwargs:
+        return None
+    if (node.op, node.target) in (("call_method", "view"), ("call_method", "reshape"),
+                                  ("call_function", torch.reshape)) and tensor_meta(node.args[0]) is not None:
+        return node.args[0], tuple(tensor_meta(node).shape)
+    return None
+
+
+def _split_heads_shapes(node):
+    """Scores [B·H, Lq, Lk] viewed as [B, H, Lq, Lk] (first dim split, the others kept): heads = (B, H) as the
+    view gives them (numbers or size nodes); or no view (heads = 0)."""
+    viewed = _view_shape(node)
+    if viewed is not None:
+        (source, shape), before = viewed, tuple(tensor_meta(viewed[0]).shape)
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        if len(before) == 3 and len(shape) == 4 and len(sizes) == 4 and known_equal(shape[0] * shape[1], before[0]) \
+                and all(known_equal(a, b) for a, b in zip(shape[2:], before[1:])):
+            yield source, (tuple(sizes[:2]),), (node,)
+    yield node, (0,), ()
+
+
+@structural(_split_heads_shapes)
+def split_heads(scores, heads):
+    """Eagerly (examples), `heads` is H."""
+    return scores if heads == 0 else scores.view(scores.shape[0] // heads, heads, *scores.shape[1:])
+
+
+def _merged_heads_shapes(node):
+    """Scores [B, H, Lq, Lk] viewed back as [B·H, Lq, Lk]: merged = True; or no view (False)."""
+    viewed = _view_shape(node)
+    if viewed is not None:
+        (source, shape), before = viewed, tuple(tensor_meta(viewed[0]).shape)
+        if len(before) == 4 and len(shape) == 3 and known_equal(shape[0], before[0] * before[1]) and all(
+                known_equal(a, b) for a, b in zip(shape[1:], before[2:])):
+            yield source, (True,), (node,)
+    yield node, (False,), ()
+
+
+@structural(_merged_heads_shapes)
+def merged_heads(scores, merged):
+    return scores.view(scores.shape[0] * scores.shape[1], *scores.shape[2:]) if merged else scores
