@@ -23,7 +23,8 @@ from torch import fx
 from fuser.kernels.attention import LIMITS
 from fuser.patterns.attention_examples import naive_examples, sdpa_examples
 from fuser.patterns.attention_masks import MaskPlan, recognize
-from fuser.patterns.attention_pieces import dropout, masked, merged_heads, repeat_kv, scaled, softcapped, split_heads
+from fuser.patterns.attention_pieces import (dropout, masked, merged_heads, repeat_kv, scaled, scaled_scores, softcapped,
+                                             split_heads)
 from fuser.patterns.attention_scales import Scale, fold, read_scale, scale_value
 from fuser.patterns.base import Pattern, Search, cast, dtype_name
 from fuser.patterns.nodes import is_number, symbolic_scalar, tensor_meta, value
@@ -35,7 +36,7 @@ def attention(q, k, v, n_rep, q_scale, q_inverse, k_scale, k_inverse, scale, inv
     over 4-D [B, H, L, D] tensors or batched heads [B·H, L, D] (`torch.bmm`), whose scores may be viewed as
     [B, H, Lq, Lk] for the mask and back (`split_heads` / `merged_heads`)."""
     keys = repeat_kv(scaled(k, k_scale, k_inverse), n_rep)
-    scores = scaled(torch.matmul(scaled(q, q_scale, q_inverse), keys.transpose(-2, -1)), scale, inverse)
+    scores = scaled_scores(torch.matmul(scaled(q, q_scale, q_inverse), keys.transpose(-2, -1)), scale, inverse)
     scores = merged_heads(masked(split_heads(softcapped(scores, softcap), heads), mask, fill, how), merged)
     probs = cast(torch.softmax(cast(scores, compute_dtype), dim), out_dtype)
     return torch.matmul(dropout(probs, dropout_p), repeat_kv(v, n_rep))
@@ -52,7 +53,7 @@ class AttentionSite:
     """An attention site in the kernel's terms, whichever spelling matched (`Search.read`)."""
     n_rep: int
     scale: Scale
-    softcap: float
+    softcap: float | fx.Node  # a number (0: none), or a symbolic scalar's node, given to the op at run time
     how: str                 # how the mask meets the scores: "add", "keep", "drop" or "none" (as in `masked`)
     fill: float              # what a masked score becomes
     is_causal: bool = False  # SDPA's is_causal flag
@@ -170,6 +171,9 @@ def check(m) -> str | None:
     site = m.site
     if site.unreadable:
         return site.unreadable
+    if symbolic_scalar(m.bindings.get("dropout_p")):
+        return ("dropout p is a symbolic scalar (torch.compile(dynamic=True) passes float attributes as graph "
+                "inputs): the op decides when it is traced whether to draw a dropout mask, so it takes p as a number")
     if (q.shape[1] % (k.shape[1] * site.n_rep) if site.gqa_native else k.shape[1] * site.n_rep != q.shape[1]):
         return f"{q.shape[1]} query heads for {k.shape[1]} key/value heads repeated {site.n_rep} times"
     if max(q.shape[-1], v.shape[-1]) > LIMITS.max_head_dim:
@@ -227,7 +231,8 @@ def replace(m):
             mask = mask[(None,) * (4 - m.meta("mask").dim())]
     scale = m.site.scale
     q, k, v = (_to_4d(m, x) for x in (fold(m, scale, m["q"], "q"), fold(m, scale, m["k"], "k"), m["v"]))
-    out = torch.ops.fuser.attention(q, k, v, mask, scale_value(m, scale), causal, window, bottom_right, m.site.softcap,
+    softcap = m["softcap"] if symbolic_scalar(m.site.softcap) else m.site.softcap
+    out = torch.ops.fuser.attention(q, k, v, mask, scale_value(m, scale), causal, window, bottom_right, softcap,
                                     m["dropout_p"], fill, _masking(m, plan))
     if m.meta("q").dim() == 3:
         return out.squeeze(0) if m.site.heads is None else out.flatten(0, 1)
@@ -244,8 +249,14 @@ def describe(m) -> str:
     ratio = _head_ratio(m)
     if ratio > 1:
         parts.append(f"GQA {ratio}:1" if k.shape[1] > 1 else f"MQA {ratio}:1")
-    if m.site.softcap:
-        parts.append(f"softcap {m.site.softcap:g}")
+    if symbolic_scalar(m.site.softcap) or m.site.softcap:
+        parts.append("softcap symbolic" if symbolic_scalar(m.site.softcap) else f"softcap {m.site.softcap:g}")
+    if m.site.scale.symbolic:
+        parts.append("scale symbolic")
+    if m.site.scale.folded:
+        parts.append("scale tensor folded into " + "/".join(sorted({target for _, _, target in m.site.scale.folded})))
+    if m.meta("q").dim() == 3:
+        parts.append("batched heads" + (" viewed per head" if m.site.heads else ""))
     if m["dropout_p"]:
         parts.append(f"dropout {m['dropout_p']:g}")
     parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))

@@ -73,13 +73,13 @@ def sdpa_examples(draw, sdpa) -> Example:
 
 def _plain(attention, **kwargs) -> Example:
     """An example of the naive search with no repeat, softcap, cast or dropout: only `kwargs` given."""
-    return Example(attention, dict(n_rep=1, **UNSCALED, softcap=0.0, heads=0, mask=None, fill=0.0, how="none",
-                                   merged=False, dim=-1, compute_dtype=None, out_dtype=None, dropout_p=0.0,
-                                   inverse=False, **kwargs), constants=("mask",))
+    plain = dict(n_rep=1, **UNSCALED, softcap=0.0, heads=0, mask=None, fill=0.0, how="none", merged=False, dim=-1,
+                 compute_dtype=None, out_dtype=None, dropout_p=0.0, inverse=False)
+    return Example(attention, {**plain, **kwargs}, constants=("mask",))
 
 
 @st.composite
-def _batched_heads(draw, attention) -> Example:
+def batched_head_examples(draw, attention) -> Example:
     """`torch.bmm(softmax(torch.bmm(q, k.transpose(1, 2)) * s), v)` on [B·H, L, D]: no mask, a mask of the 3-D
     scores, or the scores viewed as [B, H, Lq, Lk] to add a [B, 1, Lq, Lk] mask and viewed back."""
     dtype, batch, heads = draw(st.sampled_from(FLOAT_DTYPES)), draw(sizes(2)), draw(st.integers(1, 3))
@@ -98,18 +98,19 @@ def _batched_heads(draw, attention) -> Example:
 
 
 @st.composite
-def _tensor_scale(draw, attention) -> Example:
-    """A learned temperature: the scores multiplied or divided by a tensor (0-d, or per head [H, 1, 1]), which
-    the rewrite folds into q; its gradient is checked with the others'."""
+def tensor_scale_examples(draw, attention) -> Example:
+    """A temperature tensor: the scores multiplied or divided by a tensor (0-d, or per head [H, 1, 1]) that
+    takes no gradient, which the rewrite folds into q (q, k and v's gradients checked)."""
     dtype, batch, heads = draw(st.sampled_from(FLOAT_DTYPES)), draw(sizes(2)), draw(st.integers(1, 3))
     lq, lk, d = draw(st.integers(1, 24)), draw(st.integers(1, 24)), draw(st.sampled_from([8, 16]))
     q, k, v = (draw(tensors((batch, heads, n, d), dtype)) for n in (lq, lk, lk))
     shape = draw(st.sampled_from([(), (heads, 1, 1), (1, heads, 1, 1)]))
     temperature = (draw(tensors(shape, torch.float32, layout="contiguous")).abs() + 0.5).to(
         dtype if shape else draw(st.sampled_from([dtype, torch.float32])))
-    return _plain(attention, q=q, k=k, v=v, scale=temperature, inverse=draw(st.booleans()))
+    example = _plain(attention, q=q, k=k, v=v, scale=temperature, inverse=draw(st.booleans()))
+    return Example(example.search, example.kwargs, ("mask", "scale"))  # given: a learned one is turned down
 
 
 def naive_examples(attention):
     """Every naive spelling, each drawn as often as the others."""
-    return st.one_of(_four_d(attention), _batched_heads(attention), _tensor_scale(attention))
+    return st.one_of(_four_d(attention), batched_head_examples(attention), tensor_scale_examples(attention))

@@ -1,12 +1,14 @@
 """The structural pieces attention's search functions are written with (patterns/base.py: `structural`):
 each lists the node shapes it accepts, or its absence, and what its parameters bind to.
 
-`repeat_kv`, `scaled` (a number, a symbolic scalar or a tensor: patterns/attention_scales.py reads it),
+`repeat_kv`, `scaled` / `scaled_scores` (a number, a symbolic scalar or a tensor on q, k or the scores:
+patterns/attention_scales.py reads it),
 `softcapped`, `masked`, `dropout`, and the head views of batched-head code over 3-D tensors
 (`split_heads` / `merged_heads`: scores [B·H, Lq, Lk] viewed as [B, H, Lq, Lk] for a mask and back).
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from fuser.patterns.attention_scales import constant_number
 from fuser.patterns.base import structural
 from fuser.patterns.nodes import dropout_arguments, is_number, known_equal, symbolic_scalar, tensor_meta
 
@@ -42,42 +45,62 @@ def _repeat_kv_shapes(node):
 
 @structural(_repeat_kv_shapes)
 def repeat_kv(x, n_rep):
+    if n_rep == 1 and x.dim() != 4:  # batched heads [B·H, L, D]: nothing to repeat
+        return x
     b, h, s, d = x.shape
     return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def _scaled_shapes(node):
-    """`x * c` (`x / c` with c a number is canonicalized to a product) with c a number, a symbolic scalar
-    or a tensor; `x / c` with c a symbolic scalar or a tensor (`inverse`); or x itself (c = 1)."""
+def _factor(c, tensors: bool, reader: fx.Node) -> bool:
+    """A node `scaled` takes as a factor: a symbolic scalar, or a tensor (any, or only a provable constant)."""
+    if not isinstance(c, fx.Node) or tensor_meta(c) is None:
+        return symbolic_scalar(c)
+    return tensors or constant_number(c, reader) is not None
+
+
+def _scaled_shapes(node, tensors: bool):
+    """`x * c` (`x / c` with c a number is canonicalized to a product) with c a number, a symbolic scalar or
+    a tensor; `x / c` with c a symbolic scalar or a tensor (`inverse`); or x itself (c = 1). On q and k a
+    tensor that is not a provable constant is left out (`tensors` False): `q * t` is then q, as it is."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.mul:
         for x, c in (node.args, node.args[::-1]):
             if isinstance(x, fx.Node) and tensor_meta(x) is not None and c is not x:
                 if is_number(c):
                     yield x, (float(c), False), (node,)
-                elif isinstance(c, fx.Node) and (symbolic_scalar(c) or tensor_meta(c) is not None):
+                elif _factor(c, tensors, node):
                     yield x, (c, False), (node,)
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.truediv \
-            and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], fx.Node):
-        c = node.args[1]
-        if isinstance(c, fx.Node) and (symbolic_scalar(c) or tensor_meta(c) is not None):
-            yield node.args[0], (c, True), (node,)
+            and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], fx.Node) \
+            and _factor(node.args[1], tensors, node):
+        yield node.args[0], (node.args[1], True), (node,)
     yield node, (1.0, False), ()
 
 
-@structural(_scaled_shapes)
-def scaled(x, scale, inverse):
+def _scale(x, scale, inverse):
     return x / scale if inverse else x * scale
 
 
+scaled = structural(functools.partial(_scaled_shapes, tensors=False))(_scale)
+scaled.__name__ = "scaled"
+scaled_scores = structural(functools.partial(_scaled_shapes, tensors=True))(_scale)
+scaled_scores.__name__ = "scaled_scores"
+
+
 def _softcapped_shapes(node):
-    """Gemma-2's `tanh(s / cap) * cap`, or no softcapping (cap = 0)."""
+    """Gemma-2's `tanh(s / cap) * cap` (cap a number, or a symbolic scalar: then `s / cap` stays a division), or
+    no softcapping (cap = 0)."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.mul:
         for tanh, cap in (node.args, node.args[::-1]):
-            if _sole_user(tanh) and tanh.target == torch.tanh and is_number(cap) and cap > 0:
-                inner = tanh.args[0]
-                if _sole_user(inner) and inner.target == operator.mul and inner.args[1:] and is_number(inner.args[1]) \
-                        and math.isclose(inner.args[1] * cap, 1.0, rel_tol=1e-6):
-                    yield inner.args[0], (float(cap),), (inner, tanh, node)
+            if not (_sole_user(tanh) and tanh.target == torch.tanh):
+                continue
+            inner = tanh.args[0]
+            if not _sole_user(inner) or len(inner.args) != 2:
+                continue
+            if is_number(cap) and cap > 0 and inner.target == operator.mul and is_number(inner.args[1]) \
+                    and math.isclose(inner.args[1] * cap, 1.0, rel_tol=1e-6):
+                yield inner.args[0], (float(cap),), (inner, tanh, node)
+            elif symbolic_scalar(cap) and inner.target == operator.truediv and inner.args[1] is cap:
+                yield inner.args[0], (cap,), (inner, tanh, node)
     yield node, (0.0,), ()
 
 
@@ -124,9 +147,11 @@ def masked(scores, mask, fill, how):
 
 
 def _dropout_shapes(node):
+    """Dropout in training, p a number or a symbolic scalar (which `check` turns down, saying why); or none."""
     bound = dropout_arguments(node)  # `torch.dropout(x, p, train=False)` is no dropout
-    if bound is not None and is_number(bound["p"]) and bound["training"] is True and not bound["inplace"]:
-        yield bound["input"], (float(bound["p"]),), (node,)
+    if bound is not None and (is_number(bound["p"]) or symbolic_scalar(bound["p"])) and bound["training"] is True \
+            and not bound["inplace"]:
+        yield bound["input"], (bound["p"] if symbolic_scalar(bound["p"]) else float(bound["p"]),), (node,)
     yield node, (0.0,), ()
 
 
