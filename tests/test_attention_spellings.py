@@ -14,7 +14,7 @@ from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
 from fuser.patterns.attention import ATTENTION, attention
 from fuser.patterns.attention_examples import batched_head_examples, tensor_scale_examples
-from helpers import compile_and_run
+from helpers import compile_and_run, float64_reference
 from numerics import assert_close
 
 B, H, L, D = 2, 3, 11, 16
@@ -273,3 +273,34 @@ def test_a_symbolic_dropout_probability_is_a_near_miss_saying_so():
     report = fuser.last_report()
     assert "attention" not in report.counts(), report
     assert any("dropout p is a symbolic scalar" in n.reason for n in report.near_misses), report
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_every_layer_of_groupvit_text_batched_head_attention_is_rewritten(padding):
+    """transformers' GroupViT text encoder writes attention as bmm over [B·H, L, D] with its causal and padding
+    mask added to the scores viewed as [B, H, L, L]: every layer is one match, the mask run natively."""
+    from transformers import GroupViTTextConfig, GroupViTTextModel
+
+    config = GroupViTTextConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = GroupViTTextModel(config).eval()
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kwargs = {"attention_mask": mask} if padding else {}
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    with torch.no_grad():
+        out = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
+            ids, **kwargs).last_hidden_state
+        original = model(ids, **kwargs).last_hidden_state
+        reference = float64_reference(model)(ids, **kwargs).last_hidden_state
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 2, report
+    expected = "causal, key padding, batched heads viewed per head" if padding else "causal, no mask read, batched heads"
+    assert all(expected in m.mode for m in report.matches if m.pattern == "attention"), report
+    assert_close(out, original, torch.float32)
+    assert_close(out, reference, torch.float32)
