@@ -49,6 +49,8 @@ BATCHED = {
     "matmul with a causal masked_fill": (lambda q, k, v, m: torch.matmul(torch.softmax(torch.matmul(
         q, k.transpose(1, 2)).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf")), -1), v), None,
         "causal, no mask read, batched"),
+    "SDPA on 3-D with a causal mask tensor": (lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool).tril()), None, "causal, no mask read, batched heads"),
     "scores viewed per head for the mask": (_viewed_per_head, _per_head_mask(),
                                             "mask read as a tensor, batched heads viewed per head"),
 }
