@@ -9,6 +9,7 @@ import contextlib
 from typing import Any, Callable
 
 from torch import fx
+from torch._dynamo.exc import RestartAnalysis
 
 from fuser.cuda_graphs import eager_with_cuda_graphs, inductor_config, require_cuda
 from fuser.options import Options
@@ -50,6 +51,12 @@ def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | N
     # fused op's Python autograd (seen: a stale backward calling an op with its old arguments)
     fresh_autograd = functorch_config.patch(enable_autograd_cache=False) \
         if report.matches and hasattr(functorch_config, "enable_autograd_cache") else contextlib.nullcontext()
-    with fresh_autograd:
-        return compile_fx(gm, example_inputs, config_patches=inductor_config(mode, opts.cudagraphs))
+    try:
+        with fresh_autograd:
+            return compile_fx(gm, example_inputs, config_patches=inductor_config(mode, opts.cudagraphs))
+    except RestartAnalysis:
+        # Dynamo traces the code again (Inductor specializes a float that dynamic=True made a graph input, when
+        # an op takes it as a number): this graph never runs, the next one gets its own report
+        _reports.remove(report)
+        raise
 

@@ -56,6 +56,18 @@ def literal(arg: Any, kinds: tuple[type, ...] = (int, float)) -> Any:
     return None
 
 
+def is_number(arg: Any) -> bool:
+    """A Python number (not a bool) given as an argument: a literal of the graph."""
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+
+
+def symbolic_scalar(node: Any) -> bool:
+    """A node computing a number at run time (a SymFloat or SymInt: `torch.compile(dynamic=True)` passes float
+    attributes such as `self.scaling` and `eps` as graph inputs, read with `.item()`). Unlike a tensor, nothing
+    can write into it after it is computed: the op given it computes with the value the original code used."""
+    return isinstance(node, fx.Node) and isinstance(value(node), (torch.SymFloat, torch.SymInt))
+
+
 _HOMES = (torch, operator, torch.Tensor, F, torch.special)
 
 

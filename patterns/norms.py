@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from fuser.kernels.rms_norm import LIMITS
 from fuser.patterns.base import Example, Pattern, Search, cast, dtype_name
-from fuser.patterns.nodes import tensor_meta
+from fuser.patterns.nodes import is_number, symbolic_scalar, tensor_meta
 from fuser.patterns.strategies import FLOAT_DTYPES, sizes, tensors
 
 
@@ -52,8 +52,8 @@ def check(m) -> str | None:
         return f"input is not a float16/bfloat16/float32 tensor ({getattr(x, 'dtype', x)})"
     if dim not in (-1, x.dim() - 1):
         return f"mean over dim {dim}, not over the last dim only"
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        return "eps is not a constant number"
+    if not _number(m.bindings["eps"]):
+        return f"eps is not a number or a symbolic scalar (it is {_what(m.bindings['eps'])})"
     if m.get("compute_dtype") not in (None, torch.float32):
         return f"computes in {dtype_name(m.get('compute_dtype'))}; the kernel computes in float32"
     if "weight" in m.bindings:
@@ -62,12 +62,26 @@ def check(m) -> str | None:
             return f"the multiplier ({getattr(weight, 'shape', weight)}) is not a weight of shape [{x.shape[-1]}]"
         if weight.dtype not in LIMITS.dtypes or m.get("weight_dtype") not in (None, torch.float32):
             return f"weight dtype {dtype_name(weight.dtype)} is not supported"
-        offset = m.get("offset", 0.0)
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)):
-            return "the weight offset is not a constant number"
+        if "offset" in m.bindings and not is_number(m.bindings["offset"]):
+            return f"the weight offset is not a constant number (it is {_what(m.bindings['offset'])})"
         if _normalized_dtype(m) not in (x.dtype, torch.float32):
             return f"the normalized value is cast to {dtype_name(_normalized_dtype(m))} before the weight"
     return None
+
+
+def _number(eps) -> bool:
+    """A literal, or a symbolic scalar (`torch.compile(dynamic=True)` passes a module's float `eps` as a graph
+    input): the op takes eps at run time."""
+    return is_number(eps) or symbolic_scalar(eps)
+
+
+def _what(arg) -> str:
+    meta = tensor_meta(arg)
+    return f"a {dtype_name(meta.dtype)} tensor of shape {tuple(meta.shape)}" if meta is not None else repr(arg)
+
+
+def _eps(m):
+    return m["eps"] if symbolic_scalar(m.bindings["eps"]) else float(m["eps"])
 
 
 def _weight_before_cast(m) -> bool:
@@ -76,7 +90,7 @@ def _weight_before_cast(m) -> bool:
 
 
 def replace(m):
-    return torch.ops.fuser.rms_norm(m["x"], m.get("weight"), float(m["eps"]), float(m.get("offset", 0.0)),
+    return torch.ops.fuser.rms_norm(m["x"], m.get("weight"), _eps(m), float(m.get("offset", 0.0)),
                                     _weight_before_cast(m), tensor_meta(m.output).dtype)
 
 
@@ -84,7 +98,8 @@ def describe(m) -> str:
     weight = "no weight" if "weight" not in m.bindings else (
         f"weight {'in fp32' if _weight_before_cast(m) else 'after cast'}"
         + (f", offset {m['offset']:g}" if m.get("offset") else ""))
-    return f"{weight}, eps={m['eps']:g}, {dtype_name(m.meta('x').dtype)}"
+    eps = "symbolic" if symbolic_scalar(m.bindings["eps"]) else f"{m['eps']:g}"
+    return f"{weight}, eps={eps}, {dtype_name(m.meta('x').dtype)}"
 
 
 @st.composite

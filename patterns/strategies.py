@@ -28,4 +28,4 @@ def tensors(draw, shape: tuple[int, ...], dtype: torch.dtype, layout: str | None
     if layout == "sliced":
         base = torch.randn(*shape[:-1], shape[-1] + 3, generator=generator) * scale
         return base.to(dtype)[..., 1:-2]
-    return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+    return (torch.randn(tuple(shape), generator=generator) * scale).to(dtype)

@@ -302,17 +302,17 @@ def test_fuzz_accepts_a_gradient_below_float64_resolution(monkeypatch):
 
 
 def test_an_anchor_that_is_not_rewritten_gets_a_near_miss_with_the_matchers_reason():
-    """A softmax between two matmuls whose scale is a tensor (no literal to read back) is not attention:
-    the softmax alone is rewritten and attention says why it stopped."""
-    def tensor_scaled(q, k, v, t):
-        return torch.softmax(q @ k.transpose(-1, -2) * t, dim=-1) @ v
+    """A softmax between two matmuls whose scores go through exp (not a scale, mask or softcap) is not
+    attention: the softmax alone is rewritten and attention says why it stopped."""
+    def exp_scored(q, k, v, t):
+        return torch.softmax((q @ k.transpose(-1, -2) * t).exp(), dim=-1) @ v
 
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
-    out, report = compile_and_run(tensor_scaled, q, k, v, torch.tensor(0.3))
+    out, report = compile_and_run(exp_scored, q, k, v, torch.tensor(0.3))
     assert report.counts() == {"softmax": 1}
     (miss,) = [n for n in report.near_misses if n.pattern == "attention"]
-    assert miss.reason.startswith("not attention: expected matmul, found mul"), miss.reason
-    torch.testing.assert_close(out, tensor_scaled(q, k, v, torch.tensor(0.3)))
+    assert miss.reason.startswith("not attention: expected matmul, found exp"), miss.reason
+    torch.testing.assert_close(out, exp_scored(q, k, v, torch.tensor(0.3)))
 
 
 def test_the_library_refuses_a_search_without_examples_or_anchor():

@@ -220,8 +220,9 @@ def test_dropout_with_train_false_is_no_dropout():
     assert out.isfinite().all()
 
 
-def test_sdpa_arguments_computed_in_the_graph_are_not_read_as_constants():
-    """With dynamic shapes `scale=q.shape[-1] ** -0.5` is a SymFloat node, read at run time: a near miss."""
+def test_sdpa_scale_computed_in_the_graph_is_given_to_the_op_at_run_time():
+    """With dynamic shapes `scale=q.shape[-1] ** -0.5` is a SymFloat node: the op takes it at run time, so a call
+    with another head dim computes with that call's scale."""
     import torch.nn.functional as F
 
     import fuser
@@ -237,11 +238,13 @@ def test_sdpa_arguments_computed_in_the_graph_are_not_read_as_constants():
     q, k, v = q[:, :, :1], k[:, :1], v[:, :1]  # one query (a size Dynamo specializes), one key/value head
     torch._dynamo.reset()
     fuser.reset_reports()
-    out = torch.compile(fn, backend="fuser", options={"codegen": "eager"}, dynamic=True)(q, k, v)
+    compiled = torch.compile(fn, backend="fuser", options={"codegen": "eager"}, dynamic=True)
+    out = compiled(q, k, v)
     assert_close(out, fn(q.double(), k.double(), v.double()), torch.float32)
     report = fuser.last_report()
-    assert "attention" not in report.counts(), report
-    assert any("not a constant" in n.reason for n in report.near_misses), report
+    assert report.counts() == {"attention": 1} and "scale symbolic" in report.matches[0].mode, report
+    q, k, v = (t[..., :5].contiguous() for t in (q, k, v))  # head dim 5: scale 5 ** -0.5
+    assert_close(compiled(q, k, v), fn(q.double(), k.double(), v.double()), torch.float32)
 
 
 def _writes(x, y):

@@ -14,7 +14,7 @@ Canonical forms (all value-preserving):
 - `torch.softmax(x, dim)`, with its `dtype=` argument turned into a cast before it;
 - `F.scaled_dot_product_attention` with all eight arguments given (`scale`, `enable_gqa` by keyword); two-operand einsums
   that are batched matrix products as `torch.matmul`; a permute of the last two dims and `.mT` as a transpose;
-  a full slice `x[:, :, :, :n]` (n the whole dim) disappears;
+  a full slice `x[:, :, :, :n]` (n the whole dim) and a view round trip `x.view(s).view(x.shape)` disappear;
 - `torch.pow(x, n)` for `x.pow`, `x ** n`, `torch.square`, `x * x`; `torch.mean(x, dim, keepdim)`;
   `torch.rsqrt`; `torch.transpose(x, a, b)` with negative, ordered dims where the rank is known;
 - `x.unsqueeze(d)` (a method) for `torch.unsqueeze` and for trailing new axes `x[..., None, :]` (d negative);
@@ -203,6 +203,21 @@ def _known_same_sizes(a: Any, b: Any) -> bool:
         all(known_equal(x, y) for x, y in zip(ta.stride(), tb.stride()))
 
 
+def _reshaped_back(node: fx.Node) -> fx.Node | None:
+    """`x.view(s).view(x.shape)`: x itself, its elements in the same order and its storage (a view round trip
+    older transformers attention code makes "to keep the gradient"); None for anything else (a reshape may
+    copy, and a write into a copy is not a write into x)."""
+    inner = node.args[0] if node.args else None
+    if (node.op, node.target) != ("call_method", "view") or not isinstance(inner, fx.Node) or \
+            (inner.op, inner.target) != ("call_method", "view") or len(inner.users) != 1:
+        return None
+    before, after = tensor_meta(inner.args[0]), tensor_meta(node)
+    if before is None or after is None or before.dim() != after.dim() or \
+            not all(known_equal(a, b) for a, b in zip(before.shape, after.shape)):
+        return None
+    return inner.args[0]
+
+
 def _is_full_slice(node: fx.Node) -> bool:
     """`mask[:, :, :, :L]` where L covers the whole dim: the same tensor."""
     if node.op != "call_function" or node.target != operator.getitem or len(node.args) != 2:
@@ -241,6 +256,12 @@ def _canonicalize_node(node: fx.Node) -> None:
         return
     if _is_full_slice(node):
         _drop_identity(node, node.args[0])
+        return
+    source = _reshaped_back(node)
+    if source is not None:
+        inner = node.args[0]
+        _drop_identity(node, source)
+        node.graph.erase_node(inner)
         return
     if _canonical_view_or_sum(node):
         return

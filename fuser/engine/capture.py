@@ -11,15 +11,19 @@ model's code is left untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import logging
+import re
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx
 
 from fuser.patterns.nodes import alias_class, written
+from fuser.report import GraphBreak, Where
 
 
 def _call(target, args, kwargs):
@@ -45,6 +49,63 @@ def capture(target: Callable, args: tuple = (), kwargs: dict | None = None, *, d
     with torch.set_grad_enabled(grad):
         torch.compile(caller, backend=backend, dynamic=dynamic, fullgraph=fullgraph)(target, args, kwargs or {})
     return captured
+
+
+# Dynamo logs each graph break on this artifact logger ("Graph break in user code at FILE:LINE" is a line
+# its tests hold it to, torch 2.11 and 2.13), when the logger is enabled at DEBUG
+_GRAPH_BREAK_LOGGER = "torch._dynamo.symbolic_convert.__graph_breaks"
+_AT = re.compile(r"Graph break .*in user code at (.+):(\d+)")
+
+
+def _graph_break(message: str) -> GraphBreak | None:
+    at = _AT.search(message)
+    if at is None:
+        return None
+    lines = [line.strip() for line in message.split("Graph Break Reason:", 1)[-1].split("User code traceback:")[0]
+             .splitlines()]
+    kinds = [line for line in lines if line and not line.startswith((
+        "Explanation:", "Hint:", "Developer debug context:", "For more", "Failed to handle", "*** While handling",
+        "Encountered graph break when attempting to trace"))]
+    explanations = [line.removeprefix("Explanation: ") for line in lines if line.startswith("Explanation:")]
+    reason = ": ".join(kinds[:1] + explanations[:1]) or lines[0]
+    return GraphBreak(Where("", f"{at.group(1)}:{at.group(2)}"), reason, "falling back to eager" in message)
+
+
+@contextlib.contextmanager
+def graph_breaks() -> Iterator[list[GraphBreak]]:
+    """The graph breaks Dynamo meets while the block runs, read off its graph-break log (enabled for the block
+    only, printing nothing unless asked for; its once-per-place filter cleared, so a model explained twice is
+    told twice). Their module is not known here (`GraphBreak.where.module` is empty)."""
+    found: list[GraphBreak] = []
+
+    class Collect(logging.Handler):
+        """One break per line: Dynamo logs a break again as it unwinds (the last says why, and whether it
+        then skipped the function)."""
+        def emit(self, record: logging.LogRecord) -> None:
+            brk = _graph_break(record.getMessage())
+            if brk is None:
+                return
+            earlier = next((i for i, b in enumerate(found) if b.where == brk.where), None)
+            if earlier is None:
+                found.append(brk)
+            else:
+                found[earlier] = GraphBreak(brk.where, brk.reason, brk.skipped or found[earlier].skipped)
+
+    logger, handler = logging.getLogger(_GRAPH_BREAK_LOGGER), Collect(logging.DEBUG)
+    level, propagate = logger.level, logger.propagate
+    quiet = not logger.isEnabledFor(logging.DEBUG)  # else the user asked for them (TORCH_LOGS=graph_breaks)
+    checker = getattr(torch._dynamo.utils, "graph_break_dup_warning_checker", None)
+    if checker is not None:
+        checker.reset()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = propagate and not quiet
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 SMALL = 1 << 16  # elements: a value this small is kept whatever reads it (mask builders, position tables)

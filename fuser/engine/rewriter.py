@@ -307,7 +307,9 @@ def _propagate_meta(new_nodes: Iterable[fx.Node], like: fx.Node) -> None:
                 node.meta[key] = like.meta[key]
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
         fakes = _fakes(args, kwargs)
-        if not fakes:
+        if not fakes:  # size or scalar arithmetic (a symbolic scale times a number): computed as it is
+            if node.op == "call_function" and _symbolic(args, kwargs):
+                node.meta["example_value"] = node.target(*args, **kwargs)
             continue
         with fakes[0].fake_mode:
             if node.op == "call_function":
@@ -320,6 +322,13 @@ def _fakes(args: Any, kwargs: Any) -> list:
     found: list = []
     fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, torch._subclasses.FakeTensor) else a)
     return found
+
+
+def _symbolic(args: Any, kwargs: Any) -> bool:
+    found: list = []
+    fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(
+        a, (torch.SymInt, torch.SymFloat, torch.SymBool)) else a)
+    return bool(found)
 
 
 def _erase_dead_inputs(graph: fx.Graph, candidates: set[fx.Node]) -> None:

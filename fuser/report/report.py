@@ -50,12 +50,24 @@ class NearMiss:
     graph: str = ""               # the id of its FX graph (`g0`), where pictures were kept
 
 
+@dataclass(frozen=True)
+class GraphBreak:
+    """Code Dynamo did not hand to fuser: where its graph stopped (the innermost module whose forward holds
+    the line, and the line), why, whether it ran the whole function eagerly (`skipped`: a break in a loop),
+    and what `fuser.convert` would do with that module instead (empty if nothing)."""
+    where: Where
+    reason: str
+    skipped: bool
+    convert: str = ""
+
+
 @dataclass
 class Report:
     matches: list[MatchRecord] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
     graphs: list[tuple[Any, Any]] = field(default_factory=list)  # (before, after) networkx graphs per FX graph
     notes: list[str] = field(default_factory=list)  # what was not tried at all, and how to have it tried
+    graph_breaks: list[GraphBreak] = field(default_factory=list)  # `fuser.explain` only
 
     @property
     def graph_before(self):
@@ -85,6 +97,7 @@ class Report:
         self.near_misses += other.near_misses
         self.graphs += other.graphs
         self.notes += other.notes
+        self.graph_breaks += other.graph_breaks
 
     def save_html(self, path) -> None:
         """One self-contained page (no network): the summary tables and, for each rewritten
@@ -106,6 +119,11 @@ class Report:
             lines.append("near misses (left as they were):")
             lines.append(_table(["pattern", "where", "reason"],
                                 [[n.pattern, str(n.where), n.reason] for n in self.near_misses]))
+        if self.graph_breaks:
+            lines.append("graph breaks (code Dynamo did not hand to fuser):")
+            lines.append(_table(["where", "reason", "instead"], [
+                [str(b.where), b.reason + (" (Dynamo ran the whole function eagerly)" if b.skipped else ""),
+                 b.convert or "-"] for b in self.graph_breaks]))
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
