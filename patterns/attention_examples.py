@@ -45,7 +45,7 @@ def _four_d(draw, attention) -> Example:
         keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
         mask, how, fill = (keep if mask_kind == "keep" else ~keep), mask_kind, float("-inf")
     upcast = draw(st.booleans())
-    sinks = draw(tensors((kv_heads * n_rep, 1, 1), dtype)).expand(batch, -1, lq, 1) if draw(st.booleans()) else None
+    sinks = draw(tensors((1, kv_heads * n_rep, 1, 1), dtype)) if draw(st.booleans()) else None  # one per head
     bias = draw(tensors((1, kv_heads * n_rep, lq, lk), dtype)) if how in ("add", "none") and draw(st.booleans()) \
         else None  # a bias added before the mask (T5's position bias)
     return Example(attention, dict(

@@ -266,7 +266,7 @@ def _with_sinks_shapes(node):
 def with_sinks(scores, sinks):
     if sinks is None:
         return scores
-    combined = torch.cat([scores, sinks], dim=-1)
+    combined = torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], dim=-1)  # [1, H, 1, 1]: one per head
     return combined - combined.max(dim=-1, keepdim=True).values
 
 
