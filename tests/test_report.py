@@ -110,10 +110,10 @@ def test_html_names_inputs_arguments_and_source_lines_in_source_order(llama_repo
 
 
 def test_html_pictures_each_near_miss_and_where_matching_stopped(tmp_path):
-    def tensor_scaled(q, k, v, t):  # no literal scale to read back: not attention (the softmax alone is rewritten)
-        return torch.softmax(q @ k.transpose(-1, -2) * t, dim=-1) @ v
+    def exp_scores(q, k, v):  # exp() between the scores and the softmax: not attention (the softmax alone is rewritten)
+        return torch.softmax((q @ k.transpose(-1, -2)).exp(), dim=-1) @ v
 
-    report = fuser.explain(tensor_scaled, *(torch.randn(1, 2, 5, 8) for _ in range(3)), torch.tensor(0.3))
+    report = fuser.explain(exp_scores, *(torch.randn(1, 2, 5, 8) for _ in range(3)))
     (miss,) = [n for n in report.near_misses if n.pattern == "attention"]
     assert miss.stopped and miss.graph and miss.stopped not in miss.nodes, miss
     report.save_html(tmp_path / "r.html")
