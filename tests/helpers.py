@@ -47,3 +47,35 @@ def assert_compiled_matches_eager(fn, forward_backward, backend) -> None:
     compiled = forward_backward(torch.compile(fn, backend=backend, fullgraph=True))
     for ours, theirs in zip(compiled, eager):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def loss_step(model, ids, options=None):
+    """(logits, gradients by parameter name, report) of one loss and backward; compiled whole (fullgraph: no graph
+    break) with backend="fuser" when options are given."""
+    model.zero_grad()
+    run, report = model, None
+    if options is not None:
+        torch._dynamo.reset()
+        fuser.reset_reports()
+        run = torch.compile(model, backend="fuser", fullgraph=True, options=options)
+    out = run(ids, labels=ids)
+    out.loss.backward()
+    if options is not None:
+        report = fuser.last_report()
+    return out.logits, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, report
+
+
+def compiled_with_padding(model, ids, padding: bool, padded_keys: int, output: str):
+    """(compiled, eager, float64 outputs, report) of `model(ids)` under backend="fuser" (eager codegen, strict),
+    with the first `padded_keys` tokens of sequence 0 masked out when `padding`; `output` names the result field."""
+    mask = torch.ones_like(ids)
+    mask[0, :padded_keys] = 0
+    kwargs = {"attention_mask": mask} if padding else {}
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    with torch.no_grad():
+        compiled = getattr(torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
+            ids, **kwargs), output)
+        original = getattr(model(ids, **kwargs), output)
+        reference = getattr(float64_reference(model)(ids, **kwargs), output)
+    return compiled, original, reference, fuser.last_report()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fuser
 from fuser.models import tiny_inputs, tiny_model
-from helpers import compile_and_run, float64_reference
+from helpers import compile_and_run, compiled_with_padding, float64_reference
 from numerics import assert_close
 
 B, H, KV, L, D = 2, 4, 2, 13, 16
@@ -233,18 +233,7 @@ MODELS = {
 @pytest.mark.parametrize("padding", [False, True])
 def test_every_layer_of_eager_attention_models_is_rewritten(arch, padding):
     model = tiny_model(arch)
-    ids = tiny_inputs(model)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    kwargs = {"attention_mask": mask} if padding else {}
-    torch._dynamo.reset()
-    fuser.reset_reports()
-    with torch.no_grad():
-        logits = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
-            ids, **kwargs).logits
-        original = model(ids, **kwargs).logits
-        reference = float64_reference(model)(ids, **kwargs).logits
-    report = fuser.last_report()
+    logits, original, reference, report = compiled_with_padding(model, tiny_inputs(model), padding, 3, "logits")
     assert report.counts().get("attention") == 2, report
     modes = {m.mode.split(", GQA")[0].split(", head dim")[0] for m in report.matches if m.pattern == "attention"}
     expected = {("no mask", True): "key padding", ("no mask", False): "no mask"}.get(

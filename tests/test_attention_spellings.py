@@ -14,7 +14,7 @@ from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
 from fuser.patterns.attention import ATTENTION, attention
 from fuser.patterns.attention_examples import batched_head_examples, tensor_scale_examples
-from helpers import compile_and_run, float64_reference
+from helpers import compile_and_run, compiled_with_padding
 from numerics import assert_close
 
 B, H, L, D = 2, 3, 11, 16
@@ -290,17 +290,7 @@ def test_every_layer_of_groupvit_text_batched_head_attention_is_rewritten(paddin
     torch.manual_seed(0)
     model = GroupViTTextModel(config).eval()
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    kwargs = {"attention_mask": mask} if padding else {}
-    torch._dynamo.reset()
-    fuser.reset_reports()
-    with torch.no_grad():
-        out = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(
-            ids, **kwargs).last_hidden_state
-        original = model(ids, **kwargs).last_hidden_state
-        reference = float64_reference(model)(ids, **kwargs).last_hidden_state
-    report = fuser.last_report()
+    out, original, reference, report = compiled_with_padding(model, ids, padding, 2, "last_hidden_state")
     assert report.counts().get("attention") == 2, report
     expected = "causal, key padding, batched heads viewed per head" if padding else "causal, no mask read, batched heads"
     assert all(expected in m.mode for m in report.matches if m.pattern == "attention"), report

@@ -23,7 +23,7 @@ from fuser.models import tiny_inputs, tiny_model
 import fuser.patterns.moe as moe_patterns
 from fuser.patterns.moe import MOE, ROUTING_CASES, experts_arguments, routed_example
 from fuser.patterns.moe_routers import MOE_ROUTER
-from helpers import float64_reference
+from helpers import float64_reference, loss_step
 from numerics import TOLERANCE, assert_close
 
 
@@ -50,25 +50,9 @@ def _tiny_moe(arch, **overrides):
     return tiny_model(arch, **{"intermediate_size": 32, **overrides})
 
 
-def _train_step(model, ids, compile_options=None):
-    """(logits, gradients by parameter name, report) of one training step; compiled whole (fullgraph:
-    no graph break) with backend="fuser" when options are given."""
-    model.zero_grad()
-    run, report = model, None
-    if compile_options is not None:
-        torch._dynamo.reset()
-        fuser.reset_reports()
-        run = torch.compile(model, backend="fuser", fullgraph=True, options=compile_options)
-    out = run(ids, labels=ids)
-    out.loss.backward()
-    if compile_options is not None:
-        report = fuser.last_report()
-    return out.logits, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, report
-
-
 def _assert_step_matches_float64(model, ids, logits, grads):
     reference = float64_reference(model)
-    ref_logits, ref_grads, _ = _train_step(reference, ids)
+    ref_logits, ref_grads, _ = loss_step(reference, ids)
     assert_close(logits, ref_logits, torch.float32)
     assert any("experts" in name for name in grads) and grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
@@ -79,7 +63,7 @@ def _assert_step_matches_float64(model, ids, logits, grads):
 def test_every_moe_layer_compiles_whole_and_matches_float64(arch):
     model = _tiny_moe(arch).train()
     ids = tiny_inputs(model)
-    logits, grads, report = _train_step(model, ids, MOE_ONLY)
+    logits, grads, report = loss_step(model, ids, MOE_ONLY)
     assert report.counts() == {"moe": EXPECTED_MOE[arch]}, report
     routers = [n.reason for n in report.near_misses if n.pattern == "moe_router"]
     assert len(routers) == (2 if arch in SOFTMAX_ROUTERS else 0), report
@@ -100,7 +84,7 @@ def test_every_moe_layer_compiles_whole_and_matches_float64(arch):
 def test_the_router_is_fused_where_every_expert_is_chosen(arch, overrides, mode):
     model = _tiny_moe(arch, layers=1, **overrides).train()
     ids = tiny_inputs(model)
-    logits, grads, report = _train_step(model, ids, MOE_ONLY)
+    logits, grads, report = loss_step(model, ids, MOE_ONLY)
     assert report.counts() == {"moe_router": 1}, report
     assert report.matches[0].mode.startswith(mode), report
     _assert_step_matches_float64(model, ids, logits, grads)

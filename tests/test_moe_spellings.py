@@ -14,7 +14,7 @@ from fuser.integrations.transformers import experts_call, register
 from fuser.models import tiny_gpt_oss, tiny_inputs, tiny_model
 import fuser.patterns.moe_pieces as moe_pieces
 from fuser.patterns.moe import EXPERTS_SEARCHES, MOE, experts_arguments, routed_example
-from helpers import compile_and_run, float64_reference
+from helpers import compile_and_run, float64_reference, loss_step
 from numerics import assert_close
 
 MOE_ONLY = {"codegen": "eager", "strict": True, "patterns": ["moe_router", "moe"]}
@@ -40,31 +40,15 @@ MODELS = {  # architecture -> (tiny model, what each of its two `moe` sites runs
 }
 
 
-def _step(model, ids, options=None):
-    """(logits, gradients by parameter name, report) of one loss and backward in eval mode (PhiMoE's training
-    router samples at random), compiled whole with backend="fuser" when options are given."""
-    model.zero_grad()
-    run, report = model, None
-    if options is not None:
-        torch._dynamo.reset()
-        fuser.reset_reports()
-        run = torch.compile(model, backend="fuser", fullgraph=True, options=options)
-    out = run(ids, labels=ids)
-    out.loss.backward()
-    if options is not None:
-        report = fuser.last_report()
-    return out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, report
-
-
 @pytest.mark.parametrize("arch", MODELS)
 def test_every_moe_layer_compiles_whole_and_matches_float64(arch):
     make, mode = MODELS[arch]
     model = make()
     ids = tiny_inputs(model, length=5)
-    logits, grads, report = _step(model, ids, MOE_ONLY)
+    logits, grads, report = loss_step(model, ids, MOE_ONLY)
     assert report.counts() == {"moe": 2}, report
     assert all(mode in m.mode for m in report.matches), report
-    ref_logits, ref_grads, _ = _step(float64_reference(model), ids)
+    ref_logits, ref_grads, _ = loss_step(float64_reference(model), ids)
     assert_close(logits, ref_logits, torch.float32)
     assert any("experts" in name for name in grads) and grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
