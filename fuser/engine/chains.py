@@ -134,6 +134,8 @@ def find_chains(pattern: Pattern, search: Search, roots: list[fx.Node], claimed:
         nodes = sorted({n for s in run for n in s.nodes}, key=_order(first.output).__getitem__)
         if problem is None:
             read = _read(pattern, search, run)
+            if not isinstance(read, str) and chain.prologue is not None:
+                read = with_prologue(read)
             if isinstance(read, str):
                 problem = read
             else:
@@ -240,3 +242,51 @@ def _unsqueezed_for_cat(outputs: list[fx.Node]) -> tuple[str, int, fx.Node, set[
 
 def _show(bound: Any) -> str:
     return bound.name if isinstance(bound, fx.Node) else repr(bound)
+
+
+def with_prologue(m: Match) -> Match | str:
+    """A chunkwise chain read with what makes the tensors its steps slice (`Chain.prologue`, matched with each
+    returned value at the base the steps slice) and what reshapes the buffer its outputs are written into
+    (`Chain.epilogue`, matched downstream of the buffer) as one site; or why it cannot be. A first state
+    `initial.to(u)` (a cast like a tensor of the prologue: its dtype and device) is covered too, `state` then
+    binding `initial` and `state_cast` True."""
+    chain = m.search.chain
+    bases = tuple(m.bindings[name] for name in chain.sliced)
+    failure = _Failure()
+    found = next(search_graph(chain.prologue).ways_at(bases, failure), None)
+    if found is None:
+        at = f" at {failure.at.name}" if failure.at is not None else ""
+        return (f"the tensors the chunk steps read ({', '.join(b.name for b in bases)}) are not made as the "
+                f"chunkwise prologue makes them: {failure.reason}{at}")
+    bindings, covered, _ = found
+    nodes = set(m.nodes) | set(covered)
+    state, cast = m.bindings[chain.state], False
+    if isinstance(state, fx.Node) and state.op == "call_method" and state.target == "to" and not state.kwargs \
+            and len(state.args) == 2 and isinstance(state.args[0], fx.Node) and state.args[1] in set(covered):
+        nodes.add(state)
+        state, cast = state.args[0], True
+    buffer, final = m.results
+    epilogue = search_graph(chain.epilogue)
+    first = epilogue.names[0]
+    for candidate in _downstream(buffer, len(epilogue.graph.nodes)):
+        way = next((w for w in epilogue.ways(candidate) if w[0][first] is buffer), None)
+        if way is not None:
+            break
+    else:
+        return f"the buffer {buffer.name} the chunk steps write is not read back as {chain.epilogue.__name__} reads it"
+    after, more, _ = way
+    nodes |= set(more)
+    order = _order(buffer)
+    bindings = {**bindings, **{k: v for k, v in after.items() if k != first}, chain.state: state,
+                "state_cast": cast, "chain": m.bindings["chain"]}
+    return Match(m.pattern, m.search, bindings, sorted(nodes, key=order.__getitem__), results=(way[2][-1], final))
+
+
+def _downstream(node: fx.Node, hops: int) -> list[fx.Node]:
+    """The nodes at most `hops` uses below `node`, nearest first."""
+    found: dict[fx.Node, None] = {}
+    frontier = [node]
+    for _ in range(hops):
+        frontier = list(dict.fromkeys(u for n in frontier for u in n.users if u not in found))
+        found.update(dict.fromkeys(frontier))
+    return list(found)
