@@ -89,13 +89,14 @@ class Chain:
 
     A chunkwise algorithm computes the tensors its steps slice from the real inputs first and reshapes the
     stacked outputs after: `prologue` is a search function returning the sliced bases (in `sliced` order),
-    `epilogue` one taking the stacked outputs first (`out.reshape(...)[..., :T]`); both are then matched with
+    `epilogues` search functions taking the stacked outputs first (`out.reshape(...)[..., :T]`; the first that
+    matches is taken: Dynamo drops a slice that keeps everything); they are then matched with
     the chain as one site, whose bindings are the prologue's and the epilogue's parameters, whose first result
     is the epilogue's value (`fuser/engine/chains.py: with_prologue`)."""
     state: str
     sliced: tuple[str, ...]
     prologue: Callable | None = None
-    epilogue: Callable | None = None
+    epilogues: tuple[Callable, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,13 @@ def chunk_epilogue(out, shape, length):
     return out.reshape(shape)[:, :, :length]
 
 
+def chunk_epilogue_unpadded(out, shape):
+    """The same when T is a multiple of C (Dynamo drops `[:, :, :T]`)."""
+    return out.reshape(shape)
+
+
 CHUNK_STEP = Chain(state="state", sliced=("u", "w", "q_decayed", "attn", "chunk_decay", "k_decayed"),
-                   prologue=chunk_prologue, epilogue=chunk_epilogue)
+                   prologue=chunk_prologue, epilogues=(chunk_epilogue, chunk_epilogue_unpadded))
 
 
 def _same(x, want) -> bool:
@@ -105,8 +110,9 @@ def chunk_problem(m) -> str | None:
     reading = m["chain"]
     if reading.start != 0 or reading.length != chunks or reading.out_dim % 5 != 2:
         return f"the chunk steps cover chunks {reading.start} … {reading.start + reading.length - 1} of {chunks}"
-    if m["length"] != length or list(m["shape"]) not in ([b, h, -1, dv], [b, h, chunks * chunk, dv]):
-        return (f"the outputs are read back as reshape({m['shape']})[:, :, :{m['length']}], not as "
+    kept = m.get("length", length + pad)  # no slice: every padded position is kept
+    if kept != length or list(m["shape"]) not in ([b, h, -1, dv], [b, h, chunks * chunk, dv]):
+        return (f"the outputs are read back as reshape({m['shape']})[:, :, :{kept}], not as "
                 f"[B, H, T] = {[b, h, length]} tokens")
     state = tensor_meta(m.bindings["state"])
     if not _same(state, (b, h, dk, dv)) or (not m["state_cast"] and state.dtype not in dtypes):
@@ -123,7 +129,8 @@ def replace_chunks(m):
 
 
 def describe_chunks(m) -> str:
-    return f"a chunkwise prefill of {m['length']} tokens in {m['chain'].length} chunks of {m['chunk']}"
+    tokens = tensor_meta(m.bindings["q"]).shape[2]
+    return f"a chunkwise prefill of {tokens} tokens in {m['chain'].length} chunks of {m['chunk']}"
 
 
 def chunked(q, k, v, g, beta, state, chunk_size):

@@ -266,20 +266,27 @@ def with_prologue(m: Match) -> Match | str:
         nodes.add(state)
         state, cast = state.args[0], True
     buffer, final = m.results
-    epilogue = search_graph(chain.epilogue)
-    first = epilogue.names[0]
-    for candidate in _downstream(buffer, len(epilogue.graph.nodes)):
-        way = next((w for w in epilogue.ways(candidate) if w[0][first] is buffer), None)
-        if way is not None:
-            break
-    else:
-        return f"the buffer {buffer.name} the chunk steps write is not read back as {chain.epilogue.__name__} reads it"
-    after, more, _ = way
+    way = next(_epilogue(buffer, chain.epilogues), None)
+    if way is None:
+        return (f"the buffer {buffer.name} the chunk steps write is not read back as "
+                f"{' or '.join(f.__name__ for f in chain.epilogues)} reads it")
+    first, (after, more, returned) = way
     nodes |= set(more)
     order = _order(buffer)
     bindings = {**bindings, **{k: v for k, v in after.items() if k != first}, chain.state: state,
                 "state_cast": cast, "chain": m.bindings["chain"]}
-    return Match(m.pattern, m.search, bindings, sorted(nodes, key=order.__getitem__), results=(way[2][-1], final))
+    return Match(m.pattern, m.search, bindings, sorted(nodes, key=order.__getitem__), results=(returned[-1], final))
+
+
+def _epilogue(buffer: fx.Node, epilogues: tuple) -> Iterator[tuple[str, tuple]]:
+    """(the epilogue's first parameter, its way of matching) for each epilogue matched below `buffer`, reading it."""
+    for function in epilogues:
+        epilogue = search_graph(function)
+        first = epilogue.names[0]
+        for candidate in _downstream(buffer, len(epilogue.graph.nodes)):
+            for way in epilogue.ways(candidate):
+                if way[0][first] is buffer:
+                    yield first, way
 
 
 def _downstream(node: fx.Node, hops: int) -> list[fx.Node]:
