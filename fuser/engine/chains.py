@@ -253,11 +253,13 @@ def with_prologue(m: Match) -> Match | str:
     chain = m.search.chain
     bases = tuple(m.bindings[name] for name in chain.sliced)
     failure = _Failure()
-    found = next(search_graph(chain.prologue).ways_at(bases, failure), None)
+    prologue = search_graph(chain.prologue)
+    found = next(prologue.ways_at(bases, failure), None)
     if found is None:
-        at = f" at {failure.at.name}" if failure.at is not None else ""
-        return (f"the tensors the chunk steps read ({', '.join(b.name for b in bases)}) are not made as the "
-                f"chunkwise prologue makes them: {failure.reason}{at}")
+        i = prologue.first_unmatched(bases)
+        name, base = (chain.sliced[i], bases[i].name) if i < len(bases) else ("", "")
+        return (f"the {name} the steps read ({base}) is not made as {chain.prologue.__name__} makes it (with "
+                f"{', '.join(chain.sliced[:i]) or 'nothing'} before it; deepest mismatch: {failure.reason})")
     bindings, covered, _ = found
     nodes = set(m.nodes) | set(covered)
     state, cast = m.bindings[chain.state], False

@@ -178,10 +178,10 @@ class SearchGraph:
     def ways(self, node: fx.Node, failure: _Failure | None = None
              ) -> Iterator[tuple[dict, list[fx.Node], tuple[fx.Node, ...]]]:
         """`matches`, each with the model's nodes the search's returned values are (its output last)."""
-        failure = failure or _Failure()
-        order = {n: i for i, n in enumerate(node.graph.nodes)}
+        failure, order = failure or _Failure(), None
         for walked in self._node(self.output, node, _State({}, {}), failure):
             for state in self._beside(list(self.returns[:-1]), walked, failure):
+                order = order or {n: i for i, n in enumerate(node.graph.nodes)}  # only once something matched
                 yield self._found(state, tuple(state.mapped[r] for r in self.returns[:-1]) + (node,), order)
 
     def ways_at(self, nodes: tuple[fx.Node, ...], failure: _Failure | None = None
@@ -192,6 +192,14 @@ class SearchGraph:
         if len(nodes) == len(self.returns):
             for state in self._sequence(list(zip(self.returns, nodes)), _State({}, {}), failure):
                 yield self._found(state, nodes, order)
+
+    def first_unmatched(self, nodes: tuple[fx.Node, ...]) -> int:
+        """The index of the first returned value that `ways_at` cannot match at its node along with those before."""
+        for i in range(1, len(self.returns) + 1):
+            pairs = list(zip(self.returns[:i], nodes[:i]))
+            if next(self._sequence(pairs, _State({}, {}), _Failure()), None) is None:
+                return i - 1
+        return len(self.returns)
 
     def _found(self, state: _State, returned: tuple, order: dict) -> tuple[dict, list[fx.Node], tuple]:
         covered = set(state.mapped.values())
