@@ -142,6 +142,35 @@ def find_chains(pattern: Pattern, search: Search, roots: list[fx.Node], claimed:
                 yield read, None, read.nodes
                 continue
         yield None, problem, nodes
+    if chain.prologue is not None:
+        attempts.extend(_unread_prologues(chain, roots, claimed, attempts))
+
+
+def _unread_prologues(chain, roots: list[fx.Node], claimed: set[fx.Node], attempts: list[_Failure]
+                      ) -> Iterator[_Failure]:
+    """Attempts at the chunkwise prologue outside accepted chains, so that its anchors are a near miss saying
+    why: a prologue no chain reads (its steps changed, with the closest step attempt's reason among those
+    reading its tensors), or one matched in part (a tensor it makes is missing: Dynamo drops what nothing
+    reads, such as the chunk decays of steps that do not decay the state)."""
+    prologue = search_graph(chain.prologue)
+    size = sum(n.op not in ("placeholder", "output") for n in prologue.graph.nodes)
+    for root in roots:
+        if root in claimed or root.op not in ("call_function", "call_method"):
+            continue
+        failure = _Failure()
+        found = next(prologue.ways(root, failure), None)
+        if found is None:
+            failure.reason = f"{chain.prologue.__name__} matched {failure.depth} of its {size} nodes, then: " \
+                             f"{failure.reason}"
+        elif not claimed.intersection(found[1]):
+            slices = {u for base in found[2] for piece in base.users for u in piece.users}  # what reads a slice
+            closest = max((f for f in attempts if f.reached & slices), key=lambda f: f.depth, default=None)
+            failure.depth, failure.reached, failure.at = len(found[1]), frozenset(found[1]), found[2][-1]
+            failure.reason = (f"no chain of steps reads the tensors {chain.prologue.__name__} makes"
+                              + (f" (closest step: {closest.reason})" if closest is not None else ""))
+        else:
+            continue
+        yield failure
 
 
 def _order(node: fx.Node) -> dict[fx.Node, int]:

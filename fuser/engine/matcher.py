@@ -228,6 +228,10 @@ class SearchGraph:
         for candidate in sorted(seen, key=lambda n: n.name):
             for grown in self._node(p, candidate, state, failure):
                 yield from self._beside(rest, grown, failure)
+        if failure.depth <= len(state.mapped):  # no candidate got past its first node: say what is missing
+            failure.depth = -1
+            failure.note(state, f"nothing below what matched computes its returned value {self.returns.index(p)} "
+                                f"({_op(p)}, within {hops} uses)")
 
     def _node(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
         if p.op == "placeholder":
