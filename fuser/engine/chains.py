@@ -12,6 +12,8 @@ state is the previous step's next state, and reads each chain as one site:
   write (so its value afterwards is the steps' outputs stacked), or they are `torch.stack`ed as one list.
 The match covers the steps, their slices, the buffer and its writes; its results are (the stacked outputs,
 the last next state), read by the graph after the match (the rewriter's convexity check holds the rest).
+A chunkwise chain (`Chain.prologue`, `Chain.epilogues`) is read with the code that makes what its steps slice
+and the code that reads its buffer back, as one site (`with_prologue`).
 """
 from __future__ import annotations
 
@@ -276,7 +278,7 @@ def _show(bound: Any) -> str:
 def with_prologue(m: Match) -> Match | str:
     """A chunkwise chain read with what makes the tensors its steps slice (`Chain.prologue`, matched with each
     returned value at the base the steps slice) and what reshapes the buffer its outputs are written into
-    (`Chain.epilogue`, matched downstream of the buffer) as one site; or why it cannot be. A first state
+    (`Chain.epilogues`, matched downstream of the buffer) as one site; or why it cannot be. A first state
     `initial.to(u)` (a cast like a tensor of the prologue: its dtype and device) is covered too, `state` then
     binding `initial` and `state_cast` True."""
     chain = m.search.chain
