@@ -85,9 +85,18 @@ class Chain:
     state); each parameter in `sliced` reads position t of one base tensor along one dim at step t
     (consecutive positions); the others must bind the same thing in every step. The steps' outputs are
     written into one buffer at consecutive positions (`out[:, :, t] = o`) or stacked (`torch.stack(outs, d)`).
-    The match binds `state` and each sliced name to the base tensor, and `chain` to a `ChainReading`."""
+    The match binds `state` and each sliced name to the base tensor, and `chain` to a `ChainReading`.
+
+    A chunkwise algorithm computes the tensors its steps slice from the real inputs first and reshapes the
+    stacked outputs after: `prologue` is a search function returning the sliced bases (in `sliced` order),
+    `epilogues` search functions taking the stacked outputs first (`out.reshape(...)[..., :T]`; the first that
+    matches is taken: Dynamo drops a slice that keeps everything); they are then matched with
+    the chain as one site, whose bindings are the prologue's and the epilogue's parameters, whose first result
+    is the epilogue's value (`fuser/engine/chains.py: with_prologue`)."""
     state: str
     sliced: tuple[str, ...]
+    prologue: Callable | None = None
+    epilogues: tuple[Callable, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from fuser.kernels.gated_delta import LIMITS
 from fuser.kernels.runtime import KERNEL_DTYPES
 from .base import Chain, Example, Pattern, Search, dtype_name
+from .linear_attention_chunks import CHUNK_STEP, chunk_problem, chunk_programs, chunk_step, describe_chunks, \
+    replace_chunks
 from .nodes import known_equal, tensor_meta
 from .strategies import sizes, tensors
 
@@ -70,6 +72,8 @@ def _shape_problem(m) -> str | None:
 
 
 def check(m) -> str | None:
+    if m.search.function is chunk_step:
+        return chunk_problem(m)
     if m.search.function is gated_delta_step_per_key:
         return ("the decay is per key channel (g_t [B, H, Dk]); fuser::gated_delta_rule takes one decay per head "
                 "and token")
@@ -86,6 +90,8 @@ def _along_time(m, name: str):
 
 
 def replace(m):
+    if m.search.function is chunk_step:
+        return replace_chunks(m)
     reading = m["chain"]
     result = torch.ops.fuser.gated_delta_rule(*(_along_time(m, name) for name in STEP.sliced), m["state"], 1.0, False)
     out, final = result[0], result[1]
@@ -102,6 +108,8 @@ def replace(m):
 
 
 def describe(m) -> str:
+    if m.search.function is chunk_step:
+        return describe_chunks(m)
     reading = m["chain"]
     collected = "written into one buffer" if reading.form == "setitem" else "stacked"
     return (f"a recurrence of {reading.length} steps (outputs {collected}), "
@@ -160,5 +168,6 @@ def _loops(draw) -> Example:
 
 LINEAR_ATTENTION = Pattern(
     "linear_attention",
-    (Search(gated_delta_step, _loops, chain=STEP), Search(gated_delta_step_per_key, _loops, chain=STEP)),
+    (Search(chunk_step, lambda: chunk_programs(gated_delta_arguments), chain=CHUNK_STEP),
+     Search(gated_delta_step, _loops, chain=STEP), Search(gated_delta_step_per_key, _loops, chain=STEP)),
     check, replace, describe, anchors=(torch.exp,))

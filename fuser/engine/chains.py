@@ -12,6 +12,8 @@ state is the previous step's next state, and reads each chain as one site:
   write (so its value afterwards is the steps' outputs stacked), or they are `torch.stack`ed as one list.
 The match covers the steps, their slices, the buffer and its writes; its results are (the stacked outputs,
 the last next state), read by the graph after the match (the rewriter's convexity check holds the rest).
+A chunkwise chain (`Chain.prologue`, `Chain.epilogues`) is read with the code that makes what its steps slice
+and the code that reads its buffer back, as one site (`with_prologue`).
 """
 from __future__ import annotations
 
@@ -134,12 +136,43 @@ def find_chains(pattern: Pattern, search: Search, roots: list[fx.Node], claimed:
         nodes = sorted({n for s in run for n in s.nodes}, key=_order(first.output).__getitem__)
         if problem is None:
             read = _read(pattern, search, run)
+            if not isinstance(read, str) and chain.prologue is not None:
+                read = with_prologue(read)
             if isinstance(read, str):
                 problem = read
             else:
                 yield read, None, read.nodes
                 continue
         yield None, problem, nodes
+    if chain.prologue is not None:
+        attempts.extend(_unread_prologues(chain, roots, claimed, attempts))
+
+
+def _unread_prologues(chain, roots: list[fx.Node], claimed: set[fx.Node], attempts: list[_Failure]
+                      ) -> Iterator[_Failure]:
+    """Attempts at the chunkwise prologue outside accepted chains, so that its anchors are a near miss saying
+    why: a prologue no chain reads (its steps changed, with the closest step attempt's reason among those
+    reading its tensors), or one matched in part (a tensor it makes is missing: Dynamo drops what nothing
+    reads, such as the chunk decays of steps that do not decay the state)."""
+    prologue = search_graph(chain.prologue)
+    size = sum(n.op not in ("placeholder", "output") for n in prologue.graph.nodes)
+    for root in roots:
+        if root in claimed or root.op not in ("call_function", "call_method"):
+            continue
+        failure = _Failure()
+        found = next(prologue.ways(root, failure), None)
+        if found is None:
+            failure.reason = f"{chain.prologue.__name__} matched {failure.depth} of its {size} nodes, then: " \
+                             f"{failure.reason}"
+        elif not claimed.intersection(found[1]):
+            slices = {u for base in found[2] for piece in base.users for u in piece.users}  # what reads a slice
+            closest = max((f for f in attempts if f.reached & slices), key=lambda f: f.depth, default=None)
+            failure.depth, failure.reached, failure.at = len(found[1]), frozenset(found[1]), found[2][-1]
+            failure.reason = (f"no chain of steps reads the tensors {chain.prologue.__name__} makes"
+                              + (f" (closest step: {closest.reason})" if closest is not None else ""))
+        else:
+            continue
+        yield failure
 
 
 def _order(node: fx.Node) -> dict[fx.Node, int]:
@@ -240,3 +273,60 @@ def _unsqueezed_for_cat(outputs: list[fx.Node]) -> tuple[str, int, fx.Node, set[
 
 def _show(bound: Any) -> str:
     return bound.name if isinstance(bound, fx.Node) else repr(bound)
+
+
+def with_prologue(m: Match) -> Match | str:
+    """A chunkwise chain read with what makes the tensors its steps slice (`Chain.prologue`, matched with each
+    returned value at the base the steps slice) and what reshapes the buffer its outputs are written into
+    (`Chain.epilogues`, matched downstream of the buffer) as one site; or why it cannot be. A first state
+    `initial.to(u)` (a cast like a tensor of the prologue: its dtype and device) is covered too, `state` then
+    binding `initial` and `state_cast` True."""
+    chain = m.search.chain
+    bases = tuple(m.bindings[name] for name in chain.sliced)
+    failure = _Failure()
+    prologue = search_graph(chain.prologue)
+    found = next(prologue.ways_at(bases, failure), None)
+    if found is None:
+        i = prologue.first_unmatched(bases)
+        name, base = (chain.sliced[i], bases[i].name) if i < len(bases) else ("", "")
+        return (f"the {name} the steps read ({base}) is not made as {chain.prologue.__name__} makes it (with "
+                f"{', '.join(chain.sliced[:i]) or 'nothing'} before it; deepest mismatch: {failure.reason})")
+    bindings, covered, _ = found
+    nodes = set(m.nodes) | set(covered)
+    state, cast = m.bindings[chain.state], False
+    if isinstance(state, fx.Node) and state.op == "call_method" and state.target == "to" and not state.kwargs \
+            and len(state.args) == 2 and isinstance(state.args[0], fx.Node) and state.args[1] in set(covered):
+        nodes.add(state)
+        state, cast = state.args[0], True
+    buffer, final = m.results
+    way = next(_epilogue(buffer, chain.epilogues), None)
+    if way is None:
+        return (f"the buffer {buffer.name} the chunk steps write is not read back as "
+                f"{' or '.join(f.__name__ for f in chain.epilogues)} reads it")
+    first, (after, more, returned) = way
+    nodes |= set(more)
+    order = _order(buffer)
+    bindings = {**bindings, **{k: v for k, v in after.items() if k != first}, chain.state: state,
+                "state_cast": cast, "chain": m.bindings["chain"]}
+    return Match(m.pattern, m.search, bindings, sorted(nodes, key=order.__getitem__), results=(returned[-1], final))
+
+
+def _epilogue(buffer: fx.Node, epilogues: tuple) -> Iterator[tuple[str, tuple]]:
+    """(the epilogue's first parameter, its way of matching) for each epilogue matched below `buffer`, reading it."""
+    for function in epilogues:
+        epilogue = search_graph(function)
+        first = epilogue.names[0]
+        for candidate in _downstream(buffer, len(epilogue.graph.nodes)):
+            for way in epilogue.ways(candidate):
+                if way[0][first] is buffer:
+                    yield first, way
+
+
+def _downstream(node: fx.Node, hops: int) -> list[fx.Node]:
+    """The nodes at most `hops` uses below `node`, nearest first."""
+    found: dict[fx.Node, None] = {}
+    frontier = [node]
+    for _ in range(hops):
+        frontier = list(dict.fromkeys(u for n in frontier for u in n.users if u not in found))
+        found.update(dict.fromkeys(frontier))
+    return list(found)

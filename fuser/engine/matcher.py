@@ -163,10 +163,11 @@ class SearchGraph:
         if merge_duplicates:
             _merge_duplicates(self.graph)
         (output,) = [n for n in self.graph.nodes if n.op == "output"]
-        # a search returning a tuple (a chain's step: next state, output) is matched at its last value;
-        # the others lie inside that match
+        # a search returning a tuple (a chain's step: next state, output) is matched at its last value; the
+        # others lie inside that match or beside it (downstream of what it matched, `_beside`)
         self.returns = tuple(output.args[0]) if isinstance(output.args[0], tuple) else (output.args[0],)
         self.output = self.returns[-1]
+        self.names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
 
     def matches(self, node: fx.Node, failure: _Failure | None = None) -> Iterator[tuple[dict, list[fx.Node]]]:
         """(bindings, covered nodes) for each way the search matches with `node` as its output,
@@ -177,17 +178,60 @@ class SearchGraph:
     def ways(self, node: fx.Node, failure: _Failure | None = None
              ) -> Iterator[tuple[dict, list[fx.Node], tuple[fx.Node, ...]]]:
         """`matches`, each with the model's nodes the search's returned values are (its output last)."""
-        failure = failure or _Failure()
-        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
-        order = {n: i for i, n in enumerate(node.graph.nodes)}
-        for state in self._node(self.output, node, _State({}, {}), failure):
-            returned = tuple(state.mapped.get(r) for r in self.returns[:-1]) + (node,)
-            if None in returned:  # a returned value outside the walk from the output: not this search's shape
-                continue
-            covered = set(state.mapped.values())
-            covered |= _writes_into(covered, node, order)
-            yield ({name: state.bindings.get(name) for name in names}, sorted(covered, key=order.__getitem__),
-                   returned)
+        failure, order = failure or _Failure(), None
+        for walked in self._node(self.output, node, _State({}, {}), failure):
+            for state in self._beside(list(self.returns[:-1]), walked, failure):
+                order = order or {n: i for i, n in enumerate(node.graph.nodes)}  # only once something matched
+                yield self._found(state, tuple(state.mapped[r] for r in self.returns[:-1]) + (node,), order)
+
+    def ways_at(self, nodes: tuple[fx.Node, ...], failure: _Failure | None = None
+                ) -> Iterator[tuple[dict, list[fx.Node], tuple[fx.Node, ...]]]:
+        """`ways` where each returned value must be the given node of the model (a chain's prologue: the
+        tensors its steps slice)."""
+        failure, order = failure or _Failure(), {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+        if len(nodes) == len(self.returns):
+            for state in self._sequence(list(zip(self.returns, nodes)), _State({}, {}), failure):
+                yield self._found(state, nodes, order)
+
+    def first_unmatched(self, nodes: tuple[fx.Node, ...]) -> int:
+        """The index of the first returned value that `ways_at` cannot match at its node along with those before."""
+        for i in range(1, len(self.returns) + 1):
+            pairs = list(zip(self.returns[:i], nodes[:i]))
+            if next(self._sequence(pairs, _State({}, {}), _Failure()), None) is None:
+                return i - 1
+        return len(self.returns)
+
+    def _found(self, state: _State, returned: tuple, order: dict) -> tuple[dict, list[fx.Node], tuple]:
+        covered = set(state.mapped.values())
+        covered |= _writes_into(covered, returned[-1], order)
+        return ({name: state.bindings.get(name) for name in self.names}, sorted(covered, key=order.__getitem__),
+                returned)
+
+    def _beside(self, pending: list[fx.Node], state: _State, failure: _Failure) -> Iterator[_State]:
+        """Each returned value the walk from the output did not reach, matched at a node of the model downstream
+        of what is matched already (a chunk step's next state beside its output: both read `v_new`), no further
+        than the search's own path from a matched node to it."""
+        if not pending:
+            yield state
+            return
+        p, rest = pending[0], pending[1:]
+        if p in state.mapped:
+            yield from self._beside(rest, state, failure)
+            return
+        hops = _hops_from(p, set(state.mapped))
+        frontier = {t for q, t in state.mapped.items() if isinstance(q, fx.Node) and isinstance(t, fx.Node)}
+        frontier |= {t for t in state.bindings.values() if isinstance(t, fx.Node)}
+        seen: set[fx.Node] = set()
+        for _ in range(hops):
+            frontier = {u for t in frontier for u in t.users if u not in seen}
+            seen |= frontier
+        for candidate in sorted(seen, key=lambda n: n.name):
+            for grown in self._node(p, candidate, state, failure):
+                yield from self._beside(rest, grown, failure)
+        if failure.depth <= len(state.mapped):  # no candidate got past its first node: say what is missing
+            failure.depth = -1
+            failure.note(state, f"nothing below what matched computes its returned value {self.returns.index(p)} "
+                                f"({_op(p)}, within {hops} uses)")
 
     def _node(self, p: fx.Node, t: Any, state: _State, failure: _Failure) -> Iterator[_State]:
         if p.op == "placeholder":
@@ -255,10 +299,25 @@ class SearchGraph:
                 yield from self._sequence(list(zip(p, t)), state, failure)
             else:
                 failure.note(state, f"expected {p!r}, found {_describe(t)}", t)
+        elif isinstance(p, slice) and isinstance(t, slice):  # `x[:, :, :length]`
+            yield from self._sequence([(p.start, t.start), (p.stop, t.stop), (p.step, t.step)], state, failure)
         elif _literal_equal(p, t):
             yield state
         else:
             failure.note(state, f"expected {p!r}, found {_describe(t)}", t)
+
+
+def _hops_from(p: fx.Node, mapped: set) -> int:
+    """The longest path in a search graph from a matched node or a placeholder to `p`."""
+    longest: dict[fx.Node, int] = {}
+    for node in p.graph.nodes:
+        if node in mapped or node.op == "placeholder":
+            longest[node] = 0
+        elif any(i in longest for i in node.all_input_nodes):
+            longest[node] = 1 + max(longest[i] for i in node.all_input_nodes if i in longest)
+        if node is p:
+            break
+    return longest.get(p, 0)
 
 
 def _copies(a: Any, b: Any) -> list[fx.Node] | None:

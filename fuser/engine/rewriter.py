@@ -87,19 +87,31 @@ def _reach(pattern: Pattern, search) -> int:
     """How many nodes past an anchor a match of `search` can end: the longest path in its graph from an anchor
     to its output, each step a structural piece that may cover up to 3 of the model's nodes (`repeat_kv`). A
     search that holds none of its pattern's anchors could never be tried: an error in the pattern library."""
-    graph = search_graph(search.function).graph
-    longest: dict[fx.Node, int] = {}
-    for node in graph.nodes:  # topological order: a node's inputs come first
-        from_inputs = [longest[i] + 1 for i in node.all_input_nodes if i in longest]
-        if node.target in pattern.anchors:
-            from_inputs.append(0)
-        if from_inputs:
-            longest[node] = max(from_inputs)
-    output = next(n for n in graph.nodes if n.op == "output")
+    starts: dict[str, int] = {}
+    if search.chain is not None and search.chain.prologue is not None:  # the steps slice what the prologue makes
+        prologue = search_graph(search.chain.prologue)
+        reached = _longest(prologue.graph, pattern.anchors, {})
+        starts = {name: reached[r] + 1 for name, r in zip(search.chain.sliced, prologue.returns) if r in reached}
+    longest = _longest(search_graph(search.function).graph, pattern.anchors, starts)
+    output = next(n for n in search_graph(search.function).graph.nodes if n.op == "output")
     if output not in longest:
         raise ValueError(f"pattern {pattern.name!r}: search {search.__name__} holds none of its anchors "
                          f"{', '.join(getattr(a, '__name__', str(a)) for a in pattern.anchors)}")
     return 3 * longest[output]
+
+
+def _longest(graph: fx.Graph, anchors: tuple, starts: dict[str, int]) -> dict[fx.Node, int]:
+    """The longest path to each node from an anchor (or from a placeholder named in `starts`, that far)."""
+    longest: dict[fx.Node, int] = {}
+    for node in graph.nodes:  # topological order: a node's inputs come first
+        from_inputs = [longest[i] + 1 for i in node.all_input_nodes if i in longest]
+        if node.target in anchors:
+            from_inputs.append(0)
+        if node.op == "placeholder" and node.target in starts:
+            from_inputs.append(starts[node.target])
+        if from_inputs:
+            longest[node] = max(from_inputs)
+    return longest
 
 
 def _problem(m: Match, strict: bool) -> str | None:
