@@ -52,7 +52,7 @@ def latent_is_cheaper(new_tokens: int, context: int, latent: int, rope: int, nop
     pairs = new_tokens * context - new_tokens * (new_tokens - 1) // 2
     expanded = context * latent * (nope + v) + pairs * (nope + rope + v)
     absorbed = new_tokens * latent * (nope + v) + pairs * (2 * latent + rope)
-    return absorbed < expanded
+    return (0 < new_tokens) & (new_tokens <= context) & (absorbed < expanded)
 
 
 def check_arguments(q_lat, q_pe, c, k_pe) -> None:
