@@ -166,11 +166,13 @@ def decode_part(fla) -> None:
     log("decode (one token, bf16, l2norm):")
     q, k, v, g, beta, state = inputs(DECODE_BATCH, 1, 16, 32, D, D, torch.bfloat16, initial=True)
     compiled = torch.compile(RECURRENT)
+    # the peers get the key heads repeated per value head, as transformers calls them (5.17's fallback takes no
+    # key-head groups); ours reads each key head once
+    q2, k2 = (x.repeat_interleave(2, dim=2) for x in (q, k))
     peers = {"fuser": lambda: ours_call(q, k, v, g, beta, state),
-             "fallback eager": lambda: RECURRENT(q, k, v, g, beta, state, True, True),
-             "fallback compiled": lambda: compiled(q, k, v, g, beta, state, True, True)}
-    if fla is not None:  # with key heads repeated per value head, as transformers calls it
-        q2, k2 = (x.repeat_interleave(2, dim=2) for x in (q, k))
+             "fallback eager": lambda: RECURRENT(q2, k2, v, g, beta, state, True, True),
+             "fallback compiled": lambda: compiled(q2, k2, v, g, beta, state, True, True)}
+    if fla is not None:
         peers["fla"] = lambda: fla[1](q2, k2, v, g, beta, initial_state=state, output_final_state=True,
                                       use_qk_l2norm_in_kernel=True)
     copy_target = torch.empty_like(state)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fuser.kernels.attention import LIMITS
+from fuser.kernels.attention.sdpa_speed import speedup_over_sdpa
 from fuser.patterns.attention_examples import naive_examples, sdpa_examples
 from fuser.patterns.attention_masks import MaskPlan, recognize
 from fuser.patterns.attention_pieces import (biased, dropout, masked, merged_heads, repeat_kv, scaled, scaled_scores,
@@ -217,12 +218,36 @@ def check(m) -> str | None:
     return _sdpa_worth_it(m) if site.only_where_it_pays else None
 
 
+def _sdpa_mask_kind(m) -> str | None:
+    """The mask kind of an SDPA call in `sdpa_speed`'s terms, or None (a kind nothing was measured for)."""
+    plan = _mask_plan(m)
+    if plan is None or plan.window or plan.bottom_right:
+        return None
+    if plan.padding is not None:
+        return "padding" if plan.causal else None
+    return "causal" if plan.causal else "none"
+
+
+def _sdpa_measured(m) -> tuple[str, float] | None:
+    """(GPU, the kernel's measured speedup over SDPA's own backend) for this call's head dim, mask kind and pass."""
+    q = m.meta("q")
+    training = any(m.meta(name).requires_grad for name in ("q", "k", "v"))  # as traced: no_grad makes none
+    return speedup_over_sdpa(q.device, q.shape[-1], _sdpa_mask_kind(m), training)
+
+
 def _sdpa_worth_it(m) -> str | None:
-    """An SDPA call is rewritten only where the kernel removes work SDPA does: K/V repeated in
-    front, or a mask tensor the kernel runs natively (reading no L×L mask, where the mask keeps
-    SDPA off its flash path). Fully masked rows get SDPA's zeros (masking "sdpa")."""
+    """An SDPA call is rewritten where the kernel is measured faster than the backend SDPA picks (this GPU, head
+    dim, mask kind, pass: `sdpa_speed`), or else only where the kernel removes work SDPA does: K/V repeated in
+    front, or a mask tensor the kernel runs natively (reading no L×L mask, where the mask keeps SDPA off its
+    flash path). Fully masked rows get SDPA's zeros (masking "sdpa")."""
     if m.site.n_rep > 1:
         return None
+    measured = _sdpa_measured(m)
+    if measured is not None:
+        gpu, speedup = measured
+        return None if speedup > 1.0 else (
+            f"left to SDPA: its own backend is faster here (the kernel measured {speedup:.2f}x of it on {gpu} at "
+            f"head dim {m.meta('q').shape[-1]}, {_sdpa_mask_kind(m)} mask; benchmarks/RESULTS.md)")
     if m.bindings["mask"] is None:
         return "left to SDPA: no repeat_kv and no mask tensor, its flash path applies"
     if _mask_plan(m) is None:
@@ -287,6 +312,8 @@ def describe(m) -> str:
         parts.append("batched heads" + (" viewed per head" if m.site.heads else ""))
     if m["dropout_p"]:
         parts.append(f"dropout {m['dropout_p']:g}")
+    if m.site.only_where_it_pays and m.site.n_rep == 1 and _sdpa_measured(m) is not None:
+        parts.append("SDPA replaced: the kernel measured {1:.2f}x its backend on {0}".format(*_sdpa_measured(m)))
     parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))
     parts.append(dtype_name(q.dtype))
     return ", ".join(parts)

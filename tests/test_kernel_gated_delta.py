@@ -119,8 +119,10 @@ def test_recurrence_is_transformers(l2norm):
     """transformers' fallbacks (which compute in float32 whatever they are given) against ours in float64."""
     q, k, v, g, beta, state, _, _ = float64(make(length=21, l2norm=l2norm))
     ours = recurrent_reference(q, k, v, g, beta, state, q.shape[-1] ** -0.5, l2norm)
-    chunked = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(q, k, v, g, beta, 8, state, True, l2norm)
-    recurrent = qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__(q, k, v, g, beta, state, True, l2norm)
+    grouped_q, grouped_k = q.repeat_interleave(2, dim=2), k.repeat_interleave(2, dim=2)  # make's 2 value heads a key
+    chunked = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(grouped_q, grouped_k, v, g, beta, 8, state, True,
+                                                                  l2norm)
+    recurrent = transformers_recurrent(q, k, v, g, beta, state, q.shape[-1] ** -0.5, l2norm)
     for theirs in (chunked, recurrent):
         assert rel_l2(theirs[0], ours[0]) < 1e-5 and rel_l2(theirs[1], ours[1]) < 1e-5
 
@@ -154,8 +156,11 @@ def _gradients(function, args, grad_out, grad_state):
 
 
 def transformers_recurrent(q, k, v, g, beta, initial_state, scale, l2norm):
-    """transformers' own per-token fallback (float32 inside), as the op is called (scale = Dk^-0.5)."""
+    """transformers' own per-token fallback (float32 inside), as the op is called (scale = Dk^-0.5), with the key
+    heads repeated to the value heads as Qwen3-Next does before calling it (some versions take no key-head groups)."""
     assert scale == q.shape[-1] ** -0.5
+    groups = v.shape[2] // q.shape[2]
+    q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
     return qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__(q, k, v, g, beta, initial_state, True, l2norm)
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import fuser.kernels.moe as moe
 from fuser.kernels.language import to_dtype
 from fuser.numerics.contract import NEIGHBOURS, nudged
-from numerics import TOLERANCE, assert_close, rel_l2
+from numerics import TOLERANCE, assert_close, on_kernel_device, rel_l2
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -140,7 +140,7 @@ def test_route_picks_a_top_k_and_its_weights_and_gradient(case):
        block_m=st.sampled_from([16, 32]), sentinel=st.booleans(), seed=st.integers(0, 2**16))
 def test_plan_sorts_rows_by_expert_stably(tokens, experts, top_k, block_m, sentinel, seed):
     torch.manual_seed(seed)
-    ids = torch.randint(0, experts + int(sentinel), (tokens, top_k))  # id == experts: a dropped row
+    ids, = on_kernel_device(torch.randint(0, experts + int(sentinel), (tokens, top_k)))  # id == experts: dropped
     layout = moe.PlanLayout(tokens * top_k, experts, block_m)
     got = layout.split(moe.build_plan(ids, experts, block_m))
     want = layout.split(moe.build_plan_reference(ids, experts, block_m))
@@ -309,17 +309,18 @@ def test_weight_gradient_partials_are_all_written(monkeypatch):
     torch.manual_seed(0)
     tokens, hidden, intermediate, experts, top_k = 7, 20, 37, 3, 2
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
-    weights, grad_out = torch.rand(tokens, top_k), torch.randn(tokens, hidden)
-    act, down = torch.randn(tokens * top_k, 2 * intermediate), torch.randn(experts, hidden, intermediate)
+    ids, weights, grad_out, act, down = on_kernel_device(
+        ids, torch.rand(tokens, top_k), torch.randn(tokens, hidden), torch.randn(tokens * top_k, 2 * intermediate),
+        torch.randn(experts, hidden, intermediate))
     layout = moe.PlanLayout(tokens * top_k, experts, 16)
     plan = moe.build_plan(ids, experts, 16)
-    partials = torch.full((tokens * top_k, triton.cdiv(intermediate, grain)), float("nan"))
+    partials = torch.full((tokens * top_k, triton.cdiv(intermediate, grain)), float("nan"), device=act.device)
     gemm.expert_rows_gemm(gemm.GRAD_H, plan, layout, grad_out, down, down.stride(), torch.empty_like(act),
                           intermediate, hidden, top_k, act=act, routing_weights=weights.view(-1), partials=partials,
                           extra_output=True)
     gate, up = act.double().chunk(2, 1)  # act rows are in plan order
     h = F.silu(gate) * up
-    expected = torch.empty(tokens * top_k, dtype=torch.float64)
+    expected = torch.empty(tokens * top_k, dtype=torch.float64, device=act.device)
     for position, row in enumerate(layout.split(plan)[0].tolist()):
         expected[row] = grad_out[row // top_k].double() @ down[ids.view(-1)[row]].double() @ h[position]
     assert_close(partials.sum(1), expected, torch.float32)

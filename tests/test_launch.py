@@ -198,5 +198,5 @@ def test_attention_launches_replay_with_the_same_results(masked, monkeypatch):
     monkeypatch.setattr(launching, "_REPLAYS", {})
     launched = call(1)
     assert triton_launches
-    for a, b in zip(replayed, launched):
-        assert torch.equal(a, b)
+    for a, b in zip(replayed, launched):  # a causal row whose visible keys are all padded is NaN in both
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

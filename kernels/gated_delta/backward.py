@@ -200,6 +200,6 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
            q, k, v, g, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
            d_v, d_g, d_beta, *shape.common(), shape.n_chunks, scale, eps, *q.stride()[:3],
            *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(), *grad_out.stride()[:3],
-           BLOCK_V=shape.block_v, num_warps=8, **shape.constexprs(l2norm))
+           BLOCK_V=min(shape.block_v, 32), num_warps=8, num_stages=2, **shape.constexprs(l2norm))
     d_q, d_k = (d.unflatten(2, (-1, shape.groups)).sum(3).to(x.dtype) for d, x in ((d_q, q), (d_k, k)))
     return d_q, d_k, d_v, d_g.to(g.dtype), d_beta.to(beta.dtype), d_initial
