@@ -26,7 +26,7 @@ from .decode import DecodeTiling, decode_tiling, mla_decode_launch
 from .reference import mla_decode_backward_reference, mla_decode_reference
 
 __all__ = ["LIMITS", "DecodeTiling", "decode_tiling", "mla_decode", "mla_decode_launch", "mla_decode_reference",
-           "mla_decode_backward_reference"]
+           "mla_decode_backward_reference", "latent_is_cheaper"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,21 @@ class MLADecodeLimits(KernelLimits):
 
 
 LIMITS = MLADecodeLimits()
+
+
+def latent_is_cheaper(new_tokens: int, context: int, latent: int, rope: int, nope: int, v: int) -> bool:
+    """Whether Lq new tokens attending a context of `context` keys (the new ones included, causal bottom-right)
+    cost fewer FLOPs absorbed than expanded; memory traffic favours the absorbed form at every length, so this
+    is the rule that keeps prefill (no context before the new tokens) expanded on fuser::attention.
+    Per head: expanded = context·R·(nope + v) (kv_b_proj over the cache) + pairs·(nope + rope + v);
+    absorbed = Lq·R·(nope + v) (W_UK, W_UV per new token) + pairs·(2R + rope), pairs = visible (query, key)
+    pairs. DeepSeek-V3 (R 512, nope = v = 128): absorbed while Lq ≲ 170 after a long context."""
+    if not 0 < new_tokens <= context:
+        return False
+    pairs = new_tokens * context - new_tokens * (new_tokens - 1) // 2
+    expanded = context * latent * (nope + v) + pairs * (nope + rope + v)
+    absorbed = new_tokens * latent * (nope + v) + pairs * (2 * latent + rope)
+    return (0 < new_tokens) & (new_tokens <= context) & (absorbed < expanded)
 
 
 def check_arguments(q_lat, q_pe, c, k_pe) -> None:
