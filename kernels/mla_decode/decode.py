@@ -34,30 +34,31 @@ class DecodeTiling:
     splits: int
 
 
-def _split_cost(splits: int, batch: int, m_blocks: int, block_m: int, context: int, latent: int, row_bytes: int,
-                slots: int) -> float:
-    """Bytes-equivalent time of a split count: the cache each head block reads, slowed while fewer programs run
-    than there are multiprocessors, plus the float32 partial outputs written and read back by the merge."""
-    programs = batch * m_blocks * splits
-    read = batch * m_blocks * context * row_bytes / min(1.0, programs / slots)
-    partial = 0 if splits == 1 else batch * m_blocks * splits * block_m * latent * 4 * 2
+def _split_cost(splits: int, batch: int, m_blocks: int, blocks: int, block_n: int, block_m: int, latent: int,
+                row_bytes: int, slots: int) -> float:
+    """Bytes one multiprocessor moves for a split count: waves of programs (a partial wave costs a whole one)
+    times the cache rows each program reads, plus its share of the float32 partial outputs the merge writes and
+    reads back. (The H200 sweep's best split counts are this model's: 32 at batch 1, 4 at batch 8, 16k.)"""
+    waves = cdiv(batch * m_blocks * splits, slots)
+    read = waves * cdiv(blocks, splits) * block_n * row_bytes
+    partial = 0 if splits == 1 else batch * m_blocks * splits * block_m * latent * 4 * 2 / slots
     return read + partial
 
 
 @functools.lru_cache(maxsize=4096)
 def decode_tiling(batch: int, rows: int, context: int, latent: int, rope: int, element: int,
                   slots: int) -> DecodeTiling:
-    """The default tiling of a call: 64 rows (all heads of a token in one or two programs for 64-128 heads),
-    32 positions a block for V3's 512-wide latent, and the split count the cost model `_split_cost` finds
-    cheapest (batch 1 at 4k: ~32 splits; batch 32: 1-2)."""
+    """The default tiling of a call: for V3's 512-wide latent 32 rows (heads) × 64 positions a block, 4 warps,
+    3 stages (the H200 sweep's best at 16k, batch 1 and 8: 1.5-1.9x the 64 × 32, 8-warp tiling; the [32, 512]
+    float32 accumulator stays in registers), and the split count `_split_cost` finds cheapest."""
     if interpreting():
         block_m, block_n, warps, stages = 16, 16, 4, 1
+    elif next_pow2(latent) >= 256:
+        block_m, block_n, warps, stages = min(32, max(16, next_pow2(rows))), 64, 4, 3
     else:
-        wide = next_pow2(latent) >= 256
-        block_m, block_n = min(64, max(16, next_pow2(rows))), 32 if wide else 64
-        warps, stages = (8, 2) if wide else (4, 2)
+        block_m, block_n, warps, stages = min(64, max(16, next_pow2(rows))), 64, 4, 2
     m_blocks, blocks = cdiv(rows, block_m), cdiv(context, block_n)
-    costs = {s: _split_cost(s, batch, m_blocks, block_m, context, latent, (latent + rope) * element, slots)
+    costs = {s: _split_cost(s, batch, m_blocks, blocks, block_n, block_m, latent, (latent + rope) * element, slots)
              for s in range(1, min(blocks, 256) + 1)}
     splits = min(costs, key=costs.get)
     return DecodeTiling(block_m, block_n, warps, stages, cdiv(blocks, cdiv(blocks, splits)))
