@@ -77,6 +77,20 @@ def tiny_gpt_oss(layers: int = 2, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def tiny_t5(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny T5 (encoder-decoder, eager attention, no dropout), in eval mode. Not among ARCHITECTURES (no causal
+    LM): its attention adds a relative position bias from an embedding (learned: it takes a gradient in
+    training) and the masks, to unscaled scores."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=_COMMON["vocab_size"], d_model=32, d_kv=8, d_ff=64, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
+
+
 def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
     """Random token ids for `model`."""
     generator = torch.Generator().manual_seed(seed)
