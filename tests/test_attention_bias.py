@@ -47,14 +47,9 @@ def _formula(q, k, v, mask, literals, seed, sinks):
     return attention_reference(q, k, v, mask, *literals, seed=seed, sinks=sinks)
 
 
-@given(st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from([(4, 2), (4, 4), (4, 1)]),
-       st.sampled_from([1, 9, 21]), st.integers(0, 17), st.sampled_from(sorted(SHAPES)), st.booleans(),
-       st.booleans(), st.sampled_from([0.0, 5.0]), st.sampled_from([0.0, 0.25]), st.booleans(),
-       st.sampled_from(["add", "fill", "sdpa"]), st.integers(0, 2**16))
-def test_bias_gradient_matches_float64(dtype, heads, lq, extra_keys, shape, padded, causal, softcap, dropout_p,
-                                       has_sinks, masking, seed):
+def check_bias_gradient(dtype, heads, lq, lk, shape, padded, causal, softcap, dropout_p, has_sinks, masking, seed):
+    """Values and the gradients of q, k, v, the bias (and sinks) meet the numerics contract against float64."""
     _, hkv = heads
-    lk = lq + extra_keys
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, n, D, generator=generator).to(dtype) for h, n in ((HQ, lq), (hkv, lk), (hkv, lk)))
     bias = torch.randn(SHAPES[shape](lq, lk), generator=generator).to(dtype)
@@ -71,11 +66,34 @@ def test_bias_gradient_matches_float64(dtype, heads, lq, extra_keys, shape, padd
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, bias, sinks) if t is not None]
     ref = _attend(*leaves64[:4], None if padding is None else padding.double(), literals, drop_seed,
                   leaves64[4] if has_sinks else None, _formula)
-    ref_grads = torch.autograd.grad(ref, leaves64, grad_out.double().cpu(), allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad_out.double().cpu())
     assert_close(out, ref, dtype)
     for name, grad, ref_grad in zip(("q", "k", "v", "bias", "sinks"), grads, ref_grads):
         assert grad.shape == ref_grad.shape, name
         assert_close(grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", ["[1,H,L,S]", "[B,1,L,S]", "[1,1,L,S]"])
+def test_a_broadcast_bias_gets_its_gradient_summed_over_the_broadcast_dims(shape, padded):
+    check_bias_gradient(torch.float32, (4, 2), 19, 37, shape, padded, False, 0.0, 0.0, False, "add", 0)
+
+
+@pytest.mark.parametrize("masking", ["add", "fill", "sdpa"])
+def test_the_bias_gradient_through_dropout_sinks_softcap_and_causal_masking(masking):
+    """dS of the dropped-out probabilities, with sinks in the softmax, through the softcap's tanh (the bias is
+    added after it), causal positions passing no gradient but with "add"."""
+    check_bias_gradient(torch.float32, (4, 2), 21, 26, "[1,H,L,S]", True, True, 5.0, 0.25, True, masking, 1)
+
+
+@given(st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from([(4, 2), (4, 4), (4, 1)]),
+       st.sampled_from([1, 9, 21]), st.integers(0, 17), st.sampled_from(sorted(SHAPES)), st.booleans(),
+       st.booleans(), st.sampled_from([0.0, 5.0]), st.sampled_from([0.0, 0.25]), st.booleans(),
+       st.sampled_from(["add", "fill", "sdpa"]), st.integers(0, 2**16))
+def test_bias_gradient_matches_float64(dtype, heads, lq, extra_keys, shape, padded, causal, softcap, dropout_p,
+                                       has_sinks, masking, seed):
+    check_bias_gradient(dtype, heads, lq, lq + extra_keys, shape, padded, causal, softcap, dropout_p, has_sinks,
+                        masking, seed)
 
 
 def test_the_reference_backward_gives_autograd_s_bias_gradient():

@@ -214,12 +214,24 @@ def test_attention_near_misses_are_left_alone(case):
         assert_close(got, ref, torch.float32)
 
 
-def test_a_learned_additive_bias_keeps_its_gradient():
-    bias = torch.zeros(1, H, L, L, requires_grad=True)
-    q, k, v = _qkv()
-    out, report = compile_and_run(lambda q, k, v, b: torch.softmax(q @ k.transpose(-2, -1) + b, -1) @ v, q, k, v, bias)
-    assert "attention" not in report.counts()
-    assert any("learned bias" in n.reason for n in report.near_misses), report
+def test_a_learned_additive_bias_is_rewritten_with_its_gradient():
+    """A relative-position-style bias [1, H, L, L] that takes a gradient, with a causal mask folded in (T5's
+    position_bias + mask): read as a tensor, and given dS summed over the batch."""
+    bias = (torch.randn(1, H, L, L, generator=torch.Generator().manual_seed(4)) * 0.5).requires_grad_()
+    causal = torch.where(CAUSAL, 0.0, torch.finfo(torch.float32).min)
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def fn(q, k, v, b):
+        return torch.softmax(q @ k.transpose(-2, -1) + (b + causal.to(b.dtype)), -1) @ v
+
+    out, report = compile_and_run(fn, q, k, v, bias, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    assert "mask read as a tensor" in report.matches[0].mode
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    want = torch.autograd.grad(fn(*leaves).sum(), leaves)
+    for got, ref in zip(grads, want):
+        assert_close(got, ref, torch.float32)
 
 
 # attention sites of each tiny model (2 layers) and the mode the kernel runs
@@ -319,8 +331,8 @@ def test_gpt_oss_attention_with_sinks_is_rewritten_in_training():
 
 def test_t5_attention_with_its_position_bias_is_rewritten():
     """T5 (eager) adds its relative position bias, then (decoder) its causal mask: in eval all six layers
-    (encoder, decoder self- and cross-attention) are rewritten, logits against float64; in training the bias
-    takes a gradient, which the kernel does not give: near misses saying so."""
+    (encoder, decoder self- and cross-attention) are rewritten, logits against float64; in training too, the
+    bias then read as a tensor that takes its gradient (tests/test_attention_bias.py checks the gradients)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -340,4 +352,5 @@ def test_t5_attention_with_its_position_bias_is_rewritten():
     assert sum("bias read as a tensor" in m.mode for m in report.matches) == 2, report
     assert_close(logits, reference, torch.float32)
     report = fuser.explain(model.train(), input_ids=ids, decoder_input_ids=decoder_ids)
-    assert any("learned bias" in n.reason for n in report.near_misses if n.pattern == "attention"), report
+    assert report.counts().get("attention") == 6, report
+    assert not [n for n in report.near_misses if n.pattern == "attention"], report
