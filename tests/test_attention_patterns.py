@@ -354,3 +354,37 @@ def test_t5_attention_with_its_position_bias_is_rewritten():
     report = fuser.explain(model.train(), input_ids=ids, decoder_input_ids=decoder_ids)
     assert report.counts().get("attention") == 6, report
     assert not [n for n in report.near_misses if n.pattern == "attention"], report
+
+
+def test_fsmt_in_training_has_every_attention_rewritten_with_its_two_term_masks(monkeypatch):
+    """FSMT over batched heads: the encoder's padding masked_fill, the decoder's added causal mask then its padding
+    masked_fill (padded decoder tokens), the cross-attention's encoder padding: all six sites rewritten in
+    training, loss and every gradient against float64."""
+    from transformers.models.fsmt import modeling_fsmt
+
+    from fuser.models import tiny_fsmt
+
+    model = tiny_fsmt().train()
+    ids = torch.randint(3, model.config.src_vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, 6:] = 0
+    decoder_ids = ids[:, :7].clone()
+    decoder_ids[1, 5:] = model.config.pad_token_id
+    inputs = dict(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids, labels=decoder_ids)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(**inputs).loss
+    report = fuser.last_report()
+    assert report.counts().get("attention") == 6, report
+    assert not [n for n in report.near_misses if n.pattern == "attention"], report
+    loss.backward()
+    # transformers' fill_with_neg_inf casts finfo(float64).min to float32 (overflow): the float64 run fills with
+    # float32's min, an excluded score either way
+    monkeypatch.setattr(modeling_fsmt, "fill_with_neg_inf", lambda t: t.fill_(torch.finfo(torch.float32).min))
+    reference = float64_reference(model)
+    loss64 = reference(**inputs).loss
+    loss64.backward()
+    assert_close(loss, loss64, torch.float32)
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        if p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32), name
