@@ -4,7 +4,8 @@
 
 Spellings: 4-D naive attention (the baseline), batched heads over 3-D tensors (`torch.bmm` on [B·H, L, D]),
 batched heads whose scores are viewed per head to add a [B, 1, L, L] mask (GroupViT's spelling, against the
-4-D spelling with the same mask), a 0-d temperature tensor (folded into q; learned in forward + backward: its gradient computed too), and a symbolic scale and eps
+4-D spelling with the same mask), a 0-d temperature tensor (folded into q; learned in forward + backward: its
+gradient computed too), and a symbolic scale and eps
 (`dynamic=True`, eager codegen so the floats stay symbolic). Each is checked to be one fused attention, then
 timed with triton.testing.do_bench (median ms), forward under no_grad and forward + backward; the table gives
 each time and its ratio to the baseline (issue 14 asks for these forms within 10% of plain attention).
