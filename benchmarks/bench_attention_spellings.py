@@ -4,7 +4,8 @@
 
 Spellings: 4-D naive attention (the baseline), batched heads over 3-D tensors (`torch.bmm` on [B·H, L, D]),
 batched heads whose scores are viewed per head to add a [B, 1, L, L] mask (GroupViT's spelling, against the
-4-D spelling with the same mask), a 0-d temperature tensor (folded into q), and a symbolic scale and eps
+4-D spelling with the same mask), a 0-d temperature tensor (folded into q; learned in forward + backward: its
+gradient computed too), and a symbolic scale and eps
 (`dynamic=True`, eager codegen so the floats stay symbolic). Each is checked to be one fused attention, then
 timed with triton.testing.do_bench (median ms), forward under no_grad and forward + backward; the table gives
 each time and its ratio to the baseline (issue 14 asks for these forms within 10% of plain attention).
@@ -69,7 +70,8 @@ def timed(fn, args, backward: bool) -> float:
         with torch.no_grad():
             return triton.testing.do_bench(lambda: fn(*args))
     grad = torch.randn_like(fn(*args))
-    return triton.testing.do_bench(lambda: torch.autograd.grad(fn(*args), args[:3], grad))
+    leaves = [a for a in args if a.requires_grad]  # q, k, v (and a learned temperature)
+    return triton.testing.do_bench(lambda: torch.autograd.grad(fn(*args), leaves, grad))
 
 
 def compiled(fn, dynamic=False):
@@ -101,8 +103,8 @@ def main() -> None:
             masked_row, masked = row("4-D naive, [B,1,L,L] mask", plain, four, None, backward)
             rows = [base_row, row("bmm, batched heads", batched, three, base, backward)[0], masked_row,
                     row("bmm, scores viewed per head + mask", viewed, three, masked, backward)[0]]
-            if not backward:  # a learned temperature in training is a near miss (see patterns/attention_scales.py)
-                rows.append(row("0-d temperature tensor", temperature, four, base, backward)[0])
+            learned = (*four[:4], four[4].detach().requires_grad_(backward))  # learned in training
+            rows.append(row("0-d temperature tensor", temperature, learned, base, backward)[0])
             rows.append(row("symbolic scale (dynamic=True)", Symbolic(d), four, base, backward, dynamic=True)[0])
             lines += [f"{r[0]:<32}{r[1]:>9}{r[2]:>13}  {r[3]}" for r in rows]
     text = "\n".join(lines)

@@ -77,6 +77,36 @@ def tiny_gpt_oss(layers: int = 2, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def tiny_t5(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny T5 (encoder-decoder, eager attention, no dropout), in eval mode. Not among ARCHITECTURES (no causal
+    LM): its attention adds a relative position bias from an embedding (learned: it takes a gradient in
+    training) and the masks, to unscaled scores."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=_COMMON["vocab_size"], d_model=32, d_kv=8, d_ff=64, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_fsmt(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny FSMT (fairseq's translation model: encoder-decoder over batched heads [B·H, L, D], eager, no
+    dropout), in eval mode. Not among ARCHITECTURES (no causal LM). Its decoder's self-attention in training
+    (use_cache off) has two mask terms: an added causal mask (finfo.min above the diagonal), then the padding
+    masked_fill; with use_cache on (its eval default) the decoder adds no causal mask at all."""
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    config = FSMTConfig(langs=["en", "de"], src_vocab_size=_COMMON["vocab_size"], tgt_vocab_size=_COMMON["vocab_size"],
+                        d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0,
+                        attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=MAX_LENGTH,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(seed)
+    return FSMTForConditionalGeneration(config).eval()
+
+
 def tiny_inputs(model: torch.nn.Module, batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
     """Random token ids for `model`."""
     generator = torch.Generator().manual_seed(seed)

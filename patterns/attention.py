@@ -136,6 +136,8 @@ def _mask_plan(m) -> MaskPlan | None:
     skipping tiles would lose."""
     q, k, _ = _shapes(m)
     site, mask = m.site, m.bindings["mask"]
+    if m.meta("mask") is not None and m.meta("mask").requires_grad:  # a learned bias: read, given its gradient
+        return None
     if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
     reader = next((n for n in m.nodes if mask in n.all_input_nodes), m.output)  # the mask's value there counts
@@ -189,8 +191,6 @@ def check(m) -> str | None:
     if site.compute_dtype not in (None, torch.float32, q.dtype):
         return f"softmax computed in {dtype_name(site.compute_dtype)}"
     bias = m.meta("bias") if m.bindings.get("bias") is not None else None
-    if bias is not None and bias.requires_grad:
-        return "the bias added to the scores takes a gradient (a learned bias); the kernel gives none"
     if bias is not None and (not bias.dtype.is_floating_point or site.how not in ("add", "none")):
         return (f"a {dtype_name(bias.dtype)} bias added to the scores, then a mask applied by "
                 f"{'masked_fill' if site.how == 'drop' else 'where'}: one mask tensor at most")
@@ -206,8 +206,9 @@ def check(m) -> str | None:
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
             return "the mask is not a bool or float tensor"
-        if mask.requires_grad:
-            return "the additive mask takes a gradient (a learned bias); the kernel gives none"
+        if mask.requires_grad and (site.how != "add" or not mask.dtype.is_floating_point):
+            return "the mask takes a gradient but is not a float tensor added to the scores (the kernel gives a " \
+                   "gradient to an added float mask only)"
         scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, scores)) == scores

@@ -1,5 +1,6 @@
 """The attention pattern: every spelling of naive attention and every HF architecture's
 attention becomes one fused op with the right kernel mode; near misses are left alone."""
+import copy
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 import fuser
 from fuser.models import tiny_inputs, tiny_model
+from fuser.numerics.contract import judge
 from helpers import compile_and_run, compiled_with_padding, float64_reference
 from numerics import assert_close
 
@@ -214,12 +216,24 @@ def test_attention_near_misses_are_left_alone(case):
         assert_close(got, ref, torch.float32)
 
 
-def test_a_learned_additive_bias_keeps_its_gradient():
-    bias = torch.zeros(1, H, L, L, requires_grad=True)
-    q, k, v = _qkv()
-    out, report = compile_and_run(lambda q, k, v, b: torch.softmax(q @ k.transpose(-2, -1) + b, -1) @ v, q, k, v, bias)
-    assert "attention" not in report.counts()
-    assert any("learned bias" in n.reason for n in report.near_misses), report
+def test_a_learned_additive_bias_is_rewritten_with_its_gradient():
+    """A relative-position-style bias [1, H, L, L] that takes a gradient, with a causal mask folded in (T5's
+    position_bias + mask): read as a tensor, and given dS summed over the batch."""
+    bias = (torch.randn(1, H, L, L, generator=torch.Generator().manual_seed(4)) * 0.5).requires_grad_()
+    causal = torch.where(CAUSAL, 0.0, torch.finfo(torch.float32).min)
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def fn(q, k, v, b):
+        return torch.softmax(q @ k.transpose(-2, -1) + (b + causal.to(b.dtype)), -1) @ v
+
+    out, report = compile_and_run(fn, q, k, v, bias, options={"strict": True})
+    assert report.counts() == {"attention": 1}, report
+    assert "mask read as a tensor" in report.matches[0].mode
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    want = torch.autograd.grad(fn(*leaves).sum(), leaves)
+    for got, ref in zip(grads, want):
+        assert_close(got, ref, torch.float32)
 
 
 # attention sites of each tiny model (2 layers) and the mode the kernel runs
@@ -319,8 +333,8 @@ def test_gpt_oss_attention_with_sinks_is_rewritten_in_training():
 
 def test_t5_attention_with_its_position_bias_is_rewritten():
     """T5 (eager) adds its relative position bias, then (decoder) its causal mask: in eval all six layers
-    (encoder, decoder self- and cross-attention) are rewritten, logits against float64; in training the bias
-    takes a gradient, which the kernel does not give: near misses saying so."""
+    (encoder, decoder self- and cross-attention) are rewritten, logits against float64; in training too, the
+    bias then read as a tensor that takes its gradient (tests/test_attention_bias.py checks the gradients)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -340,4 +354,49 @@ def test_t5_attention_with_its_position_bias_is_rewritten():
     assert sum("bias read as a tensor" in m.mode for m in report.matches) == 2, report
     assert_close(logits, reference, torch.float32)
     report = fuser.explain(model.train(), input_ids=ids, decoder_input_ids=decoder_ids)
-    assert any("learned bias" in n.reason for n in report.near_misses if n.pattern == "attention"), report
+    assert report.counts().get("attention") == 6, report
+    assert not [n for n in report.near_misses if n.pattern == "attention"], report
+
+
+@pytest.mark.parametrize("padded_decoder", [False, True])
+def test_fsmt_in_training_rewrites_every_attention_but_the_two_term_decoder_masks(monkeypatch, padded_decoder):
+    """FSMT over batched heads, in training: the encoder's padding masked_fill, the decoder's added causal mask,
+    the cross-attention's encoder padding: all six sites rewritten, loss and every gradient against float64.
+    With padded decoder tokens the decoder's self-attention adds its causal mask (read as a tensor: built by
+    fill_ and triu) and then masked_fills the padding: two mask tensors, which the kernel cannot take together
+    (it reads one): those two sites are near misses saying so, and keep the original."""
+    from transformers.models.fsmt import modeling_fsmt
+
+    from fuser.models import tiny_fsmt
+
+    model = tiny_fsmt().train()
+    ids = torch.randint(3, model.config.src_vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, 6:] = 0
+    decoder_ids = ids[:, :7].clone()
+    if padded_decoder:
+        decoder_ids[1, 5:] = model.config.pad_token_id
+    inputs = dict(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids, labels=decoder_ids)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(**inputs).loss
+    report = fuser.last_report()
+    near_misses = [n.reason for n in report.near_misses if n.pattern == "attention"]
+    assert report.counts().get("attention") == (4 if padded_decoder else 6), report
+    assert near_misses == (["a float32 bias added to the scores, then a mask applied by masked_fill: one mask "
+                            "tensor at most"] * 2 if padded_decoder else []), report
+    loss.backward()
+    # transformers' fill_with_neg_inf casts finfo(float64).min to float32 (overflow): the float64 run fills with
+    # float32's min, an excluded score either way
+    monkeypatch.setattr(modeling_fsmt, "fill_with_neg_inf", lambda t: t.fill_(torch.finfo(torch.float32).min))
+    reference, own = float64_reference(model), copy.deepcopy(model)
+    loss64 = reference(**inputs).loss
+    loss64.backward()
+    own(**inputs).loss.backward()
+    assert_close(loss, loss64, torch.float32)
+    # k_proj's bias has a zero gradient (a row's scores shift together): held, as every door holds it, to twice
+    # the original's own error there
+    for (name, p), p64, p32 in zip(model.named_parameters(), reference.parameters(), own.parameters()):
+        if p64.grad is not None:
+            verdict = judge(p.grad, p64.grad, own=p32.grad)
+            assert verdict.problem is None, (name, verdict)

@@ -1,6 +1,7 @@
 """Attention spellings beyond 4-D heads with a literal scale: batched heads over 3-D tensors (`torch.bmm`, the
 scores viewed per head for a mask), scales that are tensors (constants read exactly, learned temperatures
 folded into q), and symbolic scalars (`torch.compile(dynamic=True)`); near misses left alone."""
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 import fuser
 from fuser.fuzzing import run_example
 from fuser.models import tiny_inputs, tiny_model
+from fuser.numerics.contract import judge, neighbour_floors, nudged
 from fuser.patterns.attention import ATTENTION, attention
 from fuser.patterns.attention_examples import batched_head_examples, tensor_scale_examples
 from helpers import compile_and_run, compiled_with_padding
@@ -142,21 +144,46 @@ def test_a_temperature_without_gradient_is_folded_into_q(shape, divide):
         assert_close(got, want, torch.float32)
 
 
+def _gradients(model, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    model.zero_grad()
+    out = model(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out, [t.grad for t in leaves] + [model.t.grad.clone()]
+
+
+@pytest.mark.parametrize("shape", [(), (H, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_learned_temperature_in_training_is_a_near_miss(dtype):
-    """Its gradient would be Σ dq·q over the kernel's dq, a cancelling sum that misses the contract (float32
-    [2, 3, 11, 16], 0-d: 2.0e-5 against the original's 4.9e-8); under no_grad it is folded."""
-    model = Temperature((), False).to(dtype)
-    q, k, v = _qkv(dtype)
-    _, report = compile_and_run(model, q, k, v)
-    assert "attention" not in report.counts(), report
-    assert any("takes a gradient (a learned temperature)" in n.reason for n in report.near_misses), report
-    with torch.no_grad():
-        out, report = compile_and_run(model, q, k, v, options={"strict": True})
-    assert report.counts() == {"attention": 1}, report
-    reference = Temperature((), False).double()
-    reference.load_state_dict(model.state_dict())
-    assert_close(out, reference(q.double(), k.double(), v.double()), dtype)
+def test_a_learned_temperature_in_training_is_rewritten_and_its_gradient_meets_the_contract(dtype, shape):
+    """Folded into q, its gradient is Σ dq·q over the kernel's dq, a cancelling sum as the original's is: q, k,
+    v within the tolerance, the temperature within the contract's one policy — the tolerance, twice the original's
+    own error, or how far an ulp's nudge of the inputs moves the exact value (patterns/attention_scales.py)."""
+    model = Temperature(shape, False).to(dtype)
+    inputs = _qkv(dtype)
+    grad_out = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    compiled = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})
+    out, got = _gradients(compiled, inputs, grad_out)
+    report = fuser.last_report()
+    assert report.counts() == {"attention": 1} and "scale tensor folded into q" in report.matches[0].mode, report
+    reference = copy.deepcopy(model).double()
+    ref, want = _gradients(reference, [t.double() for t in inputs], grad_out)
+    _, own = _gradients(model, inputs, grad_out)
+    assert_close(out, ref, dtype)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, dtype), name
+
+    def measure(seed):
+        nudged_inputs = nudged({"q": inputs[0], "k": inputs[1], "v": inputs[2], "t": model.t.detach()}, (), seed)
+        near = copy.deepcopy(model)
+        near.t.data.copy_(nudged_inputs["t"])
+        near64 = copy.deepcopy(near).double()
+        qkv = [nudged_inputs[name] for name in "qkv"]
+        return {"t": (_gradients(near64, [t.double() for t in qkv], grad_out)[1][3],
+                      _gradients(near, qkv, grad_out)[1][3])}
+    verdict = judge(got[3], want[3], own=own[3], attainable=lambda: neighbour_floors(measure, {"t": want[3]})["t"])
+    assert verdict.problem is None, verdict
 
 
 SCALE_NEAR_MISSES = {

@@ -28,17 +28,18 @@ def _attention_decisions(report):
     return report.counts().get("attention", 0), [n.reason for n in report.near_misses if n.pattern == "attention"]
 
 
-def test_every_door_refuses_a_learned_bias_in_training_and_takes_it_without_gradients():
+def test_every_door_rewrites_a_learned_bias_in_training_and_without_gradients():
+    """The bias takes its gradient from the kernel (read as a tensor): explain, torch.compile, convert and fuzz
+    all rewrite the site, in training and under no_grad."""
     torch.manual_seed(0)
     model, x = BiasedAttention(), torch.randn(2, 6, 16)
     explained = _attention_decisions(fuser.explain(model, x))
     _, compiled_report = compile_and_run(model, x)
     compiled = _attention_decisions(compiled_report)
     converted = _attention_decisions(fuser.convert(model, x, dry_run=True))
-    assert explained[0] == compiled[0] == converted[0] == 0
-    assert any("gradient" in reason for reason in explained[1]) and explained[1] == compiled[1], (explained, compiled)
+    assert explained == compiled == converted == (1, []), (explained, compiled, converted)
     result = fuser.fuzz(model, x, max_examples=2, seed=0)
-    assert result.ok and not any(site.startswith("attention") for site in result.sites), result
+    assert result.ok and any(site.startswith("attention") for site in result.sites), result
 
     with torch.no_grad():
         explained = _attention_decisions(fuser.explain(model, x))

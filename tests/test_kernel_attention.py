@@ -368,18 +368,22 @@ def opcheck_samples():
     sinks = torch.randn(4)
     return [(q, k, v, None, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "sdpa", None, None),
             (q, k, v, mask, 0.35, False, 4, True, 3.0, 0.2, torch.finfo(torch.float32).min, "add", seed, None),
-            (q, k, v, mask, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "fill", None, sinks)]
+            (q, k, v, mask, 0.35, True, 0, False, 0.0, 0.0, -math.inf, "fill", None, sinks),
+            (q, k, v, make_mask("float", 1, 4, 19, 23, torch.float32, 0)[0, :, :1], 0.35, True, 0, True, 2.0, 0.0,
+             -math.inf, "add", None, None)]  # a learned bias [1, 1, Lk]: its gradient summed over B, H and Lq
 
 
-@pytest.mark.parametrize("sample", range(3))
+@pytest.mark.parametrize("sample", range(4))
 def test_opcheck(sample):
     args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
-            and (i < 3 or i == 13) else a for i, a in enumerate(opcheck_samples()[sample])]
+            and (i < 4 or i == 13) else a for i, a in enumerate(opcheck_samples()[sample])]  # a float mask learned
     torch.library.opcheck(torch.ops.fuser.attention_forward.default, args)
     with torch.no_grad():  # no double backward: the backward op takes plain tensors
         out, stats, classes = torch.ops.fuser.attention_forward(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(out), *plain[:4], out, stats, classes, plain[12], *plain[4:12], plain[13])
+    mask_grad = plain[3] is not None and plain[3].dtype.is_floating_point
+    backward_args = (torch.randn_like(out), *plain[:4], out, stats, classes, plain[12], *plain[4:12], plain[13],
+                     mask_grad)
     torch.library.opcheck(torch.ops.fuser.attention_backward.default, backward_args)
 
 

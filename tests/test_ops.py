@@ -125,7 +125,7 @@ def attention_case(device="cpu", dtype=torch.float32, seed=0, dropout_p=0.0, sin
     forward = (q, k, v, mask, *literals, dropout_seed, sink_logits)
     out, stats, classes = torch.ops.fuser.attention_forward(*forward)
     backward = (_draw(g, device, dtype, *out.shape), q, k, v, mask, out, stats, classes, dropout_seed, *literals,
-                sink_logits)
+                sink_logits, False)  # mask_grad: a bool mask takes none (tests/test_attention_bias.py: a float one)
     return Case(lambda q, k, v: torch.ops.fuser.attention(q, k, v, mask, *literals), (q, k, v),
                 [(torch.ops.fuser.attention_forward.default, forward),
                  (torch.ops.fuser.attention_backward.default, backward)],

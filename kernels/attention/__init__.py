@@ -19,7 +19,8 @@ mask ("add"), F.scaled_dot_product_attention ("sdpa"). Fully masked rows follow 
 with mask_value −inf, the average of V over all keys with a finite fill, a softmax over score + fill
 for "add", zeros for "sdpa" (and their gradients: see backward.py). Scores below −FLT_MAX/log2(e)
 (≈ −2.4e38: finfo(float32/bfloat16).min fills) count as equal, as they do in float64 once a score is
-added to them. Gradients flow to q, k, v, never to the mask (a mask requiring grad gets none).
+added to them. Gradients flow to q, k, v, the sinks and a float mask that requires grad (a learned bias: dS
+where it passes, from the dQ kernel, summed over the dims the mask broadcasts on), never to a bool mask.
 Dropout draws its own Philox stream (not torch's) from a seed tensor; the backward regenerates the same
 keep-mask, and the reference computes the same stream in torch (reference.philox_uniform).
 NaN and ±inf: a value at a position a row cannot see never reaches that row (reference.py).
@@ -107,34 +108,38 @@ def _forward_fake(q, k, v, mask, *literals_seed_sinks):
     return output_like(q, v.shape[3]), q.new_empty(b, hq, lq, 2, dtype=torch.float32), classes
 
 
-# backward: (grad_out, q, k, v, mask, out, stats, classes, seed, *literals, sinks)
+# backward: (grad_out, q, k, v, mask, out, stats, classes, seed, *literals, sinks, mask_grad)
 
 def _backward_kernel(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, classes: torch.Tensor,
                      seed: torch.Tensor | None, scale: float, causal: bool, window: int, bottom_right: bool,
-                     softcap: float, dropout_p: float, mask_value: float, masking: str, sinks: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dsinks), laid out like q, k, v, sinks (dsinks empty without sinks)."""
+                     softcap: float, dropout_p: float, mask_value: float, masking: str, sinks: torch.Tensor | None,
+                     mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks, dmask), laid out like q, k, v, sinks; dmask in the mask's shape and dtype (contiguous).
+    dsinks is empty without sinks, dmask without mask_grad (a float mask whose gradient is asked for)."""
     literals = (scale, causal, window, bottom_right, softcap, dropout_p, mask_value, masking)
     return plan.backward(_plan(q, k, v, mask, literals, sinks), grad_out, q, k, v, mask, out, stats, classes, seed,
-                         sinks)
+                         sinks, mask_grad)
 
 
-def _backward_reference(grad_out, q, k, v, mask, out, stats, classes, seed, *literals_and_sinks):
-    *literals, sinks = literals_and_sinks
-    grads = reference_backward(grad_out, q, k, v, mask, AttentionLiterals(*literals), seed, sinks)
-    dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else grads[3]
-    return (*(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads)), dsinks)
+def _backward_reference(grad_out, q, k, v, mask, out, stats, classes, seed, *literals_sinks_mask_grad):
+    *literals, sinks, mask_grad = literals_sinks_mask_grad
+    *grads, dsinks, dmask = reference_backward(grad_out, q, k, v, mask, AttentionLiterals(*literals), seed, sinks,
+                                               mask_grad)
+    absent = q.new_empty(0, dtype=torch.float32)
+    return (*(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads)), absent if sinks is None else dsinks,
+            absent if dmask is None else dmask.contiguous())
 
 
-def _backward_runs_kernels(grad_out, q, k, v, mask, out, stats, classes, seed, *literals_and_sinks):
-    return _plan(q, k, v, mask, literals_and_sinks[:-1], literals_and_sinks[-1]) is not None
+def _backward_runs_kernels(grad_out, q, k, v, mask, out, stats, classes, seed, *literals_sinks_mask_grad):
+    return _plan(q, k, v, mask, literals_sinks_mask_grad[:-2], literals_sinks_mask_grad[-2]) is not None
 
 
-def _backward_fake(grad_out, q, k, v, *arguments):
-    sinks = arguments[-1]
+def _backward_fake(grad_out, q, k, v, mask, *arguments):
+    sinks, mask_grad = arguments[-2:]
     dsinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks, dmask
 
 
 _call_backward = fused_op("attention_backward", _backward_kernel, _backward_reference, _backward_fake,
@@ -154,17 +159,22 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
     if grad_out is None:
         return (None,) * (len(ctx.literals) + 6)
     q, k, v, mask, out, stats, classes, seed, sinks = ctx.saved_tensors
+    mask_grad = mask is not None and mask.dtype.is_floating_point and ctx.needs_input_grad[3]
     # the saved outputs enter as plain values: there is no double backward
-    dq, dk, dv, dsinks = _call_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes, seed,
-                                        *ctx.literals, sinks)
-    return dq, dk, dv, None, *(None for _ in ctx.literals), None, dsinks if sinks is not None else None
+    dq, dk, dv, dsinks, dmask = _call_backward(grad_out, q, k, v, mask, out.detach(), stats.detach(), classes, seed,
+                                               *ctx.literals, sinks, mask_grad)
+    return (dq, dk, dv, dmask if mask_grad else None, *(None for _ in ctx.literals), None,
+            dsinks if sinks is not None else None)
 
 
 _call_forward = fused_op("attention_forward", _forward_kernel, _forward_reference, _forward_fake,
                          _forward_runs_kernels, setup_context=_setup_context, backward=_backward)
 # under DTensor: sharded by batch or heads (q, k, v, out, statistics; the mask and its classes where they have
-# the dim); with dropout or sinks replicated
+# the dim, the mask's gradient so too, else a partial sum); with dropout or sinks replicated. Backward arguments:
+# 0 grad_out, 1-3 q k v, 4 mask, 5 out, 6 stats, 7 classes, 8 seed, 9-16 literals (14 dropout_p), 17 sinks,
+# 18 mask_grad; outputs 0-2 dq dk dv, 3 dsinks, 4 dmask
 register_sharding(torch.ops.fuser.attention_forward.default, BatchAndHeads(
     args=(0, 1, 2), broadcast=(3,), follows=(2,), unsharded_with=(9, 13)))
 register_sharding(torch.ops.fuser.attention_backward.default, BatchAndHeads(
-    args=(0, 1, 2, 3, 5, 6), broadcast=(4, 7), follows=(), unsharded_with=(14, 17), replicated=(3,)))
+    args=(0, 1, 2, 3, 5, 6), broadcast=(4, 7), follows=(), unsharded_with=(14, 17), replicated=(3,), summed=(4,),
+    summed_when=18))

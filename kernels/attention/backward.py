@@ -226,12 +226,14 @@ def attention_dkdv_program(
 @triton.jit
 def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-            RULE: tl.constexpr, NUMERICS: tl.constexpr):
+            RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end);
-    row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream) of the program's rows, q_open those every
-    position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py)."""
+    row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream, dmask_row_ptrs) of the program's rows, q_open
+    those every position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py).
+    With MASK_GRAD, dS where it passes (the gradient of the score the float mask is added to, after the softcap)
+    is stored at dmask_row_ptrs (rows of Lk float32): elementwise, so exact in plain passes too."""
     shift, log2_sum, delta = row_stats
-    q_idx, q_ok, stream = rows
+    q_idx, q_ok, stream, dmask_row_ptrs = rows
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
     dropout_p, seed = literals[6], literals[7]
     k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -253,6 +255,11 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_
         undropped = dropout_keep(seed, stream[:, None], q_idx[:, None], k_idx[None, :], dropout_p)
         dp = tl.where(undropped, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
+    if MASK_GRAD:
+        ds_scores = ds
+        if MASKED:
+            ds_scores = tl.where(passes, ds, 0.0)
+        tl.store(dmask_row_ptrs[:, None] + k_idx[None, :], ds_scores, mask=q_ok[:, None] & k_ok[None, :])
     if RULE[RULE_SOFTCAP]:
         ds = ds * softcap_grad
     if MASKED:
@@ -264,18 +271,19 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_
 @triton.jit
 def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
              BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-             RULE: tl.constexpr, NUMERICS: tl.constexpr):
+             RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
         dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes,
-                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, NUMERICS)
+                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, MASK_GRAD, NUMERICS)
     return dq
 
 
 @triton.jit
 def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
             class_row, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
-            CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+            CELL: tl.constexpr, RULE: tl.constexpr, EXACT: tl.constexpr, MASK_GRAD: tl.constexpr,
+            NUMERICS: tl.constexpr):
     """dQ of the program's rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi) (see attend_rows)."""
     BLOCK_D: tl.constexpr = HEAD[HEAD_BLOCK_D]
     t_lo, f_lo, f_hi, t_hi = tiles
@@ -286,26 +294,28 @@ def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, ro
             if cls != SKIP:
                 if cls == FULL:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, MASK_GRAD, NUMERICS)
                 else:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD, NUMERICS)
     else:  # masked edges around the fully visible run, like the forward
         dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD, NUMERICS)
         dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+                      sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, MASK_GRAD, NUMERICS)
         dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD, NUMERICS)
     return dq
 
 
 @triton.jit
-def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, m_block,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, NUMERICS: tl.constexpr):
+def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sizes, literals,
+               m_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+               RULE: tl.constexpr, CAN_SKIP: tl.constexpr, EXACT: tl.constexpr, MASK_GRAD: tl.constexpr,
+               NUMERICS: tl.constexpr):
     """Store dQ of query block m_block (BLOCK_M rows, of batch × query head program_id(1)); whether it is not finite.
-    A block with rows that skipping would change visits every key tile with full masking."""
+    A block with rows that skipping would change visits every key tile with full masking. An EXACT pass clears
+    its rows of dMask first: the plain pass may have stored there, in tiles it visits and this one skips."""
     Hq, group, Lq, Lk, D, Dv = sizes
     pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
     batch = (tl.program_id(1) // Hq).to(tl.int64)
@@ -327,7 +337,13 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, s
     v_base = V + batch * sv[0] + kv_head * sv[1]
     mask_row_ptrs = Mask + batch * sm[0] + head * sm[1] + q_idx.to(tl.int64) * sm[2]
     class_row = Classes + batch * sc[0] + head * sc[1] + (m_block * BLOCK_M // CELL) * sc[2]
-    rows = (q_idx, q_ok, (batch * Hq + head).to(tl.int32) + q_idx * 0)
+    dmask_row_ptrs = dMask + ((batch * Hq + head) * Lq + q_idx) * Lk
+    if MASK_GRAD and EXACT:
+        for n in range(tl.cdiv(Lk, BLOCK_N)):
+            k_idx = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(dmask_row_ptrs[:, None] + k_idx[None, :], tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                     mask=q_ok[:, None] & (k_idx < Lk)[None, :])
+    rows = (q_idx, q_ok, (batch * Hq + head).to(tl.int32) + q_idx * 0, dmask_row_ptrs)
     q_open = open_rows(shift + log2_sum, q_ok, saturation_lse)
     q_pos_lo = m_block * BLOCK_M + pos_offset
     q_pos_hi = tl.minimum(m_block * BLOCK_M + BLOCK_M, Lq) - 1 + pos_offset
@@ -342,7 +358,7 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, s
         t_hi = tl.where(saturated, tl.cdiv(Lk, BLOCK_N), t_hi)
     dq = dq_rows(q, do, row_stats, (t_lo, f_lo, f_hi, t_hi), respect_classes, k_base, v_base, sk, sv, rows, q_open,
                  mask_row_ptrs, sm, class_row, sc, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, EXACT,
-                 NUMERICS)
+                 MASK_GRAD, NUMERICS)
     tl.store(dQ + batch * sdq[0] + head * sdq[1] + q_idx[:, None] * sdq[2] + d[None, :] * sdq[3],
              to_dtype(dq * literals[2], dQ.dtype.element_ty), mask=q_ok[:, None] & (d < D)[None, :])
     return any_nonfinite(dq)
@@ -350,23 +366,25 @@ def dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, s
 
 @triton.jit
 def attention_dq_program(
-        Q, K, V, Mask, Classes, Seed, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes, literals, LQ_KEY,
-        LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
-        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
+        Q, K, V, Mask, Classes, Seed, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sizes, literals,
+        LQ_KEY, LK_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, CELL: tl.constexpr,
+        RULE: tl.constexpr, CAN_SKIP: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """Grid (query blocks, batch × query heads). A block whose dQ is not finite is redone by EXACT passes over its
-    EXACT_BLOCK-row parts."""
+    EXACT_BLOCK-row parts. With MASK_GRAD (a float mask that takes a gradient), dS into dMask: contiguous
+    [B, Hq, Lq, Lk] float32, zero where the program visits no tile (empty without MASK_GRAD)."""
     literals = kernel_literals(literals, Seed, RULE)
     m_block = tl.program_id(0)
     if RULE[RULE_CAUSAL]:  # the longest rows first
         m_block = tl.num_programs(0) - 1 - m_block
-    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
-                           literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, NUMERICS)
+    nonfinite = dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sizes,
+                           literals, m_block, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, CAN_SKIP, False, MASK_GRAD,
+                           NUMERICS)
     if CAN_SKIP:
         if nonfinite:
             for part in range(BLOCK_M // EXACT_BLOCK):
-                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, sq, sk, sv, sm, sc, sg, sdq, sizes,
+                dq_program(Q, K, V, Mask, Classes, dOut, Stats, Delta, dQ, dMask, sq, sk, sv, sm, sc, sg, sdq, sizes,
                            literals, m_block * (BLOCK_M // EXACT_BLOCK) + part, EXACT_BLOCK, EXACT_BLOCK, HEAD, CELL,
-                           RULE, CAN_SKIP, True, NUMERICS)
+                           RULE, CAN_SKIP, True, MASK_GRAD, NUMERICS)
 
 
 def _prune_backward_configs(configs, named_args, key_blocks: bool, **kwargs):

@@ -28,13 +28,13 @@ MAX_PLANS = 4096
 
 @dataclass(frozen=True)
 class AttentionLimits(KernelLimits):
-    """q, k and v share one dtype; masks are bool or floating and get no gradient; scores, softmax and
-    accumulation are float32."""
+    """q, k and v share one dtype; masks are bool or floating, a float mask gets its gradient (a learned bias);
+    scores, softmax and accumulation are float32."""
     max_head_dim: int = 256  # q/k and v head dims
     scale: tuple[float, float] = (0.0, math.inf)  # open interval
     softcap: tuple[float, float] = (0.0, math.inf)  # [0, inf): 0 is no softcap
     dropout_p: tuple[float, float] = (0.0, 1.0)  # [0, 1)
-    mask_gradient: bool = False
+    mask_gradient: bool = True
 
     def literals_supported(self, literals: AttentionLiterals) -> bool:
         """Whether the kernels take these literals (the others run the reference)."""
@@ -276,24 +276,34 @@ def _dkdv_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, grad_
            *dk.stride(), *dv.stride(), hkv, *plan.sizes, *plan.literals, *plan.keys, **plan.backward_constexprs)
 
 
-def _dq_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, grad_out, stats, delta, dq):
-    """dQ, one program per query block and query head."""
+def _dq_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, grad_out, stats, delta, dq, dscores):
+    """dQ, one program per query block and query head; dS into dscores where it is not empty."""
+    mask_grad = dscores.numel() > 0
     launch(attention_dq_kernel, lambda meta: (cdiv(plan.sizes[2], meta["BLOCK_M"]), q.shape[0] * plan.sizes[0]),
-           ("attention.dq", id(plan)), q, k, v, mask, classes, seed, grad_out, stats, delta, dq, *q.stride(),
-           *k.stride(), *v.stride(), *mask_strides, *class_strides(classes), *grad_out.stride(), *dq.stride(),
-           *plan.sizes, *plan.literals, *plan.keys, **plan.backward_constexprs)
+           ("attention.dq", id(plan), mask_grad), q, k, v, mask, classes, seed, grad_out, stats, delta, dq, dscores,
+           *q.stride(), *k.stride(), *v.stride(), *mask_strides, *class_strides(classes), *grad_out.stride(),
+           *dq.stride(), *plan.sizes, *plan.literals, *plan.keys, MASK_GRAD=mask_grad, **plan.backward_constexprs)
 
 
-def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed, sinks=None):
-    """(dq, dk, dv, dsinks) of `fuser::attention` from the forward's output, row statistics and tile classes
-    (dsinks empty without sinks). The sinks' gradient is −Σ over batch and rows of p(sink)·Δ: the sink has no value,
-    so dq, dk and dv are the formula's with statistics that hold it."""
+def mask_gradient(dscores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The gradient of a float mask from dS [B, Hq, Lq, Lk] float32: summed over the dims the mask broadcasts on
+    (size 1 or missing; in float32), in the mask's shape and dtype."""
+    return dscores.sum_to_size(mask.shape).to(mask.dtype)
+
+
+def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed, sinks=None, mask_grad: bool = False):
+    """(dq, dk, dv, dsinks, dmask) of `fuser::attention` from the forward's output, row statistics and tile classes
+    (dsinks empty without sinks, dmask without mask_grad). The sinks' gradient is −Σ over batch and rows of
+    p(sink)·Δ: the sink has no value, so dq, dk and dv are the formula's with statistics that hold it. A float mask's
+    is dS where it passes (mask_gradient), which the dQ kernel stores."""
     b = q.shape[0]
     hq, group, lq, lk, d, dv = plan.sizes
     dq, dk, dv_out = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dsinks = _absent(q, torch.float32) if sinks is None else torch.zeros_like(sinks)
+    dscores = torch.zeros((b, hq, lq, lk), dtype=torch.float32, device=q.device) if mask_grad \
+        else _absent(q, torch.float32)
     if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv_out.zero_(), dsinks
+        return dq.zero_(), dk.zero_(), dv_out.zero_(), dsinks, mask_gradient(dscores, mask) if mask_grad else dscores
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     # which heads have saturated rows (tiles.py): only kernels that skip tiles read it
     head_flags = torch.zeros(b * hq, dtype=torch.int32, device=q.device) if plan.constexprs["CAN_SKIP"] \
@@ -303,9 +313,9 @@ def backward(plan: Plan, grad_out, q, k, v, mask, out, stats, classes, seed, sin
                   seed=_absent(q, torch.int64) if seed is None else seed, grad_out=grad_out,
                   stats=stats, delta=delta)
     _dkdv_stage(plan, **inputs, head_flags=head_flags, dk=dk, dv=dv_out)
-    _dq_stage(plan, **inputs, dq=dq)
+    _dq_stage(plan, **inputs, dq=dq, dscores=dscores)
     if sinks is not None:
         shift, log2_sum = stats.unbind(-1)
         sink_probabilities = torch.exp2(sinks.float().view(1, -1, 1) * LOG2E - shift - log2_sum)
         dsinks = -(sink_probabilities * delta).sum((0, 2)).to(sinks.dtype)
-    return dq, dk, dv_out, dsinks
+    return dq, dk, dv_out, dsinks, mask_gradient(dscores, mask) if mask_grad else dscores

@@ -239,11 +239,13 @@ def reference_forward(q, k, v, mask, literals: AttentionLiterals, seed: torch.Te
 
 
 def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals, seed: torch.Tensor | None = None,
-                       sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) of the formula, as autograd of the naive code gives them (for finite inputs): masked_fill
-    passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's formulas,
-    each product formed only where the row reaches the key (the NaN rule above). With sinks, their gradient
-    comes fourth: −Σ over batch and rows of p(sink)·Δ, Δ = Σ_j p·dP (= dO·O)."""
+                       sinks: torch.Tensor | None = None, mask_grad: bool = False) -> tuple:
+    """(dq, dk, dv, dsinks, dmask) of the formula, as autograd of the naive code gives them (for finite inputs):
+    masked_fill passes no gradient to excluded scores (not even NaN), an added mask passes it; FlashAttention's
+    formulas, each product formed only where the row reaches the key (the NaN rule above). dsinks (None without
+    sinks): −Σ over batch and rows of p(sink)·Δ, Δ = Σ_j p·dP (= dO·O). dmask (None unless mask_grad, a float
+    mask): dS where it passes, before the softcap's tanh (the mask is added after it), summed to the mask's
+    shape in the compute dtype, in the mask's dtype."""
     group = q.shape[1] // k.shape[1]
     probs, lse, reach, passes, tanh = _probabilities(q, k, mask, literals, sinks)
     compute = probs.dtype
@@ -260,6 +262,9 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals, see
     weighted = probs * dp if reach is None else torch.where(reach, probs * dp, 0.0)
     delta = weighted.sum(-1, keepdim=True)
     ds = probs * (dp - delta)
+    dmask = None
+    if mask_grad:
+        dmask = (ds if passes is None else ds.masked_fill(~passes, 0.0)).sum_to_size(mask.shape).to(mask.dtype)
     if tanh is not None:
         ds = ds * (1 - tanh * tanh)
     if passes is not None:
@@ -271,11 +276,11 @@ def reference_backward(grad_out, q, k, v, mask, literals: AttentionLiterals, see
     def per_kv_head(x):
         return x.unflatten(1, (k.shape[1], group)).sum(2)
 
-    grads = dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
-    if sinks is None:
-        return grads
-    sink_probs = torch.exp(sinks.to(compute).view(1, -1, 1) - lse)
-    return *grads, -(sink_probs * delta[..., 0]).sum((0, 2)).to(sinks.dtype)
+    dsinks = None
+    if sinks is not None:
+        sink_probs = torch.exp(sinks.to(compute).view(1, -1, 1) - lse)
+        dsinks = -(sink_probs * delta[..., 0]).sum((0, 2)).to(sinks.dtype)
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype), dsinks, dmask
 
 
 def attention_reference(q, k, v, mask, *literals, seed: torch.Tensor | None = None,

@@ -21,6 +21,7 @@ class Rows:
     the outputs that sum over rows (a weight's gradient) are then partial sums. Other tensors are replicated."""
     args: tuple[int, ...]
     summed: tuple[int, ...] = ()
+    summed_when: int | None = None
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,17 @@ class BatchAndHeads:
     replicated), and the `follows` outputs are placed like `broadcast[0]`, the `replicated` ones replicated. A dim
     is sharded only where every sharded size divides by the mesh's size (a query head h reads KV head
     h // (Hq // Hkv): shards keep that only then); nothing where an argument of `unsharded_with` is given (a
-    dropout p > 0: each shard would draw the same random stream; sinks: one per head, not [B, H, ...])."""
+    dropout p > 0: each shard would draw the same random stream; sinks: one per head, not [B, H, ...]). The
+    `summed` outputs, the gradient of `broadcast[0]` in its shape, are sharded like it where it has the dim whole
+    and partial sums where it broadcasts (each shard sums its part); replicated where the argument `summed_when`
+    is False (they are empty then). `broadcast` arguments of fewer dims align to the right, as torch broadcasts."""
     args: tuple[int, ...]
     broadcast: tuple[int, ...]
     follows: tuple[int, ...]
     unsharded_with: tuple[int, ...]
     replicated: tuple[int, ...] = ()
+    summed: tuple[int, ...] = ()
+    summed_when: int | None = None
 
 
 def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
@@ -66,18 +72,34 @@ def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
             return [replicated]
         strategies = [replicated]
         size = args[rule.args[0]].mesh.size()
+        rank = args[rule.args[0]].ndim
         for d in (0, 1):
             if any(args[i].shape[d] % size for i in rule.args):
                 continue
+
+            def own_dim(a, d=d):
+                """Shard(the broadcast tensor's dim aligned with d) where it has that dim whole, else None."""
+                mine = d - (rank - a.ndim)
+                return Shard(mine) if mine >= 0 and a.shape[mine] > 1 else None
+
             broadcast = args[rule.broadcast[0]]
-            whole = Shard(d) if broadcast is not None and broadcast.shape[d] > 1 else Replicate()
+            own = own_dim(broadcast) if broadcast is not None else None
+            given = broadcast is not None and (rule.summed_when is None or bool(args[rule.summed_when]))
+            summed = (own or Partial()) if given else Replicate()  # in the broadcast tensor's shape
+            whole = Shard(d) if own else Replicate()  # [B, H, ...] outputs
 
             def sharded(i, a, d=d):
                 if i in rule.args:
                     return Shard(d)
-                return Shard(d) if i in rule.broadcast and a.ndim > d and a.shape[d] > 1 else Replicate()
-            strategies.append(placements(args, sharded, lambda i, d=d, whole=whole: whole if i in rule.follows
-                                         else Replicate() if i in rule.replicated else Shard(d)))
+                return (own_dim(a) if i in rule.broadcast else None) or Replicate()
+
+            def out(i, d=d, whole=whole, summed=summed):
+                if i in rule.follows:
+                    return whole
+                if i in rule.summed:
+                    return summed
+                return Replicate() if i in rule.replicated else Shard(d)
+            strategies.append(placements(args, sharded, out))
         return strategies
 
     register_sharding(op)(rows if isinstance(rule, Rows) else batch_and_heads)
