@@ -1,7 +1,7 @@
 """When to rewrite an SDPA call: fuser's attention kernel against the backend SDPA picks, per head dim, mask
 kind and pass, on the GPU at hand (issue 14: the measured SDPA decision).
 
-    python benchmarks/bench_sdpa_decision.py [--out DIR]
+    python benchmarks/bench_sdpa_decision.py [--head-dims 64 128] [--kinds none causal padding] [--out DIR]
 
 bf16, q/k/v [B, H, L, D] views of [B, L, H, D] memory (as models make them), two lengths per head dim with B·L
 fixed. Peers in the same process, do_bench medians: `F.scaled_dot_product_attention` as a user calls it (no
@@ -61,14 +61,16 @@ def _time(call, leaves, training):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--out", type=pathlib.Path, default=None)
     options = parser.parse_args()
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16",
              "| head dim | mask | pass | B×L | SDPA ms | fuser ms | speedup |", "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     table = {}
-    for d in HEAD_DIMS:
-        for kind in KINDS:
+    for d in options.head_dims:
+        for kind in options.kinds:
             for training in (False, True):
                 speedups = []
                 for b, length in LENGTHS:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..language import exp, to_dtype
 from ..runtime import cdiv, launch
-from .chunk import (Geometry, chunk_rows, chunk_states, decay_within, l2_normalized, load_heads_rows, load_state,
+from .chunk import (SCAN_STAGES, Geometry, chunk_rows, chunk_states, decay_within, l2_normalized, load_heads_rows, load_state,
                     load_token_values, log_decays, state_block, store_state, unit_lower_inverse)
 
 
@@ -190,7 +190,8 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
     launch(_state_grad_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.grad_scan",),
            q, k, g, w, grad_out, d_states, d_written, grad_state, d_initial, *shape.common(), shape.n_chunks, scale,
            eps, *q.stride()[:3], *k.stride()[:3], *g.stride(), *grad_out.stride()[:3],
-           HAS_DFINAL=grad_state is not None, BLOCK_V=shape.block_v, num_warps=4, **shape.constexprs(l2norm))
+           HAS_DFINAL=grad_state is not None, BLOCK_V=shape.block_v, num_warps=4, num_stages=SCAN_STAGES,
+           **shape.constexprs(l2norm))
     d_q, d_k = (torch.empty(shape.batch, shape.length, shape.heads, shape.dk, dtype=torch.float32, device=device)
                 for _ in range(2))  # per value head, summed over each key head's value heads below
     d_v = torch.empty(shape.batch, shape.length, shape.heads, shape.dv, dtype=v.dtype, device=device)
@@ -200,6 +201,6 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
            q, k, v, g, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
            d_v, d_g, d_beta, *shape.common(), shape.n_chunks, scale, eps, *q.stride()[:3],
            *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(), *grad_out.stride()[:3],
-           BLOCK_V=min(shape.block_v, 32), num_warps=8, num_stages=2, **shape.constexprs(l2norm))
+           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
     d_q, d_k = (d.unflatten(2, (-1, shape.groups)).sum(3).to(x.dtype) for d, x in ((d_q, q), (d_k, k)))
     return d_q, d_k, d_v, d_g.to(g.dtype), d_beta.to(beta.dtype), d_initial
