@@ -137,12 +137,13 @@ def test_route_picks_a_top_k_and_its_weights_and_gradient(case):
 # --- the routing plan ----------------------------------------------------------------------------
 
 @given(tokens=st.integers(0, 60), experts=st.integers(1, 70), top_k=st.integers(1, 8),
-       block_m=st.sampled_from([16, 32]), sentinel=st.booleans(), seed=st.integers(0, 2**16))
-def test_plan_sorts_rows_by_expert_stably(tokens, experts, top_k, block_m, sentinel, seed):
+       block_m=st.sampled_from([16, 32]), sentinel=st.booleans(), seed=st.integers(0, 2**16), fused=st.booleans())
+def test_plan_sorts_rows_by_expert_stably(tokens, experts, top_k, block_m, sentinel, seed, fused):
+    """In one launch (each program histograms all rows) and in two (per-chunk counts first)."""
     torch.manual_seed(seed)
-    ids = torch.randint(0, experts + int(sentinel), (tokens, top_k))  # id == experts: a dropped row
+    ids = torch.randint(-int(sentinel), experts + int(sentinel), (tokens, top_k))  # -1, experts: dropped rows
     layout = moe.PlanLayout(tokens * top_k, experts, block_m)
-    got = layout.split(moe.build_plan(ids, experts, block_m))
+    got = layout.split(moe.build_plan(ids, experts, block_m, fused=fused))
     want = layout.split(moe.build_plan_reference(ids, experts, block_m))
     routed = int(want[1][-1])
     assert torch.equal(got[0][:routed], want[0][:routed])
