@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fuser.kernels.moe as moe  # noqa: E402
-from fuser.kernels.moe import experts, gemm, plan  # noqa: E402
+from fuser.kernels.moe import experts, gemm, over_topk, plan  # noqa: E402
 from fuser.kernels.runtime import ops  # noqa: E402
 
 _SILENT = {"empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "_to_copy_noop"}
@@ -42,11 +42,9 @@ _EPILOGUES = {v.value: k for k, v in vars(gemm).items() if k in ("GATE_UP", "DOW
 
 
 def _label(key):
-    """A launch's name from its replay key: the kernel's name, the rows GEMM's epilogue, the weight grad's side."""
+    """A launch's name from its replay key: its first item, the rows GEMM's epilogue."""
     if key[0] == "rows":
         return f"gemm.{_EPILOGUES[key[1]]}"
-    if key[0] == "weight_grad":
-        return f"weight_grad.{'down' if key[1] else 'gate_up'}"
     return key[0]
 
 
@@ -63,7 +61,7 @@ def _counting(launch):
 
 
 def _instrument():
-    for module in (plan, gemm, experts):
+    for module in (plan, gemm, over_topk, experts):
         if hasattr(module, "launch"):
             module.launch = _counting(module.launch)
     ops._plain_eager = lambda tensors: True  # the op's body runs under the counter (not the dispatcher's op)

@@ -326,6 +326,29 @@ def test_weight_gradient_partials_are_all_written(monkeypatch):
     assert_close(partials.sum(1), expected, torch.float32)
 
 
+@pytest.mark.parametrize("wanted", ["x", "weights", "params", "x+weights"])
+def test_experts_gradients_asked_for_alone(wanted):
+    """The backward computes only what is asked for (dx and d(weight) share one launch, the weight and bias
+    gradients another): each alone, with biases and a dropped (sentinel) row, against float64."""
+    case = ExpertsCase(9, 20, 11, 5, 2, torch.float32, False, "sentinel", "fused", 3, bias=True)
+    torch.manual_seed(case.seed)
+    x = torch.randn(case.tokens, case.hidden).requires_grad_()
+    ids = make_routing(case)
+    weights = torch.rand(case.tokens, case.top_k).requires_grad_()
+    leaves, args, reference_weights = make_weights(case)
+    leaves64 = [t.detach().double().requires_grad_() for t in [x, weights, *leaves]]
+    by_leaf = {id(t): t64 for t, t64 in zip([x, weights, *leaves], leaves64)}
+    gate64, up64, down64, *biases64 = (_rebuild(w, by_leaf) if w is not None else None for w in reference_weights)
+    expected = experts_float64(leaves64[0], ids, leaves64[1], gate64, up64, down64, biases64)
+    chosen = {"x": [0], "weights": [1], "params": list(range(2, 2 + len(leaves))), "x+weights": [0, 1]}[wanted]
+    grad = torch.randn_like(expected)
+    out = torch.ops.fuser.moe_experts(x, ids, weights, *args)
+    got = torch.autograd.grad(out, [[x, weights, *leaves][i] for i in chosen], grad.float())
+    want = torch.autograd.grad(expected, [leaves64[i] for i in chosen], grad)
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
+
+
 def test_experts_on_no_tokens_and_nan_rows():
     x = torch.randn(5, 12)
     x[2, 3] = float("nan")
