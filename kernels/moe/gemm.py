@@ -160,7 +160,11 @@ def _weight_grad_candidates(configs, named_args, **kwargs):
     return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]  # d(gate | up): the larger
 
 
-@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT", "HAS_BIAS", "CLAMPED"],
+# Not keyed on HAS_BIAS or CLAMPED: a bias or a clamp adds a few elementwise operations to the epilogue, the
+# tiling is the main loop's. Keyed on them, each variant was tuned on its own: swiglu+bias measured 1.17x the
+# bias-free forward where clamped+bias, the same work and a clamp more, measured 1.05x (benchmarks/RESULTS.md,
+# issue 14), and their separate tunings were the only difference in their forwards' launches
+@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
           prune_configs_by={"early_config_prune": _accumulators_fit})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
