@@ -311,11 +311,11 @@ def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Te
         expert_rows_gemm(GRAD_X, plan, layout, grad_act, gate, gate.stride(), dx_rows, hidden, intermediate, top_k,
                          b2=up, b2_strides=up.stride())
     dx = x.new_empty(tokens, hidden) if needs_x else _empty(x)
-    d_weights = topk_weights.new_empty(tokens, top_k) if needs_weights else _empty(x)
+    d_weights = topk_weights.new_empty(tokens * top_k) if needs_weights else _empty(x)  # viewed [T, K] at the end
     if needs_x or needs_weights:  # dx summed over k and d(weight) (with the down bias's share), one launch
         over_topk(topk_ids.contiguous(), experts, dx_rows, dx, partials=partials if needs_weights else None,
                   grad_out=grad_out, down_bias=down_bias if needs_weights else None,
-                  d_weights=d_weights.view(-1) if needs_weights else None)
+                  d_weights=d_weights if needs_weights else None)
     d_gate_up, d_down, d_gate_up_bias, d_down_bias = _empty(x), _empty(x), _empty(x), _empty(x)
     if needs_params:
         d_gate_up = gate.new_empty(experts, 2 * intermediate, hidden)
@@ -325,6 +325,7 @@ def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Te
         expert_weight_grads(plan, layout, grad_act, x, d_gate_up, grad_out, weighted_h, d_down, top_k,
                             routing_weights=routing_weights, d_gate_up_bias=None if gate_bias is None else d_gate_up_bias,
                             d_down_bias=None if gate_bias is None else d_down_bias)
+    d_weights = d_weights.view(tokens, top_k) if needs_weights else d_weights
     return dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias
 
 
