@@ -23,6 +23,7 @@ import triton.testing
 from fuser.kernels import moe  # noqa: F401  (registers torch.ops.fuser.moe_*)
 from fuser.kernels.moe import gemm
 from fuser.kernels.moe.experts import _plan_layout
+from fuser.kernels.moe.over_topk import over_topk
 from fuser.kernels.moe.plan import PlanLayout, build_plan
 
 CONFIGS = {
@@ -316,14 +317,16 @@ def kernel_timings(cfg, block_m=None):
                                                       act=act, routing_weights=flat_weights, extra_output=True),
         "down": lambda: gemm.expert_rows_gemm(gemm.DOWN, plan, layout, h, down, transposed(down), contributions,
                                               hidden, inter, top_k),
-        "sum_topk": lambda: gemm.sum_over_topk(contributions, ids, out, experts),
+        "sum_topk": lambda: over_topk(ids, experts, contributions, out),
         "grad_h": lambda: gemm.expert_rows_gemm(gemm.GRAD_H, plan, layout, grad_out, down, down.stride(), grad_act,
                                                 inter, hidden, top_k, act=act, routing_weights=flat_weights,
                                                 partials=partials, extra_output=True),
         "grad_x": lambda: gemm.expert_rows_gemm(gemm.GRAD_X, plan, layout, grad_act, gate, gate.stride(),
                                                 contributions, hidden, inter, top_k, b2=up, b2_strides=up.stride()),
-        "dW_gate_up": lambda: gemm.expert_weight_grad(plan, layout, grad_act, x, d_gate_up, top_k, of_down=False),
-        "dW_down": lambda: gemm.expert_weight_grad(plan, layout, grad_out, h, d_down, top_k, of_down=True),
+        "sum_topk+d_weights": lambda: over_topk(ids, experts, contributions, out, partials=partials,
+                                                d_weights=flat_weights.new_empty(rows)),
+        "dW_gate_up+dW_down": lambda: gemm.expert_weight_grads(plan, layout, grad_act, x, d_gate_up, grad_out, h,
+                                                               d_down, top_k),
     }
     # calibration: the DOWN kernel as one dense 8192^3 GEMM (one expert, every row), against the matmul rate
     dense = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16) if DEVICE == "cuda" and not block_m else None
@@ -356,7 +359,7 @@ def kernel_timings(cfg, block_m=None):
 def autotune_choices():
     """The config each autotuned kernel picked, per autotuning key."""
     return {f"{kernel.base_fn.__name__} {key}": str(config)
-            for kernel in (gemm._expert_rows_gemm_kernel, gemm._expert_weight_grad_kernel)
+            for kernel in (gemm._expert_rows_gemm_kernel, gemm._expert_weight_grads_kernel)
             for key, config in kernel.cache.items()}
 
 

@@ -8,7 +8,10 @@
    contract's bf16 tolerance. With GPT-OSS's limit (7) the clamps hardly bite at these scales; a second run with
    limit 0.5 makes them bite, where a gradient's error is one of the clamp's step (a pre-activation rounded to
    bf16 lands on the other side of the limit, as in the original bf16 code): printed, not judged.
-2. Timing (median ms, triton.testing.do_bench), forward without grad and forward+backward:
+2. Timing (median ms), forward without grad and forward+backward, eager (triton.testing.do_bench: host time
+   included) and replayed in a CUDA graph (do_bench_cudagraph: the GPU's time alone), over --rounds rounds
+   with the variants in a rotated order each round (the median per variant: one noisy round or the order
+   cannot make a variant look slow):
      swiglu          [E, 2I, H] / [E, H, I], no bias (today's experts, OLMoE's layout): the baseline
      swiglu+bias
      clamped+bias    GPT-OSS's clamped SwiGLU with biases, the same layout
@@ -104,7 +107,20 @@ def timings(variant, ids, stored, limit):
     def forward_backward():
         out = torch.ops.fuser.moe_experts(s["x"], ids, s["weights"], *args)
         torch.autograd.grad(out, leaves_of(variant, s)[1], grad)
-    return bench_moe.bench_ms(forward), bench_moe.bench_ms(forward_backward)
+    return (bench_moe.bench_ms(forward), bench_moe.bench_ms(forward_backward), graph_ms(forward),
+            graph_ms(forward_backward))
+
+
+def graph_ms(fn):
+    """Median ms of fn replayed in a CUDA graph (nan on the CPU, or where capture fails: printed)."""
+    if bench_moe.DEVICE != "cuda":
+        return float("nan")
+    try:
+        import triton.testing
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as error:  # noqa: BLE001
+        print(f"  CUDA graph timing failed: {type(error).__name__}: {str(error)[:200]}")
+        return float("nan")
 
 
 def main():
@@ -113,6 +129,7 @@ def main():
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
     a = parser.parse_args()
     sizes = (24, 4, 2, 32, 24) if a.smoke else (a.tokens, a.experts, a.top_k, a.hidden, a.intermediate)
     device = "cpu" if a.smoke else "cuda"
@@ -135,15 +152,24 @@ def main():
             print(f"{variant:16} {limit:5}  " + " ".join(f"{k} {e:.1e}" for k, e in errors.items()) + f"  {verdict}")
             log.append(dict(kind="check", variant=variant, limit=limit, errors=errors, ok=not bad))
     os.environ["TRITON_INTERPRET"] = "1" if a.smoke else "0"
-    base = None
-    print(f"\n{'variant':16} {'fwd ms':>8} {'ratio':>6} {'fwd+bwd ms':>11} {'ratio':>6}")
+    rounds = {variant: [] for variant in VARIANTS}
+    for r in range(1 if a.smoke else a.rounds):
+        for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+            rounds[variant].append(timings(variant, ids, stored, 7.0))
+    medians = {v: [sorted(column)[len(column) // 2] for column in zip(*times)] for v, times in rounds.items()}
+    base = medians["swiglu"]
+    print(f"\n{'variant':16} {'fwd ms':>8} {'ratio':>6} {'fwd+bwd ms':>11} {'ratio':>6}   in a CUDA graph: "
+          f"{'fwd ms':>8} {'ratio':>6} {'fwd+bwd ms':>11} {'ratio':>6}")
     for variant in VARIANTS:
-        fwd, fwd_bwd = timings(variant, ids, stored, 7.0)
-        base = base or (fwd, fwd_bwd)
-        lines.append(f"{variant:16} {fwd:8.3f} {fwd / base[0]:6.2f} {fwd_bwd:11.3f} {fwd_bwd / base[1]:6.2f}")
+        times = medians[variant]
+        ratios = [t / b for t, b in zip(times, base)]
+        lines.append(f"{variant:16} {times[0]:8.3f} {ratios[0]:6.2f} {times[1]:11.3f} {ratios[1]:6.2f}   "
+                     f"{'':16} {times[2]:8.3f} {ratios[2]:6.2f} {times[3]:11.3f} {ratios[3]:6.2f}")
         print(lines[-1])
-        log.append(dict(kind="time", variant=variant, forward_ms=fwd, forward_backward_ms=fwd_bwd,
-                        forward_ratio=fwd / base[0], forward_backward_ratio=fwd_bwd / base[1]))
+        log.append(dict(kind="time", variant=variant, forward_ms=times[0], forward_backward_ms=times[1],
+                        forward_ratio=ratios[0], forward_backward_ratio=ratios[1], graph_forward_ms=times[2],
+                        graph_forward_backward_ms=times[3], graph_forward_ratio=ratios[2],
+                        graph_forward_backward_ratio=ratios[3], rounds=rounds[variant]))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "check_moe_gated.jsonl"), "w") as f:
         f.writelines(json.dumps(entry) + "\n" for entry in log)

@@ -137,12 +137,14 @@ def test_route_picks_a_top_k_and_its_weights_and_gradient(case):
 # --- the routing plan ----------------------------------------------------------------------------
 
 @given(tokens=st.integers(0, 60), experts=st.integers(1, 70), top_k=st.integers(1, 8),
-       block_m=st.sampled_from([16, 32]), sentinel=st.booleans(), seed=st.integers(0, 2**16))
-def test_plan_sorts_rows_by_expert_stably(tokens, experts, top_k, block_m, sentinel, seed):
+       block_m=st.sampled_from([16, 32]), sentinel=st.booleans(), seed=st.integers(0, 2**16), fused=st.booleans())
+def test_plan_sorts_rows_by_expert_stably(tokens, experts, top_k, block_m, sentinel, seed, fused):
+    """In one launch (each program histograms all rows) and in two (per-chunk counts first)."""
     torch.manual_seed(seed)
-    ids, = on_kernel_device(torch.randint(0, experts + int(sentinel), (tokens, top_k)))  # id == experts: dropped
+    ids, = on_kernel_device(torch.randint(-int(sentinel), experts + int(sentinel), (tokens, top_k)))  # -1, experts:
+    # dropped rows
     layout = moe.PlanLayout(tokens * top_k, experts, block_m)
-    got = layout.split(moe.build_plan(ids, experts, block_m))
+    got = layout.split(moe.build_plan(ids, experts, block_m, fused=fused))
     want = layout.split(moe.build_plan_reference(ids, experts, block_m))
     routed = int(want[1][-1])
     assert torch.equal(got[0][:routed], want[0][:routed])
@@ -324,6 +326,29 @@ def test_weight_gradient_partials_are_all_written(monkeypatch):
     for position, row in enumerate(layout.split(plan)[0].tolist()):
         expected[row] = grad_out[row // top_k].double() @ down[ids.view(-1)[row]].double() @ h[position]
     assert_close(partials.sum(1), expected, torch.float32)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weights", "params", "x+weights"])
+def test_experts_gradients_asked_for_alone(wanted):
+    """The backward computes only what is asked for (dx and d(weight) share one launch, the weight and bias
+    gradients another): each alone, with biases and a dropped (sentinel) row, against float64."""
+    case = ExpertsCase(9, 20, 11, 5, 2, torch.float32, False, "sentinel", "fused", 3, bias=True)
+    torch.manual_seed(case.seed)
+    x = torch.randn(case.tokens, case.hidden).requires_grad_()
+    ids = make_routing(case)
+    weights = torch.rand(case.tokens, case.top_k).requires_grad_()
+    leaves, args, reference_weights = make_weights(case)
+    leaves64 = [t.detach().double().requires_grad_() for t in [x, weights, *leaves]]
+    by_leaf = {id(t): t64 for t, t64 in zip([x, weights, *leaves], leaves64)}
+    gate64, up64, down64, *biases64 = (_rebuild(w, by_leaf) if w is not None else None for w in reference_weights)
+    expected = experts_float64(leaves64[0], ids, leaves64[1], gate64, up64, down64, biases64)
+    chosen = {"x": [0], "weights": [1], "params": list(range(2, 2 + len(leaves))), "x+weights": [0, 1]}[wanted]
+    grad = torch.randn_like(expected)
+    out = torch.ops.fuser.moe_experts(x, ids, weights, *args)
+    got = torch.autograd.grad(out, [[x, weights, *leaves][i] for i in chosen], grad.float())
+    want = torch.autograd.grad(expected, [leaves64[i] for i in chosen], grad)
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
 
 
 def test_experts_on_no_tokens_and_nan_rows():

@@ -42,3 +42,27 @@ def test_the_sentinel_masking_form_is_one_moe():
     assert report.matches[-1].op == "fuser::moe_experts"
     expected = experts_as_in_transformers_5_17(x.double(), logits.double(), gate_up.double(), down.double())
     assert_close(out, expected, torch.float32)
+
+
+def dense_loop_moe(hidden_states, router_logits, gate_up_proj, down_proj):
+    """A loop MoE Dynamo captures whole: every expert on every token, weighted by the scattered top-k scores
+    (no transformers model spells its experts so: their loops select tokens with torch.where / nonzero)."""
+    top_k_weights, top_k_index = torch.topk(router_logits.softmax(-1), K, dim=-1)
+    dense = torch.zeros_like(router_logits).scatter(1, top_k_index, top_k_weights)
+    out = torch.zeros_like(hidden_states)
+    for e in range(E):
+        gate, up = F.linear(hidden_states, gate_up_proj[e]).chunk(2, dim=-1)
+        out = out + dense[:, e, None] * F.linear(F.silu(gate) * up, down_proj[e])
+    return out
+
+
+def test_a_dense_loop_is_left_as_it_is():
+    """Captured without a graph break, not rewritten (no pattern reads a loop over experts), values unchanged."""
+    g = torch.Generator().manual_seed(1)
+    x, logits = torch.randn(7, 16, generator=g), torch.randn(7, E, generator=g)
+    gate_up, down = torch.randn(E, 2 * 12, 16, generator=g) * 0.3, torch.randn(E, 16, 12, generator=g) * 0.3
+    out, report = compile_and_run(dense_loop_moe, x, logits, gate_up, down, options={"strict": True})
+    assert "moe" not in report.counts(), report
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(dense_loop_moe)(x, logits, gate_up, down).graph_break_count == 0
+    assert_close(out, dense_loop_moe(x.double(), logits.double(), gate_up.double(), down.double()), torch.float32)

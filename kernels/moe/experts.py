@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import KernelLimits, cdiv, entry_op, fused_op, use_triton
-from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, bias_dot, block_m_for, expert_bias_grad,
-                   expert_rows_gemm, expert_weight_grad, sum_over_topk)
+from .gemm import DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grads
+from .over_topk import over_topk
 from .plan import PlanLayout, build_plan, build_plan_reference
 
 
@@ -247,7 +247,7 @@ def _forward_kernel(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     expert_rows_gemm(DOWN, plan, layout, weighted_h, down_proj, _transposed(down_proj), contributions, hidden,
                      intermediate, top_k, routing_weights=routing_weights, biases=(down_bias, None))
     out = x.new_empty(tokens, hidden)
-    sum_over_topk(contributions, topk_ids.contiguous(), out, experts)
+    over_topk(topk_ids.contiguous(), experts, contributions, out)
     return out, plan, act, weighted_h.narrow(0, 0, saved_rows)
 
 
@@ -299,40 +299,33 @@ def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Te
     routing_weights = topk_weights.contiguous().view(-1)
     # d(loss)/d(gate | up pre-activations), rows in plan order
     grad_act = x.new_empty(layout.rows, 2 * intermediate)
-    partials = None
-    if needs_weights:  # zeros: rows of unrouted ids (no tile covers them) must get d(weight) = 0
-        partials = torch.zeros(layout.rows, cdiv(intermediate, PARTIAL_GRAIN.value), dtype=torch.float32,
-                               device=x.device)
+    # d(weight) partial sums; rows of unrouted ids (no tile covers them) are left unset: over_topk skips them
+    partials = torch.empty(layout.rows if needs_weights else 0, cdiv(intermediate, PARTIAL_GRAIN.value),
+                           dtype=torch.float32, device=x.device)
     expert_rows_gemm(GRAD_H, plan, layout, grad_out, down_proj, down_proj.stride(), grad_act, intermediate, hidden,
                      top_k, act=gate_up_act, routing_weights=routing_weights, partials=partials,
                      extra_output=needs_weights, gating=(activation, alpha, limit))
-    d_weights = _empty(x)
-    if needs_weights:
-        weight_sums = partials.sum(1)
-        if down_bias is not None:
-            bias_terms = torch.empty(layout.rows, dtype=torch.float32, device=x.device)
-            bias_dot(grad_out, topk_ids.contiguous(), down_bias, bias_terms)
-            weight_sums = weight_sums + bias_terms
-        d_weights = weight_sums.view(tokens, top_k).to(topk_weights.dtype)
-    dx = _empty(x)
+    dx_rows = None
     if needs_x:
         dx_rows = x.new_empty(layout.rows, hidden)
         expert_rows_gemm(GRAD_X, plan, layout, grad_act, gate, gate.stride(), dx_rows, hidden, intermediate, top_k,
                          b2=up, b2_strides=up.stride())
-        dx = x.new_empty(tokens, hidden)
-        sum_over_topk(dx_rows, topk_ids.contiguous(), dx, experts)
+    dx = x.new_empty(tokens, hidden) if needs_x else _empty(x)
+    d_weights = topk_weights.new_empty(tokens * top_k) if needs_weights else _empty(x)  # viewed [T, K] at the end
+    if needs_x or needs_weights:  # dx summed over k and d(weight) (with the down bias's share), one launch
+        over_topk(topk_ids.contiguous(), experts, dx_rows, dx, partials=partials if needs_weights else None,
+                  grad_out=grad_out, down_bias=down_bias if needs_weights else None,
+                  d_weights=d_weights if needs_weights else None)
     d_gate_up, d_down, d_gate_up_bias, d_down_bias = _empty(x), _empty(x), _empty(x), _empty(x)
     if needs_params:
         d_gate_up = gate.new_empty(experts, 2 * intermediate, hidden)
-        expert_weight_grad(plan, layout, grad_act, x, d_gate_up, top_k, of_down=False)
         d_down = down_proj.new_empty(experts, hidden, intermediate)
-        expert_weight_grad(plan, layout, grad_out, weighted_h, d_down, top_k, of_down=True)
         if gate_bias is not None:
-            d_gate_up_bias = x.new_empty(experts, 2 * intermediate)
-            expert_bias_grad(plan, layout, grad_act, d_gate_up_bias, top_k, of_down=False)
-            d_down_bias = x.new_empty(experts, hidden)
-            expert_bias_grad(plan, layout, grad_out, d_down_bias, top_k, of_down=True,
-                             routing_weights=routing_weights)
+            d_gate_up_bias, d_down_bias = x.new_empty(experts, 2 * intermediate), x.new_empty(experts, hidden)
+        expert_weight_grads(plan, layout, grad_act, x, d_gate_up, grad_out, weighted_h, d_down, top_k,
+                            routing_weights=routing_weights, d_gate_up_bias=None if gate_bias is None else d_gate_up_bias,
+                            d_down_bias=None if gate_bias is None else d_down_bias)
+    d_weights = d_weights.view(tokens, top_k) if needs_weights else d_weights
     return dx, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias
 
 

@@ -10,9 +10,9 @@ glu is SwiGLU, silu(gate) * up, or (CLAMPED) GPT-OSS's clamped form: gate' = min
 up' = clamp(up, -limit, limit), gate' * sigmoid(alpha * gate') * (up' + 1).
 The routing weight w scales h before the down GEMM rather than its output (down is linear): the
 DOWN epilogue is a store (plus w times the bias), and d(down) = grad_out^T (w * h) needs no rescaled operand.
-A second kernel makes the per-expert weight gradients, reducing over each expert's rows; a third the bias
-gradients (column sums over each expert's rows), a fourth the bias term of d(weight).
-Per-(token, k) rows are summed over k by a fifth kernel: no atomics, deterministic.
+A second kernel makes both per-expert weight gradients in one launch, reducing over each expert's rows, and
+with biases their gradients (column sums over the same rows, in the tiles of the first column block).
+over_topk.py sums the (token, k) rows over k: no atomics, deterministic.
 
 Weights are read in place through their strides (gate/up are usually views of one
 [E, 2I, H] tensor). Operands load in their own dtype; everything after the dot is fp32.
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..language import to_dtype
-from ..runtime import autotune, cdiv, interpreting, launch, next_pow2
+from ..runtime import autotune, cdiv, interpreting, launch
 
 GATE_UP = tl.constexpr(0)
 DOWN = tl.constexpr(1)
@@ -157,10 +157,14 @@ def _accumulators_fit(configs, named_args, **kwargs):
 
 
 def _weight_grad_candidates(configs, named_args, **kwargs):
-    return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]
+    return configs if _tuning_pays(named_args["P"], named_args["Q"]) else configs[:1]  # d(gate | up): the larger
 
 
-@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT", "HAS_BIAS", "CLAMPED"],
+# Not keyed on HAS_BIAS or CLAMPED: a bias or a clamp adds a few elementwise operations to the epilogue, the
+# tiling is the main loop's. Keyed on them, each variant was tuned on its own: swiglu+bias measured 1.17x the
+# bias-free forward where clamped+bias, the same work and a clamp more, measured 1.05x (benchmarks/RESULTS.md,
+# issue 14), and their separate tunings were the only difference in their forwards' launches
+@autotune(_ROWS_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE", "EXTRA_OUTPUT"],
           prune_configs_by={"early_config_prune": _accumulators_fit})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -258,22 +262,17 @@ def _expert_rows_gemm_kernel(
         tl.store(out_ptr + row_id.to(tl.int64)[:, None] * N + offs_n[None, :], to_dtype(acc, out_ty), mask=keep)
 
 
-@autotune(_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "OF_DOWN"],
-          prune_configs_by={"early_config_prune": _weight_grad_candidates})
 @triton.jit
-def _expert_weight_grad_kernel(
-    plan_ptr, R,
-    p_ptr,  # P[row, p]: d(gate | up) [R, P] in plan order, or (OF_DOWN) grad_out [T, P]
-    q_ptr, stride_q_row,  # Q[row, q]: x [T, Q], or (OF_DOWN) w * h [R, Q] in plan order
-    out_ptr,  # [E, P, Q]
-    P, Q, TOPK,
-    OF_DOWN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_P: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """out[e] = sum over expert e's rows r of P[r]^T Q[r]: d(gate | up) = d(act)^T x, or (OF_DOWN)
-    d(down) = grad_out^T (w * h). Experts without rows get zeros."""
-    expert = tl.program_id(1)
-    tile_p, tile_q = _grouped_tile(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
+def _weight_grad_tile(plan_ptr, R, routing_weights_ptr, tile, expert, p_ptr, q_ptr, stride_q_row, out_ptr,
+                      bias_out_ptr, P, Q, TOPK, OF_DOWN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """One [BLOCK_P, BLOCK_Q] tile of out[e] = sum over expert e's rows r of P[r]^T Q[r]: d(gate | up) =
+    d(act)^T x, or (OF_DOWN) d(down) = grad_out^T (w * h). Experts without rows get zeros. HAS_BIAS: the
+    tiles of the first Q block also write the bias gradient, the column sums of P over those rows (OF_DOWN:
+    of w * grad_out, the down bias meeting the output scaled by w), from a second pass over P's rows (L2-hot),
+    outside the dot loop."""
+    tile_p, tile_q = _grouped_tile(tile, tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
     start = tl.load(plan_ptr + R + expert)
     end = tl.load(plan_ptr + R + expert + 1)
     offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -296,64 +295,48 @@ def _expert_weight_grad_kernel(
         acc = _dot(p_t, q, acc, PRECISION)
     tl.store(out_ptr + (expert.to(tl.int64) * P + offs_p[:, None]) * Q + offs_q[None, :],
              to_dtype(acc, out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+    if HAS_BIAS:
+        if tile_q == 0:
+            sums = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for first in range(start, end, BLOCK_R):
+                pos = first + tl.arange(0, BLOCK_R)
+                r_ok = pos < end
+                row_id = tl.load(plan_ptr + pos, mask=r_ok, other=0)
+                if OF_DOWN:
+                    p_row = (row_id // TOPK).to(tl.int64)
+                    scale = tl.load(routing_weights_ptr + row_id, mask=r_ok, other=0.0).to(tl.float32)
+                else:
+                    p_row = pos.to(tl.int64)
+                    scale = tl.where(r_ok, 1.0, 0.0)
+                p_t = tl.load(p_ptr + p_row[None, :] * P + offs_p[:, None], mask=p_ok[:, None] & r_ok[None, :],
+                              other=0.0).to(tl.float32)
+                sums += tl.sum(p_t * scale[None, :], 1)
+            tl.store(bias_out_ptr + expert.to(tl.int64) * P + offs_p, to_dtype(sums, bias_out_ptr.dtype.element_ty),
+                     mask=p_ok)
 
 
+@autotune(_WEIGHT_GRAD_CONFIGS, key=["P", "Q", "P2", "Q2", "HAS_BIAS"],
+          prune_configs_by={"early_config_prune": _weight_grad_candidates})
 @triton.jit
-def _expert_bias_grad_kernel(plan_ptr, R, src_ptr, routing_weights_ptr, out_ptr, N, TOPK,
-                             OF_DOWN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[e] = sum over expert e's rows of d(gate | up) [R, N] in plan order, or (OF_DOWN) of w * grad_out[token]
-    (the down bias meets the output scaled by w). Experts without rows get zeros."""
+def _expert_weight_grads_kernel(
+    plan_ptr, R, routing_weights_ptr,
+    p_ptr, q_ptr, stride_q_row, out_ptr, bias_out_ptr, P, Q,  # d(gate | up) [E, P, Q] from d(act) [R, P], x [T, Q]
+    p2_ptr, q2_ptr, stride_q2_row, out2_ptr, bias2_out_ptr, P2, Q2,  # d(down) [E, P2, Q2]: grad_out, w * h [R, Q2]
+    TOPK, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_P: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Both weight gradients (and the biases') in one launch: per expert, first the tiles of d(gate | up), then
+    those of d(down)."""
     expert = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    start = tl.load(plan_ptr + R + expert)
-    end = tl.load(plan_ptr + R + expert + 1)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for first in range(start, end, BLOCK_R):
-        pos = first + tl.arange(0, BLOCK_R)
-        r_ok = pos < end
-        row_id = tl.load(plan_ptr + pos, mask=r_ok, other=0)
-        if OF_DOWN:
-            src_row = (row_id // TOPK).to(tl.int64)
-            scale = tl.load(routing_weights_ptr + row_id, mask=r_ok, other=0.0).to(tl.float32)
-        else:
-            src_row = pos.to(tl.int64)
-            scale = tl.where(r_ok, 1.0, 0.0)
-        rows = tl.load(src_ptr + src_row[:, None] * N + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :],
-                       other=0.0).to(tl.float32)
-        acc += tl.sum(rows * scale[:, None], 0)
-    tl.store(out_ptr + expert.to(tl.int64) * N + offs_n, to_dtype(acc, out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _bias_dot_kernel(grad_out_ptr, ids_ptr, bias_ptr, stride_bias_e, stride_bias_n, out_ptr, H, E,
-                     TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t * TOPK + k] = grad_out[t] . down_bias[ids[t, k]] in fp32 (0 for ids outside [0, E)): the down bias's
-    share of d(weight)."""
-    row = tl.program_id(0).to(tl.int64)
-    expert = tl.load(ids_ptr + row)
-    width = tl.where((expert >= 0) & (expert < E), H, 0)
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for first in range(0, H, BLOCK_H):
-        offs = first + tl.arange(0, BLOCK_H)
-        ok = offs < width
-        g = tl.load(grad_out_ptr + (row // TOPK) * H + offs, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + offs * stride_bias_n, mask=ok, other=0.0)
-        acc += g * b.to(tl.float32)
-    tl.store(out_ptr + row, tl.sum(acc, 0))
-
-
-@triton.jit
-def _sum_over_topk_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum_k rows[t * TOPK + k] in fp32, skipping k whose expert id is outside [0, E)."""
-    token = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in range(TOPK):
-        expert = tl.load(ids_ptr + token * TOPK + k)
-        width = tl.where((expert >= 0) & (expert < E), H, 0)
-        acc += tl.load(rows_ptr + (token * TOPK + k) * H + offs, mask=offs < width, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * H + offs, to_dtype(acc, out_ptr.dtype.element_ty), mask=offs < H)
+    tile = tl.program_id(0)
+    first_tiles = tl.cdiv(P, BLOCK_P) * tl.cdiv(Q, BLOCK_Q)
+    if tile < first_tiles:
+        _weight_grad_tile(plan_ptr, R, routing_weights_ptr, tile, expert, p_ptr, q_ptr, stride_q_row, out_ptr,
+                          bias_out_ptr, P, Q, TOPK, False, HAS_BIAS, BLOCK_P, BLOCK_Q, BLOCK_R, GROUP_P, PRECISION)
+    else:
+        _weight_grad_tile(plan_ptr, R, routing_weights_ptr, tile - first_tiles, expert, p2_ptr, q2_ptr,
+                          stride_q2_row, out2_ptr, bias2_out_ptr, P2, Q2, TOPK, True, HAS_BIAS, BLOCK_P, BLOCK_Q,
+                          BLOCK_R, GROUP_P, PRECISION)
 
 
 def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, *, b2=None, b2_strides=None,
@@ -385,42 +368,21 @@ def expert_rows_gemm(epilogue, plan, layout, a, b, b_strides, out, n, k, top_k, 
            CLAMPED=activation == "clamped_swiglu", BLOCK_M=layout.block_m, PRECISION=dot_precision())
 
 
-def expert_weight_grad(plan, layout, p, q, out, top_k, *, of_down):
-    """out[e] = sum over expert e's rows of P[row]^T Q[row]: d(gate | up) (P = d(act) in plan order,
-    Q = x gathered by token), or of_down, d(down) (P = grad_out gathered by token, Q = w * h in plan order)."""
-    experts, p_size, q_size = out.shape
-    grid = lambda meta: (cdiv(p_size, meta["BLOCK_P"]) * cdiv(q_size, meta["BLOCK_Q"]), experts)  # noqa
-    key = ("weight_grad", of_down, p_size, q_size, p.dtype, q.dtype, out.dtype, p.device)
-    launch(_expert_weight_grad_kernel, grid, key, plan, layout.rows, p, q, q.stride(0), out, p_size, q_size, top_k,
-            OF_DOWN=of_down, PRECISION=dot_precision())
-
-
-def expert_bias_grad(plan, layout, src, out, top_k, *, of_down, routing_weights=None):
-    """out [E, N] = per expert, the sum over its rows of src (d(gate | up) [R, N] in plan order), or of_down, of
-    w * src[token] (src = grad_out [T, N])."""
-    experts, n = out.shape
-    block_n = 16 if interpreting() else min(256, next_pow2(n))
-    unused = out.new_empty(0)
-    launch(_expert_bias_grad_kernel, (cdiv(n, block_n), experts), ("moe.bias_grad", of_down, n, out.dtype),
-           plan, layout.rows, src, unused if routing_weights is None else routing_weights, out, n, top_k,
-           of_down, 16 if interpreting() else 32, block_n, num_warps=4)
-
-
-def bias_dot(grad_out, topk_ids, down_bias, out):
-    """out [T*K] fp32 = grad_out[t] . down_bias[ids[t, k]] (0 for ids outside [0, E))."""
-    tokens, top_k = topk_ids.shape
-    experts, hidden = down_bias.shape
-    block_h = 16 if interpreting() else min(1024, next_pow2(hidden))
-    if tokens:
-        launch(_bias_dot_kernel, (tokens * top_k,), ("moe.bias_dot", hidden), grad_out, topk_ids, down_bias,
-               down_bias.stride(0), down_bias.stride(1), out, hidden, experts, top_k, block_h, num_warps=4)
-
-
-def sum_over_topk(rows, topk_ids, out, experts):
-    """out [T, H] = rows [T*K, H] summed over k (rows of unrouted ids skipped)."""
-    tokens, top_k = topk_ids.shape
-    hidden = out.shape[1]
-    block_h = 16 if interpreting() else min(1024, next_pow2(hidden))
-    if tokens:
-        launch(_sum_over_topk_kernel, (tokens, cdiv(hidden, block_h)), ("moe.sum_over_topk", tokens, hidden),
-               rows, topk_ids, out, hidden, experts, top_k, block_h, num_warps=4)
+def expert_weight_grads(plan, layout, grad_act, x, d_gate_up, grad_out, weighted_h, d_down, top_k, *,
+                        routing_weights=None, d_gate_up_bias=None, d_down_bias=None):
+    """In one launch, per expert over its rows: d_gate_up [E, 2I, H] = d(act)^T x (d(act) in plan order, x gathered
+    by token) and d_down [E, H, I] = grad_out^T (w * h) (grad_out gathered, w * h in plan order); with biases,
+    d_gate_up_bias [E, 2I] = the column sums of d(act) and d_down_bias [E, H] those of w * grad_out."""
+    experts, p_size, q_size = d_gate_up.shape
+    p2_size, q2_size = d_down.shape[1:]
+    has_bias = d_gate_up_bias is not None
+    unused = d_gate_up.new_empty(0)
+    grid = lambda meta: (cdiv(p_size, meta["BLOCK_P"]) * cdiv(q_size, meta["BLOCK_Q"])  # noqa: E731
+                         + cdiv(p2_size, meta["BLOCK_P"]) * cdiv(q2_size, meta["BLOCK_Q"]), experts)
+    key = ("weight_grads", has_bias, p_size, q_size, p2_size, q2_size, grad_act.dtype, x.dtype, d_gate_up.dtype,
+           grad_act.device)
+    launch(_expert_weight_grads_kernel, grid, key, plan, layout.rows,
+           routing_weights if has_bias else unused,
+           grad_act, x, x.stride(0), d_gate_up, d_gate_up_bias if has_bias else unused, p_size, q_size,
+           grad_out, weighted_h, weighted_h.stride(0), d_down, d_down_bias if has_bias else unused, p2_size, q2_size,
+           top_k, HAS_BIAS=has_bias, PRECISION=dot_precision())

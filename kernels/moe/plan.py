@@ -1,8 +1,10 @@
 """The routing plan: every (token, k) row sorted by expert, on the GPU, without a host sync.
 
-A counting sort in two small launches (per-chunk histograms; then per chunk, a prefix over the
-histograms and the scatter) replaces `torch.sort` + `bincount`: its buffers are sized from shapes
-alone, so the plan is CUDA-graph safe and `torch.compile` sees no data-dependent shape. The sort is
+A counting sort replaces `torch.sort` + `bincount`: its buffers are sized from shapes alone, so the
+plan is CUDA-graph safe and `torch.compile` sees no data-dependent shape. Up to FUSED_ROWS rows it is
+one launch (each program histograms all rows itself, then scatters its chunk: under CUDA graphs a
+launch costs more than re-reading a few thousand ids from L2); above, two (per-chunk histograms;
+then per chunk, a prefix over the histograms and the scatter). The sort is
 stable (rows of an expert keep their (token, k) order), so the weight gradients, which sum over
 rows, are deterministic.
 
@@ -17,12 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import cdiv, launch, next_pow2
+from ..runtime import cdiv, interpreting, launch, next_pow2
 
 # One chunk's one-hot is CHUNK x E_POW2 int32, between these many elements; chunks grow with the rows so
 # that each program's prefix over all chunks stays short.
 _ONEHOT_ELEMENTS = (8192, 32768)
 _TARGET_CHUNKS = 128
+FUSED_ROWS = 16384  # one launch up to here: each program reads all R ids (R * 8 bytes, from L2)
+_SCAN_ROWS = 1024  # ids a program histograms at a time in the one-launch plan (64 under the interpreter: tests
+# then cover several blocks)
 
 
 @dataclass(frozen=True)
@@ -71,23 +76,50 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, R, E, CHUNK: tl.constexpr, E_POW2: 
 
 
 @triton.jit
+def _expert_bins(h, E_POW2: tl.constexpr, BINS: tl.constexpr):
+    """The first E_POW2 of a histogram's BINS bins (the rest hold the rows of no expert)."""
+    parts = tl.reshape(h, [BINS // E_POW2, E_POW2])
+    return tl.sum(tl.where(tl.arange(0, BINS // E_POW2)[:, None] == 0, parts, 0), 0)
+
+
+@triton.jit
+def _count_all(ids_ptr, first_row, R, E, E_POW2: tl.constexpr, SCAN_ROWS: tl.constexpr):
+    """(rows of each expert, those of them before first_row) over all R rows, by histograms; ids outside
+    [0, E) and rows past R land in bin E_POW2, which no expert reads."""
+    BINS: tl.constexpr = 2 * E_POW2 if 2 * E_POW2 > 32 else 32
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    before = tl.zeros([E_POW2], dtype=tl.int32)
+    for first in range(0, R, SCAN_ROWS):
+        rows = first + tl.arange(0, SCAN_ROWS)
+        ids = tl.load(ids_ptr + rows, mask=rows < R, other=-1)
+        key = tl.where((ids >= 0) & (ids < E), ids, E_POW2).to(tl.int32)
+        counts += _expert_bins(tl.histogram(key, BINS), E_POW2, BINS)
+        before += _expert_bins(tl.histogram(tl.where(rows < first_row, key, E_POW2), BINS), E_POW2, BINS)
+    return counts, before
+
+
+@triton.jit
 def _place_kernel(
     ids_ptr, chunk_counts_ptr, plan_ptr, R, E, num_chunks,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, E_POW2: tl.constexpr, SCAN_BLOCK: tl.constexpr,
-    TILES_PER_PROGRAM: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr, COUNTED: tl.constexpr,
 ):
-    """Per chunk: the per-expert counts of all chunks (each program re-reads them: no serial scan
-    launch), then its rows' slots; and a share of the expert offsets and the tile list."""
+    """Per chunk: the per-expert counts of all chunks (COUNTED: each program re-reads the count kernel's
+    per-chunk counts, no serial scan launch; else it histograms all rows itself), then its rows' slots; and
+    a share of the expert offsets and the tile list."""
     chunk = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
-    counts = tl.zeros([E_POW2], dtype=tl.int32)
-    before = tl.zeros([E_POW2], dtype=tl.int32)  # rows of each expert in earlier chunks
-    for first in range(0, num_chunks, SCAN_BLOCK):
-        chunks = first + tl.arange(0, SCAN_BLOCK)
-        block = tl.load(chunk_counts_ptr + chunks[:, None] * E_POW2 + experts[None, :],
-                        mask=chunks[:, None] < num_chunks, other=0)
-        counts += tl.sum(block, 0)
-        before += tl.sum(tl.where(chunks[:, None] < chunk, block, 0), 0)
+    if COUNTED:
+        counts = tl.zeros([E_POW2], dtype=tl.int32)
+        before = tl.zeros([E_POW2], dtype=tl.int32)  # rows of each expert in earlier chunks
+        for first in range(0, num_chunks, SCAN_BLOCK):
+            chunks = first + tl.arange(0, SCAN_BLOCK)
+            block = tl.load(chunk_counts_ptr + chunks[:, None] * E_POW2 + experts[None, :],
+                            mask=chunks[:, None] < num_chunks, other=0)
+            counts += tl.sum(block, 0)
+            before += tl.sum(tl.where(chunks[:, None] < chunk, block, 0), 0)
+    else:
+        counts, before = _count_all(ids_ptr, chunk * CHUNK, R, E, E_POW2, SCAN_BLOCK)
     expert_end = tl.cumsum(counts, 0)
     expert_start = expert_end - counts
 
@@ -117,23 +149,26 @@ def _place_kernel(
              mask=tile < max_tiles)
 
 
-def build_plan(topk_ids: torch.Tensor, experts: int, block_m: int) -> torch.Tensor:
-    """The packed int32 plan (see PlanLayout) for topk_ids [T, K], with Triton: two launches."""
+def build_plan(topk_ids: torch.Tensor, experts: int, block_m: int, fused: bool | None = None) -> torch.Tensor:
+    """The packed int32 plan (see PlanLayout) for topk_ids [T, K], with Triton: one launch (`fused`; by default
+    up to FUSED_ROWS rows), else two."""
     layout = PlanLayout(topk_ids.numel(), experts, block_m)
+    fused = layout.rows <= FUSED_ROWS if fused is None else fused
     ids = topk_ids.reshape(-1)
     plan = torch.empty(layout.size, dtype=torch.int32, device=ids.device)
     e_pow2, chunk, warps = _chunk_sizes(layout.rows, experts)
     num_chunks = cdiv(layout.rows, chunk)
-    chunk_counts = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=ids.device)
-    if num_chunks:
+    chunk_counts = torch.empty(0 if fused else num_chunks * e_pow2, dtype=torch.int32, device=ids.device)
+    if num_chunks and not fused:
         launch(_count_kernel, (num_chunks,), ("moe.count", layout.rows, experts),
                ids, chunk_counts, layout.rows, experts, chunk, e_pow2, num_warps=warps)
     programs = max(1, num_chunks)  # with no rows, one program still writes the (empty) offsets
     tiles_per_program = next_pow2(cdiv(layout.max_tiles, programs))
+    scan_block = (64 if interpreting() else _SCAN_ROWS) if fused else max(1, _ONEHOT_ELEMENTS[0] // e_pow2)
     launch(
-        _place_kernel, (programs,), ("moe.place", layout.rows, experts),
+        _place_kernel, (programs,), ("moe.place", layout.rows, experts, fused),
         ids, chunk_counts, plan, layout.rows, experts, num_chunks, block_m, chunk, e_pow2,
-        max(1, _ONEHOT_ELEMENTS[0] // e_pow2), tiles_per_program, num_warps=warps,
+        scan_block, tiles_per_program, not fused, num_warps=warps,
     )
     return plan
 
