@@ -15,7 +15,8 @@ import torch
 
 SPEEDUP_OVER_SDPA: dict[str, dict[tuple[int, str, bool], float]] = {
     # 2026-12-03, torch 2.11.0+cu130, triton 3.6.0 (RESULTS.md, "Seventh session")
-    "NVIDIA H200": {(64, "none", False): 0.89, (64, "none", True): 0.64, (64, "causal", False): 0.74},
+    "NVIDIA H200": {(64, "none", False): 0.89, (64, "none", True): 0.64, (64, "causal", False): 0.74,
+                    (128, "none", False): 0.67, (128, "none", True): 0.52, (128, "causal", False): 0.46},
 }
 
 
