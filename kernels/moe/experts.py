@@ -277,8 +277,9 @@ def _transposed(weight):
     return weight.stride(0), weight.stride(2), weight.stride(1)
 
 
-def _empty(like):
-    return like.new_empty(0)
+def _empty(like, dims=1):
+    """An output not asked for (of its rank: under DTensor it is placed as the output it stands for)."""
+    return like.new_empty((0,) * dims)
 
 
 def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -321,7 +322,7 @@ def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Te
                          b2=up, b2_strides=up.stride())
         dx = x.new_empty(tokens, hidden)
         sum_over_topk(dx_rows, topk_ids.contiguous(), dx, experts)
-    d_gate_up, d_down, d_gate_up_bias, d_down_bias = _empty(x), _empty(x), _empty(x), _empty(x)
+    d_gate_up, d_down, d_gate_up_bias, d_down_bias = _empty(x, 3), _empty(x, 3), _empty(x), _empty(x)
     if needs_params:
         d_gate_up = gate.new_empty(experts, 2 * intermediate, hidden)
         expert_weight_grad(plan, layout, grad_act, x, d_gate_up, top_k, of_down=False)
@@ -345,7 +346,7 @@ def _backward_reference(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj,
                                        down_proj, (*bias_views(gate_bias, up_bias), down_bias),
                                        (activation, alpha, limit), layout.split(plan))
     needed = (needs_x, needs_weights, needs_params, needs_params, needs_params, needs_params)
-    return tuple(g if need else _empty(x) for g, need in zip(grads, needed))
+    return tuple(g if need else _empty(x, g.dim()) for g, need in zip(grads, needed))
 
 
 def _backward_fake(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, gate_bias, up_bias,
@@ -356,8 +357,8 @@ def _backward_fake(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down
     bias_grads = needs_params and gate_bias is not None
     return (x.new_empty(tokens, hidden) if needs_x else _empty(x),
             topk_weights.new_empty(tokens, top_k) if needs_weights else _empty(x),
-            gate_proj.new_empty(experts, 2 * intermediate, hidden) if needs_params else _empty(x),
-            down_proj.new_empty(experts, hidden, intermediate) if needs_params else _empty(x),
+            gate_proj.new_empty(experts, 2 * intermediate, hidden) if needs_params else _empty(x, 3),
+            down_proj.new_empty(experts, hidden, intermediate) if needs_params else _empty(x, 3),
             x.new_empty(experts, 2 * intermediate) if bias_grads else _empty(x),
             x.new_empty(experts, hidden) if bias_grads else _empty(x))
 
@@ -382,7 +383,7 @@ def _split_pair(d_stacked, first, second, needs):
         return (d_stacked if needs[0] else None), None
     if not any(needs):
         return None, None
-    d_first, d_second = d_stacked.split(first.shape[1], 1)
+    d_first, d_second = d_stacked.unflatten(1, (2, -1)).unbind(1)  # no gather of a packed DTensor, as split's
     return (d_first if needs[0] else None), (d_second if needs[1] else None)
 
 
