@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..runtime import KernelLimits, cdiv, entry_op, fused_op, use_triton
+from ..runtime import KernelLimits, cdiv, entry_op, fused_op, halves, use_triton
 from .gemm import (DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, bias_dot, block_m_for, expert_bias_grad,
                    expert_rows_gemm, expert_weight_grad, sum_over_topk)
 from .plan import PlanLayout, build_plan, build_plan_reference
@@ -383,7 +383,7 @@ def _split_pair(d_stacked, first, second, needs):
         return (d_stacked if needs[0] else None), None
     if not any(needs):
         return None, None
-    d_first, d_second = d_stacked.unflatten(1, (2, -1)).unbind(1)  # no gather of a packed DTensor, as split's
+    d_first, d_second = halves(d_stacked, 1)  # views; under DTensor each rank's own halves
     return (d_first if needs[0] else None), (d_second if needs[1] else None)
 
 

@@ -123,3 +123,28 @@ def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads | Intermediat
 
     forms = {Rows: rows, BatchAndHeads: batch_and_heads, Intermediate: intermediate}
     register_sharding(op)(forms[type(rule)])
+
+
+def halves(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of `t` along `dim` as views ([gate; up] -> gate, up). A DTensor packed along `dim` (an
+    `Intermediate` output) is split on each rank, each half of its shard then a plain `Shard`: no gather (a split
+    gathers it; torch 2.11's unflatten of a `_StridedShard` computes a wrong shape, and its redistribution of one on
+    a 1-D mesh raises)."""
+    if not _packed(t):
+        return t.unflatten(dim, (2, -1)).unbind(dim)
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    placements = [Shard(p.dim) if isinstance(p, _StridedShard) else p for p in t.placements]
+    shape = (*t.shape[:dim], t.shape[dim] // 2, *t.shape[dim + 1:])
+    return tuple(DTensor.from_local(half, t.device_mesh, placements, run_check=False, shape=shape,
+                                    stride=torch.empty(shape, device="meta").stride())
+                 for half in t.to_local().unflatten(dim, (2, -1)).unbind(dim))
+
+
+def _packed(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    return isinstance(t, DTensor) and any(isinstance(p, _StridedShard) for p in t.placements)
