@@ -12,6 +12,7 @@ from torch import fx
 from torch._dynamo.exc import RestartAnalysis
 
 from fuser.cuda_graphs import eager_with_cuda_graphs, inductor_config, require_cuda
+from fuser.logs import step
 from fuser.options import Options
 from fuser.report import Report
 from fuser.engine.rewriter import rewrite
@@ -39,6 +40,15 @@ def fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | N
     opts = Options.parse(options)
     if opts.cudagraphs:
         require_cuda()
+    _graphs[0] += 1
+    with step(f"fuser: graph {_graphs[0]}: rewriting{'' if opts.codegen == 'eager' else ', then Inductor'}"):
+        return _compile(gm, example_inputs, opts, mode)
+
+
+_graphs = [0]  # graphs this process compiled, to number their progress
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list, opts: Options, mode: str | None) -> Callable:
     gm, report = rewrite(gm, opts.selected_patterns(), example_inputs, verify=opts.verify, strict=opts.strict,
                          pictures=opts.pictures)
     _reports.append(report)

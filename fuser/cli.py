@@ -12,18 +12,17 @@ The same verbs as the Python API, for people who do not want to write Python:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fuser.logs import showing_progress, step
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -100,7 +99,7 @@ def demo(args) -> int:
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"fuser demo: a tiny {arch} ({args.layers} layer{'s' * (args.layers > 1)}, {dtype_name}, {device}), "
           f"torch {torch.__version__}")
-    with _progress("finding what to rewrite (fuser.explain)"):
+    with _step("finding what to rewrite (fuser.explain)"):
         report = fuser.explain(model, ids)
     print(report)
 
@@ -108,11 +107,11 @@ def demo(args) -> int:
     fuser.reset_reports()
     compiled = torch.compile(model, backend="fuser", options={"codegen": args.codegen})
     with torch.no_grad():
-        with _progress(f"compiling with backend='fuser' (codegen={args.codegen}) and running it"):
+        with _step(f"compiling with backend='fuser' (codegen={args.codegen}) and running it"):
             start = time.perf_counter()
             logits = compiled(ids).logits
             seconds = time.perf_counter() - start
-        with _progress("running the model uncompiled, and in float64 for reference"):
+        with _step("running the model uncompiled, and in float64 for reference"):
             uncompiled = model(ids).logits
             reference = _float64_copy(model)(ids).logits
     counts = fuser.last_report().counts()
@@ -126,42 +125,9 @@ def demo(args) -> int:
     return 0 if problem is None and counts else 1
 
 
-@contextlib.contextmanager
-def _progress(step: str):
-    """Say on stderr what runs and, when it is done, how long it took; on a terminal the seconds tick meanwhile."""
-    start, live, done = time.perf_counter(), sys.stderr.isatty(), threading.Event()
-
-    def elapsed() -> float:
-        return time.perf_counter() - start
-
-    def say(text: str, end: str = "\n") -> None:  # on a terminal, over the line said last
-        print("\r\033[K" * live + f"fuser: {step}{text}", end=end, file=sys.stderr, flush=True)
-
-    def tick() -> None:
-        while not done.wait(1):
-            say(f" ... {elapsed():.0f} s", end="")
-
-    say(" ...", end="" if live else "\n")
-    ticker = threading.Thread(target=tick, daemon=True)
-    if live:
-        ticker.start()
-    try:
-        yield
-    finally:
-        done.set()
-        if live:
-            ticker.join()
-        say(f": {elapsed():.1f} s")
-
-
-class _ProgressHandler(logging.StreamHandler):
-    """Log records as progress: on a terminal each overwrites the last (a warning stays); elsewhere one a line."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.terminator = "" if self.stream.isatty() and record.levelno < logging.WARNING else "\n"
-        if self.stream.isatty():
-            self.stream.write("\r\033[K")
-        super().emit(record)
+def _step(what: str):
+    """`fuser: what ...` on stderr, then how long it took; on a terminal the seconds tick meanwhile."""
+    return step(f"fuser: {what}", leave=True)
 
 
 def _float64_copy(model):
@@ -252,7 +218,7 @@ def explain(args) -> int:
     import fuser
 
     model, model_args, model_kwargs = load_model(args.model, args)
-    with _progress("capturing the model with Dynamo and matching the patterns"):
+    with _step("capturing the model with Dynamo and matching the patterns"):
         report = fuser.explain(model, *model_args, **model_kwargs)
     print(report)
     if args.html:
@@ -277,26 +243,19 @@ def fuzz(args) -> int:
         elif target not in BY_NAME:
             raise UsageError(f"unknown pattern or architecture {target!r}; patterns: {', '.join(BY_NAME)}; "
                              f"architectures: {', '.join(ARCHITECTURES)}; {OWN_MODEL}")
-    progress = _ProgressHandler(sys.stderr)  # each example, over the last one on a terminal
-    logger = logging.getLogger("fuser.fuzz")
-    logger.addHandler(progress)
-    logger.setLevel(logging.INFO)
     ok = True
-    try:
-        for target in args.targets or list(BY_NAME):
-            if target in BY_NAME:
-                result = fuser.fuzz(target, max_examples=args.max_examples, seed=args.seed, grads=not args.no_grads,
-                                    device=args.device)
-            else:
-                model, model_args, model_kwargs = load_model(target, args)
-                result = fuser.fuzz(model, *model_args, max_examples=args.max_examples, seed=args.seed,
-                                    grads=not args.no_grads, **model_kwargs)
-            if sys.stderr.isatty():
-                print(file=sys.stderr)  # end the progress line
-            print(result)
-            ok &= result.ok
-    finally:
-        logger.removeHandler(progress)
+    for target in args.targets or list(BY_NAME):  # progress: each example, over the last one on a terminal
+        if target in BY_NAME:
+            result = fuser.fuzz(target, max_examples=args.max_examples, seed=args.seed, grads=not args.no_grads,
+                                device=args.device)
+        else:
+            model, model_args, model_kwargs = load_model(target, args)
+            result = fuser.fuzz(model, *model_args, max_examples=args.max_examples, seed=args.seed,
+                                grads=not args.no_grads, **model_kwargs)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the progress line
+        print(result)
+        ok &= result.ok
     return 0 if ok else 1
 
 
@@ -391,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         if passthrough and args.verb != "bench":
             raise UsageError(f"only `fuser bench` passes arguments after --, not `fuser {args.verb}`")
         args.passthrough = passthrough
-        return args.run(args)
+        with showing_progress(sys.stderr):  # the steps' progress, on a terminal or not
+            return args.run(args)
     except UsageError as error:
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2

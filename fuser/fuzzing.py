@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, Phase, assume, given, seed as hypothesis_see
 from hypothesis.errors import UnsatisfiedAssumption
 from torch import fx
 
+from fuser.logs import progress
 from fuser.options import Options
 from fuser.engine.capture import capture
 from fuser.patterns.nodes import value
@@ -228,8 +229,9 @@ def _record(result: FuzzResult, site: str, verdicts: dict[str, Verdict]) -> None
 
 def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[Any], None],
           max_examples: int) -> FuzzResult:
-    """Run hypothesis over `strategy`; a failure is kept with hypothesis' shrunk example. Progress goes to the
-    "fuser.fuzz" logger, one record per example: `example 3/100` while drawing, then `shrinking` tries."""
+    """Run hypothesis over `strategy`; a failure is kept with hypothesis' shrunk example. Progress (`fuser.logs`),
+    one record per example: `example 3/100` while drawing, then `shrinking` tries; each example on the "fuser.fuzz"
+    logger at DEBUG."""
     @hypothesis_seed(result.seed)
     @settings(max_examples=max_examples, **SETTINGS)
     @given(strategy)
@@ -249,12 +251,12 @@ def _hunt(result: FuzzResult, strategy: st.SearchStrategy, check_one: Callable[[
         nonlocal shrinks
         if result.failed_at is not None:
             shrinks += 1
-            log.info("fuzz %s: shrinking example %d: try %d", result.target, result.failed_at, shrinks)
+            progress("fuzz %s: shrinking example %d: try %d", result.target, result.failed_at, shrinks)
             return
         result.examples += 1
         result.failed_at = result.examples if failed else None
-        log.info("fuzz %s: example %d/%d %s", result.target, result.examples, max_examples,
-                 "failed; shrinking it" if failed else "ok")
+        progress("fuzz %s: example %d/%d %s", result.target, result.examples, max_examples,
+                 "failed; shrinking it" if failed else "ok", done=result.examples, total=max_examples)
         log.debug("fuzz %s: example %d was %r", result.target, result.examples, example)
 
     last, shrinks = None, 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..runtime import KernelLimits, cdiv, entry_op, fused_op, use_triton
+from ..runtime import KernelLimits, cdiv, entry_op, fused_op, halves, use_triton
 from .gemm import DOWN, GATE_UP, GRAD_H, GRAD_X, PARTIAL_GRAIN, block_m_for, expert_rows_gemm, expert_weight_grads
 from .over_topk import over_topk
 from .plan import PlanLayout, build_plan, build_plan_reference
@@ -277,8 +277,9 @@ def _transposed(weight):
     return weight.stride(0), weight.stride(2), weight.stride(1)
 
 
-def _empty(like):
-    return like.new_empty(0)
+def _empty(like, dims=1):
+    """An output not asked for (of its rank: under DTensor it is placed as the output it stands for)."""
+    return like.new_empty((0,) * dims)
 
 
 def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -316,7 +317,7 @@ def _backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Te
         over_topk(topk_ids.contiguous(), experts, dx_rows, dx, partials=partials if needs_weights else None,
                   grad_out=grad_out, down_bias=down_bias if needs_weights else None,
                   d_weights=d_weights if needs_weights else None)
-    d_gate_up, d_down, d_gate_up_bias, d_down_bias = _empty(x), _empty(x), _empty(x), _empty(x)
+    d_gate_up, d_down, d_gate_up_bias, d_down_bias = _empty(x, 3), _empty(x, 3), _empty(x), _empty(x)
     if needs_params:
         d_gate_up = gate.new_empty(experts, 2 * intermediate, hidden)
         d_down = down_proj.new_empty(experts, hidden, intermediate)
@@ -338,7 +339,7 @@ def _backward_reference(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj,
                                        down_proj, (*bias_views(gate_bias, up_bias), down_bias),
                                        (activation, alpha, limit), layout.split(plan))
     needed = (needs_x, needs_weights, needs_params, needs_params, needs_params, needs_params)
-    return tuple(g if need else _empty(x) for g, need in zip(grads, needed))
+    return tuple(g if need else _empty(x, g.dim()) for g, need in zip(grads, needed))
 
 
 def _backward_fake(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, gate_bias, up_bias,
@@ -349,8 +350,8 @@ def _backward_fake(grad_out, x, topk_ids, topk_weights, gate_proj, up_proj, down
     bias_grads = needs_params and gate_bias is not None
     return (x.new_empty(tokens, hidden) if needs_x else _empty(x),
             topk_weights.new_empty(tokens, top_k) if needs_weights else _empty(x),
-            gate_proj.new_empty(experts, 2 * intermediate, hidden) if needs_params else _empty(x),
-            down_proj.new_empty(experts, hidden, intermediate) if needs_params else _empty(x),
+            gate_proj.new_empty(experts, 2 * intermediate, hidden) if needs_params else _empty(x, 3),
+            down_proj.new_empty(experts, hidden, intermediate) if needs_params else _empty(x, 3),
             x.new_empty(experts, 2 * intermediate) if bias_grads else _empty(x),
             x.new_empty(experts, hidden) if bias_grads else _empty(x))
 
@@ -375,7 +376,7 @@ def _split_pair(d_stacked, first, second, needs):
         return (d_stacked if needs[0] else None), None
     if not any(needs):
         return None, None
-    d_first, d_second = d_stacked.split(first.shape[1], 1)
+    d_first, d_second = halves(d_stacked, 1)  # views; under DTensor each rank's own halves
     return (d_first if needs[0] else None), (d_second if needs[1] else None)
 
 

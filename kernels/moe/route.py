@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..language import exp, to_dtype
-from ..runtime import cdiv, entry_op, fused_op, interpreting, launch, next_pow2, use_triton
+from ..runtime import Rows, cdiv, entry_op, fused_op, interpreting, launch, next_pow2, use_triton
 
 SCORINGS = ("softmax", "sigmoid")
 _ROWS_PER_PROGRAM_ELEMENTS = 1024  # BLOCK_T * E_POW2 per program: small, the top-k loop is latency-bound
@@ -201,7 +201,8 @@ def _backward_fake(grad_weights, router_logits, ids, scoring, renormalize, scali
 
 
 _call_backward = fused_op("moe_route_backward", _backward_kernel, route_backward_reference, _backward_fake,
-                          lambda grad_weights, router_logits, *_: use_triton(router_logits, grad_weights))
+                          lambda grad_weights, router_logits, *_: use_triton(router_logits, grad_weights),
+                          rows=Rows(args=(0, 1, 2)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -221,7 +222,7 @@ def _backward(ctx, grad_weights, _grad_ids):
 
 _call_forward = fused_op("moe_route_forward", _route_kernel, _route_reference, _route_fake,
                          lambda router_logits, top_k, scoring, renormalize, bias, *_: use_triton(router_logits, bias),
-                         setup_context=_setup_context, backward=_backward)
+                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)))  # tokens
 
 
 @entry_op

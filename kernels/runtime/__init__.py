@@ -3,8 +3,8 @@ recipe (ops)."""
 from .dispatch import KERNEL_DTYPES, KernelLimits, interpreting, kernels_apply, use_triton, what_runs
 from .launching import RowTiling, as_rows, autotune, cdiv, flat_kernel, launch, next_pow2, program_slots
 from .ops import direct_call, entry_op, fused_op
-from .sharding import BatchAndHeads, Rows, register as register_sharding
+from .sharding import BatchAndHeads, Intermediate, Rows, halves, register as register_sharding
 
-__all__ = ["BatchAndHeads", "KERNEL_DTYPES", "KernelLimits", "RowTiling", "Rows", "as_rows", "autotune", "cdiv",
-           "direct_call", "entry_op", "flat_kernel", "fused_op", "interpreting", "kernels_apply", "launch", "next_pow2",
-           "program_slots", "register_sharding", "use_triton", "what_runs"]
+__all__ = ["BatchAndHeads", "Intermediate", "KERNEL_DTYPES", "KernelLimits", "RowTiling", "Rows", "as_rows",
+           "autotune", "cdiv", "direct_call", "entry_op", "flat_kernel", "fused_op", "halves", "interpreting",
+           "kernels_apply", "launch", "next_pow2", "program_slots", "register_sharding", "use_triton", "what_runs"]

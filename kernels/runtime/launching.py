@@ -6,6 +6,7 @@ import functools
 import inspect
 import itertools
 import linecache
+import logging
 import math
 import operator
 import threading
@@ -71,10 +72,39 @@ _CACHES_RESULTS = "cache_results" in inspect.signature(triton.autotune).paramete
 
 
 def autotune(configs, key, **options):
-    """`triton.autotune` with its results kept on disk across processes where this Triton can keep them."""
+    """`triton.autotune` with its results kept on disk across processes where this Triton can keep them, and its
+    benchmarking of a new key's candidates reported as progress (`fuser.progress`, drawn by fuser/logs.py)."""
     if _CACHES_RESULTS:
         options["cache_results"] = True
-    return triton.autotune(configs=configs, key=key, **options)
+    tune = triton.autotune(configs=configs, key=key, **options)
+    return lambda fn: _reporting(tune(fn))
+
+
+_PROGRESS = logging.getLogger("fuser.progress")
+
+
+def _reporting(tuner):
+    """`tuner` (Triton's Autotuner) with a progress record per candidate it benchmarks: `prune_configs` gives a new
+    key's candidates and `_bench` times one (both so in Triton 3.6 and 3.9), so a key found in the cache on disk
+    reports nothing. The last record of a key clears its line on a terminal."""
+    prune, bench = tuner.prune_configs, tuner._bench
+    name = getattr(getattr(tuner, "base_fn", None), "__name__", "a kernel")
+    counted = [0, 0]  # benchmarked, candidates
+
+    def candidates(*args, **kwargs):
+        kept = prune(*args, **kwargs)
+        counted[:] = [0, len(kept)]
+        return kept
+
+    def timed(*args, config, **meta):
+        try:
+            return bench(*args, config=config, **meta)
+        finally:
+            counted[0] += 1
+            _PROGRESS.info("fuser: tuning %s: candidate %d of %d", name, *counted,
+                           extra={"progress": tuple(counted), "leave": False if counted[0] >= counted[1] else None})
+    tuner.prune_configs, tuner._bench = candidates, timed
+    return tuner
 
 
 # Launches traced for Inductor. While a fused op's body is traced for Inductor (runtime/ops.py), each launch is

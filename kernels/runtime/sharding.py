@@ -2,10 +2,11 @@
 torch's sharding-rule registration for custom ops (`register_sharding`), so DTensor neither falls back to
 replication nor runs a kernel on a shard it cannot compute exactly.
 
-Two forms, declared by the families whose shards compute their part exactly:
-- `Rows`: every row (all dims but the last) computed on its own (RMSNorm, softmax);
-- `BatchAndHeads`: every (batch, head) computed on its own (attention).
-An op without a rule (MoE, gated delta) raises on DTensors, and the engine keeps the original code there
+Three forms, declared by the families whose shards compute their part exactly:
+- `Rows`: every row (all dims but the last) computed on its own (RMSNorm, softmax, MoE routing);
+- `BatchAndHeads`: every (batch, head) computed on its own (attention);
+- `Intermediate`: an MLP's weights split along its intermediate dim, column- then row-wise (MoE experts).
+An op without a rule (gated delta) raises on DTensors, and the engine keeps the original code there
 (`fuser.engine.rewriter`: a near miss naming the op)."""
 from __future__ import annotations
 
@@ -44,7 +45,25 @@ class BatchAndHeads:
     summed_when: int | None = None
 
 
-def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
+@dataclass(frozen=True)
+class Intermediate:
+    """Megatron's split of an MLP (tensor parallelism's column- then row-wise weights): `args` (position, dim)
+    sharded along the intermediate dim, which the op sums over in its last product, so each shard computes a
+    partial sum of the `summed` outputs; `outputs` (position, dim) are sharded along it, the rest replicated.
+    A `packed` argument (position, the argument whose None says so, or None: always) or output holds two such dims
+    stacked along its dim ([gate; up]): a shard holds a slice of each, `_StridedShard(dim, split_factor=2)` (how
+    transformers' own plan shards `gate_up_proj`; a plain `Shard` of it would give one rank the gate, the other
+    the up rows, and stays replicated). Nothing is sharded where an argument of `unsharded_with` is given (a
+    down bias: every shard would add it)."""
+    args: tuple[tuple[int, int], ...]
+    outputs: tuple[tuple[int, int], ...]
+    summed: tuple[int, ...]
+    packed_args: tuple[tuple[int, int | None], ...] = ()
+    packed_outputs: tuple[int, ...] = ()
+    unsharded_with: tuple[int, ...] = ()
+
+
+def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads | Intermediate) -> None:
     """Register `op`'s sharding on one mesh dim (DTensor expands it to the whole mesh)."""
     if not torch.distributed.is_available():
         return
@@ -102,4 +121,52 @@ def register(op: torch._ops.OpOverload, rule: Rows | BatchAndHeads) -> None:
             strategies.append(placements(args, sharded, out))
         return strategies
 
-    register_sharding(op)(rows if isinstance(rule, Rows) else batch_and_heads)
+    def intermediate(*args):
+        from torch.distributed.tensor.placement_types import _StridedShard  # private; in torch 2.5 to 2.13 at least
+
+        replicated = placements(args, lambda i, a: Replicate(), lambda i: Replicate())
+        if any(args[i] is not None for i in rule.unsharded_with):
+            return [replicated]
+        arg_dims, out_dims, packed = dict(rule.args), dict(rule.outputs), dict(rule.packed_args)
+
+        def split(dim, pair):
+            return _StridedShard(dim, split_factor=2) if pair else Shard(dim)
+
+        def argument(i, a):
+            if i not in arg_dims:
+                return Replicate()
+            return split(arg_dims[i], i in packed and (packed[i] is None or args[packed[i]] is None))
+
+        def output(i):
+            if i in rule.summed:
+                return Partial()
+            return split(out_dims[i], i in rule.packed_outputs) if i in out_dims else Replicate()
+        return [replicated, placements(args, argument, output)]
+
+    forms = {Rows: rows, BatchAndHeads: batch_and_heads, Intermediate: intermediate}
+    register_sharding(op)(forms[type(rule)])
+
+
+def halves(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of `t` along `dim` as views ([gate; up] -> gate, up). A DTensor packed along `dim` (an
+    `Intermediate` output) is split on each rank, each half of its shard then a plain `Shard`: no gather (a split
+    gathers it; torch 2.11's unflatten of a `_StridedShard` computes a wrong shape, and its redistribution of one on
+    a 1-D mesh raises)."""
+    if not _packed(t):
+        return t.unflatten(dim, (2, -1)).unbind(dim)
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    placements = [Shard(p.dim) if isinstance(p, _StridedShard) else p for p in t.placements]
+    shape = (*t.shape[:dim], t.shape[dim] // 2, *t.shape[dim + 1:])
+    return tuple(DTensor.from_local(half, t.device_mesh, placements, run_check=False, shape=shape,
+                                    stride=torch.empty(shape, device="meta").stride())
+                 for half in t.to_local().unflatten(dim, (2, -1)).unbind(dim))
+
+
+def _packed(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    return isinstance(t, DTensor) and any(isinstance(p, _StridedShard) for p in t.placements)
