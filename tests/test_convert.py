@@ -355,21 +355,26 @@ class MaskedAttention(Attention):
         return self.out((weights @ v).transpose(1, 2).reshape(batch, length, dim))
 
 
-def test_an_argument_whose_gradient_the_fused_op_gets_wrong_must_need_none():
+def test_a_learned_additive_mask_gets_its_gradient_from_the_fused_op():
+    """The attention backward gives an added float mask its gradient (dS summed to the mask's shape): convert
+    keeps no restriction for it, and a mask that requires grad runs the fused op and gets the module's gradient."""
     attention = MaskedAttention(16, 2)  # its scale is size arithmetic: (dim // heads) ** -0.5
     x, mask = torch.randn(2, 5, 16), torch.randn(1, 1, 5, 5)
     report = fuser.convert(attention, x, mask, dry_run=True)
-    assert report.counts() == {"attention": 1} and report.notes == [
-        "MaskedAttention runs its rewritten graph only where mask needs no gradient (the fused ops give none for it)"]
+    assert report.counts() == {"attention": 1} and report.notes == [], report
+    original = copy.deepcopy(attention)
     fuser.convert(attention, x, mask)
     assert _fused_op_calls(attention, x, mask) == Counter({"fuser::attention": 1})
-    learned = mask.clone().requires_grad_()
+    learned, reference = mask.clone().requires_grad_(), mask.clone().requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         out = attention(x, learned)
-    assert not any(e.name.startswith("fuser::") for e in profile.events())  # the module's own code ran
-    out.sum().backward()
-    assert_close(out, MaskedAttention.forward(attention, x, mask), torch.float32)
-    assert learned.grad is not None and learned.grad.abs().sum() > 0
+    assert any(e.name.startswith("fuser::attention") for e in profile.events())
+    expected = original(x, reference)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert_close(out, expected, torch.float32)
+    assert_close(learned.grad, reference.grad, torch.float32)
 
 
 @torch.library.custom_op("fuser_test::rms_norm_wrong_weight_gradient", mutates_args=())
