@@ -313,8 +313,9 @@ def describe(m) -> str:
         parts.append("batched heads" + (" viewed per head" if m.site.heads else ""))
     if m["dropout_p"]:
         parts.append(f"dropout {m['dropout_p']:g}")
-    if m.site.only_where_it_pays and m.site.n_rep == 1 and _sdpa_measured(m) is not None:
-        parts.append("SDPA replaced: the kernel measured {1:.2f}x its backend on {0}".format(*_sdpa_measured(m)))
+    measured = _sdpa_measured(m) if m.site.only_where_it_pays and m.site.n_rep == 1 else None
+    if measured is not None:
+        parts.append("SDPA replaced: the kernel measured {1:.2f}x its backend on {0}".format(*measured))
     parts.append(f"head dim {q.shape[-1]}" + (f"/{v.shape[-1]}" if v.shape[-1] != q.shape[-1] else ""))
     parts.append(dtype_name(q.dtype))
     return ", ".join(parts)
