@@ -6,7 +6,8 @@
 One run, bf16, every peer in the same process. Per fused op (a naive module fuser rewrites into that op, and
 the same module under plain torch.compile, whose Inductor kernels compute the same), forward and training step,
 default mode and mode="reduce-overhead": host us per call (the time to enqueue `calls` calls, the GPU left to
-catch up: a queue far from full never blocks the host), GPU kernels per call and their time (profiler),
+catch up: a queue far from full never blocks the host), GPU kernels per call and their time (profiler; the log
+lists the heaviest kernels by name),
 host us per kernel launched, wall time per call (do_bench). Then the whole-model rows of issue 12: RMSNorm
 modules, naive causal attention, OLMoE and Qwen3-MoE with 2 layers at 512 tokens (forward and training step),
 wall time in default mode, under a CUDA graph captured from the default-mode module (forwards), and GPU
@@ -229,10 +230,11 @@ def enqueue_us(fn, calls: int) -> float:
     return host / calls * 1e6
 
 
-def gpu_kernels(fn, calls: int) -> tuple[float, float]:
-    """(GPU us per call summed over its kernels and copies, how many per call), from the profiler."""
+def gpu_kernels(fn, calls: int) -> tuple[float, float, dict]:
+    """(GPU us per call summed over its kernels and copies, how many per call, {kernel name: (calls, us) per
+    call}), from the profiler."""
     if DEVICE != "cuda":
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), {}
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     synchronize()
     with torch.profiler.profile(activities=activities) as profile:
@@ -240,7 +242,12 @@ def gpu_kernels(fn, calls: int) -> tuple[float, float]:
             fn()
         synchronize()
     device = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.time_range.elapsed_us() for e in device) / calls, len(device) / calls
+    names: dict = {}
+    for e in device:
+        count, us = names.get(e.name[:90], (0, 0.0))
+        names[e.name[:90]] = (count + 1 / calls, us + e.time_range.elapsed_us() / calls)
+    return (sum(e.time_range.elapsed_us() for e in device) / calls, len(device) / calls,
+            {name: (round(n, 2), round(us, 1)) for name, (n, us) in sorted(names.items(), key=lambda i: -i[1][1])})
 
 
 def wall_ms(fn) -> float:
@@ -291,9 +298,9 @@ def measure(workload: Workload, modes, calls: int) -> list[dict]:
             fn()
             synchronize()
             counts = fuser.last_report().counts() if backend == "fuser" else {}
-            gpu_us, kernels = gpu_kernels(fn, calls)
+            gpu_us, kernels, names = gpu_kernels(fn, calls)
             result = dict(compile_s=time.perf_counter() - started, out=out, counts=counts, gpu_us=gpu_us,
-                          kernels=kernels, host_us=enqueue_us(fn, calls), wall_ms=wall_ms(fn))
+                          kernels=kernels, kernel_names=names, host_us=enqueue_us(fn, calls), wall_ms=wall_ms(fn))
             replay = captured(fn, f"{workload.name}, {backend}") if mode is None and not workload.train else None
             result["graph_ms"] = wall_ms(replay) if replay is not None else float("nan")
             results[backend] = result
@@ -301,7 +308,9 @@ def measure(workload: Workload, modes, calls: int) -> list[dict]:
         row = dict(workload=workload.name, train=workload.train, mode=mode or "default", counts=ours["counts"],
                    error=relative_error(ours.pop("out"), plain.pop("out")),
                    **{f"{key}_{side}": value for side, r in (("plain", plain), ("fuser", ours))
-                      for key, value in r.items() if key != "counts"})
+                      for key, value in r.items() if key not in ("counts", "kernel_names")})
+        for side, r in (("plain", plain), ("fuser", ours)):  # which kernels run, heaviest first (the log only)
+            say(f"  kernels {side} ({mode or 'default'}): {json.dumps(dict(list(r['kernel_names'].items())[:12]))}")
         rows.append(row)
         say(json.dumps(row, default=str))
     return rows

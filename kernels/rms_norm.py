@@ -55,12 +55,20 @@ def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _normalize_and_store(x, rstd, out_rows, row_ok, cols, n_cols, w_ptr, weight_offset, HAS_WEIGHT: tl.constexpr,
-                         WEIGHT_BEFORE_CAST: tl.constexpr, INPUT_DTYPE: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
-    """Write one block of the output, rounding where the mirrored code rounds."""
-    y = x * rstd[:, None]
+def _load_weight(w_ptr, cols, n_cols, HAS_WEIGHT: tl.constexpr):
+    """The weight at `cols` as float32 (0 without one), kept in L2 for the other programs."""
+    w = 0.0
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return w
+
+
+@triton.jit
+def _normalize_and_store(x, rstd, out_rows, row_ok, cols, n_cols, w, w_ptr, weight_offset, HAS_WEIGHT: tl.constexpr,
+                         WEIGHT_BEFORE_CAST: tl.constexpr, INPUT_DTYPE: tl.constexpr, PRODUCT_DTYPE: tl.constexpr):
+    """Write one block of the output, rounding where the mirrored code rounds (`w` from `_load_weight`)."""
+    y = x * rstd[:, None]
+    if HAS_WEIGHT:
         if WEIGHT_BEFORE_CAST:
             y = y * (weight_offset + w)[None, :]
         else:
@@ -81,8 +89,9 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride
     block = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         x = load_rows(x_rows, row_ok, block, n_cols, 0.0, "")
+        w = _load_weight(w_ptr, block, n_cols, HAS_WEIGHT)  # issued before the sum: its latency hides behind x's
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        _normalize_and_store(x, rstd, out_rows, row_ok, block, n_cols, w_ptr, weight_offset, HAS_WEIGHT,
+        _normalize_and_store(x, rstd, out_rows, row_ok, block, n_cols, w, w_ptr, weight_offset, HAS_WEIGHT,
                              WEIGHT_BEFORE_CAST, INPUT_DTYPE, PRODUCT_DTYPE)
     else:  # two passes; the first keeps x in L2 for the second
         sum_sq = tl.zeros([BLOCK_M], tl.float32)
@@ -92,8 +101,9 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride
         rstd = tl.rsqrt(sum_sq / n_cols + eps)
         for start in range(0, n_cols, BLOCK_N):
             x = load_rows(x_rows, row_ok, start + block, n_cols, 0.0, "evict_first")
-            _normalize_and_store(x, rstd, out_rows, row_ok, start + block, n_cols, w_ptr, weight_offset, HAS_WEIGHT,
-                                 WEIGHT_BEFORE_CAST, INPUT_DTYPE, PRODUCT_DTYPE)
+            w = _load_weight(w_ptr, start + block, n_cols, HAS_WEIGHT)
+            _normalize_and_store(x, rstd, out_rows, row_ok, start + block, n_cols, w, w_ptr, weight_offset,
+                                 HAS_WEIGHT, WEIGHT_BEFORE_CAST, INPUT_DTYPE, PRODUCT_DTYPE)
 
 
 def rms_norm_forward_launch(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
