@@ -345,3 +345,36 @@ def test_mask_builders_only_the_replaced_code_used_are_erased():
     rewritten, report = rewrite(gm, PATTERNS, inputs)
     assert report.counts() == {"attention": 1}
     assert not [n for n in rewritten.graph.nodes if n.target in (torch.ones, "triu")], rewritten.code
+
+
+def test_a_rewritten_graph_keeps_what_dynamo_tells_aotautograd():
+    """AOTAutograd marks parameters static for CUDA-graph trees from Dynamo's metadata on the graph module and its
+    placeholders; a rewritten copy without it would have every parameter copied at each replay."""
+    seen = []
+
+    def backend(gm, example_inputs, **_):
+        rewritten, report = rewrite(gm, PATTERNS, example_inputs)
+        seen.append((gm, rewritten, report))
+        return rewritten.forward
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.weight = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            h = self.proj(x).float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    torch._dynamo.reset()
+    torch.compile(Block(), backend=backend, dynamic=False)(torch.randn(3, 8))
+    (gm, rewritten, report), = seen
+    assert report.counts() == {"rms_norm": 1} and rewritten is not gm
+    assert rewritten.meta["dynamo_compile_id"] == gm.meta["dynamo_compile_id"]
+    assert rewritten._param_name_to_source is gm._param_name_to_source
+    sources = [[getattr(n, "_dynamo_source", None) for n in g.graph.find_nodes(op="placeholder")]
+               for g in (gm, rewritten)]
+    assert sources[0] == sources[1] and all(s is not None for s in sources[0])
+    static = [n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type") for n in
+              rewritten.graph.find_nodes(op="placeholder")]
+    assert sum(s is not None for s in static) == 3  # the Linear's weight and bias, and the norm's weight
