@@ -1,6 +1,6 @@
 """The attention forms issue 14 adds, against plain attention of the same shape (H200 target: within 10%).
 
-    python benchmarks/bench_attention_forms.py [--out DIR]
+    python benchmarks/bench_attention_forms.py [--shapes 0 1 2 3] [--out DIR]
 
 bf16, q/k/v as [B, H, L, D] views of [B, L, H, D] memory; forward and forward + backward, do_bench medians
 (host time included) and the ratio form / plain. Forms: sinks (one learned logit per head, gpt-oss), with their
@@ -59,11 +59,13 @@ def _forms(q, k, v, hq, length, causal, d):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", help="a folder for the table (forms.md)")
+    parser.add_argument("--shapes", type=int, nargs="+", default=list(range(len(SHAPES))),
+                        help="indices into SHAPES (each form compiles and tunes its kernels per shape: minutes)")
     args = parser.parse_args()
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
              "| shape | form | fwd ms | fwd / plain | fwd+bwd ms | fwd+bwd / plain |", "|---|---|---|---|---|---|"]
     print(*lines, sep="\n")
-    for b, hq, hkv, length, d, causal in SHAPES:
+    for b, hq, hkv, length, d, causal in (SHAPES[i] for i in args.shapes):
         q, k, v = _inputs(b, hq, hkv, length, d)
         plain = None
         for name, (call, leaves) in _forms(q, k, v, hq, length, causal, d).items():

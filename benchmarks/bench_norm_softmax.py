@@ -1,6 +1,6 @@
 """fuser's RMSNorm and softmax kernels against their peers, bf16, one GPU, one run.
 
-    python benchmarks/bench_norm_softmax.py [--sweep] [--out FILE] [--smoke]
+    python benchmarks/bench_norm_softmax.py [--sweep] [--only LABEL ...] [--out FILE] [--smoke]
 
 First a correctness check of every case (bf16 against float64: values and gradients). Then, per
 case, a device-to-device copy of the input's size, ours and the peers: eager (the HF Llama RMSNorm
@@ -265,7 +265,7 @@ def host_breakdown(case: Case) -> None:
 
 def sweep(cfg: Config, cases: list[Case]) -> None:
     """Time our launchers over tilings (GPU-only time), each checked against the default tiling."""
-    if not cfg.smoke:
+    if not cfg.smoke and cases and cases[0].name == "rms_norm fwd":
         host_breakdown(cases[0])
     for case in cases:
         x = case.inputs[0].detach()
@@ -345,6 +345,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="then break down host cost and time tilings")
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
+    parser.add_argument("--only", nargs="+", help="cases whose label contains one of these (e.g. 32768x8192)")
     args = parser.parse_args()
     if args.smoke and not interpreting():
         parser.error("--smoke runs the kernels through the interpreter: set TRITON_INTERPRET=1 (before triton loads)")
@@ -353,7 +354,7 @@ def main() -> None:
     header = f"device {device}, torch {torch.__version__}, triton {triton.__version__}, bf16, eps {EPS}"
     print(header)
     torch.manual_seed(0)
-    cases = make_cases(cfg)
+    cases = [c for c in make_cases(cfg) if not args.only or any(word in c.label for word in args.only)]
     print("correctness (bf16 against float64):")
     problems = [p for case in cases for p in check_case(case)]
     table = list(TABLE_HEADER)
