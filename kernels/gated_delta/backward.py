@@ -88,7 +88,8 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, states_ptr
                         dwritten_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, length, heads, groups, dk, dv,
                         n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh,
                         b_sb, b_st, b_sh, do_sb, do_st, do_sh, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr,
+                        INVERSE_PRECISION: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows, row_ok = chunk_rows(chunk, length, CHUNK)
@@ -103,7 +104,8 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, states_ptr
     gamma = exp(log_decay)
     within, strictly = decay_within(log_decay, low, CHUNK, True), decay_within(log_decay, low, CHUNK, False)
     key_products = tl.dot(key, tl.trans(key), input_precision=PRECISION)
-    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, length - chunk * CHUNK, CHUNK)
+    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, length - chunk * CHUNK, CHUNK,
+                                 INVERSE_PRECISION)
     scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) * within
     d_out_states = tl.zeros([CHUNK, BLOCK_K], tl.float32)    # Σ_v dO·Sᵀ
     d_scores = tl.zeros([CHUNK, CHUNK], tl.float32)          # Σ_v dO·v'ᵀ
@@ -201,6 +203,7 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
            q, k, v, g, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
            d_v, d_g, d_beta, *shape.common(), shape.n_chunks, scale, eps, *q.stride()[:3],
            *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(), *grad_out.stride()[:3],
-           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
+           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, INVERSE_PRECISION=shape.inverse_precision,
+           **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
     d_q, d_k = (d.unflatten(2, (-1, shape.groups)).sum(3).to(x.dtype) for d, x in ((d_q, q), (d_k, k)))
     return d_q, d_k, d_v, d_g.to(g.dtype), d_beta.to(beta.dtype), d_initial

@@ -89,16 +89,36 @@ def decay_within(high, low, CHUNK: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr):
-    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A, as I + N row by row:
-    N_i = −A_i − Σ_{m<i} A_im N_m (rows 0 and 1 are −A's already; rows past the sequence are 0 in A, stay so)."""
+def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr = 16):
+    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A (rows past the sequence 0), in two steps:
+    1. the diagonal [BLOCK, BLOCK] blocks D by forward substitution, row r of every block in step r: a block's
+       row reads only its own block's columns, so one masked reduction serves CHUNK / BLOCK rows (BLOCK − 2
+       sequential steps, not CHUNK − 2);
+    2. with E = A − D and F = (I + D)⁻¹E, strictly block-lower so F^(CHUNK/BLOCK) = 0:
+       (I + A)⁻¹ = (I + F)⁻¹(I + D)⁻¹ = (I − F)(I + F²)…(I + D)⁻¹, [C, C] dots (4 at CHUNK 64).
+    Not the doubling product over the whole chunk, (I − A)(I + A²)…(I + A³²): its partial products reach
+    C(62, 31) ~ 5e17 for near-equal keys and β 1 (I + A all ones below the diagonal, its inverse ±1), where
+    float32 keeps nothing; inside a block nothing cancels, between blocks at most CHUNK / BLOCK terms.
+    PRECISION: the dots' ("tf32x3" for 16-bit inputs: a chain of tf32 products loses bits the WY form keeps)."""
+    tl.static_assert(CHUNK % BLOCK == 0)
     i = tl.arange(0, CHUNK)
-    n = -a
-    for r in range(2, tl.minimum(rows_in_chunk, CHUNK)):
-        a_row = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)
-        n_row = -a_row - tl.sum(a_row[:, None] * n, axis=0)
-        n = tl.where((i == r)[:, None], n_row[None, :], n)
-    return n + (i[:, None] == i[None, :]).to(tl.float32)
+    same_block = (i[:, None] // BLOCK) == (i[None, :] // BLOCK)
+    d = tl.where(same_block, a, 0.0)
+    n = -d  # rows 0 and 1 of every block are −D's already
+    for r in range(2, tl.minimum(rows_in_chunk, BLOCK)):
+        selected = (i % BLOCK) == r
+        d_row = tl.sum(tl.where(selected[:, None], d, 0.0), axis=0)  # column m: D[block(m)·BLOCK + r, m]
+        n_row = -d_row - tl.sum(d_row[:, None] * n, axis=0)         # n block-diagonal: each column its block's
+        n = tl.where(selected[:, None] & same_block, n_row[None, :], n)
+    eye = (i[:, None] == i[None, :]).to(tl.float32)
+    block_inverse = n + eye
+    f = tl.dot(block_inverse, tl.where(same_block, 0.0, a), input_precision=PRECISION)
+    inverse_f, power = eye - f, f  # Σ_{m<2} (−F)^m
+    for level in tl.static_range(1, 8):
+        if (1 << level) < CHUNK // BLOCK:  # Σ_{m<2^(level+1)} (−F)^m = Σ_{m<2^level} (−F)^m · (I + F^(2^level))
+            power = tl.dot(power, power, input_precision=PRECISION)
+            inverse_f += tl.dot(inverse_f, power, input_precision=PRECISION)
+    return tl.dot(inverse_f, block_inverse, input_precision=PRECISION)
 
 
 @triton.jit
@@ -128,7 +148,7 @@ def store_state(ptr, index, offsets, mask, dk, dv, block):
 def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, heads, groups, dk, dv, eps,
                         k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh, b_sb, b_st, b_sh,
                         CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows, row_ok = chunk_rows(chunk, length, CHUNK)
@@ -139,7 +159,7 @@ def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, hea
     beta = load_token_values(beta_ptr, batch, head, rows, row_ok, b_st, b_sb, b_sh)
     a = tl.dot(key, tl.trans(key), input_precision=PRECISION) * beta[:, None] * decay_within(log_decay, low, CHUNK,
                                                                                              False)
-    inverse = unit_lower_inverse(a, length - chunk * CHUNK, CHUNK)
+    inverse = unit_lower_inverse(a, length - chunk * CHUNK, CHUNK, INVERSE_PRECISION)
     out_rows = (bh.to(tl.int64) * length + rows)[:, None]
     w = tl.dot(inverse, key * (beta * exp(log_decay))[:, None], input_precision=PRECISION)
     tl.store(w_ptr + out_rows * dk + kcols[None, :], w, mask=row_ok[:, None] & (kcols < dk)[None, :])
@@ -241,6 +261,11 @@ class Geometry:
         return Geometry(batch, length, heads, heads // heads_k, dk, dv, chunk, cdiv(length, chunk),
                         max(16, next_pow2(dk)), value_block(dk, dv), "ieee" if q.dtype == torch.float32 else "tf32")
 
+    @property
+    def inverse_precision(self) -> str:
+        """The (I + A)⁻¹ dots' precision: tf32x3 (~float32, 3 tensor-core products) for 16-bit inputs."""
+        return "ieee" if self.precision == "ieee" else "tf32x3"
+
     def scratch(self, *trailing: int, device) -> torch.Tensor:
         """A float32 [B, Hv, *trailing] buffer."""
         return torch.empty(self.batch, self.heads, *trailing, dtype=torch.float32, device=device)
@@ -262,6 +287,7 @@ def chunk_states(shape: Geometry, k, v, g, beta, initial_state, l2norm: bool, ep
     launch(_intra_chunk_kernel, (shape.n_chunks, bh), ("gated_delta.intra",),
            k, v, g, beta, w, written, *shape.common(), eps, *k.stride()[:3], *v.stride()[:3], *g.stride(),
            *beta.stride(), BLOCK_V=max(16, next_pow2(shape.dv)), num_warps=4 if shape.block_k <= 64 else 8,
+           INVERSE_PRECISION=shape.inverse_precision,
            **shape.constexprs(l2norm))
     launch(_state_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.scan",),
            k, g, w, written, states, initial_state, final, *shape.common(), shape.n_chunks, eps, *k.stride()[:3],
