@@ -149,7 +149,7 @@ def ours_call(q, k, v, g, beta, state=None):
     return torch.ops.fuser.gated_delta_rule(q, k, v, g, beta, state, q.shape[-1] ** -0.5, True)
 
 
-def kernel_times(function, calls: int = 3) -> list[tuple[str, float]]:
+def kernel_times(function, calls: int = 1 if SMOKE else 3) -> list[tuple[str, float]]:
     """(kernel, GPU µs per call) of `function`, the largest first (torch.profiler; on CPU, the CPU ops)."""
     from torch.profiler import ProfilerActivity, profile
     function()
