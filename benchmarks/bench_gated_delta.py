@@ -253,7 +253,8 @@ def decode_sweep() -> None:
             t = bench(call(tiling))
             tbps = moved / t / 1e9
             best = min(best or (t, tiling), (t, tiling), key=lambda pair: pair[0])
-            wrong = "" if max(errors) <= tolerance(torch.bfloat16) else f" WRONG: errors {errors[0]:.1e} {errors[1]:.1e}"
+            wrong = "" if max(errors) <= tolerance(torch.bfloat16) else \
+                f" WRONG: errors {errors[0]:.1e} {errors[1]:.1e}"
             log(f"  BLOCK_V {block_v:3d} warps {warps}: {t * 1e3:.1f} us, state {tbps:.2f} TB/s "
                 f"({100 * tbps / copy_tbps:.0f}% of copy){wrong}")
     log(f"  best: {best[1]} {best[0] * 1e3:.1f} us")

@@ -5,7 +5,7 @@ M = tril(q̃kᵀ ⊙ exp(G_i − G_j)), written v' = u − w·S and dS' the grad
     dv' = Mᵀ·dO + K̃·dS'                         dS = (q̃Γ)ᵀ·dO + λ·dS' − wᵀ·dv'
 and the inputs' gradients through o = (q̃Γ)·S + M·v', S' = λS + K̃ᵀv', u = T(βv), w = T(βΓk), dT = −T dA T
 (dg sums each term's own tokens, never a cumulative sum's difference: see `_sum_over_rows`):
-    1. the forward's intra-chunk kernel and scan again (w, v', the states; chunk.chunk_states);
+    1. the forward's intra-chunk kernel and scan again (w, v', the states, G; chunk.chunk_states);
     2. `_state_grad_scan_kernel`, chunk after chunk from the last, per (batch, head, value block): dv' and the
        gradient of the state each chunk ends with;
     3. `_chunk_grads_kernel`, every chunk in parallel, its value blocks in a loop: dq, dk (per value head,
@@ -34,9 +34,9 @@ def _l2_normalized_backward(x, x_hat, d_hat, eps, L2NORM: tl.constexpr):
 
 
 @triton.jit
-def _state_grad_scan_kernel(q_ptr, k_ptr, decays_ptr, w_ptr, do_ptr, dstates_ptr, dwritten_ptr, dfinal_ptr, dinitial_ptr,
-                            length, heads, groups, dk, dv, n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                            do_sb, do_st, do_sh, HAS_DFINAL: tl.constexpr, CHUNK: tl.constexpr,
+def _state_grad_scan_kernel(q_ptr, k_ptr, decays_ptr, w_ptr, do_ptr, dstates_ptr, dwritten_ptr, dfinal_ptr,
+                            dinitial_ptr, length, heads, groups, dk, dv, n_chunks, scale, eps, q_sb, q_st, q_sh,
+                            k_sb, k_st, k_sh, do_sb, do_st, do_sh, HAS_DFINAL: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr,
                             PRECISION: tl.constexpr):
     """Stores dv' and, per chunk, the gradient of the state it ends with; the initial state's gradient last."""
@@ -191,8 +191,8 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
     grad_state = None if grad_state is None else grad_state.to(torch.float32).contiguous()
     bh = shape.batch * shape.heads
     launch(_state_grad_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.grad_scan",),
-           q, k, decays, w, grad_out, d_states, d_written, grad_state, d_initial, *shape.common(), shape.n_chunks, scale,
-           eps, *q.stride()[:3], *k.stride()[:3], *grad_out.stride()[:3],
+           q, k, decays, w, grad_out, d_states, d_written, grad_state, d_initial, *shape.common(), shape.n_chunks,
+           scale, eps, *q.stride()[:3], *k.stride()[:3], *grad_out.stride()[:3],
            HAS_DFINAL=grad_state is not None, BLOCK_V=shape.block_v, num_warps=4, num_stages=SCAN_STAGES,
            **shape.constexprs(l2norm))
     d_q, d_k = (torch.empty(shape.batch, shape.length, shape.heads, shape.dk, dtype=torch.float32, device=device)

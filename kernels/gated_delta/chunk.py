@@ -296,7 +296,8 @@ class Geometry:
 
 def chunk_states(shape: Geometry, k, v, g, beta, initial_state, l2norm: bool, eps: float, final: torch.Tensor):
     """(w, written, states, decays): the intra-chunk kernel and the scan (the final state into `final`); `written`
-    is what each token writes (u − w·S), `states` the state each chunk starts from, `decays` G (stored_log_decays)."""
+    is what each token writes (u − w·S), `states` the state each chunk starts from, `decays` G
+    (`stored_log_decays`)."""
     w, written = shape.scratch(shape.length, shape.dk, device=k.device), shape.scratch(shape.length, shape.dv,
                                                                                         device=k.device)
     states = shape.scratch(shape.n_chunks, shape.dk, shape.dv, device=k.device)
