@@ -2,17 +2,21 @@
 fallback (eager and torch.compile), flash-linear-attention when importable, and a whole Qwen3-Next-shaped model.
 
     python benchmarks/bench_gated_delta.py [--parts checks ops decode model] [--budget-s 300]
-                                           [--full-checks] [--out DIR] [--smoke]
+                                           [--full-checks] [--decode-sweep] [--out DIR] [--smoke]
     python benchmarks/bench_gated_delta.py --parts compiled      (a call of its own: compiling takes minutes)
 
 Parts, in the order given, each started only while `--budget-s` allows (what was left out is said at the end):
 - checks: bf16 and fp32 against the chunkwise reference in float64 (itself tested equal to the per-token
   recurrence): decode-sized calls, prefill across chunk edges, GQA, l2norm on and off, initial states, the
   Triton backward at one shape (`--full-checks`: the long set of the first GPU call, > 200 s).
-- ops: B1 T4096 and B8 T2048, 16 heads, head dim 128, bf16, l2norm (Qwen3-Next's call): forward, and forward +
-  backward, ours against transformers' `torch_chunk_gated_delta_rule` in eager and fla's `chunk_gated_delta_rule`.
+- ops: B1 T4096, B1 T8192 and B8 T2048, 16 heads, head dim 128, bf16, l2norm (Qwen3-Next's call): forward, and
+  forward + backward, ours against transformers' `torch_chunk_gated_delta_rule` in eager and fla's
+  `chunk_gated_delta_rule`; then where our time goes: each kernel's GPU µs per call (torch.profiler), forward and
+  backward apart.
 - decode: one token, B32, 16 key / 32 value heads, head dim 128: ours, transformers' recurrent fallback eager and
   compiled, fla's `fused_recurrent_gated_delta_rule`; the state's read and write in TB/s against a copy.
+  `--decode-sweep`: the recurrent kernel alone over value block widths 16-128 and 1-8 warps (each checked against
+  the default tiling's output), TB/s against the same run's copy.
 - model: a Qwen3-Next-shaped model (4 layers, 3 gated delta net + 1 attention, hidden 2048, its real head counts,
   16 experts instead of 512), prefill 4×2048 forward and a training step, through the public API: transformers
   as it runs here (its torch fallback, or fla where transformers finds it) against `fuser.convert(model)`;
@@ -46,7 +50,7 @@ DEVICE = "cpu" if SMOKE else "cuda"
 CHUNK = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__
 RECURRENT = qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__
 # (batch, length) of the op rows, decode batch, model (batch, length), head dim: toy sizes under --smoke
-OP_SIZES = ((1, 40), (2, 24)) if SMOKE else ((1, 4096), (8, 2048))
+OP_SIZES = ((1, 40), (2, 24)) if SMOKE else ((1, 4096), (1, 8192), (8, 2048))
 DECODE_BATCH, MODEL_SIZE, D = (2, (1, 24), 16) if SMOKE else (32, (4, 2048), 128)
 LOG: list[str] = []
 ROWS: list[str] = []
@@ -145,6 +149,37 @@ def ours_call(q, k, v, g, beta, state=None):
     return torch.ops.fuser.gated_delta_rule(q, k, v, g, beta, state, q.shape[-1] ** -0.5, True)
 
 
+def kernel_times(function, calls: int = 1 if SMOKE else 3) -> list[tuple[str, float]]:
+    """(kernel, GPU µs per call) of `function`, the largest first (torch.profiler; on CPU, the CPU ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    function()
+    with profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as profiler:
+        for _ in range(calls):
+            function()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    on_device = torch.autograd.DeviceType.CUDA if DEVICE == "cuda" else torch.autograd.DeviceType.CPU
+    totals = [(e.key, (e.self_device_time_total if DEVICE == "cuda" else e.self_cpu_time_total) / calls)
+              for e in profiler.key_averages() if e.device_type == on_device]
+    return sorted([t for t in totals if t[1] > 0], key=lambda t: -t[1])
+
+
+def log_kernel_times(name: str, args) -> None:
+    """Our forward's and backward's (recomputed intermediates included) kernels, GPU µs per call."""
+    leaves = [t.detach().requires_grad_() for t in args]
+    out, _ = ours_call(*leaves)
+    grad_out = torch.randn_like(out)
+
+    def forward():
+        with torch.no_grad():
+            ours_call(*args)
+    for phase, function in (("forward", forward),
+                            ("backward", lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True))):
+        times = kernel_times(function)
+        log(f"  {name} fuser {phase} by kernel (µs per call, total {sum(t for _, t in times):.0f}): "
+            + ", ".join(f"{kernel[:48]} {t:.0f}" for kernel, t in times[:8]))
+
+
 def ops_part(fla) -> None:
     log("ops (bf16, l2norm, 16 heads):")
     for batch, length in OP_SIZES:
@@ -160,6 +195,7 @@ def ops_part(fla) -> None:
             train = bench(train_step(function, args))
             log(f"  {name} {peer}: forward {forward:.3f} ms, fwd+bwd {train:.3f} ms")
             ROWS.append(f"| {name} | {peer} | {forward:.3f} | {train:.3f} |")
+        log_kernel_times(name, args)
 
 
 def decode_part(fla) -> None:
@@ -186,6 +222,43 @@ def decode_part(fla) -> None:
         log(f"  decode B{DECODE_BATCH} 16/32 heads D{D} {peer}: {t * 1e3:.1f} us, state {tbps:.2f} TB/s "
             f"({100 * tbps / copy_tbps:.0f}% of copy {copy_tbps:.2f} TB/s)")
         ROWS.append(f"| decode B{DECODE_BATCH} 16/32 heads D{D} | {peer} | {t:.4f} | {100 * tbps / copy_tbps:.0f}% of copy |")
+
+
+def decode_sweep() -> None:
+    """The recurrent kernel alone over tilings at the decode part's call, each checked against float64."""
+    from fuser.kernels.gated_delta.recurrent import RecurrentTiling, recurrent_forward, recurrent_tiling
+    log("decode sweep (the recurrent kernel alone, one token, bf16, l2norm):")
+    args = inputs(DECODE_BATCH, 1, 16, 32, D, D, torch.bfloat16, initial=True)
+    state = args[-1]
+    exact = chunked_reference(*(t.double() for t in args), D ** -0.5, True)
+    out, final = torch.empty_like(args[2]), torch.empty_like(state)
+
+    def call(tiling):
+        def run():
+            recurrent_forward(*args, D ** -0.5, True, 1e-6, out, final, tiling)
+        return run
+    copy_target = torch.empty_like(state)
+    with torch.no_grad():
+        t_copy = bench(lambda: copy_target.copy_(state))
+    moved = 2 * state.numel() * state.element_size()
+    copy_tbps = moved / t_copy / 1e9
+    default = recurrent_tiling(DECODE_BATCH * 32, D)
+    log(f"  copy of the state: {t_copy * 1e3:.1f} us, {copy_tbps:.2f} TB/s; default {default}")
+    best = None
+    for block_v in (16, 32, 64, 128):
+        for warps in (1, 2, 4, 8):
+            tiling = RecurrentTiling(block_v, warps)
+            call(tiling)()
+            errors = numerics_error(out, exact[0]), numerics_error(final, exact[1])
+            t = bench(call(tiling))
+            tbps = moved / t / 1e9
+            best = min(best or (t, tiling), (t, tiling), key=lambda pair: pair[0])
+            wrong = "" if max(errors) <= tolerance(torch.bfloat16) else \
+                f" WRONG: errors {errors[0]:.1e} {errors[1]:.1e}"
+            log(f"  BLOCK_V {block_v:3d} warps {warps}: {t * 1e3:.1f} us, state {tbps:.2f} TB/s "
+                f"({100 * tbps / copy_tbps:.0f}% of copy){wrong}")
+    log(f"  best: {best[1]} {best[0] * 1e3:.1f} us")
+    ROWS.append(f"| decode sweep B{DECODE_BATCH} 16/32 heads D{D} | {best[1]} | {best[0]:.4f} | |")
 
 
 def qwen3_next_model() -> torch.nn.Module:
@@ -266,6 +339,7 @@ def main():
                         choices=["checks", "ops", "decode", "model", "compiled"])
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no part after this many seconds")
     parser.add_argument("--full-checks", action="store_true", help="the long check set (> 200 s on an H200)")
+    parser.add_argument("--decode-sweep", action="store_true", help="the recurrent kernel's tilings, after decode")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
     args = parser.parse_args()
@@ -274,7 +348,7 @@ def main():
         f"triton {triton.__version__}")
     fla = fla_functions() if {"ops", "decode"} & set(args.parts) else None
     parts = {"checks": lambda: checks(args.full_checks), "ops": lambda: ops_part(fla),
-             "decode": lambda: decode_part(fla), "model": model_part, "compiled": compiled_part}
+             "decode": lambda: (decode_part(fla), args.decode_sweep and decode_sweep()), "model": model_part, "compiled": compiled_part}
     skipped = []
     for name in args.parts:
         if time.perf_counter() - started > args.budget_s:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
 from hypothesis import assume, given, settings
 
 from fuser.kernels import gated_delta
 from fuser.kernels.gated_delta import RECURRENT_MAX_TOKENS, chunked_reference, recurrent_reference
 from fuser.patterns.linear_attention import DECAYS, gated_delta_arguments
-from numerics import assert_close, rel_l2, tolerance
+from fuser.kernels.gated_delta.chunk import unit_lower_inverse
+from numerics import assert_close, on_kernel_device, rel_l2, tolerance
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -101,6 +104,58 @@ def test_strided_inputs(length):
 @given(gated_delta_arguments(max_length=90, max_head_dim=33))
 def test_drawn_arguments(args):
     assert_matches_recurrence(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# (I + A)⁻¹, the chunk's WY system
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _inverse_kernel(a_ptr, out_ptr, rows_in_chunk, CHUNK: tl.constexpr):
+    offsets = tl.arange(0, CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    tl.store(out_ptr + offsets, unit_lower_inverse(tl.load(a_ptr + offsets), rows_in_chunk, CHUNK, "ieee"))
+
+
+def chunk_system(chunk, rows, decay, beta, spread=1.0, seed=0):
+    """A of a chunk as the kernels build it (float64): β_i (k̂_i·k̂_j) exp(G_i − G_j) below the diagonal, head
+    dim 32, keys a common direction plus `spread` times noise (small: near-equal keys); 0 past `rows`."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 32, generator=generator, dtype=torch.float64) \
+        + spread * torch.randn(chunk, 32, generator=generator, dtype=torch.float64)
+    keys = torch.nn.functional.normalize(keys, dim=-1)
+    low, high = DECAYS[decay]
+    log_decay = (low + (high - low) * torch.rand(chunk, generator=generator, dtype=torch.float64)).cumsum(0)
+    betas = torch.rand(chunk, generator=generator, dtype=torch.float64) if beta == "drawn" else \
+        torch.full((chunk,), float(beta), dtype=torch.float64)
+    a = (betas[:, None] * (keys @ keys.T) * (log_decay[:, None] - log_decay[None, :]).exp()).tril(-1)
+    a[rows:], a[:, rows:] = 0.0, 0.0
+    return a
+
+
+@pytest.mark.parametrize("chunk, rows", [(64, 64), (64, 45), (64, 7), (32, 32), (32, 20)])
+@pytest.mark.parametrize("decay, beta, spread", [("none", 1.0, 1.0), ("none", 1.0, 1e-2), ("near one", "drawn", 0.1),
+                                                 ("mixed", "drawn", 1.0), ("near zero", "drawn", 1.0),
+                                                 ("none", 0.0, 1.0)])
+def test_unit_lower_inverse(chunk, rows, decay, beta, spread):
+    """The blocked inverse against torch.linalg.inv in float64, within float32's tolerance: strong and weak
+    decays, β 0, 1 and drawn, near-equal keys (the inverse's entries ±1 over terms that cancel), a partial chunk."""
+    a = chunk_system(chunk, rows, decay, beta, spread)
+    exact = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + a)
+    a32, out = on_kernel_device(a.float(), torch.empty(chunk, chunk))
+    _inverse_kernel[(1,)](a32, out, rows, CHUNK=chunk)
+    assert_close(out, exact, torch.float32)
+
+
+def test_whole_chunk_doubling_product_fails_near_equal_keys():
+    """Why unit_lower_inverse substitutes within 16-row blocks: (I − A)(I + A²)…(I + A³²) in float32 over the
+    whole chunk is far off for near-equal keys with β 1 (its partial products reach ~1e17)."""
+    a = chunk_system(64, 64, "none", 1.0, spread=1e-2)
+    eye = torch.eye(64, dtype=torch.float32)
+    product, power = eye - a.float(), a.float()
+    for _ in range(5):
+        power = power @ power
+        product = product @ (eye + power)
+    assert rel_l2(product, torch.linalg.inv(torch.eye(64, dtype=torch.float64) + a)) > 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ M = tril(q̃kᵀ ⊙ exp(G_i − G_j)), written v' = u − w·S and dS' the grad
     dv' = Mᵀ·dO + K̃·dS'                         dS = (q̃Γ)ᵀ·dO + λ·dS' − wᵀ·dv'
 and the inputs' gradients through o = (q̃Γ)·S + M·v', S' = λS + K̃ᵀv', u = T(βv), w = T(βΓk), dT = −T dA T
 (dg sums each term's own tokens, never a cumulative sum's difference: see `_sum_over_rows`):
-    1. the forward's intra-chunk kernel and scan again (w, v', the states; chunk.chunk_states);
+    1. the forward's intra-chunk kernel and scan again (w, v', the states, G; chunk.chunk_states);
     2. `_state_grad_scan_kernel`, chunk after chunk from the last, per (batch, head, value block): dv' and the
        gradient of the state each chunk ends with;
     3. `_chunk_grads_kernel`, every chunk in parallel, its value blocks in a loop: dq, dk (per value head,
@@ -21,7 +21,7 @@ import triton.language as tl
 from ..language import exp, to_dtype
 from ..runtime import cdiv, launch
 from .chunk import (SCAN_STAGES, Geometry, chunk_rows, chunk_states, decay_within, l2_normalized, load_heads_rows, load_state,
-                    load_token_values, log_decays, state_block, store_state, unit_lower_inverse)
+                    load_token_values, state_block, store_state, stored_log_decays, unit_lower_inverse)
 
 
 @triton.jit
@@ -34,9 +34,9 @@ def _l2_normalized_backward(x, x_hat, d_hat, eps, L2NORM: tl.constexpr):
 
 
 @triton.jit
-def _state_grad_scan_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dstates_ptr, dwritten_ptr, dfinal_ptr, dinitial_ptr,
-                            length, heads, groups, dk, dv, n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                            g_sb, g_st, g_sh, do_sb, do_st, do_sh, HAS_DFINAL: tl.constexpr, CHUNK: tl.constexpr,
+def _state_grad_scan_kernel(q_ptr, k_ptr, decays_ptr, w_ptr, do_ptr, dstates_ptr, dwritten_ptr, dfinal_ptr,
+                            dinitial_ptr, length, heads, groups, dk, dv, n_chunks, scale, eps, q_sb, q_st, q_sh,
+                            k_sb, k_st, k_sh, do_sb, do_st, do_sh, HAS_DFINAL: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr,
                             PRECISION: tl.constexpr):
     """Stores dv' and, per chunk, the gradient of the state it ends with; the initial state's gradient last."""
@@ -53,7 +53,7 @@ def _state_grad_scan_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dstates_ptr, dwr
                               eps, L2NORM) * scale
         key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                             eps, L2NORM)
-        log_decay, low, to_end, chunk_decay = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
+        log_decay, low, to_end, chunk_decay = stored_log_decays(decays_ptr, bh, chunk, length, CHUNK)
         d_out = load_heads_rows(do_ptr, batch, head, rows, row_ok, do_st, do_sb, do_sh, vcols, dv)
         scratch_rows = (bh.to(tl.int64) * length + rows)[:, None]
         w = tl.load(w_ptr + scratch_rows * dk + kcols[None, :], mask=row_ok[:, None] & (kcols < dk)[None, :], other=0.0)
@@ -84,11 +84,12 @@ def _sum_over_rows(x, CHUNK: tl.constexpr, FROM_HERE_ON: tl.constexpr):
 
 
 @triton.jit
-def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, states_ptr, dstates_ptr, written_ptr,
+def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, decays_ptr, beta_ptr, do_ptr, states_ptr, dstates_ptr, written_ptr,
                         dwritten_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, length, heads, groups, dk, dv,
-                        n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh,
+                        n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh,
                         b_sb, b_st, b_sh, do_sb, do_st, do_sh, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr,
+                        INVERSE_PRECISION: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows, row_ok = chunk_rows(chunk, length, CHUNK)
@@ -98,12 +99,14 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, do_ptr, states_ptr
     raw_k = load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk)
     q_hat, key = l2_normalized(raw_q, eps, L2NORM), l2_normalized(raw_k, eps, L2NORM)
     query = q_hat * scale
-    log_decay, low, to_end, chunk_decay = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
+    log_decay, low, to_end, chunk_decay = stored_log_decays(decays_ptr, bh, chunk, length, CHUNK)
     beta = load_token_values(beta_ptr, batch, head, rows, row_ok, b_st, b_sb, b_sh)
     gamma = exp(log_decay)
-    within, strictly = decay_within(log_decay, low, CHUNK, True), decay_within(log_decay, low, CHUNK, False)
+    within = decay_within(log_decay, low, CHUNK, True)
+    strictly = tl.where(rows[:, None] > rows[None, :], within, 0.0)  # the diagonal's exp(0) off: one exp, not two
     key_products = tl.dot(key, tl.trans(key), input_precision=PRECISION)
-    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, length - chunk * CHUNK, CHUNK)
+    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, length - chunk * CHUNK, CHUNK,
+                                 INVERSE_PRECISION)
     scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) * within
     d_out_states = tl.zeros([CHUNK, BLOCK_K], tl.float32)    # Σ_v dO·Sᵀ
     d_scores = tl.zeros([CHUNK, CHUNK], tl.float32)          # Σ_v dO·v'ᵀ
@@ -179,7 +182,7 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
     shape = Geometry.of(q, v)
     device = q.device
     final = shape.scratch(shape.dk, shape.dv, device=device)
-    w, written, states = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
+    w, written, states, decays = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
     d_states = torch.empty_like(states)
     d_written = torch.empty_like(written)
     d_initial = torch.empty_like(final)
@@ -188,8 +191,8 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
     grad_state = None if grad_state is None else grad_state.to(torch.float32).contiguous()
     bh = shape.batch * shape.heads
     launch(_state_grad_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.grad_scan",),
-           q, k, g, w, grad_out, d_states, d_written, grad_state, d_initial, *shape.common(), shape.n_chunks, scale,
-           eps, *q.stride()[:3], *k.stride()[:3], *g.stride(), *grad_out.stride()[:3],
+           q, k, decays, w, grad_out, d_states, d_written, grad_state, d_initial, *shape.common(), shape.n_chunks,
+           scale, eps, *q.stride()[:3], *k.stride()[:3], *grad_out.stride()[:3],
            HAS_DFINAL=grad_state is not None, BLOCK_V=shape.block_v, num_warps=4, num_stages=SCAN_STAGES,
            **shape.constexprs(l2norm))
     d_q, d_k = (torch.empty(shape.batch, shape.length, shape.heads, shape.dk, dtype=torch.float32, device=device)
@@ -198,9 +201,10 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
     d_g, d_beta = (torch.empty(shape.batch, shape.length, shape.heads, dtype=torch.float32, device=device)
                    for _ in range(2))
     launch(_chunk_grads_kernel, (shape.n_chunks, bh), ("gated_delta.grads",),
-           q, k, v, g, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
+           q, k, v, decays, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
            d_v, d_g, d_beta, *shape.common(), shape.n_chunks, scale, eps, *q.stride()[:3],
-           *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(), *grad_out.stride()[:3],
-           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
+           *k.stride()[:3], *v.stride()[:3], *beta.stride(), *grad_out.stride()[:3],
+           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, INVERSE_PRECISION=shape.inverse_precision,
+           **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
     d_q, d_k = (d.unflatten(2, (-1, shape.groups)).sum(3).to(x.dtype) for d, x in ((d_q, q), (d_k, k)))
     return d_q, d_k, d_v, d_g.to(g.dtype), d_beta.to(beta.dtype), d_initial

@@ -4,14 +4,15 @@ Within a chunk of C tokens the C updates fold into one unit lower-triangular sys
     (I + A) with A[i, j] = β_i (k_i·k_j) exp(G_i − G_j) for j < i,   G = cumulative log decay in the chunk,
 whose inverse turns the chunk's tokens into what they write, u = (I + A)⁻¹(β v), and how they read
 the state the chunk starts from, w = (I + A)⁻¹(β exp(G) k) (the WY form). Then:
-    1. `_intra_chunk_kernel`, every chunk in parallel: A, its inverse by forward substitution, w and u;
+    1. `_intra_chunk_kernel`, every chunk in parallel: A, its inverse (`unit_lower_inverse`), w and u;
     2. `_state_scan_kernel`, chunk after chunk per (batch, head, value block), the state in registers:
        u ← u − w·S (what each token really writes), S ← S·exp(G_last) + (k·exp(G_last − G))ᵀ·u,
        keeping the state each chunk starts from;
     3. `_output_kernel`, every chunk in parallel: o = (q·S)·exp(G) + tril(q·kᵀ·exp(G_i − G_j))·u.
-Everything is float32 (the dots take tf32 for 16-bit inputs, full float32 for float32 inputs; G is a
-float32 pair, see `log_decays`); scratch: w and u [B, Hv, T, D] and the chunk-start states
-[B, Hv, chunks, Dk, Dv], float32. The backward (backward.py) runs kernels 1 and 2 again.
+Everything is float32 (the dots take tf32 for 16-bit inputs, the inverse's tf32x3, full float32 for float32
+inputs; G is a float32 pair, see `log_decays`: kernel 1 stores it for the others); scratch: w and u
+[B, Hv, T, D], G [B, Hv, 2, T] and the chunk-start states [B, Hv, chunks, Dk, Dv], float32. The backward
+(backward.py) runs kernels 1 and 2 again.
 """
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def log_decays(g_ptr, batch, head, rows, row_ok, row_stride, batch_stride, head_
 
 
 @triton.jit
+def stored_log_decays(decays_ptr, bh, chunk, length, CHUNK: tl.constexpr):
+    """`log_decays` from G as `_intra_chunk_kernel` stored it ([B·Hv, 2, T], high then low): the kernels after it
+    skip the TwoSum scan and its cross-warp reductions (the scans did them at every step of their sequential
+    loops, once per value block). Rows past the sequence read the last row's G, as the cumulative sum has it."""
+    rows = tl.minimum(chunk * CHUNK + tl.arange(0, CHUNK), length - 1)
+    last = tl.minimum(chunk * CHUNK + CHUNK - 1, length - 1)
+    base = decays_ptr + bh.to(tl.int64) * 2 * length
+    high, low = tl.load(base + rows), tl.load(base + length + rows)
+    last_high, last_low = tl.load(base + last), tl.load(base + length + last)
+    return high, low, exp((last_high - high) + (last_low - low)), exp(last_high)
+
+
+@triton.jit
 def decay_within(high, low, CHUNK: tl.constexpr, INCLUSIVE: tl.constexpr):
     """exp(G_i − G_j) on and below the diagonal (strictly below unless INCLUSIVE), 0 above; G = high + low."""
     i = tl.arange(0, CHUNK)
@@ -89,16 +103,36 @@ def decay_within(high, low, CHUNK: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr):
-    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A, as I + N row by row:
-    N_i = −A_i − Σ_{m<i} A_im N_m (rows 0 and 1 are −A's already; rows past the sequence are 0 in A, stay so)."""
+def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr = 16):
+    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A (rows past the sequence 0), in two steps:
+    1. the diagonal [BLOCK, BLOCK] blocks D by forward substitution, row r of every block in step r: a block's
+       row reads only its own block's columns, so one masked reduction serves CHUNK / BLOCK rows (BLOCK − 2
+       sequential steps, not CHUNK − 2);
+    2. with E = A − D and F = (I + D)⁻¹E, strictly block-lower so F^(CHUNK/BLOCK) = 0:
+       (I + A)⁻¹ = (I + F)⁻¹(I + D)⁻¹ = (I − F)(I + F²)…(I + D)⁻¹, [C, C] dots (4 at CHUNK 64).
+    Not the doubling product over the whole chunk, (I − A)(I + A²)…(I + A³²): its partial products reach
+    C(62, 31) ~ 5e17 for near-equal keys and β 1 (I + A all ones below the diagonal, its inverse ±1), where
+    float32 keeps nothing; inside a block nothing cancels, between blocks at most CHUNK / BLOCK terms.
+    PRECISION: the dots' ("tf32x3" for 16-bit inputs: a chain of tf32 products loses bits the WY form keeps)."""
+    tl.static_assert(CHUNK % BLOCK == 0)
     i = tl.arange(0, CHUNK)
-    n = -a
-    for r in range(2, tl.minimum(rows_in_chunk, CHUNK)):
-        a_row = tl.sum(tl.where((i == r)[:, None], a, 0.0), axis=0)
-        n_row = -a_row - tl.sum(a_row[:, None] * n, axis=0)
-        n = tl.where((i == r)[:, None], n_row[None, :], n)
-    return n + (i[:, None] == i[None, :]).to(tl.float32)
+    same_block = (i[:, None] // BLOCK) == (i[None, :] // BLOCK)
+    d = tl.where(same_block, a, 0.0)
+    n = -d  # rows 0 and 1 of every block are −D's already
+    for r in range(2, tl.minimum(rows_in_chunk, BLOCK)):
+        selected = (i % BLOCK) == r
+        d_row = tl.sum(tl.where(selected[:, None], d, 0.0), axis=0)  # column m: D[block(m)·BLOCK + r, m]
+        n_row = -d_row - tl.sum(d_row[:, None] * n, axis=0)         # n block-diagonal: each column its block's
+        n = tl.where(selected[:, None] & same_block, n_row[None, :], n)
+    eye = (i[:, None] == i[None, :]).to(tl.float32)
+    block_inverse = n + eye
+    f = tl.dot(block_inverse, tl.where(same_block, 0.0, a), input_precision=PRECISION)
+    inverse_f, power = eye - f, f  # Σ_{m<2} (−F)^m
+    for level in tl.static_range(1, 8):
+        if (1 << level) < CHUNK // BLOCK:  # Σ_{m<2^(level+1)} (−F)^m = Σ_{m<2^level} (−F)^m · (I + F^(2^level))
+            power = tl.dot(power, power, input_precision=PRECISION)
+            inverse_f += tl.dot(inverse_f, power, input_precision=PRECISION)
+    return tl.dot(inverse_f, block_inverse, input_precision=PRECISION)
 
 
 @triton.jit
@@ -125,10 +159,10 @@ def store_state(ptr, index, offsets, mask, dk, dv, block):
 
 
 @triton.jit
-def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, heads, groups, dk, dv, eps,
+def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, decays_ptr, length, heads, groups, dk, dv, eps,
                         k_sb, k_st, k_sh, v_sb, v_st, v_sh, g_sb, g_st, g_sh, b_sb, b_st, b_sh,
                         CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, INVERSE_PRECISION: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows, row_ok = chunk_rows(chunk, length, CHUNK)
@@ -136,10 +170,13 @@ def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, hea
     key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                         eps, L2NORM)
     log_decay, low, _, _ = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
+    decay_rows = decays_ptr + bh.to(tl.int64) * 2 * length + rows
+    tl.store(decay_rows, log_decay, mask=row_ok)
+    tl.store(decay_rows + length, low, mask=row_ok)
     beta = load_token_values(beta_ptr, batch, head, rows, row_ok, b_st, b_sb, b_sh)
     a = tl.dot(key, tl.trans(key), input_precision=PRECISION) * beta[:, None] * decay_within(log_decay, low, CHUNK,
                                                                                              False)
-    inverse = unit_lower_inverse(a, length - chunk * CHUNK, CHUNK)
+    inverse = unit_lower_inverse(a, length - chunk * CHUNK, CHUNK, INVERSE_PRECISION)
     out_rows = (bh.to(tl.int64) * length + rows)[:, None]
     w = tl.dot(inverse, key * (beta * exp(log_decay))[:, None], input_precision=PRECISION)
     tl.store(w_ptr + out_rows * dk + kcols[None, :], w, mask=row_ok[:, None] & (kcols < dk)[None, :])
@@ -149,8 +186,8 @@ def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, length, hea
 
 
 @triton.jit
-def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, final_ptr, length, heads, groups, dk,
-                       dv, n_chunks, eps, k_sb, k_st, k_sh, g_sb, g_st, g_sh, HAS_INITIAL: tl.constexpr,
+def _state_scan_kernel(k_ptr, decays_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, final_ptr, length, heads, groups,
+                       dk, dv, n_chunks, eps, k_sb, k_st, k_sh, HAS_INITIAL: tl.constexpr,
                        CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Overwrites u with what each token writes (u − w·S) and stores the state every chunk starts from."""
@@ -164,7 +201,7 @@ def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, fina
         rows, row_ok = chunk_rows(chunk, length, CHUNK)
         key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                             eps, L2NORM)
-        _, _, to_end, chunk_decay = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
+        _, _, to_end, chunk_decay = stored_log_decays(decays_ptr, bh, chunk, length, CHUNK)
         scratch_rows = (bh.to(tl.int64) * length + rows)[:, None]
         w = tl.load(w_ptr + scratch_rows * dk + kcols[None, :], mask=row_ok[:, None] & (kcols < dk)[None, :], other=0.0)
         u_pointers = u_ptr + scratch_rows * dv + vcols[None, :]
@@ -176,8 +213,8 @@ def _state_scan_kernel(k_ptr, g_ptr, w_ptr, u_ptr, states_ptr, initial_ptr, fina
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, g_ptr, states_ptr, written_ptr, out_ptr, length, heads, groups, dk, dv, n_chunks,
-                   scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, g_sb, g_st, g_sh, CHUNK: tl.constexpr,
+def _output_kernel(q_ptr, k_ptr, decays_ptr, states_ptr, written_ptr, out_ptr, length, heads, groups, dk, dv,
+                   n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, CHUNK: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
     chunk, vblock, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, head = bh // heads, bh % heads
@@ -188,7 +225,7 @@ def _output_kernel(q_ptr, k_ptr, g_ptr, states_ptr, written_ptr, out_ptr, length
                           eps, L2NORM) * scale
     key = l2_normalized(load_heads_rows(k_ptr, batch, head // groups, rows, row_ok, k_st, k_sb, k_sh, kcols, dk),
                         eps, L2NORM)
-    log_decay, low, _, _ = log_decays(g_ptr, batch, head, rows, row_ok, g_st, g_sb, g_sh, CHUNK)
+    log_decay, low, _, _ = stored_log_decays(decays_ptr, bh, chunk, length, CHUNK)
     state = tl.load(states_ptr + (bh.to(tl.int64) * n_chunks + chunk) * dk * dv + kcols[:, None] * dv + vcols[None, :],
                     mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
     v_mask = row_ok[:, None] & (vcols < dv)[None, :]
@@ -241,6 +278,11 @@ class Geometry:
         return Geometry(batch, length, heads, heads // heads_k, dk, dv, chunk, cdiv(length, chunk),
                         max(16, next_pow2(dk)), value_block(dk, dv), "ieee" if q.dtype == torch.float32 else "tf32")
 
+    @property
+    def inverse_precision(self) -> str:
+        """The (I + A)⁻¹ dots' precision: tf32x3 (~float32, 3 tensor-core products) for 16-bit inputs."""
+        return "ieee" if self.precision == "ieee" else "tf32x3"
+
     def scratch(self, *trailing: int, device) -> torch.Tensor:
         """A float32 [B, Hv, *trailing] buffer."""
         return torch.empty(self.batch, self.heads, *trailing, dtype=torch.float32, device=device)
@@ -253,30 +295,33 @@ class Geometry:
 
 
 def chunk_states(shape: Geometry, k, v, g, beta, initial_state, l2norm: bool, eps: float, final: torch.Tensor):
-    """(w, written, states): the intra-chunk kernel and the scan (the final state into `final`); `written` is
-    what each token writes (u − w·S), `states` the state each chunk starts from."""
+    """(w, written, states, decays): the intra-chunk kernel and the scan (the final state into `final`); `written`
+    is what each token writes (u − w·S), `states` the state each chunk starts from, `decays` G
+    (`stored_log_decays`)."""
     w, written = shape.scratch(shape.length, shape.dk, device=k.device), shape.scratch(shape.length, shape.dv,
                                                                                         device=k.device)
     states = shape.scratch(shape.n_chunks, shape.dk, shape.dv, device=k.device)
+    decays = shape.scratch(2, shape.length, device=k.device)
     bh = shape.batch * shape.heads
     launch(_intra_chunk_kernel, (shape.n_chunks, bh), ("gated_delta.intra",),
-           k, v, g, beta, w, written, *shape.common(), eps, *k.stride()[:3], *v.stride()[:3], *g.stride(),
+           k, v, g, beta, w, written, decays, *shape.common(), eps, *k.stride()[:3], *v.stride()[:3], *g.stride(),
            *beta.stride(), BLOCK_V=max(16, next_pow2(shape.dv)), num_warps=4 if shape.block_k <= 64 else 8,
+           INVERSE_PRECISION=shape.inverse_precision,
            **shape.constexprs(l2norm))
     launch(_state_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.scan",),
-           k, g, w, written, states, initial_state, final, *shape.common(), shape.n_chunks, eps, *k.stride()[:3],
-           *g.stride(), HAS_INITIAL=initial_state is not None, BLOCK_V=shape.block_v, num_warps=4,
+           k, decays, w, written, states, initial_state, final, *shape.common(), shape.n_chunks, eps,
+           *k.stride()[:3], HAS_INITIAL=initial_state is not None, BLOCK_V=shape.block_v, num_warps=4,
            num_stages=SCAN_STAGES,
            **shape.constexprs(l2norm))
-    return w, written, states
+    return w, written, states, decays
 
 
 def chunk_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out: torch.Tensor,
                   final: torch.Tensor) -> None:
     """Write o into `out` ([B, T, Hv, Dv], contiguous) and the final state into `final` (float32)."""
     shape = Geometry.of(q, v)
-    _, written, states = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
+    _, written, states, decays = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
     launch(_output_kernel, (shape.n_chunks, cdiv(shape.dv, shape.block_v), shape.batch * shape.heads),
-           ("gated_delta.output",), q, k, g, states, written, out, *shape.common(), shape.n_chunks, scale, eps,
-           *q.stride()[:3], *k.stride()[:3], *g.stride(), BLOCK_V=shape.block_v, num_warps=4,
+           ("gated_delta.output",), q, k, decays, states, written, out, *shape.common(), shape.n_chunks, scale,
+           eps, *q.stride()[:3], *k.stride()[:3], BLOCK_V=shape.block_v, num_warps=4,
            **shape.constexprs(l2norm))

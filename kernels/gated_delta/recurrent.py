@@ -6,6 +6,8 @@ The call's cost is the state's read and write, so blocks are narrow enough for e
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
@@ -53,19 +55,28 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, initial_ptr, out_ptr
     store_state(final_ptr, bh, offsets, mask, dk, dv, state)
 
 
-def recurrent_value_block(batch_heads: int, head_dim_v: int) -> int:
-    """Value columns per program: 32, or 16 when fewer than ~512 programs would run (a small decode batch)."""
+@dataclass(frozen=True)
+class RecurrentTiling:
+    """Value columns per program and warps of one recurrent launch (`recurrent_tiling` picks; sweeps pass others)."""
+    block_v: int
+    num_warps: int = 4
+
+
+def recurrent_tiling(batch_heads: int, head_dim_v: int) -> RecurrentTiling:
+    """32 value columns a program, or 16 when fewer than ~512 programs would run (a small decode batch); 4 warps."""
     block = 32 if batch_heads * cdiv(head_dim_v, 32) >= 512 else 16
-    return min(block, max(16, next_pow2(head_dim_v)))
+    return RecurrentTiling(min(block, max(16, next_pow2(head_dim_v))), 4)
 
 
-def recurrent_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out, final) -> None:
-    """Write o into `out` ([B, T, Hv, Dv], contiguous) and the final state into `final` (float32)."""
+def recurrent_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out, final,
+                      tiling: RecurrentTiling | None = None) -> None:
+    """Write o into `out` ([B, T, Hv, Dv], contiguous) and the final state into `final` (float32); `tiling`
+    defaults to `recurrent_tiling` (benchmarks/bench_gated_delta.py --decode-sweep passes others)."""
     batch, length, heads_k, dk = k.shape
     heads, dv = v.shape[2], v.shape[3]
-    block_v = recurrent_value_block(batch * heads, dv)
-    launch(_recurrent_kernel, (cdiv(dv, block_v), batch * heads), ("gated_delta.recurrent",),
+    tiling = tiling or recurrent_tiling(batch * heads, dv)
+    launch(_recurrent_kernel, (cdiv(dv, tiling.block_v), batch * heads), ("gated_delta.recurrent",),
            q, k, v, g, beta, initial_state, out, final, length, heads, heads // heads_k, dk, dv, scale, eps,
            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
-           HAS_INITIAL=initial_state is not None, BLOCK_K=max(16, next_pow2(dk)), BLOCK_V=block_v, L2NORM=l2norm,
-           num_warps=4)
+           HAS_INITIAL=initial_state is not None, BLOCK_K=max(16, next_pow2(dk)), BLOCK_V=tiling.block_v,
+           L2NORM=l2norm, num_warps=tiling.num_warps)
