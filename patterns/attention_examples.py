@@ -61,13 +61,13 @@ def _four_d(draw, attention) -> Example:
 def two_term_examples(draw, attention) -> Example:
     """A bias and a mask applied by masked_fill / where (FSMT: its causal mask added, then the padding filled;
     or the padding filled with -inf, then a position bias added): folded into one added mask where q and k take
-    no gradient (the bias may: learned or not). Fills the kernel hides: -inf, or finfo(float32).min before a
-    bias (rows the mask hides entirely then average V on both sides)."""
+    no gradient (the bias may: learned or not). Fills the kernel hides: -inf, or finfo(dtype).min before a bias
+    (rows the mask hides entirely then average V on both sides; float16's is not hidden)."""
     dtype, q, k, v, _ = _qkv(draw, [1])
     batch, heads, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     order = draw(st.sampled_from(["bias, fill", "fill, bias", "both"]))
     fill = float("-inf") if order != "bias, fill" or dtype == torch.float16 else draw(
-        st.sampled_from([float("-inf"), torch.finfo(torch.float32).min]))
+        st.sampled_from([float("-inf"), torch.finfo(dtype).min]))
     shape = draw(st.sampled_from([(batch, 1, 1, lk), (batch, 1, lq, lk), (lq, lk)]))
     keep = draw(tensors(shape, torch.float32, layout="contiguous")) > -0.3
     if fill == float("-inf"):
