@@ -189,6 +189,8 @@ def _bias_problem(m) -> str | None:
     for b in biases.values():
         if not b.dtype.is_floating_point:
             return f"a {dtype_name(b.dtype)} tensor added to the scores as a bias (the kernel adds one float mask)"
+    if "late_bias" in biases and m.site.how not in ("keep", "drop"):  # late_biased reads only a fill's output
+        return "a bias added after the mask, which is not applied by masked_fill or where"
     if not _filled_with_bias(m):
         return None
     fill, by = m.site.fill, "masked_fill" if m.site.how == "drop" else "where"
