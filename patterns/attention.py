@@ -13,6 +13,7 @@ native mode and reads no L×L mask; a mask it does not understand is read as a t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,26 +22,28 @@ import torch.nn.functional as F
 from torch import fx
 
 from fuser.kernels.attention import LIMITS
+from fuser.kernels.attention.reference import FLT_MAX, LOG2E
 from fuser.kernels.attention.sdpa_speed import speedup_over_sdpa
 from fuser.patterns.attention_examples import naive_examples, sdpa_examples
 from fuser.patterns.attention_masks import MaskPlan, recognize
-from fuser.patterns.attention_pieces import (biased, dropout, masked, merged_heads, repeat_kv, scaled, scaled_scores,
-                                             sink_dropped, softcapped, split_heads, with_sinks)
+from fuser.patterns.attention_pieces import (biased, dropout, late_biased, masked, merged_heads, repeat_kv, scaled,
+                                             scaled_scores, sink_dropped, softcapped, split_heads, with_sinks)
 from fuser.patterns.attention_scales import Scale, fold, read_scale, scale_value
 from fuser.patterns.base import Pattern, Search, cast, dtype_name
 from fuser.patterns.nodes import is_number, symbolic_scalar, tensor_meta, value
 
 
 def attention(q, k, v, n_rep, q_scale, q_inverse, k_scale, k_inverse, scale, inverse, softcap, heads, bias, mask,
-              fill, how, merged, sinks, dim, compute_dtype, sink_is_dropped, out_dtype, dropout_p):
+              fill, how, late_bias, merged, sinks, dim, compute_dtype, sink_is_dropped, out_dtype, dropout_p):
     """softmax(q·kᵀ·scale + mask) · v, as transformers' `eager_attention_forward` and most research code write it;
     over 4-D [B, H, L, D] tensors or batched heads [B·H, L, D] (`torch.bmm`), whose scores may be viewed as
-    [B, H, Lq, Lk] for the mask and back (`split_heads` / `merged_heads`); a bias added before the mask (T5);
-    gpt-oss's sinks in the softmax, their column dropped after it."""
+    [B, H, Lq, Lk] for the mask and back (`split_heads` / `merged_heads`); a bias added before the mask (T5,
+    FSMT's causal mask before its padding masked_fill) or after a masked_fill / where (`late_bias`); gpt-oss's
+    sinks in the softmax, their column dropped after it."""
     keys = repeat_kv(scaled(k, k_scale, k_inverse), n_rep)
     scores = scaled_scores(torch.matmul(scaled(q, q_scale, q_inverse), keys.transpose(-2, -1)), scale, inverse)
     scores = split_heads(softcapped(scores, softcap), heads)
-    scores = merged_heads(masked(biased(scores, bias), mask, fill, how), merged)
+    scores = merged_heads(late_biased(masked(biased(scores, bias), mask, fill, how), late_bias), merged)
     logits = cast(with_sinks(scores, sinks), compute_dtype)
     probs = cast(sink_dropped(torch.softmax(logits, dim), sink_is_dropped), out_dtype)
     return torch.matmul(dropout(probs, dropout_p), repeat_kv(v, n_rep))
@@ -138,6 +141,8 @@ def _mask_plan(m) -> MaskPlan | None:
     site, mask = m.site, m.bindings["mask"]
     if m.meta("mask") is not None and m.meta("mask").requires_grad:  # a learned bias: read, given its gradient
         return None
+    if _filled_with_bias(m):  # folded with its bias into one added mask
+        return None
     if site.is_causal:
         return MaskPlan(True, 0, False, None, float("-inf")) if mask is None else None
     reader = next((n for n in m.nodes if mask in n.all_input_nodes), m.output)  # the mask's value there counts
@@ -145,6 +150,74 @@ def _mask_plan(m) -> MaskPlan | None:
     if plan is not None and site.how == "add" and not _large_negative(plan.fill):
         return None
     return plan
+
+
+def _biases(m) -> dict:
+    """The tensors added to the scores besides the mask, by binding: "bias" (before it), "late_bias" (after a
+    masked_fill / where)."""
+    return {name: m.meta(name) for name in ("bias", "late_bias") if m.bindings.get(name) is not None}
+
+
+def _filled_with_bias(m) -> bool:
+    """A bias and a mask applied by masked_fill / where: folded into one added mask (`_folded`)."""
+    return bool(_biases(m)) and m.site.how in ("keep", "drop")
+
+
+def _hidden(fill: float) -> bool:
+    """A score the kernel keeps from its row whatever is added to it (reference.py: a float mask at most
+    −FLT_MAX/log2 e): −inf, or finfo(float32 / bfloat16).min."""
+    return fill == float("-inf") or fill * LOG2E <= -FLT_MAX
+
+
+def _scores_take_gradient(m) -> bool:
+    """Whether a gradient reaches q·kᵀ (through q, k or a scale tensor), as traced."""
+    return any(isinstance(m.meta(name), torch.Tensor) and m.meta(name).requires_grad
+               for name in ("q", "k", "q_scale", "k_scale", "scale") if name in m.bindings)
+
+
+def _bias_problem(m) -> str | None:
+    """Why the biases cannot join the mask in the one float mask the kernel adds, or None. With masked_fill /
+    where the fold is M = where(kept, bias, fill) (a bias b after the fill: where(kept, bias + b, fill + b)):
+    - bias, then fill: the original's masked score is the fill, the kernel's score + fill; the same softmax
+      (no weight, or equal weights in a row masked fully) only for a fill the kernel hides (`_hidden`);
+    - fill, then bias: the original's is fill + b; −inf stays −inf (NaN with b +inf or NaN: M is that too), a
+      finite fill plus b is a score of its own, which score + M would shift;
+    - either order: where the mask hides a whole row, the filled scores carry its weight; masked_fill cuts their
+      gradient, the kernel's added mask passes it: folded only where the scores take no gradient. A bias's own
+      gradient is exact (`where` cuts it on filled positions as masked_fill does)."""
+    biases = _biases(m)
+    for b in biases.values():
+        if not b.dtype.is_floating_point:
+            return f"a {dtype_name(b.dtype)} tensor added to the scores as a bias (the kernel adds one float mask)"
+    if "late_bias" in biases and m.site.how not in ("keep", "drop"):  # late_biased reads only a fill's output
+        return "a bias added after the mask, which is not applied by masked_fill or where"
+    if not _filled_with_bias(m):
+        return None
+    fill, by = m.site.fill, "masked_fill" if m.site.how == "drop" else "where"
+    if "late_bias" in biases and fill != float("-inf"):
+        return (f"a bias added after {by} with fill {fill:g}: a masked score becomes fill + bias, which the one "
+                f"added mask the kernel takes cannot give (score + mask); only a -inf fill stays masked")
+    if "bias" in biases and not _hidden(fill):
+        return (f"a bias added, then {by} sets masked scores to {fill:g}: folded into one added mask they would be "
+                f"score + {fill:g}, the same softmax only for a fill the kernel hides (-inf, finfo(float32).min)")
+    if _scores_take_gradient(m):
+        return (f"a bias and a mask applied by {by} while the scores take a gradient: in the one added mask the "
+                f"kernel takes, a row the mask hides entirely would pass its filled scores a gradient ({by} passes "
+                f"none); folded only where q and k take no gradient (eval, inference)")
+    return None
+
+
+def _folded(m):
+    """The one float mask of the biases and a masked_fill / where mask (exact where `_bias_problem` says so),
+    4-D, in the dtype the original's masked scores have."""
+    present = [name for name in ("bias", "late_bias") if m.bindings.get(name) is not None]
+    dtype = functools.reduce(torch.promote_types, [m.meta(name).dtype for name in present], m.meta("q").dtype)
+    terms = {name: m[name] if m.meta(name).dtype == dtype else m[name].to(dtype) for name in present}
+    kept = terms["bias"] + terms["late_bias"] if len(terms) == 2 else next(iter(terms.values()))
+    dropped = m.site.fill if "late_bias" not in terms else terms["late_bias"] + m.site.fill
+    keep = m["mask"] if m.site.how == "keep" else torch.logical_not(m["mask"])
+    rank = len(torch.broadcast_shapes(*(m.meta(name).shape for name in ("mask", *present))))
+    return torch.where(keep, kept, dropped)[(None,) * (4 - rank)]
 
 
 def _masking(m, plan: MaskPlan | None) -> str:
@@ -190,10 +263,9 @@ def check(m) -> str | None:
         return f"softmax over dim {site.softmax_dim}, not over the keys"
     if site.compute_dtype not in (None, torch.float32, q.dtype):
         return f"softmax computed in {dtype_name(site.compute_dtype)}"
-    bias = m.meta("bias") if m.bindings.get("bias") is not None else None
-    if bias is not None and (not bias.dtype.is_floating_point or site.how not in ("add", "none")):
-        return (f"a {dtype_name(bias.dtype)} bias added to the scores, then a mask applied by "
-                f"{'masked_fill' if site.how == 'drop' else 'where'}: one mask tensor at most")
+    problem = _bias_problem(m)
+    if problem is not None:
+        return problem
     sinks = m.meta("sinks") if m.bindings.get("sinks") is not None else None
     if sinks is not None and (not sinks.dtype.is_floating_point
                               or tuple(sinks.shape[:-1]) != (q.shape[0], q.shape[1], q.shape[2])):
@@ -261,9 +333,13 @@ def replace(m):
     plan = _mask_plan(m)
     if plan is not None and bias is not None and plan.padding is not None:
         plan = None  # one mask tensor: the bias plus the padding, both added
+    masking = _masking(m, plan)
     if plan is not None:
         causal, window, bottom_right, fill = plan.causal, plan.window, plan.bottom_right, plan.fill
         mask = None if plan.padding is None else m.value_of(plan.padding)[:, None, None, :]
+    elif _filled_with_bias(m):
+        causal, window, bottom_right, fill = False, 0, False, float("-inf")
+        mask, bias, masking = _folded(m), None, "add"
     else:  # a mask the kernel reads as a tensor, with the polarity and fill of the original
         causal, window, bottom_right = False, 0, False
         how, fill = m.site.how, m.site.fill
@@ -276,7 +352,6 @@ def replace(m):
     scale = m.site.scale
     q, k, v = (_to_4d(m, x) for x in (fold(m, scale, m["q"], "q"), fold(m, scale, m["k"], "k"), m["v"]))
     softcap = m["softcap"] if symbolic_scalar(m.site.softcap) else m.site.softcap
-    masking = _masking(m, plan)
     if bias is not None:  # added to the scores like an additive mask
         mask = bias[(None,) * (4 - m.meta("bias").dim())] if mask is None else bias + mask
         masking = "add"
@@ -303,7 +378,9 @@ def describe(m) -> str:
         parts.append("softcap symbolic" if symbolic_scalar(m.site.softcap) else f"softcap {m.site.softcap:g}")
     if m.get("sinks") is not None:
         parts.append("sinks")
-    if m.get("bias") is not None:
+    if _filled_with_bias(m):
+        parts.append("bias and mask folded into one tensor")
+    elif m.get("bias") is not None:
         parts.append("bias read as a tensor")
     if m.site.scale.symbolic:
         parts.append("scale symbolic")

@@ -1,6 +1,7 @@
 """Hypothesis strategies of attention's spellings (patterns/attention.py registers them with its search rows):
 4-D heads with every mask kind, batched heads over 3-D tensors (`torch.bmm`, the scores viewed per head for a
-mask and back), tensor scales (a learned temperature, 0-d or per head), SDPA after `repeat_kv`."""
+mask and back), tensor scales (a learned temperature, 0-d or per head), a bias with a masked_fill / where mask in
+either order, SDPA after `repeat_kv`."""
 from __future__ import annotations
 
 import math
@@ -50,9 +51,35 @@ def _four_d(draw, attention) -> Example:
         else None  # a bias added before the mask (T5's position bias)
     return Example(attention, dict(
         q=q, k=k, v=v, mask=mask, n_rep=n_rep, **UNSCALED, scale=1.0 / math.sqrt(d), inverse=False,
-        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), heads=0, bias=bias, fill=fill, how=how, merged=False,
-        sinks=sinks, dim=-1, compute_dtype=torch.float32 if upcast else None, sink_is_dropped=sinks is not None,
-        out_dtype=dtype if upcast else None, dropout_p=0.0), constants=("mask", "bias"))
+        softcap=draw(st.sampled_from([0.0, 0.0, 20.0])), heads=0, bias=bias, fill=fill, how=how, late_bias=None,
+        merged=False, sinks=sinks, dim=-1, compute_dtype=torch.float32 if upcast else None,
+        sink_is_dropped=sinks is not None, out_dtype=dtype if upcast else None, dropout_p=0.0),
+        constants=("mask", "bias"))
+
+
+@st.composite
+def two_term_examples(draw, attention) -> Example:
+    """A bias and a mask applied by masked_fill / where (FSMT: its causal mask added, then the padding filled;
+    or the padding filled with -inf, then a position bias added): folded into one added mask where q and k take
+    no gradient (the bias may: learned or not). Fills the kernel hides: -inf, or finfo(dtype).min before a bias
+    (rows the mask hides entirely then average V on both sides; float16's is not hidden)."""
+    dtype, q, k, v, _ = _qkv(draw, [1])
+    batch, heads, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    order = draw(st.sampled_from(["bias, fill", "fill, bias", "both"]))
+    fill = float("-inf") if order != "bias, fill" or dtype == torch.float16 else draw(
+        st.sampled_from([float("-inf"), torch.finfo(dtype).min]))
+    shape = draw(st.sampled_from([(batch, 1, 1, lk), (batch, 1, lq, lk), (lq, lk)]))
+    keep = draw(tensors(shape, torch.float32, layout="contiguous")) > -0.3
+    if fill == float("-inf"):
+        keep[..., 0] = True  # at least one visible key per row: -inf rows are NaN on both sides
+    how = draw(st.sampled_from(["keep", "drop"]))
+    bias_shape = draw(st.sampled_from([(1, heads, lq, lk), (lq, lk), (batch, 1, 1, lk)]))
+    bias, late = (draw(tensors(bias_shape, dtype)) if order != which else None
+                  for which in ("fill, bias", "bias, fill"))
+    learned = draw(st.booleans())
+    example = _plain(attention, q=q, k=k, v=v, scale=1.0 / math.sqrt(q.shape[-1]), how=how,
+                     mask=keep if how == "keep" else ~keep, fill=fill, bias=bias, late_bias=late)
+    return Example(attention, example.kwargs, ("q", "k", "mask") + (() if learned else ("bias", "late_bias")))
 
 
 @st.composite
@@ -76,9 +103,9 @@ def sdpa_examples(draw, sdpa) -> Example:
 
 def _plain(attention, **kwargs) -> Example:
     """An example of the naive search with no repeat, softcap, cast or dropout: only `kwargs` given."""
-    plain = dict(n_rep=1, **UNSCALED, softcap=0.0, heads=0, bias=None, mask=None, fill=0.0, how="none", merged=False,
-                 sinks=None, dim=-1, compute_dtype=None, sink_is_dropped=False, out_dtype=None, dropout_p=0.0,
-                 inverse=False)
+    plain = dict(n_rep=1, **UNSCALED, softcap=0.0, heads=0, bias=None, mask=None, fill=0.0, how="none",
+                 late_bias=None, merged=False, sinks=None, dim=-1, compute_dtype=None, sink_is_dropped=False,
+                 out_dtype=None, dropout_p=0.0, inverse=False)
     return Example(attention, {**plain, **kwargs}, constants=("mask",))
 
 
@@ -119,4 +146,5 @@ def tensor_scale_examples(draw, attention) -> Example:
 
 def naive_examples(attention):
     """Every naive spelling, each drawn as often as the others."""
-    return st.one_of(_four_d(attention), batched_head_examples(attention), tensor_scale_examples(attention))
+    return st.one_of(_four_d(attention), batched_head_examples(attention), tensor_scale_examples(attention),
+                     two_term_examples(attention))

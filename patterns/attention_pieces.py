@@ -3,7 +3,8 @@ each lists the node shapes it accepts, or its absence, and what its parameters b
 
 `repeat_kv`, `scaled` / `scaled_scores` (a number, a symbolic scalar or a tensor on q, k or the scores:
 patterns/attention_scales.py reads it),
-`softcapped`, `biased` (a tensor added before the mask: T5's position bias), `masked`, `with_sinks` /
+`softcapped`, `biased` (a tensor added before the mask: T5's position bias) / `late_biased` (after a
+`masked_fill` / `where`), `masked`, `with_sinks` /
 `sink_dropped` (gpt-oss: `cat([scores, sinks], -1)`, its row max subtracted or not, softmax, `[..., :-1]`),
 `dropout`, and the head views of batched-head code over 3-D tensors
 (`split_heads` / `merged_heads`: scores [B·H, Lq, Lk] viewed as [B, H, Lq, Lk] for a mask and back).
@@ -207,19 +208,30 @@ def merged_heads(scores, merged):
     return scores.view(scores.shape[0] * scores.shape[1], *scores.shape[2:]) if merged else scores
 
 
-def _biased_shapes(node):
-    """`s + bias`: a float tensor added to the scores before a mask is (T5's position bias, then its mask), or no
-    bias. With a single term the mask is tried first (`masked`)."""
+_FILLS = ("masked_fill", torch.masked_fill, torch.where)
+
+
+def _biased_shapes(node, after_fill: bool):
+    """`s + bias`: a float tensor added to the scores before a mask is (T5's position bias, then its mask; FSMT's
+    causal mask, then its padding masked_fill), or no bias. With a single term the mask is tried first
+    (`masked`). `after_fill`: only a bias added to a `masked_fill` / `where` (the padding filled, then a bias
+    added), so that two added terms are read one way (bias, then mask)."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target == operator.add:
         for scores, bias in (node.args, node.args[::-1]):
-            if isinstance(bias, fx.Node) and isinstance(scores, fx.Node) and broadcasts_to(bias, scores):
+            if isinstance(bias, fx.Node) and isinstance(scores, fx.Node) and broadcasts_to(bias, scores) and (
+                    not after_fill or _sole_user(scores) and scores.target in _FILLS):
                 yield scores, (bias,), (node,)
     yield node, (None,), ()
 
 
-@structural(_biased_shapes)
-def biased(scores, bias):
+def _add_bias(scores, bias):
     return scores if bias is None else scores + bias
+
+
+biased = structural(functools.partial(_biased_shapes, after_fill=False))(_add_bias)
+biased.__name__ = "biased"
+late_biased = structural(functools.partial(_biased_shapes, after_fill=True))(_add_bias)
+late_biased.__name__ = "late_biased"
 
 
 def _last_dim(node, dim) -> bool:

@@ -1,7 +1,8 @@
 """A float mask that takes a gradient (a learned additive bias, T5's relative position bias) through
 `fuser::attention`: the dQ kernel's dS, summed over the dims the bias broadcasts on, against float64 autograd of
 the naive formula, with every other gradient; alone or with a padding mask added, causal, softcapped, dropped
-out, with sinks, GQA, rows that see no key; then the pattern in training (a T5-style block, tiny T5)."""
+out, with sinks, GQA, rows that see no key; then the pattern in training (a T5-style block, tiny T5); a bias with
+a masked_fill / where mask in either order (FSMT's decoder), folded into one added mask where exact."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,10 @@ from hypothesis import given, strategies as st
 import fuser
 from fuser.kernels.attention import AttentionLiterals, attention_reference
 from fuser.kernels.attention.reference import reference_backward
+from fuser.fuzzing import run_example
 from fuser.models import tiny_t5
+from fuser.patterns.attention import ATTENTION, attention
+from fuser.patterns.attention_examples import two_term_examples
 from helpers import compile_and_run, float64_reference
 from numerics import assert_close, on_kernel_device
 
@@ -183,3 +187,151 @@ def test_tiny_t5_in_training_has_every_attention_rewritten_with_float64_gradient
         assert_close(p.grad, p64.grad, torch.float32), name
         biases += "relative_attention_bias" in name and p.grad.abs().sum().item() > 0
     assert biases == 2
+
+
+# A bias and a mask applied by masked_fill / where (FSMT: its causal mask added, then its padding filled): folded
+# into the one added mask the kernel takes, where that is exact (patterns/attention.py: _bias_problem).
+MIN32 = torch.finfo(torch.float32).min
+ORDERS = ("bias, fill", "fill, bias", "where", "two added")
+
+
+class TwoTermAttention(torch.nn.Module):
+    """Scores of given q, k with a position bias ([1, H, L, L], learned or a buffer) and a mask ([B, 1, L, L],
+    True = masked) in one of ORDERS: `(s + bias).masked_fill(pad, fill)`, `s.masked_fill(pad, fill) + bias`,
+    `where(~pad, s + bias, fill)`, or two added terms `s + bias + padding_as_fill`; softmax in float32."""
+
+    def __init__(self, order, fill, learned, heads=2, length=7):
+        super().__init__()
+        self.order, self.fill = order, fill
+        bias = torch.randn(1, heads, length, length, generator=torch.Generator().manual_seed(5))
+        if learned:
+            self.bias = torch.nn.Parameter(bias)
+        else:
+            self.register_buffer("bias", bias)
+
+    def forward(self, q, k, v, padded):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if self.order == "bias, fill":
+            scores = (scores + self.bias).masked_fill(padded, self.fill)
+        elif self.order == "fill, bias":
+            scores = scores.masked_fill(padded, self.fill) + self.bias
+        elif self.order == "where":
+            scores = torch.where(~padded, scores + self.bias, self.fill)
+        else:
+            scores = scores + self.bias + torch.zeros(padded.shape).masked_fill(padded, self.fill)
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(scores), v)
+
+
+def _two_term_inputs(qk_grad, seed=0):
+    """q, k, v [2, 2, 7, 8] (v takes a gradient; q and k with `qk_grad`) and what is masked [2, 1, 7, 7]: later
+    keys and padded ones, sequence 0 padding its last two keys, sequence 1 its first three (its first three rows
+    see no key: FULL_ROWS)."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=generator) for _ in range(3))
+    padded = torch.zeros(2, 1, 1, 7, dtype=torch.bool)
+    padded[0, ..., 5:], padded[1, ..., :3] = True, True
+    masked = padded | torch.ones(7, 7, dtype=torch.bool).triu(1)
+    return q.requires_grad_(qk_grad), k.requires_grad_(qk_grad), v.requires_grad_(), masked
+
+
+FULL_ROWS = (1, slice(None), slice(0, 3))  # sequence 1's rows that see no key
+
+
+def _run_two_term(block, qk_grad, grad=True):
+    """(report, errors checked): compiled against float64 (output, and v's, q's, k's and the bias's gradients
+    where they are taken)."""
+    q, k, v, padded = _two_term_inputs(qk_grad)
+    with torch.set_grad_enabled(grad):
+        out, report = compile_and_run(block, q, k, v, padded, options={"strict": True})
+    block64 = copy.deepcopy(block).double()
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
+    ref = block64(*leaves64, padded)
+    assert_close(out, ref, torch.float32)
+    if grad:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        ours = [t for t in (q, k, v, block.bias) if t.requires_grad]
+        theirs = [t for t in (*leaves64, block64.bias) if t.requires_grad]
+        for got, want in zip(torch.autograd.grad(out, ours, grad_out), torch.autograd.grad(ref, theirs,
+                                                                                           grad_out.double())):
+            assert_close(got, want, torch.float32)
+    return report
+
+
+@pytest.mark.parametrize("fill", [-math.inf, MIN32])
+@pytest.mark.parametrize("order", ["bias, fill", "where", "two added"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_a_bias_then_a_fill_is_folded_into_one_mask_where_q_and_k_take_no_gradient(order, fill, learned):
+    """Eval (no grad) and training of the bias alone (q, k frozen): one attention, the bias and the padding read
+    as one added tensor; output, v's and the bias's gradient against float64, with rows that see only padded
+    keys (FULL_ROWS; finfo.min: V's average on both sides; -inf: NaN on both sides, their gradients too)."""
+    block = TwoTermAttention(order, fill, learned)
+    for grad in (False, True):
+        report = _run_two_term(block, qk_grad=False, grad=grad)
+        assert report.counts() == {"attention": 1}, report
+        folded = "bias and mask folded into one tensor" if order != "two added" else "bias read as a tensor"
+        assert folded in report.matches[0].mode, report
+    if learned:
+        assert block.bias.grad is None  # autograd.grad: nothing accumulated
+
+
+def test_a_fill_then_a_bias_is_folded_with_a_minus_inf_fill():
+    """`s.masked_fill(pad, -inf) + bias`: a masked score is -inf + bias = -inf, as score + (bias + -inf) is."""
+    for learned in (False, True):
+        report = _run_two_term(TwoTermAttention("fill, bias", -math.inf, learned), qk_grad=False)
+        assert report.counts() == {"attention": 1}, report
+
+
+def test_two_added_terms_are_rewritten_with_q_and_k_taking_their_gradient():
+    """Two additive terms stay additive in the fold: nothing is replaced, every gradient passes as in the original."""
+    report = _run_two_term(TwoTermAttention("two added", MIN32, learned=True), qk_grad=True)
+    assert report.counts() == {"attention": 1}, report
+
+
+@pytest.mark.parametrize(("order", "fill", "qk_grad", "reason"), [
+    ("bias, fill", MIN32, True, "a bias and a mask applied by masked_fill while the scores take a gradient"),
+    ("where", -math.inf, True, "a bias and a mask applied by where while the scores take a gradient"),
+    ("fill, bias", MIN32, False, "a bias added after masked_fill with fill -3.40282e+38: a masked score becomes "
+                                 "fill + bias"),
+    ("fill, bias", -1e4, False, "a bias added after masked_fill with fill -10000: a masked score becomes fill + bias"),
+    ("bias, fill", -1e9, False, "a bias added, then masked_fill sets masked scores to -1e+09"),
+    ("where", 0.0, False, "a bias added, then where sets masked scores to 0"),
+])
+def test_two_terms_whose_fold_would_differ_are_near_misses(order, fill, qk_grad, reason):
+    q, k, v, padded = _two_term_inputs(qk_grad)
+    block = TwoTermAttention(order, fill, learned=True)
+    out, report = compile_and_run(block, q, k, v, padded)
+    assert "attention" not in report.counts(), report
+    reasons = [n.reason for n in report.near_misses if n.pattern == "attention"]
+    assert len(reasons) == 1 and reasons[0].startswith(reason), reasons
+    assert report.counts() == {"softmax": 1}, report  # the original ran, its softmax fused alone
+    torch.testing.assert_close(out, block(q, k, v, padded), equal_nan=True)
+
+
+def _fold_through_the_kernel(q, k, v, folded):
+    return AttentionLiterals(q.shape[-1] ** -0.5, masking="add").call(q, k, v, folded)
+
+
+def test_what_the_refused_folds_would_give_differs_from_the_original():
+    """The refusals are real: folded into one added mask (what the kernel takes), a row that sees only padded keys
+    passes q a gradient masked_fill does not; a finite fill before a bias gives fill + bias, the fold score + it."""
+    q, k, v, padded = _two_term_inputs(qk_grad=True)
+    block = TwoTermAttention("bias, fill", MIN32, learned=False)
+    (want,) = torch.autograd.grad(block(q, k, v, padded).sum(), [q])
+    folded = torch.where(~padded, block.bias, MIN32)
+    (got,) = torch.autograd.grad(_fold_through_the_kernel(*on_kernel_device(q, k, v, folded)).sum(), [q])
+    assert want[FULL_ROWS].abs().max() == 0 and got.cpu()[FULL_ROWS].abs().max() > 1e-3
+    got[FULL_ROWS] = 0.0
+    torch.testing.assert_close(got.cpu(), want)  # elsewhere the same
+    block = TwoTermAttention("fill, bias", -1e4, learned=False)  # older HF code fills with -10000
+    with torch.no_grad():
+        original = block(q, k, v, padded)
+        refused = _fold_through_the_kernel(*on_kernel_device(q, k, v, torch.where(~padded, block.bias,
+                                                                                  block.bias - 1e4))).cpu()
+    assert (original - refused)[FULL_ROWS].abs().max() > 1e-3
+    refused[FULL_ROWS] = original[FULL_ROWS]
+    torch.testing.assert_close(refused, original)
+
+
+@given(example=two_term_examples(attention))
+def test_two_term_examples_are_rewritten_exactly(example):
+    run_example(ATTENTION, example)

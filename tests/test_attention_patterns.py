@@ -11,7 +11,7 @@ import fuser
 from fuser.models import tiny_inputs, tiny_model
 from fuser.numerics.contract import judge
 from helpers import compile_and_run, compiled_with_padding, float64_reference
-from numerics import assert_close
+from numerics import assert_close, rel_l2
 
 B, H, KV, L, D = 2, 4, 2, 13, 16
 
@@ -358,33 +358,46 @@ def test_t5_attention_with_its_position_bias_is_rewritten():
     assert not [n for n in report.near_misses if n.pattern == "attention"], report
 
 
-@pytest.mark.parametrize("padded_decoder", [False, True])
-def test_fsmt_in_training_rewrites_every_attention_but_the_two_term_decoder_masks(monkeypatch, padded_decoder):
-    """FSMT over batched heads, in training: the encoder's padding masked_fill, the decoder's added causal mask,
-    the cross-attention's encoder padding: all six sites rewritten, loss and every gradient against float64.
-    With padded decoder tokens the decoder's self-attention adds its causal mask (read as a tensor: built by
-    fill_ and triu) and then masked_fills the padding: two mask tensors, which the kernel cannot take together
-    (it reads one): those two sites are near misses saying so, and keep the original."""
-    from transformers.models.fsmt import modeling_fsmt
-
-    from fuser.models import tiny_fsmt
-
-    model = tiny_fsmt().train()
+def _fsmt_inputs(model, padded_decoder, left=False):
+    """Source ids with sequence 0 padded after 6 tokens, decoder ids (sequence 1 padded from token 5 on, or
+    `left`: its first two tokens, whose rows then see only padded keys)."""
     ids = torch.randint(3, model.config.src_vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(ids)
     attention_mask[0, 6:] = 0
     decoder_ids = ids[:, :7].clone()
     if padded_decoder:
-        decoder_ids[1, 5:] = model.config.pad_token_id
-    inputs = dict(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids, labels=decoder_ids)
+        decoder_ids[1, slice(None, 2) if left else slice(5, None)] = model.config.pad_token_id
+    return dict(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids)
+
+
+_FSMT_TWO_TERMS = ("a bias and a mask applied by masked_fill while the scores take a gradient: in the one added mask "
+                   "the kernel takes, a row the mask hides entirely would pass its filled scores a gradient "
+                   "(masked_fill passes none); folded only where q and k take no gradient (eval, inference)")
+
+
+@pytest.mark.parametrize("padded_decoder", [False, True])
+def test_fsmt_in_training_rewrites_every_attention_but_the_two_term_decoder_masks(monkeypatch, padded_decoder):
+    """FSMT over batched heads, in training: the encoder's padding masked_fill, the decoder's added causal mask,
+    the cross-attention's encoder padding: all six sites rewritten, loss and every gradient against float64.
+    With padded decoder tokens the decoder's self-attention adds its causal mask (read as a tensor: built by
+    fill_ and triu) and then masked_fills the padding with finfo.min. Folded into the one added mask the kernel
+    takes, a decoder row whose visible keys are all padded (left padding) would give q and k a gradient through
+    the filled scores, which masked_fill cuts: in training those two sites are near misses saying so, and keep
+    the original (in eval they are rewritten: the next test)."""
+    from transformers.models.fsmt import modeling_fsmt
+
+    from fuser.models import tiny_fsmt
+
+    model = tiny_fsmt().train()
+    inputs = _fsmt_inputs(model, padded_decoder)
+    inputs["labels"] = inputs["decoder_input_ids"]
     torch._dynamo.reset()
     fuser.reset_reports()
     loss = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(**inputs).loss
     report = fuser.last_report()
     near_misses = [n.reason for n in report.near_misses if n.pattern == "attention"]
     assert report.counts().get("attention") == (4 if padded_decoder else 6), report
-    assert near_misses == (["a float32 bias added to the scores, then a mask applied by masked_fill: one mask "
-                            "tensor at most"] * 2 if padded_decoder else []), report
+    assert near_misses == ([_FSMT_TWO_TERMS] * 2 if padded_decoder else []), report
     loss.backward()
     # transformers' fill_with_neg_inf casts finfo(float64).min to float32 (overflow): the float64 run fills with
     # float32's min, an excluded score either way
@@ -400,3 +413,33 @@ def test_fsmt_in_training_rewrites_every_attention_but_the_two_term_decoder_mask
         if p64.grad is not None:
             verdict = judge(p.grad, p64.grad, own=p32.grad)
             assert verdict.problem is None, (name, verdict)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_fsmt_in_eval_without_cache_has_its_two_term_decoder_masks_folded(monkeypatch, left):
+    """FSMT in eval with use_cache off and padded decoder tokens: the decoder's self-attention adds its causal
+    mask and masked_fills the padding (finfo.min, a fill the kernel hides); no gradient reaches the scores, so the
+    two terms fold into one added mask: all six sites rewritten, logits against float64 (left padding too: rows
+    that see only padded keys average V over them on both sides)."""
+    from transformers.models.fsmt import modeling_fsmt
+
+    from fuser.models import tiny_fsmt
+
+    model = tiny_fsmt()
+    inputs = dict(_fsmt_inputs(model, padded_decoder=True, left=left), use_cache=False)
+    torch._dynamo.reset()
+    fuser.reset_reports()
+    with torch.no_grad():
+        logits = torch.compile(model, backend="fuser", options={"codegen": "eager", "strict": True})(**inputs).logits
+        report = fuser.last_report()
+        # as in training: the float64 run fills its causal mask with float32's min (transformers' overflows to -inf)
+        monkeypatch.setattr(modeling_fsmt, "fill_with_neg_inf", lambda t: t.fill_(torch.finfo(torch.float32).min))
+        reference, own = float64_reference(model)(**inputs).logits, model(**inputs).logits
+    assert report.counts().get("attention") == 6, report
+    assert not [n for n in report.near_misses if n.pattern == "attention"], report
+    assert sum("bias and mask folded into one tensor" in m.mode for m in report.matches) == 2, report
+    if left:  # rows that see only padded keys: float64 fills those with float64's min, below the causal mask's
+        torch.testing.assert_close(logits, own)  # float32 min, so its softmax there differs: held to float32's
+        assert rel_l2(own, reference) > 1e-4  # (the original's own float32 run differs so from float64)
+    else:
+        assert_close(logits, reference, torch.float32)
