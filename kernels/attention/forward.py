@@ -152,21 +152,26 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
 
 
 @triton.jit
-def attend_program_rows(Q, K, V, Mask, Classes, Sinks, m_block, bh, exact, known_lse, split, num_splits, sq, sk, sv,
-                        sm, sc, heads_in_grid, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def attend_program_rows(Q, K, V, Mask, Classes, Sinks, m_block, query, exact, known_lse, split, num_splits, sq, sk,
+                        sv, sm, sc, sizes, literals, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HEAD: tl.constexpr, CELL: tl.constexpr, RULE: tl.constexpr, USE_CLASSES: tl.constexpr,
-                        PACK_GQA: tl.constexpr, CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
-    """Attention of one block of rows: (rows' head and index, acc, max, sum).
+                        CAN_SKIP: tl.constexpr, NUMERICS: tl.constexpr):
+    """Attention of one block of rows, `query` (what `query_rows` gives): (acc, max, sum).
+
+    The caller finds the rows (from program ids and sizes only) and stores through them: a store pointer built
+    from values this function returned would reach, in Inductor's mutation analysis of the traced launch
+    (triton_kernel_wrap: a store's pointer traced back through calls), every pointer given here, and every
+    input would count as written (each call cloning q, k, v and a KV cache; CUDA-graph trees skipped for a
+    "mutated input").
 
     `exact` visits every key tile without skipping (the merge's recompute; known_lse: the rows' log-sum-exp over
     the splits); otherwise the rows' visible tiles (their `split`-th share), then every tile again when skipping
     may have changed a row (not when split: the merge decides). A result that is not finite is redone by an
     EXACT pass (tiles.py), whose open rows the log-sum-exp of the pass before says.
     """
-    Hq, group, Lq, Lk, D = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]
+    Hq, Lq, Lk, D = sizes[0], sizes[2], sizes[3], sizes[4]
     pos_offset, window, saturation_lse = literals[0], literals[1], literals[5]
-    batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M,
-                                                                 PACK_GQA)
+    batch, grid_head, q_head, q_idx, q_ok, kv_head = query
     batch = batch.to(tl.int64)
     d = tl.arange(0, HEAD[HEAD_BLOCK_D])
     q_rows = Q + batch * sq[0] + q_head.to(tl.int64) * sq[1] + q_idx.to(tl.int64) * sq[2]
@@ -213,7 +218,7 @@ def attend_program_rows(Q, K, V, Mask, Classes, Sinks, m_block, bh, exact, known
                                             q_open, mask_row_ptrs, sm, class_ptr, sc, sizes, literals, Sinks, True,
                                             BLOCK_M, EXACT_BLOCK, HEAD, CELL, True, True, RULE, USE_CLASSES, NUMERICS)
                 m_i = tl.where((l_i == 0) & ~q_open, float("nan"), m_i)  # reaches nothing: no gradient either
-    return batch, q_head, q_idx, q_ok, acc, m_i, l_i
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -263,10 +268,12 @@ def attention_forward_program(
     if RULE[RULE_CAUSAL]:  # the longest rows first: fewer idle multiprocessors at the end
         m_block = tl.num_programs(0) - 1 - m_block
     unknown_lse = tl.zeros([BLOCK_M], dtype=tl.float32)  # the first pass finds it
-    batch, q_head, q_idx, q_ok, acc, m_i, l_i = attend_program_rows(
-        Q, K, V, Mask, Classes, Sinks, m_block, tl.program_id(1), False, unknown_lse, split, num_splits, sq, sk, sv, sm,
-        sc, heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, PACK_GQA, CAN_SKIP,
-        NUMERICS)
+    query = query_rows(m_block, tl.program_id(1), heads_in_grid, sizes[1], sizes[2], BLOCK_M, PACK_GQA)
+    batch, _, q_head, q_idx, q_ok, _ = query
+    acc, m_i, l_i = attend_program_rows(
+        Q, K, V, Mask, Classes, Sinks, m_block, query, False, unknown_lse, split, num_splits, sq, sk, sv, sm, sc,
+        sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, USE_CLASSES, CAN_SKIP, NUMERICS)
+    batch = batch.to(tl.int64)
     if num_splits > 1:  # the merge finishes the rows
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
         shift = m_i
@@ -288,8 +295,8 @@ def merge_splits_program(
     BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
     literals = kernel_literals(literals, Seed, RULE)
     group, Lq, Dv = sizes[1], sizes[2], sizes[5]
-    batch, grid_head, q_head, q_idx, q_ok, kv_head = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid,
-                                                                 group, Lq, BLOCK_M, PACK_GQA)
+    query = query_rows(tl.program_id(0), tl.program_id(1), heads_in_grid, group, Lq, BLOCK_M, PACK_GQA)
+    batch, _, q_head, q_idx, q_ok, _ = query
     batch = batch.to(tl.int64)
     dv = tl.arange(0, HEAD[HEAD_BLOCK_DV])
     part_rows = batch * sp[1] + q_head.to(tl.int64) * sp[2] + q_idx.to(tl.int64) * sp[3]
@@ -311,9 +318,9 @@ def merge_splits_program(
     shift = lse
     log2_sum = tl.log2(total)
     if rows_saturated(lse, q_ok, literals[5]) | any_nonfinite(out):  # as attend_program_rows' exact pass
-        _, _, _, _, acc, m_i, l_i = attend_program_rows(
-            Q, K, V, Mask, Classes, Sinks, tl.program_id(0), tl.program_id(1), True, lse, 0, 1, sq, sk, sv, sm, sc,
-            heads_in_grid, sizes, literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, PACK_GQA, True, NUMERICS)
+        acc, m_i, l_i = attend_program_rows(
+            Q, K, V, Mask, Classes, Sinks, tl.program_id(0), query, True, lse, 0, 1, sq, sk, sv, sm, sc, sizes,
+            literals, BLOCK_M, BLOCK_N, HEAD, CELL, RULE, False, True, NUMERICS)
         out, shift, log2_sum = finished_rows(acc, m_i, l_i, ZERO_EMPTY_ROWS)
     store_rows(Out, Stats, batch, q_head, q_idx, q_ok, out, shift, log2_sum, so, ss, Dv, HEAD[HEAD_BLOCK_DV])
 

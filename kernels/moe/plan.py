@@ -59,19 +59,22 @@ def _chunk_sizes(rows: int, experts: int):
     return e_pow2, chunk, 8 if chunk > smallest else 4
 
 
+# The kernels load the ids themselves, never through a helper given ids_ptr: Inductor's mutation analysis of a
+# traced launch follows a store's pointer back through helper calls, and a slot computed from what a helper given
+# ids_ptr returned would count the ids as written (cloned before every call). scripts/compile_for_gpu.py checks it.
+
 @triton.jit
-def _chunk_onehot(ids_ptr, chunk, R, E, CHUNK: tl.constexpr, E_POW2: tl.constexpr):
-    """Rows of one chunk and their experts one-hot [CHUNK, E_POW2] (ids outside [0, E) drop out)."""
-    rows = chunk * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + rows, mask=rows < R, other=-1).to(tl.int32)
+def _onehot(ids, E, E_POW2: tl.constexpr):
+    """Ids [CHUNK] as their experts one-hot [CHUNK, E_POW2] (ids outside [0, E) drop out)."""
     experts = tl.arange(0, E_POW2)
-    return rows, ((ids[:, None] == experts[None, :]) & (ids[:, None] < E)).to(tl.int32)
+    return ((ids[:, None] == experts[None, :]) & (ids[:, None] < E)).to(tl.int32)
 
 
 @triton.jit
 def _count_kernel(ids_ptr, chunk_counts_ptr, R, E, CHUNK: tl.constexpr, E_POW2: tl.constexpr):
     chunk = tl.program_id(0)
-    _, onehot = _chunk_onehot(ids_ptr, chunk, R, E, CHUNK, E_POW2)
+    rows = chunk * CHUNK + tl.arange(0, CHUNK)
+    onehot = _onehot(tl.load(ids_ptr + rows, mask=rows < R, other=-1).to(tl.int32), E, E_POW2)
     tl.store(chunk_counts_ptr + chunk * E_POW2 + tl.arange(0, E_POW2), tl.sum(onehot, 0))
 
 
@@ -80,22 +83,6 @@ def _expert_bins(h, E_POW2: tl.constexpr, BINS: tl.constexpr):
     """The first E_POW2 of a histogram's BINS bins (the rest hold the rows of no expert)."""
     parts = tl.reshape(h, [BINS // E_POW2, E_POW2])
     return tl.sum(tl.where(tl.arange(0, BINS // E_POW2)[:, None] == 0, parts, 0), 0)
-
-
-@triton.jit
-def _count_all(ids_ptr, first_row, R, E, E_POW2: tl.constexpr, SCAN_ROWS: tl.constexpr):
-    """(rows of each expert, those of them before first_row) over all R rows, by histograms; ids outside
-    [0, E) and rows past R land in bin E_POW2, which no expert reads."""
-    BINS: tl.constexpr = 2 * E_POW2 if 2 * E_POW2 > 32 else 32
-    counts = tl.zeros([E_POW2], dtype=tl.int32)
-    before = tl.zeros([E_POW2], dtype=tl.int32)
-    for first in range(0, R, SCAN_ROWS):
-        rows = first + tl.arange(0, SCAN_ROWS)
-        ids = tl.load(ids_ptr + rows, mask=rows < R, other=-1)
-        key = tl.where((ids >= 0) & (ids < E), ids, E_POW2).to(tl.int32)
-        counts += _expert_bins(tl.histogram(key, BINS), E_POW2, BINS)
-        before += _expert_bins(tl.histogram(tl.where(rows < first_row, key, E_POW2), BINS), E_POW2, BINS)
-    return counts, before
 
 
 @triton.jit
@@ -118,12 +105,21 @@ def _place_kernel(
                             mask=chunks[:, None] < num_chunks, other=0)
             counts += tl.sum(block, 0)
             before += tl.sum(tl.where(chunks[:, None] < chunk, block, 0), 0)
-    else:
-        counts, before = _count_all(ids_ptr, chunk * CHUNK, R, E, E_POW2, SCAN_BLOCK)
+    else:  # over all R rows, by histograms: ids outside [0, E) and rows past R land in bin E_POW2, read by none
+        BINS: tl.constexpr = 2 * E_POW2 if 2 * E_POW2 > 32 else 32
+        counts = tl.zeros([E_POW2], dtype=tl.int32)
+        before = tl.zeros([E_POW2], dtype=tl.int32)
+        for first in range(0, R, SCAN_BLOCK):
+            scanned = first + tl.arange(0, SCAN_BLOCK)
+            ids = tl.load(ids_ptr + scanned, mask=scanned < R, other=-1)
+            key = tl.where((ids >= 0) & (ids < E), ids, E_POW2).to(tl.int32)
+            counts += _expert_bins(tl.histogram(key, BINS), E_POW2, BINS)
+            before += _expert_bins(tl.histogram(tl.where(scanned < chunk * CHUNK, key, E_POW2), BINS), E_POW2, BINS)
     expert_end = tl.cumsum(counts, 0)
     expert_start = expert_end - counts
 
-    rows, onehot = _chunk_onehot(ids_ptr, chunk, R, E, CHUNK, E_POW2)
+    rows = chunk * CHUNK + tl.arange(0, CHUNK)
+    onehot = _onehot(tl.load(ids_ptr + rows, mask=rows < R, other=-1).to(tl.int32), E, E_POW2)
     rank_in_chunk = tl.sum(onehot * (tl.cumsum(onehot, 0) - onehot), 1)
     slot = tl.sum(onehot * (expert_start + before)[None, :], 1) + rank_in_chunk
     tl.store(plan_ptr + slot, rows, mask=tl.sum(onehot, 1) > 0)
