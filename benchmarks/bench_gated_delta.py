@@ -242,7 +242,7 @@ def decode_sweep() -> None:
         t_copy = bench(lambda: copy_target.copy_(state))
     moved = 2 * state.numel() * state.element_size()
     copy_tbps = moved / t_copy / 1e9
-    default = recurrent_tiling(DECODE_BATCH * 32, D)
+    default = recurrent_tiling(DECODE_BATCH * 32, D, D)
     log(f"  copy of the state: {t_copy * 1e3:.1f} us, {copy_tbps:.2f} TB/s; default {default}")
     best = None
     for block_v in (16, 32, 64, 128):

@@ -62,10 +62,12 @@ class RecurrentTiling:
     num_warps: int = 4
 
 
-def recurrent_tiling(batch_heads: int, head_dim_v: int) -> RecurrentTiling:
-    """32 value columns a program, or 16 when fewer than ~512 programs would run (a small decode batch); 4 warps."""
-    block = 32 if batch_heads * cdiv(head_dim_v, 32) >= 512 else 16
-    return RecurrentTiling(min(block, max(16, next_pow2(head_dim_v))), 4)
+def recurrent_tiling(batch_heads: int, head_dim_k: int, head_dim_v: int) -> RecurrentTiling:
+    """32 value columns a program, or 16 when fewer than ~512 programs would run (a small decode batch); warps
+    for 128 state values a thread. The H200 sweep (B32, 16/32 heads, D128, RESULTS.md): 1 warp 40.9 us, 90% of
+    the copy bandwidth, against 42.4 us with 4 warps and 52.1 with 8; 16 columns 42.5 us with 1 warp."""
+    block = min(32 if batch_heads * cdiv(head_dim_v, 32) >= 512 else 16, max(16, next_pow2(head_dim_v)))
+    return RecurrentTiling(block, max(1, max(16, next_pow2(head_dim_k)) * block // (32 * 128)))
 
 
 def recurrent_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float, out, final,
@@ -74,7 +76,7 @@ def recurrent_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: boo
     defaults to `recurrent_tiling` (benchmarks/bench_gated_delta.py --decode-sweep passes others)."""
     batch, length, heads_k, dk = k.shape
     heads, dv = v.shape[2], v.shape[3]
-    tiling = tiling or recurrent_tiling(batch * heads, dv)
+    tiling = tiling or recurrent_tiling(batch * heads, dk, dv)
     launch(_recurrent_kernel, (cdiv(dv, tiling.block_v), batch * heads), ("gated_delta.recurrent",),
            q, k, v, g, beta, initial_state, out, final, length, heads, heads // heads_k, dk, dv, scale, eps,
            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
