@@ -145,8 +145,9 @@ def gated_delta(given) -> None:
 
 
 def moe(given) -> None:
-    """The experts' plan, GEMMs, sum over the top k and weight gradients: OLMoE's sizes, with and without biases."""
-    from fuser.kernels.moe import experts
+    """The router (softmax and sigmoid scoring, forward and backward), the experts' plan, GEMMs, sum over the top k
+    and weight gradients: OLMoE's sizes, with and without biases."""
+    from fuser.kernels.moe import experts, route
     tokens, hidden, intermediate, n_experts, top_k = 512, 2048, 1024, 64, 8
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     ids = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(tokens)])
@@ -154,6 +155,13 @@ def moe(given) -> None:
     gate_up = torch.randn(n_experts, 2 * intermediate, hidden, dtype=torch.bfloat16)
     down = torch.randn(n_experts, hidden, intermediate, dtype=torch.bfloat16)
     given(x, ids, weights, gate_up, down)
+    logits, score_bias = torch.randn(tokens, n_experts, dtype=torch.bfloat16), torch.randn(n_experts)
+    given(logits, score_bias)
+    for scoring, bias in (("softmax", None), ("sigmoid", score_bias)):
+        routed, chosen = route._route_kernel(logits, top_k, scoring, True, bias, 1.0, torch.bfloat16)
+        grad_routed = torch.randn_like(routed)
+        given(routed, chosen, grad_routed)
+        route._backward_kernel(grad_routed, logits, chosen, scoring, True, 1.0)
     for activation, biased in (("silu", False), ("silu", True), ("clamped_swiglu", True)):
         biases = (torch.randn(n_experts, 2 * intermediate, dtype=torch.bfloat16), None,
                   torch.randn(n_experts, hidden, dtype=torch.bfloat16)) if biased else (None, None, None)
