@@ -210,7 +210,7 @@ def _bias_problem(m) -> str | None:
 def _folded(m):
     """The one float mask of the biases and a masked_fill / where mask (exact where `_bias_problem` says so),
     4-D, in the dtype the original's masked scores have."""
-    present = [name for name in ("bias", "late_bias") if m.bindings.get(name) is not None]
+    present = list(_biases(m))
     dtype = functools.reduce(torch.promote_types, [m.meta(name).dtype for name in present], m.meta("q").dtype)
     terms = {name: m[name] if m.meta(name).dtype == dtype else m[name].to(dtype) for name in present}
     kept = terms["bias"] + terms["late_bias"] if len(terms) == 2 else next(iter(terms.values()))
