@@ -170,6 +170,22 @@ def test_ops_not_made_symbolic_keep_the_op(traced):
     assert found["kernels"] == [] and found["calls"] == ["fuser.moe_route_forward.default"]
 
 
+def test_known_reads_fixed_symbols_only():
+    """`known`: an int, or a symbol a guard has fixed (a Dynamo input's head count once it meets a weight's shape),
+    is read as its int; a free symbol is not."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fuser.kernels.runtime import known
+
+    env = ShapeEnv()
+    heads, length = (env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint,
+                                           source=ConstantSource(name)) for name, hint in (("H", 4), ("L", 9)))
+    assert heads == 4  # the guard that fixes it
+    assert known(7) == 7 and known(heads) == 4 and type(known(heads)) is int
+    assert known(length) is None and known(length * 2) is None
+
+
 if __name__ == "__main__":  # the traced fixture's subprocess
     sys.path.insert(0, os.path.dirname(__file__))
     print(json.dumps(_trace_symbolic_cases()))

@@ -148,7 +148,7 @@ def symbolic_ok(q, k, v) -> bool:
 
 def tuning_bucket(n) -> int:
     """The autotuning key of a size: its next power of two; 0 for a symbolic size (the prunes read 0 as any)."""
-    return next_pow2(n) if known(n) is not None else 0
+    return next_pow2(known(n)) if known(n) is not None else 0
 
 
 def _split_count(rows, programs_per_block_row, lk, device: torch.device):
@@ -175,10 +175,11 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals, sinks=None) -> Plan |
         return None
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    hq, hkv, d, dv = (known(n) for n in (hq, hkv, d, dv))  # ints: symbolic ones are not traced (symbolic_ok)
     group = hq // hkv
     window = max(int(literals.window), 0)
     pos_offset = lk - lq if literals.bottom_right else 0
-    pack = group > 1 and known(lq) is not None and lq < 64  # a symbolic Lq: rows of one head (valid for any)
+    pack = group > 1 and known(lq) is not None and known(lq) < 64  # a symbolic Lq: rows of one head (valid for any)
     rows = group * lq if pack else lq
     # 32 at least: Triton 3.6 on the H100 reads past shared memory in the masked tiles' p·v dot with 16-wide
     # V blocks (compute-sanitizer, tiny DeepSeek-V3: Dv 16, causal + padding mask)

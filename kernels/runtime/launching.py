@@ -39,9 +39,13 @@ def bounded(n, low: int, high: int):
 
 
 def known(n) -> int | None:
-    """n where it is a plain int, None where it is a symbolic size (traced for Inductor under dynamic shapes: a
-    decision read from its value would guard on it, so those take what is valid for every value)."""
-    return n if type(n) is int else None
+    """n as an int where it is one, or a symbolic size its ShapeEnv has fixed (a dim Dynamo made dynamic, then
+    specialized: a head count matched against a weight's); None where it is symbolic (traced for Inductor under
+    dynamic shapes: a decision read from its value would guard on it, so those take what is valid for every
+    value)."""
+    if type(n) is int:
+        return n
+    return n.node.maybe_as_int() if isinstance(n, torch.SymInt) else None
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class RowTiling:
 
     def fits(self, n_cols) -> bool:
         """Whether a row of n_cols is held in one block (ROW_FITS); False for a symbolic length."""
-        return type(n_cols) is int and n_cols <= self.block_n
+        cols = known(n_cols)
+        return cols is not None and cols <= self.block_n
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
