@@ -24,52 +24,19 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-SMOKE = "--smoke" in sys.argv
-if SMOKE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# bench_host first: under --smoke it sets TRITON_INTERPRET before fuser (and triton) are imported
+from bench_host import DEVICE, DTYPE, LOG, SMOKE, RMSNorm, Softmax, enqueue_us, randn, say, scaled
+from torch._inductor.utils import run_and_get_code
 
-import fuser  # noqa: E402
-from torch._inductor.utils import run_and_get_code  # noqa: E402
+import fuser
 
-DEVICE = "cpu" if SMOKE else "cuda"
-DTYPE = torch.bfloat16
-LOG: list[str] = []
 OPAQUE = re.compile(r"torch\.ops\.fuser\.(\w+)")
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LOG.append(line)
-
-
-def scaled(size: int, toy: int) -> int:
-    return toy if SMOKE else size
-
-
-class RMSNorm(torch.nn.Module):
-    """Llama's RMSNorm, as transformers writes it."""
-
-    def __init__(self, hidden: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-class Softmax(torch.nn.Module):
-    def forward(self, x):
-        return F.softmax(x.float(), dim=-1).to(x.dtype)
 
 
 class Attention(torch.nn.Module):
@@ -92,10 +59,6 @@ class Attention(torch.nn.Module):
             scores = scores.masked_fill(hidden, float("-inf"))
         out = F.softmax(scores.float(), dim=-1).to(q.dtype) @ v
         return out.transpose(1, 2).reshape(b, t, -1)
-
-
-def randn(*shape):
-    return torch.randn(*shape, device=DEVICE).to(DTYPE)
 
 
 @dataclass
@@ -130,11 +93,6 @@ def workloads() -> list[Workload]:
     ]
 
 
-def synchronize():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def step_of(module, inputs, train):
     """A call: forward under no_grad, or forward + backward of the output's mean square."""
     if not train:
@@ -156,16 +114,10 @@ def inputs_for(inputs, train):
     return tuple(t.detach().requires_grad_() for t in inputs) if train else inputs
 
 
-def enqueue_us(fn, calls: int) -> float:
-    """Host time per call: `calls` calls enqueued back to back, timed before the GPU is waited for."""
+def host_us(fn, calls: int) -> float:
+    """bench_host's enqueue time per call, after a first call (a new shape compiles or tunes there)."""
     fn()
-    synchronize()
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - started
-    synchronize()
-    return host / calls * 1e6
+    return enqueue_us(fn, calls)
 
 
 def compiled(module, backend: str, dynamic: bool):
@@ -204,15 +156,15 @@ def measure(workload: Workload, calls: int) -> dict:
     with torch.no_grad():
         reference = module(*shapes[-1])
     row["error"] = ((outs[-1].double() - reference.double()).norm() / reference.double().norm()).item()
-    row["host_us_fuser_dynamic"] = enqueue_us(step_of(fast, shapes[0], workload.train), calls)
+    row["host_us_fuser_dynamic"] = host_us(step_of(fast, shapes[0], workload.train), calls)
 
     # the peers: fuser at static shapes (the first), plain torch.compile(dynamic=True)
     static = compiled(module, "fuser", dynamic=False)
-    row["host_us_fuser_static"] = enqueue_us(step_of(static, shapes[0], workload.train), calls)
+    row["host_us_fuser_static"] = host_us(step_of(static, shapes[0], workload.train), calls)
     plain = compiled(module, "inductor", dynamic=True)
     for inputs in shapes:
         step_of(plain, inputs, workload.train)()
-    row["host_us_plain_dynamic"] = enqueue_us(step_of(plain, shapes[0], workload.train), calls)
+    row["host_us_plain_dynamic"] = host_us(step_of(plain, shapes[0], workload.train), calls)
 
     expect_traced = DEVICE == "cuda"  # only CUDA traces launches; on CPU the ops run opaquely by design
     problems = []

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .language import load_rows, program_rows, store_rows, to_dtype
-from .runtime import (KernelLimits, RowTiling, Rows, any_sizes, as_rows, bounded, cdiv, entry_op, fused_op, kernels_apply, known,
-                      launch, next_pow2, program_slots)
+from .runtime import (KernelLimits, RowTiling, Rows, any_sizes, as_rows, bounded, cdiv, entry_op, fused_op,
+                      kernels_apply, known, launch, next_pow2, program_slots)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

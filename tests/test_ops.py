@@ -312,13 +312,18 @@ def _trace_every_case() -> dict:
     return found
 
 
-@pytest.fixture(scope="module")
-def traced():
+def run_without_interpreter(script: str) -> dict:
+    """The JSON a test script prints last, run as a subprocess without the interpreter (fake CUDA tensors)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(script))
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return run_without_interpreter(__file__)
 
 
 @pytest.mark.parametrize("name", CASES)

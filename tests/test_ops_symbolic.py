@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fuser  # noqa: F401  (registers torch.ops.fuser.*)
+from test_ops import _launched_kernels, _traced_graph, run_without_interpreter
 
 # the hints of the symbols (none is 0 or 1: Dynamo specializes those)
 HINTS = {"B": 3, "T": 5, "L": 300, "Lq": 24, "Lk": 40, "N": 72}
@@ -100,8 +98,6 @@ def _trace_symbolic_cases() -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from test_ops import _launched_kernels, _traced_graph
-
     import fuser.kernels.attention.plan as attention_plan
     import fuser.kernels.rms_norm as rms_norm_kernels
 
@@ -128,18 +124,15 @@ def _trace_symbolic_cases() -> dict:
                 before = len(env.guards)
                 graph = _traced_graph(op, args)
                 kernels, others = _launched_kernels(graph)
-                found[f"{case}/{op._name}"] = dict(kernels=kernels, calls=others, symbolic_grid=_grid_is_symbolic(graph),
+                found[f"{case}/{op._name}"] = dict(kernels=kernels, calls=others,
+                                                   symbolic_grid=_grid_is_symbolic(graph),
                                                    guards=[str(g.expr) for g in env.guards[before:]])
     return found
 
 
 @pytest.fixture(scope="module")
 def traced():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(__file__)
 
 
 @pytest.mark.parametrize("family", KERNELS)
@@ -187,5 +180,4 @@ def test_known_reads_fixed_symbols_only():
 
 
 if __name__ == "__main__":  # the traced fixture's subprocess
-    sys.path.insert(0, os.path.dirname(__file__))
     print(json.dumps(_trace_symbolic_cases()))

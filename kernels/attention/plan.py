@@ -224,7 +224,8 @@ def _forward_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, si
            ("attention.forward", id(plan), pack, splits),
            q, k, v, mask, classes, seed, sinks, out, stats, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
            *class_strides(classes), *out_strides, *stats_strides, heads_in_grid, *plan.sizes, *plan.literals,
-           tuning_bucket(rows), plan.keys[1], **{**plan.kernel_constexprs, "USE_CLASSES": use_classes, "PACK_GQA": pack})
+           tuning_bucket(rows), plan.keys[1],
+           **{**plan.kernel_constexprs, "USE_CLASSES": use_classes, "PACK_GQA": pack})
 
 
 def _merge_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, sinks, out, stats, part_out, part_stats,

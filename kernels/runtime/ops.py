@@ -12,7 +12,8 @@ Where each call runs, chosen per call from devices, dtypes and shapes (no sync, 
 - eager, plain tensors: `direct_call` runs `kernel` (Triton, launches replayed) or `reference` (plain torch), with
   the op's own autograd formula, without the dispatcher;
 - traced for Inductor (AOTAutograd's functionalization), CUDA tensors that the kernels take, of static shapes or
-  of symbolic sizes the op's `symbolic(*args)` accepts (dynamic shapes): `kernel` itself is traced, its launches through `torch.library.wrap_triton` (`launching.traced_launches`),
+  of symbolic sizes the op's `symbolic(*args)` accepts (dynamic shapes): `kernel` itself is traced, its launches
+  through `torch.library.wrap_triton` (`launching.traced_launches`),
   so Inductor's generated code launches our kernels, tunes them at compile time and never calls the op (what
   `torch.library.triton_op` does, minus its fake: triton_op registers the body as its own fake, and under
   TRITON_INTERPRET=1 Dynamo's fake run of it launches the interpreter on FakeTensors, which fails; seen on
