@@ -179,8 +179,9 @@ def test_direct_call_equals_the_op_path(name):
         assert torch.equal(a, b)
 
 
-def test_symbolic_sizes_keep_the_op():
-    """Tiles are fixed at trace time: a call with a symbolic size is not traced into launches."""
+def test_static_means_every_size_an_int():
+    """`_static`: the calls every op traces into launches; a symbolic size needs the op's `symbolic=` (an op without
+    it keeps the op: tests/test_ops_symbolic.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
