@@ -46,6 +46,7 @@ ATTENTION = {
     "decode_padding": (("B", 1, "Lk"), dict(mask="padding", literals=_literals(bottom_right=True))),
     "decode_no_mask": ((2, 1, "Lk"), dict(mask="none", literals=_literals(causal=False))),
     "decode_new_batch": (("B", 1, 40), dict(mask="padding", literals=_literals(bottom_right=True))),
+    "decode_full_gpu": ((80, 1, "Lk"), dict(mask="none", literals=_literals(bottom_right=True))),  # 160 programs
     "prefill_causal": (("B", "L", "L"), dict(mask="none", literals=_literals())),
     "prefill_window_mask": ((2, "L", "L"), dict(mask="full", literals=_literals(window=7))),
     "chunk_bottom_right": ((2, "Lq", "Lk"), dict(mask="padding", literals=_literals(bottom_right=True))),
@@ -84,14 +85,15 @@ def _cases(fake, size):
     return cases
 
 
-def _grid_is_symbolic(graph) -> bool:
-    return any(isinstance(value, torch.fx.Node) for node in graph.nodes
-               if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional
-               for grid in node.kwargs["grid"] for value in grid)
+def _symbolic_launch(graph) -> bool:
+    """Whether some launch's grid or scalar argument is an expression of the symbols (computed per call)."""
+    return any(isinstance(value, torch.fx.Node) and isinstance(value.meta.get("val"), torch.SymInt)
+               for node in graph.nodes if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional
+               for value in (*(v for grid in node.kwargs["grid"] for v in grid), *node.kwargs["kwargs"].values()))
 
 
 def _trace_symbolic_cases() -> dict:
-    """{case/op: {kernels, calls, guards, symbolic_grid}} traced for Inductor with symbolic sizes."""
+    """{case/op: {kernels, calls, guards, symbolic}} traced for Inductor with symbolic sizes."""
     import logging
 
     from torch._dynamo.source import ConstantSource
@@ -125,7 +127,7 @@ def _trace_symbolic_cases() -> dict:
                 graph = _traced_graph(op, args)
                 kernels, others = _launched_kernels(graph)
                 found[f"{case}/{op._name}"] = dict(kernels=kernels, calls=others,
-                                                   symbolic_grid=_grid_is_symbolic(graph),
+                                                   symbolic=_symbolic_launch(graph),
                                                    guards=[str(g.expr) for g in env.guards[before:]])
     return found
 
@@ -137,13 +139,14 @@ def traced():
 
 @pytest.mark.parametrize("family", KERNELS)
 def test_symbolic_sizes_trace_the_launches(traced, family):
-    """Each case of the family becomes its Triton launches (no op call, no host sync), some grid an expression of
-    the symbolic sizes, no guard added (the fake made the arguments); together the cases launch every kernel."""
+    """Each case of the family becomes its Triton launches (no op call, no host sync), some grid or scalar argument
+    an expression of the symbolic sizes, no guard added (the fake made the arguments); together the cases launch
+    every kernel."""
     launched = set()
     for key, found in traced.items():
         if key.startswith(family + "/"):
             assert found["kernels"] and not found["calls"], (key, found)
-            assert found["symbolic_grid"], key
+            assert found["symbolic"], key
             assert not found["guards"], (key, found["guards"])
             launched.update(found["kernels"])
     assert KERNELS[family] <= launched
@@ -151,10 +154,12 @@ def test_symbolic_sizes_trace_the_launches(traced, family):
 
 def test_decode_splits_the_keys_of_a_symbolic_cache(traced):
     """A decode step (one query, few row blocks) over a symbolic cache length keeps flash-decoding: the key splits
-    are an expression of the length (two at least), merged by the merge kernel."""
+    are an expression of the length (two at least), merged by the merge kernel; a prefill, or a batch whose
+    programs fill the GPU already, runs one split."""
     for case in ("decode_padding", "decode_no_mask", "decode_new_batch"):
         assert "_merge_splits_kernel" in traced[f"attention/{case}/fuser::attention_forward"]["kernels"], case
-    assert "_merge_splits_kernel" not in traced["attention/prefill_causal/fuser::attention_forward"]["kernels"]
+    for case in ("prefill_causal", "decode_full_gpu"):
+        assert "_merge_splits_kernel" not in traced[f"attention/{case}/fuser::attention_forward"]["kernels"], case
 
 
 def test_ops_not_made_symbolic_keep_the_op(traced):

@@ -156,14 +156,16 @@ def _split_count(rows, programs_per_block_row, lk, device: torch.device):
     symbolic batch or key count and a static row count (decode under dynamic shapes), the same count as an
     expression of them, but two at least: the split path is chosen at trace time, once for every value
     (two splits are valid for any length; they cost a merge launch where one split would do); a symbolic row
-    count (prefill) keeps one split."""
+    count (prefill), or static programs enough to fill the GPU, keep one split."""
     if device.type != "cuda" or known(rows) is None:
         return 1
     sms = program_slots(device)
     programs = programs_per_block_row * cdiv(rows, 64)
+    if known(programs) is not None and programs >= sms:
+        return 1
     if known(programs) is None or known(lk) is None:
         return bounded(torch.sym_min(cdiv(2 * sms, programs), lk // 512), 2, 64)
-    if programs >= sms or lk < 1024:
+    if lk < 1024:
         return 1
     return max(1, min(cdiv(2 * sms, programs), lk // 512, 64))
 
