@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .language import load_rows, program_rows, store_rows, to_dtype
-from .runtime import (KernelLimits, RowTiling, Rows, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch,
-                      next_pow2, program_slots)
+from .runtime import (KernelLimits, RowTiling, Rows, any_sizes, as_rows, bounded, cdiv, entry_op, fused_op,
+                      kernels_apply, known, launch, next_pow2, program_slots)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -33,19 +33,20 @@ LIMITS = KernelLimits()  # x and the weight each in one of `dtypes`, normalized 
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
-def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+def forward_tiling(n_rows: int | None, n_cols: int | None) -> RowTiling:
     """Rows up to 16K elements stay in registers, 32 elements per thread; up to 8K columns two rows
-    (or more, for 4K elements) share a program and its load of the weight (H100 sweep, RESULTS.md)."""
-    block_n = min(next_pow2(n_cols), 16384)
+    (or more, for 4K elements) share a program and its load of the weight (H100 sweep, RESULTS.md).
+    None: a symbolic size (RowTiling.for_rows)."""
+    block_n = min(next_pow2(n_cols), 16384) if n_cols is not None else 2048
     min_tile = max(4096, 2 * block_n) if block_n <= 8192 else block_n
     return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384, min_tile=min_tile, elements_per_thread=32)
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+def backward_tiling(n_rows: int | None, n_cols: int | None) -> RowTiling:
     """x, dy, g and the weight-gradient sums live together. Up to 4K columns, 64 elements per thread
     (two programs per SM, ~250 registers) measured fastest on H100; wider rows take 32 so as not to spill."""
-    if n_cols <= 4096:
+    if n_cols is not None and n_cols <= 4096:
         return RowTiling.for_rows(n_rows, n_cols, max_block_n=4096, min_tile=8192, elements_per_thread=64)
     return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192, elements_per_thread=32)
 
@@ -112,13 +113,13 @@ def rms_norm_forward_launch(x: torch.Tensor, weight: torch.Tensor | None, eps: f
     rows = as_rows(x)
     n_rows, n_cols = rows.shape
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    tiling = tiling or forward_tiling(n_rows, n_cols)
+    tiling = tiling or forward_tiling(known(n_rows), known(n_cols))
     product_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
     launch(_rms_norm_forward_kernel, (cdiv(n_rows, tiling.block_m),), ("rms_norm.forward", n_rows, n_cols),
         rows, weight, out, n_rows, n_cols, rows.stride(0), out.stride(0), eps, weight_offset,
         HAS_WEIGHT=weight is not None, WEIGHT_BEFORE_CAST=weight_before_cast, INPUT_DTYPE=TRITON_DTYPES[x.dtype],
         PRODUCT_DTYPE=TRITON_DTYPES[product_dtype], BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-        ROW_FITS=n_cols <= tiling.block_n, num_warps=tiling.num_warps)
+        ROW_FITS=tiling.fits(n_cols), num_warps=tiling.num_warps)
     return out.view(x.shape)
 
 
@@ -207,14 +208,18 @@ def rms_norm_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     (fp32 at 4K columns would not fit), so it stays off until a guard is written (RESULTS.md)."""
     rows, grad_rows = as_rows(x), as_rows(grad_out)
     n_rows, n_cols = rows.shape
-    tiling = tiling or backward_tiling(n_rows, n_cols)
-    row_fits = n_cols <= tiling.block_n
-    n_programs = max(1, min(cdiv(n_rows, tiling.block_m), programs_per_slot * program_slots(x.device)))
+    tiling = tiling or backward_tiling(known(n_rows), known(n_cols))
+    row_fits = tiling.fits(n_cols)
+    slots = programs_per_slot * program_slots(x.device)
+    n_programs = bounded(cdiv(n_rows, tiling.block_m), 1, slots)
+    # traced with a symbolic row count, a buffer of n_programs rows (possibly 1) would guard on their number:
+    # it takes `slots` rows then, of which the first n_programs are written and summed
+    partial_rows = n_programs if known(n_programs) is not None else slots
     dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if weight is None:
         dw_partial = dw = torch.empty(0, dtype=torch.float32, device=x.device)
     else:  # the looping kernel adds into its row of the buffer, so that one starts at zero
-        dw_partial = (torch.empty if row_fits else torch.zeros)((n_programs, n_cols), dtype=torch.float32,
+        dw_partial = (torch.empty if row_fits else torch.zeros)((partial_rows, n_cols), dtype=torch.float32,
                                                                device=x.device)
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     launch(_rms_norm_backward_kernel, (n_programs,), ("rms_norm.backward", n_rows, n_cols),
@@ -279,7 +284,7 @@ def _backward_fake(grad_out, x, weight, eps, weight_offset):
 
 _call_backward = fused_op("rms_norm_backward", _backward_kernel, _backward_reference, _backward_fake,
                           lambda grad_out, x, weight, *_: kernels_apply(grad_out, x, weight),
-                          rows=Rows(args=(0, 1), summed=(1,)))  # dweight sums over rows
+                          rows=Rows(args=(0, 1), summed=(1,)), symbolic=any_sizes)  # dweight sums over rows
 
 
 def _forward_kernel(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float,
@@ -310,7 +315,7 @@ def _backward(ctx, grad_out):
 _call_forward = fused_op("rms_norm_forward", _forward_kernel, _forward_reference, _forward_fake,
                          lambda x, weight, eps, offset, before_cast, out_dtype: kernels_apply(x, weight,
                                                                                              out_dtype=out_dtype),
-                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)))
+                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)), symbolic=any_sizes)
 
 
 @entry_op

@@ -14,21 +14,23 @@ import triton
 import triton.language as tl
 
 from .language import exp, load_rows, program_rows, store_rows
-from .runtime import KernelLimits, RowTiling, Rows, as_rows, cdiv, entry_op, fused_op, kernels_apply, launch
+from .runtime import (KernelLimits, RowTiling, Rows, any_sizes, as_rows, cdiv, entry_op, fused_op, kernels_apply,
+                      known, launch)
 
 
 LIMITS = KernelLimits()  # x in one of `dtypes`, the softmax in float32
 
 
 @functools.lru_cache(maxsize=4096)  # cached: the host cost of a launch shows at small shapes
-def forward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+def forward_tiling(n_rows: int | None, n_cols: int | None) -> RowTiling:
     """Rows up to 16K elements stay in registers, longer ones loop over 16K blocks with 8 warps
-    (H100 sweep at 32000 columns, RESULTS.md)."""
+    (H100 sweep at 32000 columns, RESULTS.md). None: a symbolic size (RowTiling.for_rows: rows of a symbolic
+    length, the keys of a growing cache, are walked in 2K blocks)."""
     return RowTiling.for_rows(n_rows, n_cols, max_block_n=16384, max_warps=8)
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_tiling(n_rows: int, n_cols: int) -> RowTiling:
+def backward_tiling(n_rows: int | None, n_cols: int | None) -> RowTiling:
     """Two tensors in, one out, not timed on its own yet: up to 8K columns in registers."""
     return RowTiling.for_rows(n_rows, n_cols, max_block_n=8192)
 
@@ -119,10 +121,10 @@ def softmax_forward_launch(x: torch.Tensor, out_dtype: torch.dtype, tiling: RowT
     rows = as_rows(x)
     n_rows, n_cols = rows.shape
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    tiling = tiling or forward_tiling(n_rows, n_cols)
+    tiling = tiling or forward_tiling(known(n_rows), known(n_cols))
     launch(_softmax_forward_kernel, (cdiv(n_rows, tiling.block_m),), ("softmax.forward", n_rows, n_cols),
         rows, out, n_rows, n_cols, rows.stride(0), out.stride(0), BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-        ROW_FITS=n_cols <= tiling.block_n, num_warps=tiling.num_warps)
+        ROW_FITS=tiling.fits(n_cols), num_warps=tiling.num_warps)
     return out.view(x.shape)
 
 
@@ -131,11 +133,10 @@ def softmax_backward_launch(grad_out: torch.Tensor, x: torch.Tensor, tiling: Row
     grad_rows, x_rows = as_rows(grad_out), as_rows(x)
     n_rows, n_cols = x_rows.shape
     dx = torch.empty(x_rows.shape, dtype=x.dtype, device=x.device)
-    tiling = tiling or backward_tiling(n_rows, n_cols)
+    tiling = tiling or backward_tiling(known(n_rows), known(n_cols))
     launch(_softmax_backward_kernel, (cdiv(n_rows, tiling.block_m),), ("softmax.backward", n_rows, n_cols),
         grad_rows, x_rows, dx, n_rows, n_cols, grad_rows.stride(0), x_rows.stride(0), dx.stride(0),
-        BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, ROW_FITS=n_cols <= tiling.block_n,
-        num_warps=tiling.num_warps)
+        BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, ROW_FITS=tiling.fits(n_cols), num_warps=tiling.num_warps)
     return dx.view(x.shape)
 
 
@@ -171,7 +172,8 @@ def _backward_fake(grad_out, x):
 
 
 _call_backward = fused_op("softmax_backward", _backward_kernel, _backward_reference, _backward_fake,
-                          lambda grad_out, x: kernels_apply(grad_out, x, out_dtype=x.dtype), rows=Rows(args=(0, 1)))
+                          lambda grad_out, x: kernels_apply(grad_out, x, out_dtype=x.dtype), rows=Rows(args=(0, 1)),
+                          symbolic=any_sizes)
 
 
 def _forward_kernel(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -199,7 +201,7 @@ def _backward(ctx, grad_out):
 
 _call_forward = fused_op("softmax_forward", _forward_kernel, _forward_reference, _forward_fake,
                          lambda x, out_dtype: kernels_apply(x, out_dtype=out_dtype),
-                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)))
+                         setup_context=_setup_context, backward=_backward, rows=Rows(args=(0,)), symbolic=any_sizes)
 
 
 @entry_op

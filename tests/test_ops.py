@@ -179,8 +179,9 @@ def test_direct_call_equals_the_op_path(name):
         assert torch.equal(a, b)
 
 
-def test_symbolic_sizes_keep_the_op():
-    """Tiles are fixed at trace time: a call with a symbolic size is not traced into launches."""
+def test_static_means_every_size_an_int():
+    """`_static`: the calls every op traces into launches; a symbolic size needs the op's `symbolic=` (an op without
+    it keeps the op: tests/test_ops_symbolic.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -312,13 +313,18 @@ def _trace_every_case() -> dict:
     return found
 
 
-@pytest.fixture(scope="module")
-def traced():
+def run_without_interpreter(script: str) -> dict:
+    """The JSON a test script prints last, run as a subprocess without the interpreter (fake CUDA tensors)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(script))
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return run_without_interpreter(__file__)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -73,6 +73,51 @@ def test_inductor_launches_the_kernels_and_never_calls_the_op(name):
         assert_close(ours, theirs, DTYPE)
 
 
+# the leaves' dims made symbolic (case leaf -> dims), and a narrower size of each to run the same graph at
+DYNAMIC = {"rms_norm": ({0: (0, 1)}, lambda x, w: (x[:2, :4], w)),
+           "softmax": ({0: (0, 1)}, lambda x: (x[:3, :2],)),
+           "attention": ({0: (2,)}, lambda q, k, v: (q[:, :, :17], k, v))}  # Lq; the case's mask fixes B and Lk
+
+
+def _random_backward(fn, leaves):
+    """(output, gradients) of fn on leaves for a gradient drawn from a fixed seed."""
+    out = fn(*leaves)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    return out, torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out)
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_symbolic_sizes_launch_the_kernels_in_one_graph(name):
+    """With symbolic sizes (dynamic shapes) Inductor's code launches the kernels too, never calls the op, and one
+    graph serves two sizes, values and gradients as eager's (tests/test_ops_symbolic.py: the traced graphs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    dims, narrower = DYNAMIC[name]
+    case = CASES[name]("cuda", DTYPE)
+    leaves = _inputs(case)
+    small = [t.detach().clone().requires_grad_(t.requires_grad) for t in narrower(*leaves)]  # contiguous
+    for position, symbolic in dims.items():
+        for dim in symbolic:
+            torch._dynamo.mark_dynamic(leaves[position], dim)
+    compiled = torch.compile(case.entry, backend="inductor", fullgraph=True)
+
+    def both_sizes():
+        torch._dynamo.utils.counters.clear()
+        return [_random_backward(compiled, inputs) for inputs in (leaves, small)]
+    results, codes = run_and_get_code(both_sizes)
+    code = "\n".join(codes)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "one graph for both sizes"
+    for kernel in case.kernels:
+        assert f"def {kernel}(" in code, f"{kernel} is not in Inductor's generated code"
+    assert "torch.ops.fuser." not in code, "the generated code calls a fuser op"
+    for (out, grads), inputs in zip(results, (leaves, small)):
+        expected, expected_grads = _random_backward(case.entry, [t.detach().clone().requires_grad_(t.requires_grad)
+                                                                 for t in inputs])
+        assert_close(out, expected, DTYPE)
+        for ours, theirs in zip(grads, expected_grads):
+            assert_close(ours, theirs, DTYPE)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_cuda_graphs_replay_the_eager_path(name):
     """Forward and backward captured in one CUDA graph replay on new values what eager computes."""

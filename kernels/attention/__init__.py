@@ -143,7 +143,8 @@ def _backward_fake(grad_out, q, k, v, mask, *arguments):
 
 
 _call_backward = fused_op("attention_backward", _backward_kernel, _backward_reference, _backward_fake,
-                          _backward_runs_kernels)
+                          _backward_runs_kernels,
+                          symbolic=lambda grad_out, q, k, v, mask, *_: plan.symbolic_ok(q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -168,7 +169,8 @@ def _backward(ctx, grad_out, _grad_stats, _grad_classes):
 
 
 _call_forward = fused_op("attention_forward", _forward_kernel, _forward_reference, _forward_fake,
-                         _forward_runs_kernels, setup_context=_setup_context, backward=_backward)
+                         _forward_runs_kernels, setup_context=_setup_context, backward=_backward,
+                         symbolic=lambda q, k, v, mask, *_: plan.symbolic_ok(q, k, v))
 # under DTensor: sharded by batch or heads (q, k, v, out, statistics; the mask and its classes where they have
 # the dim, the mask's gradient so too, else a partial sum); with dropout or sinks replicated. Backward arguments:
 # 0 grad_out, 1-3 q k v, 4 mask, 5 out, 6 stats, 7 classes, 8 seed, 9-16 literals (14 dropout_p), 17 sinks,

@@ -342,20 +342,21 @@ def registers_fit(accumulators: int, temporaries: int, warps: int) -> bool:
 
 def tuning_pays(rows_key: int, lk_key: int) -> bool:
     """Tiny problems (at most 2^14 scores per head: tests, toy models, short prompts) run the first
-    candidate that fits: each candidate costs seconds of compiling and they all take microseconds."""
-    return rows_key * lk_key > 2**14
+    candidate that fits: each candidate costs seconds of compiling and they all take microseconds. A key of 0
+    (a symbolic size, plan.tuning_bucket) may be large: tuned (by Inductor, on its first call)."""
+    return rows_key * lk_key > 2**14 or 0 in (rows_key, lk_key)
 
 
 def _prune_forward_configs(configs, named_args, **kwargs):
     """Keep configs whose K/V pipeline fits in shared memory, whose registers do not spill and whose
-    rows suit the row count."""
+    rows suit the row count (a symbolic one, key 0, taken as long: 64 rows or more)."""
     rows, (block_d, block_dv, _, _) = named_args["ROWS_KEY"], kwargs["HEAD"]
     element = named_args["Q"].element_size()
     kept = []
     for config in configs:
         m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
         shared = element * (m * block_d + config.num_stages * n * (block_d + block_dv))
-        row_fit = m <= max(16, rows) and (m >= 64 or rows <= 64)
+        row_fit = m >= 64 if rows == 0 else m <= max(16, rows) and (m >= 64 or rows <= 64)
         if shared <= 200 * 1024 and row_fit and registers_fit(m * block_dv, 2 * m * n, warps):
             kept.append(config)
     kept = kept or configs[-1:]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import KernelLimits, cdiv, interpreting, launch, next_pow2, program_slots, use_triton
+from ..runtime import KernelLimits, bounded, cdiv, interpreting, known, launch, next_pow2, program_slots, use_triton
 from .backward import attention_dkdv_kernel, attention_dq_kernel, backward_preprocess_kernel
 from .forward import attention_forward_kernel, merge_splits_kernel, output_strides
 from .reference import FLT_MAX, LOG2E, MASKINGS, AttentionLiterals, log2_units, saturation_lse
@@ -109,7 +109,7 @@ class Plan:
     out_strides: tuple
     pack_gqa: bool  # forward: the group's query heads share a program's rows
     splits: int  # forward: programs splitting the keys of one row block
-    keys: tuple  # autotuning keys: power-of-two buckets of Lq and Lk (tuned once per bucket)
+    keys: tuple  # autotuning keys: power-of-two buckets of Lq and Lk (tuned once per bucket; tuning_bucket)
 
     @functools.cached_property
     def kernel_constexprs(self) -> dict:
@@ -126,21 +126,46 @@ _PLANS: dict[tuple, Plan | None] = {}
 
 
 def plan_for(key: tuple, build) -> Plan | None:
-    """The cached plan of a signature (None: the kernels do not take this call)."""
-    if key not in _PLANS:
+    """The cached plan of a signature (None: the kernels do not take this call). A signature of symbolic sizes
+    (traced for Inductor under dynamic shapes, once per graph) is unhashable (SymInt) and not cached: asking
+    costs nothing on the eager path."""
+    try:
+        cached = key in _PLANS
+    except TypeError:
+        return build()
+    if not cached:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = build()
     return _PLANS[key]
 
 
-def _split_count(rows: int, programs_per_block_row: int, lk: int, device: torch.device) -> int:
-    """Key splits that fill the GPU when there are few row blocks and many keys (decode)."""
-    if device.type != "cuda":
+def symbolic_ok(q, k, v) -> bool:
+    """Whether the kernels trace this call with its symbolic sizes (ops.py): every size but the head counts and head
+    dims may be symbolic (batch, query and key lengths, the mask's, any stride); those choose the blocks."""
+    return all(known(n) is not None for n in (q.shape[1], q.shape[3], k.shape[1], v.shape[3]))
+
+
+def tuning_bucket(n) -> int:
+    """The autotuning key of a size: its next power of two; 0 for a symbolic size (the prunes read 0 as any)."""
+    return next_pow2(known(n)) if known(n) is not None else 0
+
+
+def _split_count(rows, programs_per_block_row, lk, device: torch.device):
+    """Key splits that fill the GPU when there are few row blocks and many keys (decode). Traced with a
+    symbolic batch or key count and a static row count (decode under dynamic shapes), the same count as an
+    expression of them, but two at least: the split path is chosen at trace time, once for every value
+    (two splits are valid for any length; they cost a merge launch where one split would do); a symbolic row
+    count (prefill), or static programs enough to fill the GPU, keep one split."""
+    if device.type != "cuda" or known(rows) is None:
         return 1
     sms = program_slots(device)
     programs = programs_per_block_row * cdiv(rows, 64)
-    if programs >= sms or lk < 1024:
+    if known(programs) is not None and programs >= sms:
+        return 1
+    if known(programs) is None or known(lk) is None:
+        return bounded(torch.sym_min(cdiv(2 * sms, programs), lk // 512), 2, 64)
+    if lk < 1024:
         return 1
     return max(1, min(cdiv(2 * sms, programs), lk // 512, 64))
 
@@ -152,10 +177,11 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals, sinks=None) -> Plan |
         return None
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    hq, hkv, d, dv = (known(n) for n in (hq, hkv, d, dv))  # ints: symbolic ones are not traced (symbolic_ok)
     group = hq // hkv
     window = max(int(literals.window), 0)
     pos_offset = lk - lq if literals.bottom_right else 0
-    pack = group > 1 and lq < 64
+    pack = group > 1 and known(lq) is not None and known(lq) < 64  # a symbolic Lq: rows of one head (valid for any)
     rows = group * lq if pack else lq
     # 32 at least: Triton 3.6 on the H100 reads past shared memory in the masked tiles' p·v dot with 16-wide
     # V blocks (compute-sanitizer, tiny DeepSeek-V3: Dv 16, causal + padding mask)
@@ -174,7 +200,7 @@ def build_plan(q, k, v, mask, literals: AttentionLiterals, sinks=None) -> Plan |
                   saturation_lse(literals.mask_value, literals.masking), float(literals.dropout_p)),
         is_bool_mask=mask is not None and mask.dtype == torch.bool, out_strides=output_strides(q, dv),
         pack_gqa=pack, splits=_split_count(rows, b * (hkv if pack else hq), lk, q.device),
-        keys=(next_pow2(lq), next_pow2(lk)))
+        keys=(tuning_bucket(lq), tuning_bucket(lk)))
 
 
 def _absent(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -200,7 +226,8 @@ def _forward_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, si
            ("attention.forward", id(plan), pack, splits),
            q, k, v, mask, classes, seed, sinks, out, stats, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
            *class_strides(classes), *out_strides, *stats_strides, heads_in_grid, *plan.sizes, *plan.literals,
-           next_pow2(rows), plan.keys[1], **{**plan.kernel_constexprs, "USE_CLASSES": use_classes, "PACK_GQA": pack})
+           tuning_bucket(rows), plan.keys[1],
+           **{**plan.kernel_constexprs, "USE_CLASSES": use_classes, "PACK_GQA": pack})
 
 
 def _merge_stage(plan: Plan, *, q, k, v, mask, mask_strides, classes, seed, sinks, out, stats, part_out, part_stats,

@@ -360,25 +360,27 @@ _classify_tiles_kernel = flat_kernel(classify_tiles_program, "_classify_tiles_ke
 
 def classify_tiles(mask: torch.Tensor, strides: tuple, heads: tuple[int, int], is_bool: bool, lq: int, lk: int,
                    pos_offset: int, causal: bool, window: int) -> torch.Tensor:
-    """int8 [B', H', cdiv(Lq, cell), cdiv(Lk, cell)] tile classes of a mask read with `strides` as [B, H, Lq, Lk]
-    (heads = (B, H); B', H' are 1 where the mask broadcasts), positions folded in."""
+    """int8 [B', H', cdiv(Lq, cell) + 1, cdiv(Lk, cell) + 1] tile classes of a mask read with `strides` as
+    [B, H, Lq, Lk] (heads = (B, H); B', H' are 1 where the mask broadcasts), positions folded in (`class_map_shape`:
+    the last cells lie past the matrix, SKIP, never read)."""
     shape = class_map_shape(strides, heads, lq, lk)
-    classes = torch.empty(shape, dtype=torch.int8, device=mask.device)
-    if classes.numel() == 0:
-        return classes
-    grid = (shape[3], shape[2], shape[0] * shape[1])
-    launch(_classify_tiles_kernel, grid, ("attention.classify", lq, lk),
+    classes = torch.empty(shape, dtype=torch.int8, device=mask.device)  # the cells past the matrix: SKIP
+    launch(_classify_tiles_kernel, (shape[3], shape[2], shape[0] * shape[1]), ("attention.classify", lq, lk),
            mask, classes, *strides, *classes.stride(), shape[1], lq, lk, pos_offset, max(window, 0),
            CAUSAL=causal, WINDOWED=window > 0, IS_BOOL=is_bool, CELL=class_cell(), num_warps=4)
     return classes
 
 
 def class_map_shape(strides: tuple | None, heads: tuple[int, int], lq: int, lk: int) -> tuple[int, ...]:
-    """Shape `classify_tiles` returns for a mask of these broadcast strides ((0,) without a mask)."""
+    """Shape `classify_tiles` returns for a mask of these broadcast strides ((0,) without a mask). Each cell
+    dim has one more than the kernels read: traced with symbolic lengths, a dim that may be 1 (cdiv(Lk, cell))
+    would guard on its size (fake tensors' contiguity checks skip size-1 dims; torch 2.13), one of 2 or more
+    does not."""
     if strides is None:
         return (0,)
     cell = class_cell()
-    return (heads[0] if strides[0] != 0 else 1, heads[1] if strides[1] != 0 else 1, cdiv(lq, cell), cdiv(lk, cell))
+    return (heads[0] if strides[0] != 0 else 1, heads[1] if strides[1] != 0 else 1, cdiv(lq, cell) + 1,
+            cdiv(lk, cell) + 1)
 
 
 def class_strides(classes: torch.Tensor) -> tuple[int, int, int, int]:

@@ -25,8 +25,27 @@ def next_pow2(n: int) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
-    """Ceiling division of integers (plain Python, as next_pow2)."""
-    return -(-a // b)
+    """Ceiling division by b > 0 (plain Python, as next_pow2); on a symbolic size, an expression of it that
+    Inductor's generated code computes per call (a grid, a buffer's size)."""
+    return (a + b - 1) // b
+
+
+def bounded(n, low: int, high: int):
+    """max(low, min(n, high)): plain Python on an int (torch.sym_max costs ~3 us a call on the host), an
+    expression of a symbolic n."""
+    if type(n) is int:
+        return max(low, min(n, high))
+    return torch.sym_max(low, torch.sym_min(n, high))
+
+
+def known(n) -> int | None:
+    """n as an int where it is one, or a symbolic size its ShapeEnv has fixed (a dim Dynamo made dynamic, then
+    specialized: a head count matched against a weight's); None where it is symbolic (traced for Inductor under
+    dynamic shapes: a decision read from its value would guard on it, so those take what is valid for every
+    value)."""
+    if type(n) is int:
+        return n
+    return n.node.maybe_as_int() if isinstance(n, torch.SymInt) else None
 
 
 @dataclass(frozen=True)
@@ -41,13 +60,22 @@ class RowTiling:
     num_warps: int
 
     @staticmethod
-    def for_rows(n_rows: int, n_cols: int, max_block_n: int, min_tile: int = 2048, elements_per_thread: int = 16,
-                 max_warps: int = 16) -> "RowTiling":
-        """A tile of about `min_tile` or more elements, `elements_per_thread` of them per thread."""
-        block_n = min(next_pow2(n_cols), max_block_n)
-        block_m = min(next_pow2(n_rows), max(1, min_tile // block_n))
+    def for_rows(n_rows: int | None, n_cols: int | None, max_block_n: int, min_tile: int = 2048,
+                 elements_per_thread: int = 16, max_warps: int = 16, any_cols_block_n: int = 2048) -> "RowTiling":
+        """A tile of about `min_tile` or more elements, `elements_per_thread` of them per thread. A size of None
+        (symbolic, `known`) takes a tile valid for every value: any row count fills `min_tile`, rows of any
+        length are walked in `any_cols_block_n` blocks (never held whole: `fits` is False)."""
+        block_n = min(max_block_n, any_cols_block_n if n_cols is None else next_pow2(n_cols))
+        block_m = max(1, min_tile // block_n)
+        if n_rows is not None:
+            block_m = min(next_pow2(n_rows), block_m)
         num_warps = min(max_warps, max(1, block_m * block_n // (32 * elements_per_thread)))
         return RowTiling(block_m, block_n, num_warps)
+
+    def fits(self, n_cols) -> bool:
+        """Whether a row of n_cols is held in one block (ROW_FITS); False for a symbolic length."""
+        cols = known(n_cols)
+        return cols is not None and cols <= self.block_n
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,19 @@ and the eager fast path.
 Where each call runs, chosen per call from devices, dtypes and shapes (no sync, no data read):
 - eager, plain tensors: `direct_call` runs `kernel` (Triton, launches replayed) or `reference` (plain torch), with
   the op's own autograd formula, without the dispatcher;
-- traced for Inductor (AOTAutograd's functionalization), CUDA tensors of static shapes that the kernels take:
-  `kernel` itself is traced, its launches through `torch.library.wrap_triton` (`launching.traced_launches`),
+- traced for Inductor (AOTAutograd's functionalization), CUDA tensors that the kernels take, of static shapes or
+  of symbolic sizes the op's `symbolic(*args)` accepts (dynamic shapes): `kernel` itself is traced, its launches
+  through `torch.library.wrap_triton` (`launching.traced_launches`),
   so Inductor's generated code launches our kernels, tunes them at compile time and never calls the op (what
   `torch.library.triton_op` does, minus its fake: triton_op registers the body as its own fake, and under
   TRITON_INTERPRET=1 Dynamo's fake run of it launches the interpreter on FakeTensors, which fails; seen on
   torch 2.13 / triton 3.9);
-- anything else (CPU, the interpreter, dynamic shapes, dtypes the kernels do not take, tracing by other
-  modes): the op itself, opaque, running `kernel` or `reference` at run time as in eager.
+- anything else (CPU, the interpreter, symbolic sizes an op does not accept, dtypes the kernels do not take,
+  tracing by other modes): the op itself, opaque, running `kernel` or `reference` at run time as in eager.
+An op accepting symbolic sizes takes every tile, constexpr and tuning choice from what is static (head dims,
+dtypes, literals; `launching.known`) or one valid for every value of the symbolic sizes, never from their
+values: tracing adds no guard of its own; grids, buffer sizes and scalar arguments are symbolic expressions
+Inductor's generated code computes per call (tests/test_ops.py holds every accepted op to that).
 """
 from __future__ import annotations
 
@@ -35,27 +40,34 @@ from .sharding import Rows, register as register_sharding
 
 
 def fused_op(name: str, kernel: Callable, reference: Callable, fake: Callable, runs_kernels: Callable[..., bool], *,
-             setup_context: Callable | None = None, backward: Callable | None = None, rows: Rows | None = None
-             ) -> Callable:
+             setup_context: Callable | None = None, backward: Callable | None = None, rows: Rows | None = None,
+             symbolic: Callable[..., bool] | None = None) -> Callable:
     """Define `fuser::<name>` and return its direct call (see `direct_call`).
 
     `kernel` (its type annotations are the op's schema) launches Triton through `launching.launch`;
     `reference` computes the same in plain torch; `fake` gives the outputs' metadata; `runs_kernels(*args)` says
     whether `kernel` computes this call (devices and dtypes only); `setup_context` / `backward` are the op's
     autograd formula, the backward itself another fused op; `rows`, where a shard of the rows computes its part,
-    is how the op shards under DTensor (`sharding.register`)."""
+    is how the op shards under DTensor (`sharding.register`); `symbolic(*args)`, where `kernel` traces its
+    launches with symbolic sizes (see the module docstring), says whether it does for these arguments (without
+    it, only calls whose every size is an int are traced)."""
     def implementation(*args):
         return kernel(*args) if runs_kernels(*args) else reference(*args)
 
     op = torch.library.custom_op(f"fuser::{name}", implementation, mutates_args=(),
                                  schema=torch.library.infer_schema(kernel, mutates_args=()))
     op.register_fake(fake)
-    op.register_torch_dispatch(FunctionalTensorMode, _inductor_launches(kernel, runs_kernels))
+    op.register_torch_dispatch(FunctionalTensorMode, _inductor_launches(kernel, runs_kernels, symbolic))
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
     if rows is not None:
         register_sharding(getattr(torch.ops.fuser, name).default, rows)
     return direct_call(getattr(torch.ops.fuser, name).default, implementation, setup_context, backward)
+
+
+def any_sizes(*args, **kwargs) -> bool:
+    """For `fused_op(symbolic=...)`: every size of every call may be symbolic."""
+    return True
 
 
 def entry_op(function: Callable) -> Callable:
@@ -75,7 +87,7 @@ _TRACED_TENSOR_TYPES = (FakeTensor, FunctionalTensor)
 
 def _static(args) -> bool:
     """Every size and stride a plain int: launch sizes and tiles are then fixed at trace time (symbolic sizes
-    would need symbolic tiles; such calls keep the op)."""
+    keep the op unless the op's `symbolic` accepts them)."""
     for arg in args:
         if isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return False
@@ -85,13 +97,14 @@ def _static(args) -> bool:
     return True
 
 
-def _inductor_launches(kernel, runs_kernels):
+def _inductor_launches(kernel, runs_kernels, symbolic):
     def rule(mode, op, types, args, kwargs):
         if any(t is not torch.Tensor and not issubclass(t, _TRACED_TENSOR_TYPES) for t in types):
             return NotImplemented  # a tensor subclass of someone else's: its own dispatch first
         traced = (getattr(functorch_config, "decompose_custom_triton_ops", True)  # off under torch.export
-                  and not interpreting() and _static(args) and runs_kernels(*args, **kwargs)
-                  and all(a.is_cuda for a in args if isinstance(a, torch.Tensor)))
+                  and not interpreting() and all(a.is_cuda for a in args if isinstance(a, torch.Tensor))
+                  and (_static(args) or (symbolic is not None and symbolic(*args, **kwargs)))
+                  and runs_kernels(*args, **kwargs))
         if not traced:
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode, traced_launches():
