@@ -2,6 +2,7 @@
 the eager-attention model against plain torch.compile (Inductor) on the SDPA model. Issue 12's decode rows.
 
     python benchmarks/bench_generate.py [--archs llama qwen3] [--layers 4] [--batch 4] [--prompt 512] [--new 128]
+                                        [--patterns NAME ...]
                                         [--out DIR] [--smoke]
 
 `generate(cache_implementation="static")` compiles the decoding step itself with the model's
@@ -15,6 +16,7 @@ weights can diverge early: informative, not judged).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -76,8 +78,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--patterns", nargs="+", help="also a side 'fuser[patterns]': backend fuser with only "
+                        "these patterns (what a rewrite family costs or gains in decode)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
     args = parser.parse_args()
+    sides = [("plain", "sdpa", "inductor"), ("fuser", "eager", "fuser")]
+    if args.patterns:
+        restricted = f"fuser[{','.join(args.patterns)}]"
+        torch._dynamo.register_backend(functools.partial(fuser.fuser_backend, options={"patterns": args.patterns}),
+                                       name=restricted)
+        sides.append((restricted, "eager", restricted))
     batch, prompt, new = (1, 8, 3) if SMOKE else (args.batch, args.prompt, args.new)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     lines = [f"{device}, torch {torch.__version__}, bf16, static cache, B{batch} prompt {prompt}, {new} new tokens",
@@ -86,19 +96,19 @@ def main() -> None:
     for arch in args.archs:
         ids = torch.randint(1, 32000, (batch, prompt), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
         results = {}
-        for side, attention, backend in (("plain", "sdpa", "inductor"), ("fuser", "eager", "fuser")):
+        for side, attention, backend in sides:
             torch._dynamo.reset()
             fuser.reset_reports()
             model = model_of(arch, args.layers, attention)
             started = time.perf_counter()
             t_new, tokens = timed_generate(model, ids, new, backend)
             t_one, _ = timed_generate(model, ids, 1, backend)
-            counts = fuser.last_report().counts() if backend == "fuser" else {}
+            counts = fuser.last_report().counts() if backend.startswith("fuser") else {}
             results[side] = (t_new, t_one, batch * (new - 1) / max(t_new - t_one, 1e-9), tokens[:, prompt:], counts)
             print(f"{arch} {side}: {time.perf_counter() - started:.0f} s with compiling", flush=True)
             del model
-        same = (results["plain"][3] == results["fuser"][3]).float().mean().item()
-        for side, (t_new, t_one, rate, _, counts) in results.items():
+        for side, (t_new, t_one, rate, tokens, counts) in results.items():
+            same = (results["plain"][3] == tokens).float().mean().item()
             ratio = rate / results["plain"][2]
             lines.append(f"| {arch} {args.layers} layers | {side} | {t_new:.3f} | {t_one:.3f} | {rate:.0f} | "
                          f"{ratio:.2f} | {same:.0%} | {counts or ''} |")

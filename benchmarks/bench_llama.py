@@ -18,7 +18,7 @@ import triton
 
 import fuser
 from fuser.models import ARCHITECTURES, tiny_inputs, tiny_model
-from fuser.numerics.contract import judge, numerics_error
+from fuser.numerics.contract import judge, numerics_error, numerics_problem, tolerance
 
 
 def check_architectures() -> list[str]:
