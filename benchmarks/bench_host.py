@@ -1,7 +1,7 @@
 """Host cost of the fused ops inside compiled graphs, and whole models, against plain torch.compile (issue 12).
 
-    python benchmarks/bench_host.py [--parts ops models] [--only NAME ...] [--all-modes] [--budget-s 330] [--out DIR]
-                                    [--smoke]
+    python benchmarks/bench_host.py [--parts ops models] [--only NAME ...] [--passes fwd train] [--all-modes]
+                                    [--budget-s 330] [--out DIR] [--smoke]
 
 One run, bf16, every peer in the same process. Per fused op (a naive module fuser rewrites into that op, and
 the same module under plain torch.compile, whose Inductor kernels compute the same), forward and training step,
@@ -14,8 +14,9 @@ wall time in default mode, under a CUDA graph captured from the default-mode mod
 kernel time. Each compiled module's output is checked against the plain-compiled one first.
 
 Parts run in order of importance while `--budget-s` allows (compiling dominates); what was left out is said.
-`--only` keeps the workloads whose name contains one of its words; `--all-modes` times every workload (models and
-training steps too) in default mode and under mode="reduce-overhead". The attention and OLMoE rows of issue 12:
+`--only` keeps the workloads whose name contains one of its words, `--passes` forward or training rows;
+`--all-modes` times every workload (models and training steps too) in default mode and under
+mode="reduce-overhead". The attention and OLMoE rows of issue 12:
     python benchmarks/bench_host.py --only "causal attention" "OLMoE 2 layers" --all-modes --budget-s 540
 A short table comes last; a log and JSON lines go to `--out` (default $OUT when set). `--smoke` runs the
 whole script on CPU through the Triton interpreter at toy sizes (eager codegen), to catch mistakes for free.
@@ -352,6 +353,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["ops", "models"], choices=["ops", "models"])
     parser.add_argument("--only", nargs="+", help="workloads whose name contains one of these")
+    parser.add_argument("--passes", nargs="+", default=["fwd", "train"], choices=["fwd", "train"],
+                        help="forward rows, training-step rows or both")
     parser.add_argument("--all-modes", action="store_true", help="every workload also under reduce-overhead")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no workload after this many seconds")
     parser.add_argument("--calls", type=int, default=50, help="calls per host and profiler measurement")
@@ -366,6 +369,7 @@ def main() -> int:
     plan += [("models", w) for w in model_workloads()] if "models" in args.parts else []
     if args.only:
         plan = [(part, w) for part, w in plan if any(word in w.name for word in args.only)]
+    plan = [(part, w) for part, w in plan if ("train" if w.train else "fwd") in args.passes]
     plan.sort(key=lambda part_workload: part_workload[1].train)  # forwards first
     done, skipped = {"ops": [], "models": []}, []
     for part, workload in plan:
