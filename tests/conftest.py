@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fuser.source_tree import leave_clone_root  # noqa: E402
+
+leave_clone_root()  # `python -m pytest` from the clone's root: its kernels/ would shadow Hugging Face's `kernels`
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
