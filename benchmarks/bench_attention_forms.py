@@ -1,6 +1,6 @@
 """The attention forms issue 14 adds, against plain attention of the same shape (H200 target: within 10%).
 
-    python benchmarks/bench_attention_forms.py [--shapes 0 1 2 3] [--out DIR]
+    python benchmarks/bench_attention_forms.py [--shapes 0 1 2 3] [--forms NAME ...] [--out DIR]
 
 bf16, q/k/v as [B, H, L, D] views of [B, L, H, D] memory; forward and forward + backward, do_bench medians
 (host time included) and the ratio form / plain. Forms: sinks (one learned logit per head, gpt-oss), with their
@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--out", help="a folder for the table (forms.md)")
     parser.add_argument("--shapes", type=int, nargs="+", default=list(range(len(SHAPES))),
                         help="indices into SHAPES (each form compiles and tunes its kernels per shape: minutes)")
+    parser.add_argument("--forms", nargs="+", help="only these forms (and plain, which the ratios divide by)")
     args = parser.parse_args()
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
              "| shape | form | fwd ms | fwd / plain | fwd+bwd ms | fwd+bwd / plain |", "|---|---|---|---|---|---|"]
@@ -69,6 +70,8 @@ def main():
         q, k, v = _inputs(b, hq, hkv, length, d)
         plain = None
         for name, (call, leaves) in _forms(q, k, v, hq, length, causal, d).items():
+            if args.forms and name != "plain" and name not in args.forms:
+                continue
             if name.startswith("SDPA") and causal:
                 continue  # SDPA takes a mask or is_causal, not both: the learned bias rows are uncausal there
             try:

@@ -15,6 +15,7 @@ from hypothesis import given, strategies as st
 import fuser
 from fuser.kernels.attention import AttentionLiterals, attention_reference
 from fuser.kernels.attention.reference import reference_backward
+from fuser.kernels.attention.tiles import OPEN, classify_tiles
 from fuser.fuzzing import run_example
 from fuser.models import tiny_t5
 from fuser.patterns.attention import ATTENTION, attention
@@ -88,6 +89,18 @@ def test_the_bias_gradient_through_dropout_sinks_softcap_and_causal_masking(mask
     """dS of the dropped-out probabilities, with sinks in the softmax, through the softcap's tanh (the bias is
     added after it), causal positions passing no gradient but with "add"."""
     check_bias_gradient(torch.float32, (4, 2), 21, 26, "[1,H,L,S]", True, True, 5.0, 0.25, True, masking, 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_bias_runs_its_fully_visible_tiles_together_across_cells(causal):
+    """Lengths over several class cells (32 wide here): a bias's cells are OPEN (every value finite), so the tiles
+    positions leave fully visible run as one loop adding it (tiles.open_run); values and every gradient, the
+    bias's too, against float64."""
+    lq, lk = 75, 90
+    bias = torch.randn(1, HQ, lq, lk)
+    classes = classify_tiles(bias, (0, *bias.stride()[1:]), (B, HQ), False, lq, lk, lk - lq, causal, 0)
+    assert (classes[..., :-1, :-1] == OPEN.value).sum() >= 6, classes
+    check_bias_gradient(torch.float32, (4, 2), lq, lk, "[1,H,L,S]", False, causal, 0.0, 0.0, False, "add", 3)
 
 
 @given(st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from([(4, 2), (4, 4), (4, 1)]),

@@ -216,9 +216,23 @@ def test_sdpa_masking_gives_sdpa_zeros(form):
 
     check_case(q, k, v, mask, (0.3, causal, 0, bottom_right, 0.0, 0.0, -math.inf, "sdpa"), formula=sdpa)
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_visible_tiles_run_together_up_to_the_first_cell_that_may_hide_a_score(kind, causal):
+    """A bool mask True but in one late cell, or a bias plus right padding (finfo.min on each sequence's last
+    keys): the cells before are FULL or OPEN, so each row block's fully visible tiles up to there run without
+    elementwise masks (adding the bias), the rest one by one; values and gradients against float64."""
+    q, k, v = make_qkv(2, 4, 2, 70, 100, 16, 16, torch.float32, "contiguous", 5)
+    if kind == "bool":
+        mask = torch.ones(2, 1, 70, 100, dtype=torch.bool)
+        mask[1, :, 40:, 70:75] = False
+    else:
+        padded = torch.arange(100) >= torch.tensor([[85], [50]])
+        mask = torch.randn(1, 4, 70, 100) + torch.zeros(2, 1, 1, 100).masked_fill(padded[:, None, None],
+                                                                                 torch.finfo(torch.float32).min)
+    check_case(q, k, v, mask, AttentionLiterals(0.25, causal, bottom_right=True))
 
-@pytest.mark.parametrize("pack_gqa", [True, False])
-@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "float"])
+
 def test_split_keys_and_packed_heads(pack_gqa, mask_kind):
     """The decode paths (query heads packed into rows, keys split across programs, partial
     softmaxes merged) agree with the reference, fully masked rows included."""

@@ -33,7 +33,7 @@ from .forward import registers_fit, tuning_pays
 from .tiles import (EXACT_BLOCK, FULL, HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV, NUMERICS_DOT_PRECISION,
                     PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SOFTCAP, RULE_WINDOWED, SKIP, HeadBlocks,
                     any_nonfinite, dropout_keep, kernel_literals, key_tiles, load_tile, mma_operand, open_rows,
-                    probabilities, query_tiles, rows_saturated, selected_dot, tile_scores)
+                    open_run, probabilities, query_tiles, rows_saturated, selected_dot, tile_scores)
 
 
 @triton.jit
@@ -60,10 +60,10 @@ def backward_preprocess_program(Out, dOut, Stats, Delta, HeadFlags, so, sg, Hq, 
 @triton.jit
 def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head, stream, sq, sg, sm,
               sizes, literals, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-              RULE: tl.constexpr, NUMERICS: tl.constexpr):
+              RULE: tl.constexpr, ADD_OPEN: tl.constexpr, NUMERICS: tl.constexpr):
     """One query tile's share of dK and dV, in the transposed orientation
     (rows are keys): p^T = exp2(s^T − lse), dV += p^T dO, dS^T = p^T (dP^T − Δ), dK += dS^T Q; with EXACT,
-    each product formed only where the query row reaches the key (tiles.py)."""
+    each product formed only where the query row reaches the key (tiles.py); ADD_OPEN as in tile_scores."""
     Lq, Lk, D, Dv = sizes[2], sizes[3], sizes[4], sizes[5]
     dropout_p, seed = literals[6], literals[7]
     q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +87,7 @@ def dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, m
     scores_t, reach_t, passes_t, softcap_grad_t = tile_scores(qk_t, q_idx[None, :], q_open[None, :], q_ok[None, :],
                                                               k_idx[:, None], mask_head + q_idx[None, :].to(tl.int64)
                                                               * sm[2] + k_idx[:, None] * sm[3], Lk, literals, MASKED,
-                                                              EXACT, RULE)
+                                                              EXACT, RULE, ADD_OPEN)
     p_t = probabilities(scores_t, reach_t, shift[None, :], log2_sum[None, :], MASKED, EXACT)
     dp_t = tl.dot(v, tl.trans(do), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     if RULE[RULE_DROPOUT]:
@@ -146,8 +146,17 @@ def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Sta
                 for m in range(lo, hi):
                     dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
                                        stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, part != 1, EXACT, RULE,
-                                       NUMERICS)
-        # tiles chosen one by one: by the mask's classes (FULL unmasked, PARTIAL masked), and in a flagged
+                                       False, NUMERICS)
+            run_hi = f_lo
+        else:  # the fully visible run together where its cells allow (tiles.py `open_run`)
+            run_hi, plain = open_run(class_col, sc[2], f_lo, f_hi, BLOCK_M, CELL, RULE[RULE_MASK_KIND])
+            for adds in tl.static_range(2 if RULE[RULE_MASK_KIND] == 2 else 1):
+                if plain != (adds == 1):
+                    for m in range(f_lo, run_hi):
+                        dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head,
+                                           mask_head, stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, False,
+                                           EXACT, RULE, adds == 1, NUMERICS)
+        # tiles chosen one by one: by the mask's classes (FULL unmasked, PARTIAL and OPEN masked), and in a flagged
         # head the skipped tiles holding rows that skipping would change (masked)
         flagged = False
         if CAN_SKIP:
@@ -158,8 +167,9 @@ def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Sta
             in_run = (m >= t_lo) & (m < t_hi)
             if RULE[RULE_MASK_KIND] != 0:
                 cls = tl.load(class_col + (m * BLOCK_M // CELL) * sc[2])
-                visit_full = in_run & (cls == FULL)
-                visit_masked = in_run & (cls == PARTIAL)
+                to_visit = in_run & ((m < f_lo) | (m >= run_hi))
+                visit_full = to_visit & (cls == FULL)
+                visit_masked = to_visit & (cls != FULL) & (cls != SKIP)
                 skipped = ~in_run | (cls == SKIP)
             else:  # the run was visited above
                 visit_full = False
@@ -171,7 +181,7 @@ def dkdv_block(k, v, k_idx, n_block, batch, kv_head, Q, Mask, Classes, dOut, Sta
                 if visit_masked if masked else visit_full:
                     dk, dv = dkdv_tile(dk, dv, k, v, m, k_idx, Q_head, dO_head, Stats_head, Delta_head, mask_head,
                                        stream, sq, sg, sm, sizes, literals, BLOCK_M, HEAD, masked == 1, EXACT, RULE,
-                                       NUMERICS)
+                                       False, NUMERICS)
     return dk, dv
 
 
@@ -226,7 +236,7 @@ def attention_dkdv_program(
 @triton.jit
 def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-            RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
+            RULE: tl.constexpr, ADD_OPEN: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """One key tile's share of dQ: dS = p (dP − Δ), dQ += dS K (scale applied at the end);
     row_stats = (shift, log2_sum, Δ) and rows = (q_idx, q_ok, stream, dmask_row_ptrs) of the program's rows, q_open
     those every position reaches. With EXACT each product is formed only where the row reaches the key (tiles.py).
@@ -248,7 +258,7 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_
     qk = tl.dot(q, tl.trans(k), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     scores, reach, passes, softcap_grad = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None],
                                                       k_idx[None, :], mask_row_ptrs[:, None] + k_idx[None, :] * sm[3],
-                                                      Lk, literals, MASKED, EXACT, RULE)
+                                                      Lk, literals, MASKED, EXACT, RULE, ADD_OPEN)
     p = probabilities(scores, reach, shift[:, None], log2_sum[:, None], MASKED, EXACT)
     dp = tl.dot(do, tl.trans(v), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     if RULE[RULE_DROPOUT]:
@@ -271,11 +281,11 @@ def dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_
 @triton.jit
 def dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
              BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-             RULE: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
+             RULE: tl.constexpr, ADD_OPEN: tl.constexpr, MASK_GRAD: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into dQ."""
     for n in range(lo, hi):
         dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes,
-                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, MASK_GRAD, NUMERICS)
+                     literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, ADD_OPEN, MASK_GRAD, NUMERICS)
     return dq
 
 
@@ -288,23 +298,32 @@ def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, ro
     BLOCK_D: tl.constexpr = HEAD[HEAD_BLOCK_D]
     t_lo, f_lo, f_hi, t_hi = tiles
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if RULE[RULE_MASK_KIND] != 0:
-        for n in range(t_lo, t_hi):
+    if RULE[RULE_MASK_KIND] != 0:  # the fully visible run together where its cells allow, the others one by one
+        run_end = f_lo  # (see attend_rows)
+        if respect_classes:
+            run_end, plain = open_run(class_row, sc[3], f_lo, f_hi, BLOCK_N, CELL, RULE[RULE_MASK_KIND])
+            for adds in tl.static_range(2 if RULE[RULE_MASK_KIND] == 2 else 1):
+                if plain != (adds == 1):
+                    dq = dq_tiles(dq, q, do, row_stats, f_lo, run_end, k_base, v_base, sk, sv, rows, q_open,
+                                  mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, adds == 1,
+                                  MASK_GRAD, NUMERICS)
+        run_tiles = run_end - f_lo
+        for i in range(t_lo, t_hi - run_tiles):
+            n = tl.where(i < f_lo, i, i + run_tiles)
             cls = tl.load(class_row + (n * BLOCK_N // CELL) * sc[3], mask=respect_classes, other=PARTIAL)
             if cls != SKIP:
                 if cls == FULL:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, MASK_GRAD, NUMERICS)
+                                 sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, False, MASK_GRAD, NUMERICS)
                 else:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD, NUMERICS)
+                                 sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, False, MASK_GRAD, NUMERICS)
     else:  # masked edges around the fully visible run, like the forward
-        dq = dq_tiles(dq, q, do, row_stats, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD, NUMERICS)
-        dq = dq_tiles(dq, q, do, row_stats, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, MASK_GRAD, NUMERICS)
-        dq = dq_tiles(dq, q, do, row_stats, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                      sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, MASK_GRAD, NUMERICS)
+        for part in tl.static_range(3):
+            lo = t_lo if part == 0 else (f_lo if part == 1 else f_hi)
+            hi = f_lo if part == 0 else (f_hi if part == 1 else t_hi)
+            dq = dq_tiles(dq, q, do, row_stats, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
+                          sizes, literals, BLOCK_N, HEAD, part != 1, EXACT, RULE, False, MASK_GRAD, NUMERICS)
     return dq
 
 

@@ -3,9 +3,10 @@
 Each program holds BLOCK_M query rows in registers and walks the key tiles that may be
 visible to them, with an online softmax in float32 on exp2 (scale·log2 e folded into one
 multiply). Tiles fully visible run without any masking; tiles on a causal diagonal, a window
-edge, the end of the keys or a PARTIAL mask cell apply masks elementwise; SKIP tiles are not
-read. Rows that skipping could change (see tiles.py) are recomputed in the same program without
-skipping, which keeps fully masked rows exactly as the naive formula gives them.
+edge, the end of the keys or a PARTIAL mask cell apply masks elementwise (a fully visible run of
+OPEN cells, a bias, only adds it); SKIP tiles are not read. Rows that skipping could change (see
+tiles.py) are recomputed in the same program without skipping, which keeps fully masked rows
+exactly as the naive formula gives them.
 
 GQA: a query head reads KV head h // group through strides, K/V are never repeated. For short
 query blocks (decode), the group's query heads are packed into the rows of one program
@@ -28,7 +29,7 @@ from ..runtime import autotune, flat_kernel, interpreting
 from .tiles import (EXACT_BLOCK, FULL, HEAD_BLOCK_D, HEAD_BLOCK_DV, HEAD_PAD_D, HEAD_PAD_DV, LOG2E,
                     NUMERICS_DOT_PRECISION, PARTIAL, RULE_CAUSAL, RULE_DROPOUT, RULE_MASK_KIND, RULE_SINKS, RULE_SOFTCAP,
                     RULE_WINDOWED, SKIP, any_nonfinite, dropout_keep, kernel_literals, key_tiles, load_tile,
-                    mma_operand, open_rows, rows_saturated, selected_dot, tile_scores)
+                    mma_operand, open_rows, open_run, rows_saturated, selected_dot, tile_scores)
 
 
 @triton.jit
@@ -56,10 +57,10 @@ def query_rows(m_block, bh, heads_in_grid, group, Lq, BLOCK_M: tl.constexpr, PAC
 @triton.jit
 def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
                 BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-                RULE: tl.constexpr, NUMERICS: tl.constexpr):
+                RULE: tl.constexpr, ADD_OPEN: tl.constexpr, NUMERICS: tl.constexpr):
     """One key tile into the running (acc, max, sum) of the online softmax; rows = (q_idx, q_ok, stream),
     q_open the rows every position reaches. With EXACT, unreached positions weigh exactly nothing and form no
-    product (tiles.py)."""
+    product (tiles.py); ADD_OPEN: an unmasked tile of OPEN cells, the float mask added (tile_scores)."""
     q_idx, q_ok, stream = rows
     Lk, D, Dv = sizes[3], sizes[4], sizes[5]
     scale, dropout_p, seed = literals[2], literals[6], literals[7]
@@ -70,10 +71,10 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_
     k = load_tile(k_base + k_idx[:, None] * sk[2] + d[None, :] * sk[3], k_ok, d < D, MASKED, HEAD[HEAD_PAD_D])
     qk = tl.dot(q, tl.trans(mma_operand(k, NUMERICS)), input_precision=NUMERICS[NUMERICS_DOT_PRECISION])
     reach = True
-    if MASKED or RULE[RULE_SOFTCAP]:
+    if MASKED or RULE[RULE_SOFTCAP] or ADD_OPEN:
         scores, reach, _, _ = tile_scores(qk, q_idx[:, None], q_open[:, None], q_ok[:, None], k_idx[None, :],
                                           mask_row_ptrs[:, None] + k_idx[None, :] * sm[3], Lk, literals, MASKED,
-                                          EXACT, RULE)
+                                          EXACT, RULE, ADD_OPEN)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         if MASKED:  # a row may have seen only −inf so far
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,11 +99,11 @@ def attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_
 @triton.jit
 def attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm, sizes, literals,
                  BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-                 RULE: tl.constexpr, NUMERICS: tl.constexpr):
+                 RULE: tl.constexpr, ADD_OPEN: tl.constexpr, NUMERICS: tl.constexpr):
     """Key tiles [lo, hi), all masked or all unmasked, into the running (acc, max, sum)."""
     for n in range(lo, hi):
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
-                                    sizes, literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, NUMERICS)
+                                    sizes, literals, BLOCK_N, HEAD, MASKED, EXACT, RULE, ADD_OPEN, NUMERICS)
     return acc, m_i, l_i
 
 
@@ -114,7 +115,8 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
     """(acc, max, sum) of the rows over key tiles tiles = (t_lo, f_lo, f_hi, t_hi): all of [t_lo, t_hi),
     of which [f_lo, f_hi) are known fully visible.
 
-    With a mask tensor every tile's class decides, but with EVERY_TILE (tiles (0, 0, 0, all)): every tile masked.
+    With a mask tensor, the fully visible run goes together where its cells allow (tiles.py `open_run`), the
+    other tiles one by one by their class; with EVERY_TILE (tiles (0, 0, 0, all)) every tile masked.
     EXACT passes (EVERY_TILE too) follow the NaN rule for the rows q_open says are open (tiles.py).
     """
     BLOCK_DV: tl.constexpr = HEAD[HEAD_BLOCK_DV]
@@ -127,7 +129,17 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
         m_i = tl.where(with_sinks, sink, m_i)
         l_i = tl.where(with_sinks & (sink > float("-inf")), 1.0, l_i)
     if RULE[RULE_MASK_KIND] != 0:
-        for n in range(t_lo, t_hi):
+        run_end = f_lo  # the fully visible run's share [f_lo, run_end) that goes together
+        if USE_CLASSES and not EVERY_TILE:
+            run_end, plain = open_run(class_ptr, sc[3], f_lo, f_hi, BLOCK_N, CELL, RULE[RULE_MASK_KIND])
+            for adds in tl.static_range(2 if RULE[RULE_MASK_KIND] == 2 else 1):
+                if plain != (adds == 1):
+                    acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_lo, run_end, k_base, v_base, sk, sv, rows, q_open,
+                                                 mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE,
+                                                 adds == 1, NUMERICS)
+        run_tiles = run_end - f_lo
+        for i in range(t_lo, t_hi - run_tiles):  # the other tiles
+            n = tl.where(i < f_lo, i, i + run_tiles)
             if USE_CLASSES and not EVERY_TILE:
                 cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * sc[3])
             else:
@@ -136,18 +148,21 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
                 if cls == FULL:
                     acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open,
                                                 mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT,
-                                                RULE, NUMERICS)
+                                                RULE, False, NUMERICS)
                 else:
                     acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open,
                                                 mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT,
-                                                RULE, NUMERICS)
+                                                RULE, False, NUMERICS)
     else:  # masked edges before and after the fully visible run (a causal diagonal, a window's edge, the end)
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, t_lo, f_lo, k_base, v_base, sk, sv, rows, q_open,
-                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, False,
+                                     NUMERICS)
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_lo, f_hi, k_base, v_base, sk, sv, rows, q_open,
-                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, NUMERICS)
+                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, False,
+                                     NUMERICS)
         acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_hi, t_hi, k_base, v_base, sk, sv, rows, q_open,
-                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, NUMERICS)
+                                     mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, True, EXACT, RULE, False,
+                                     NUMERICS)
     return acc, m_i, l_i
 
 

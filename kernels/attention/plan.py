@@ -151,6 +151,11 @@ def tuning_bucket(n) -> int:
     return next_pow2(known(n)) if known(n) is not None else 0
 
 
+# keys a split takes at least: a decode step's program walks its keys one dependent tile after another, so fewer
+# keys per program pay (Qwen3 decode on the H200, B4, 640 cached keys, 32 programs: 25 µs a call in one split)
+KEYS_PER_SPLIT = 128
+
+
 def _split_count(rows, programs_per_block_row, lk, device: torch.device):
     """Key splits that fill the GPU when there are few row blocks and many keys (decode). Traced with a
     symbolic batch or key count and a static row count (decode under dynamic shapes), the same count as an
@@ -164,10 +169,8 @@ def _split_count(rows, programs_per_block_row, lk, device: torch.device):
     if known(programs) is not None and programs >= sms:
         return 1
     if known(programs) is None or known(lk) is None:
-        return bounded(torch.sym_min(cdiv(2 * sms, programs), lk // 512), 2, 64)
-    if lk < 1024:
-        return 1
-    return max(1, min(cdiv(2 * sms, programs), lk // 512, 64))
+        return bounded(torch.sym_min(cdiv(2 * sms, programs), lk // KEYS_PER_SPLIT), 2, 64)
+    return max(1, min(cdiv(2 * sms, programs), lk // KEYS_PER_SPLIT, 64))
 
 
 def build_plan(q, k, v, mask, literals: AttentionLiterals, sinks=None) -> Plan | None:

@@ -6,7 +6,10 @@ all such fills compare equal (as they do in float64, where adding a score to the
 
 Tile classes (per 128×128 cell of the score matrix on the GPU, 32×32 under the interpreter):
 SKIP (every score is excluded by position, a False bool or a float ≤ −FLT_MAX/log2 e),
-FULL (every score visible, mask zero, cell inside the matrix) or PARTIAL. A skipped score
+FULL (every score visible, mask zero, cell inside the matrix), OPEN (not FULL, but the mask hides nothing:
+every value True, or a float whose log2-units value is finite and above −FLT_MAX: a bias) or PARTIAL. Tiles
+one by one run FULL cells unmasked and OPEN ones masked; a run of tiles that positions leave fully visible runs
+without elementwise masks while its cells are FULL or OPEN (`open_run`), adding a float mask's values. A skipped score
 is at most `skipped_bound` = max(mask_value, −FLT_MAX) in log2 units, so skipping cannot change a row
 whose log-sum-exp is above skipped_bound + 160 (2^−160 is zero in float32). With an added mask value
 a skipped score is score + skipped_bound: the bound is then skipped_bound / 2 where that is higher
@@ -43,6 +46,7 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 SKIP = tl.constexpr(0)
 PARTIAL = tl.constexpr(1)
 FULL = tl.constexpr(2)
+OPEN = tl.constexpr(3)
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
 # The tile side of EXACT passes (selected_dot): they are rare, and small tiles keep their registers under the plain
 # loops' (ptxas would otherwise spill those and serialize their wgmma: sm_90, triton 3.6 and 3.9)
@@ -177,7 +181,7 @@ def tanh(x):
 
 @triton.jit
 def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED: tl.constexpr, EXACT: tl.constexpr,
-                RULE: tl.constexpr):
+                RULE: tl.constexpr, ADD_OPEN: tl.constexpr):
     """(scores in log2 units, reach, passes, d(softcapped score)/d(scaled score)) of one tile.
 
     q_idx/q_open/q_ok and k_idx broadcast against qk ([M, 1] and [1, N], or transposed). Excluded scores
@@ -186,7 +190,8 @@ def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED:
     NaN rule (reference.py): a position is visible unless excluded or hidden by a float mask value
     ≤ −FLT_MAX/log2 e; `reach` holds the visible positions and, in open rows (q_open), every position inside
     the matrix; unreached scores are −inf, pass no gradient, and form no product (selected_dot). With MASKED
-    False the tile is known fully visible and inside the matrix (reach and passes are a constant True).
+    False the tile is known fully visible and inside the matrix (reach and passes are a constant True); with
+    ADD_OPEN too, the float mask is added, its values known finite in log2 units (OPEN cells: no clamp).
     """
     pos_offset, window, scale, softcap, mask_value_log2 = literals[0], literals[1], literals[2], literals[3], \
         literals[4]
@@ -225,7 +230,26 @@ def tile_scores(qk, q_idx, q_open, q_ok, k_idx, mask_ptrs, Lk, literals, MASKED:
             reach = in_range & (visible | q_open)
             keep = keep & reach
             scores = tl.where(reach, scores, float("-inf"))
+    elif ADD_OPEN:
+        scores = scores + tl.load(mask_ptrs, mask=(k_idx < Lk) & q_ok, other=0.0).to(tl.float32) * LOG2E
     return scores, reach, keep, softcap_grad
+
+
+@triton.jit
+def open_run(cells, cell_stride, lo, hi, BLOCK: tl.constexpr, CELL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """(end, plain): tiles [lo, end) of [lo, hi) (BLOCK wide, along one side of the class map: cell i at
+    cells + i·cell_stride), which positions leave fully visible, run together without elementwise masks: the
+    longest run of FULL and OPEN cells; plain if they need no mask added (every cell FULL, or a bool mask).
+    The tiles after it (from a cell that may hide a score) go one by one."""
+    c_lo = lo * BLOCK // CELL
+    first_closed = tl.cdiv(hi * BLOCK, CELL)
+    n_full = 0
+    for c in range(c_lo, tl.cdiv(hi * BLOCK, CELL)):
+        cls = tl.load(cells + c * cell_stride)
+        first_closed = tl.where((cls != FULL) & (cls != OPEN) & (c < first_closed), c, first_closed)
+        n_full += ((cls == FULL) & (c < first_closed)).to(tl.int32)
+    end = tl.minimum(tl.maximum(first_closed * CELL // BLOCK, lo), hi)
+    return end, (MASK_KIND == 1) | (n_full == first_closed - c_lo)
 
 
 @triton.jit
@@ -333,12 +357,15 @@ def classify_tiles_program(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offs
     if IS_BOOL:
         hidden = values == 0
         shown = values != 0
+        opens = shown
     else:
         values = values.to(tl.float32)
         hidden = mask_to_log2(values) <= -FLT_MAX
         shown = values == 0.0
+        opens = tl.abs(values * LOG2E) < FLT_MAX  # (not NaN)
     mask_skips = tl.sum((inside & ~hidden).to(tl.int32)) == 0
     mask_shows = tl.sum((inside & ~shown).to(tl.int32)) == 0
+    mask_opens = tl.sum((inside & ~opens).to(tl.int32)) == 0
     q_lo = m_cell * CELL + pos_offset
     q_hi = tl.minimum(m_cell * CELL + CELL, Lq) - 1 + pos_offset
     k_lo = n_cell * CELL
@@ -351,7 +378,8 @@ def classify_tiles_program(Mask, Classes, sm, sc, heads_in_map, Lq, Lk, pos_offs
     if WINDOWED:
         position_skips = position_skips | (q_lo - k_hi >= window)
         position_shows = position_shows & (q_hi - k_lo < window)
-    cls = tl.where(mask_skips | position_skips, SKIP, tl.where(mask_shows & position_shows, FULL, PARTIAL))
+    cls = tl.where(mask_skips | position_skips, SKIP,
+                   tl.where(mask_shows & position_shows, FULL, tl.where(mask_opens, OPEN, PARTIAL)))
     tl.store(Classes + batch * sc[0] + head * sc[1] + m_cell * sc[2] + n_cell * sc[3], cls.to(tl.int8))
 
 
