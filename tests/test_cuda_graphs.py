@@ -15,8 +15,8 @@ from torch._dynamo.utils import counters
 import fuser
 from fuser.cuda_graphs import inductor_config
 from fuser.models import tiny_inputs, tiny_model
-from tests.helpers import float64_reference
-from tests.numerics import assert_close
+from helpers import float64_reference
+from numerics import assert_close
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs: needs a GPU")
 

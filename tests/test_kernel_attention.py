@@ -233,6 +233,8 @@ def test_fully_visible_tiles_run_together_up_to_the_first_cell_that_may_hide_a_s
     check_case(q, k, v, mask, AttentionLiterals(0.25, causal, bottom_right=True))
 
 
+@pytest.mark.parametrize("pack_gqa", [True, False])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "float"])
 def test_split_keys_and_packed_heads(pack_gqa, mask_kind):
     """The decode paths (query heads packed into rows, keys split across programs, partial
     softmaxes merged) agree with the reference, fully masked rows included."""

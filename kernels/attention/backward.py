@@ -299,19 +299,17 @@ def dq_rows(q, do, row_stats, tiles, respect_classes, k_base, v_base, sk, sv, ro
     t_lo, f_lo, f_hi, t_hi = tiles
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if RULE[RULE_MASK_KIND] != 0:  # the fully visible run together where its cells allow, the others one by one
-        run_end = f_lo  # (see attend_rows)
-        if respect_classes:
+        run_end = f_lo  # (see attend_rows); not with MASK_GRAD, whose store inside the tiles would take its address
+        if respect_classes and not MASK_GRAD:  # from the class map: Inductor's analysis would count it as written
             run_end, plain = open_run(class_row, sc[3], f_lo, f_hi, BLOCK_N, CELL, RULE[RULE_MASK_KIND])
             for adds in tl.static_range(2 if RULE[RULE_MASK_KIND] == 2 else 1):
                 if plain != (adds == 1):
                     dq = dq_tiles(dq, q, do, row_stats, f_lo, run_end, k_base, v_base, sk, sv, rows, q_open,
                                   mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, adds == 1,
                                   MASK_GRAD, NUMERICS)
-        run_tiles = run_end - f_lo
-        for i in range(t_lo, t_hi - run_tiles):
-            n = tl.where(i < f_lo, i, i + run_tiles)
+        for n in range(t_lo, t_hi):  # (the store's address follows the loop alone: see above)
             cls = tl.load(class_row + (n * BLOCK_N // CELL) * sc[3], mask=respect_classes, other=PARTIAL)
-            if cls != SKIP:
+            if (cls != SKIP) & ((n < f_lo) | (n >= run_end)):
                 if cls == FULL:
                     dq = dq_tile(dq, q, do, row_stats, n, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, sm,
                                  sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE, False, MASK_GRAD, NUMERICS)

@@ -137,14 +137,12 @@ def attend_rows(q, tiles, k_base, v_base, sk, sv, rows, q_open, mask_row_ptrs, s
                     acc, m_i, l_i = attend_tiles(acc, m_i, l_i, q, f_lo, run_end, k_base, v_base, sk, sv, rows, q_open,
                                                  mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT, RULE,
                                                  adds == 1, NUMERICS)
-        run_tiles = run_end - f_lo
-        for i in range(t_lo, t_hi - run_tiles):  # the other tiles
-            n = tl.where(i < f_lo, i, i + run_tiles)
+        for n in range(t_lo, t_hi):  # the other tiles
             if USE_CLASSES and not EVERY_TILE:
                 cls = tl.load(class_ptr + (n * BLOCK_N // CELL) * sc[3])
             else:
                 cls = PARTIAL
-            if cls != SKIP:
+            if (cls != SKIP) & ((n < f_lo) | (n >= run_end)):
                 if cls == FULL:
                     acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, n, k_base, v_base, sk, sv, rows, q_open,
                                                 mask_row_ptrs, sm, sizes, literals, BLOCK_N, HEAD, False, EXACT,
