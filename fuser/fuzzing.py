@@ -41,7 +41,7 @@ from fuser.patterns.base import Example, Pattern
 from fuser.report import Where
 from fuser.report.graphs import readable_input_name
 from fuser.engine.rewriter import canonical_copy, plan, rewrite
-from fuser.numerics.contract import Verdict, float64_resolution, judge, neighbour_floors, nudged
+from fuser.numerics.contract import Verdict, gradient_resolution, judge, neighbour_floors, nudged
 from fuser.numerics.float64 import capture_values, leaf64, random_like, run_nodes, to64
 
 log = logging.getLogger("fuser.fuzz")
@@ -159,7 +159,7 @@ def _contract_errors(out: torch.Tensor, leaves: list[Leaf], original: Original,
         if got is None or want[key] is None:
             assert got is None and want[key] is None, f"{what}: one side has none"
             continue
-        resolution = float64_resolution([grad_out], [want["out"]], wrt[key]) if key != "out" else 0.0
+        resolution = gradient_resolution([grad_out], [want["out"]], wrt[key], got.dtype) if key != "out" else 0.0
         verdict = judge(got, want[key], own=theirs[key], resolution=resolution,
                         attainable=lambda key=key: floors().get(key, 0.0))
         errors[key] = verdict

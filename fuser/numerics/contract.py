@@ -8,7 +8,8 @@ the demo); each door passes the evidence it has, and the same evidence gives the
 - the dtype's tolerance: fp32 1e-5 (5e-4 with tf32 dots), fp16 5e-3, bf16 2e-2;
 - or twice the error of the original code in its own precision, where even that misses it
   (ill-conditioned inputs: a one-element RMSNorm row, whose gradient is eps-sized);
-- no bound on a gradient difference below what the float64 reference resolves (`float64_resolution`);
+- no bound on a gradient difference below what its precision resolves (`gradient_resolution`: a few roundings
+  of the size the gradient has without cancellation; float64's for the reference);
 - and, where the rewrite misses all that, the floor measured on inputs about an ulp away
   (`neighbour_floors`): the error of a result of a few elements that sums cancelling terms is one
   rounding's luck, and the original can be exact by chance where equally good code is not.
@@ -73,7 +74,7 @@ def judge(out: torch.Tensor, ref: torch.Tensor, *, own: torch.Tensor | None = No
     """`out` against its float64 reference `ref`, by the one policy (see the module's docstring). A door passes:
     - `own`: the original code's own result in its own precision. None where the door has none, or where `out`
       is itself the original's (a check of what code computes: whether a block is the canonical MoE);
-    - `resolution`: for a gradient, `float64_resolution` of it (0 for outputs: float64 resolves them);
+    - `resolution`: for a gradient, `gradient_resolution` of it (0 for outputs: float64 resolves them);
     - `attainable`: the floor measured on neighbouring inputs (see `neighbour_floors`), asked for only where
       the rewrite misses every other bound. None where the door cannot nudge its inputs: it does not know
       which of them are structural (router scores choose experts: nudged, they choose others).
@@ -101,15 +102,22 @@ def _finite_norm(tensors: Sequence[torch.Tensor]) -> float:
     return math.sqrt(sum(t.detach().double()[t.detach().isfinite()].norm().item() ** 2 for t in tensors))
 
 
-def float64_resolution(cotangents: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], wrt: torch.Tensor) -> float:
-    """The absolute difference below which the float64 reference cannot tell the gradient with respect to `wrt`
-    (of `outputs` along `cotangents`) from its exact value: 2^-50 of its natural size,
-    ‖cotangents‖·‖outputs‖/‖wrt‖.
-    A gradient far below that size comes out of cancelling terms, and float64 cancels too: a float32 softmax
-    row [46.2, -8.8] has dx ≈ ±2.3e-24, and float64 evaluation of the original gives [0, -2.3e-24] (its y
-    rounds to [1, 1.3e-24]); the kernel's 2.3e-24 is the exact value, the reference's 0 is not."""
+def gradient_resolution(cotangents: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], wrt: torch.Tensor,
+                        dtype: torch.dtype) -> float:
+    """The absolute difference below which a gradient computed in `dtype` (of `outputs` along `cotangents`, with
+    respect to `wrt`) cannot be told from its exact value: eight roundings (8 eps of `dtype`) of its natural size
+    ‖cotangents‖·‖outputs‖/‖wrt‖, but at most half the dtype's tolerance of it, so that a gradient of that size
+    is held to the tolerance as ever.
+    A gradient far below that size comes out of cancelling terms, which every evaluation rounds at that size:
+    float64's own (a float32 softmax row [46.2, -8.8] has dx ≈ ±2.3e-24, and float64 evaluation of the original
+    gives [0, -2.3e-24], its y rounding to [1, 1.3e-24]), and float32 code's (a two-key attention row with
+    p = [7e-4, 1 − 7e-4]: dq and dk are 0.7% and 1.2% of their natural sizes, dS = p(dP − Δ) cancels, and the
+    kernel's are 3.4 and 5.7 eps of those sizes from float64's)."""
     size = _finite_norm([wrt])
-    return 0.0 if size == 0.0 else 2.0 ** -50 * _finite_norm(cotangents) * _finite_norm(outputs) / size
+    if size == 0.0:
+        return 0.0
+    roundings = min(8 * torch.finfo(dtype).eps, tolerance(dtype) / 2)
+    return roundings * _finite_norm(cotangents) * _finite_norm(outputs) / size
 
 
 def nudged(named: dict[str, torch.Tensor], constants: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
@@ -171,7 +179,8 @@ def gradient_problems(names: Sequence[str], fused: Run, own: Run | None, ref: Ru
     theirs = gradients(own) if own is not None else [None] * len(names)
     problems = []
     for name, got, own_grad, want, wrt in zip(names, gradients(fused), theirs, gradients(ref), ref.wrt):
-        problem = judge(got, want, own=own_grad, resolution=float64_resolution(cotangents, ref_outputs, wrt)).problem
+        resolution = gradient_resolution(cotangents, ref_outputs, wrt, got.dtype)
+        problem = judge(got, want, own=own_grad, resolution=resolution).problem
         problems.append(f"the gradient of {name}: {problem}" if problem else None)
     return problems
 
