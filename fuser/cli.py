@@ -147,12 +147,22 @@ def _architecture(name: str, otherwise: str = OWN_MODEL) -> str:
     return name
 
 
+def _hf_requirement() -> str:
+    """The transformers requirement of fuser's [hf] extra, as the installed package's metadata gives it."""
+    from importlib.metadata import PackageNotFoundError, requires
+    try:
+        wanted = [r.split(";")[0].strip() for r in requires("fuser") or () if 'extra == "hf"' in r]
+    except PackageNotFoundError:
+        wanted = []
+    return wanted[0].replace(" ", "") if wanted else "transformers"
+
+
 def _require_transformers() -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise UsageError("the architecture models are built with transformers, which is not installed here; "
-                         "pip install 'transformers>=5.0' (fuser's [hf] extra)") from None
+                         f"pip install '{_hf_requirement()}' (fuser's [hf] extra)") from None
 
 
 def _is_file_spec(spec: str) -> bool:
