@@ -111,9 +111,9 @@ def test_drawn_arguments(args):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _inverse_kernel(a_ptr, out_ptr, rows_in_chunk, CHUNK: tl.constexpr):
+def _inverse_kernel(a_ptr, out_ptr, CHUNK: tl.constexpr):
     offsets = tl.arange(0, CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
-    tl.store(out_ptr + offsets, unit_lower_inverse(tl.load(a_ptr + offsets), rows_in_chunk, CHUNK, "ieee"))
+    tl.store(out_ptr + offsets, unit_lower_inverse(tl.load(a_ptr + offsets), CHUNK, "ieee"))
 
 
 def chunk_system(chunk, rows, decay, beta, spread=1.0, seed=0):
@@ -142,13 +142,13 @@ def test_unit_lower_inverse(chunk, rows, decay, beta, spread):
     a = chunk_system(chunk, rows, decay, beta, spread)
     exact = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + a)
     a32, out = on_kernel_device(a.float(), torch.empty(chunk, chunk))
-    _inverse_kernel[(1,)](a32, out, rows, CHUNK=chunk)
+    _inverse_kernel[(1,)](a32, out, CHUNK=chunk)
     assert_close(out, exact, torch.float32)
 
 
 def test_whole_chunk_doubling_product_fails_near_equal_keys():
-    """Why unit_lower_inverse substitutes within 16-row blocks: (I − A)(I + A²)…(I + A³²) in float32 over the
-    whole chunk is far off for near-equal keys with β 1 (its partial products reach ~1e17)."""
+    """Why unit_lower_inverse doubles blocks of the inverse, not powers of A: (I − A)(I + A²)…(I + A³²) in
+    float32 over the whole chunk is far off for near-equal keys with β 1 (its partial products reach ~1e17)."""
     a = chunk_system(64, 64, "none", 1.0, spread=1e-2)
     eye = torch.eye(64, dtype=torch.float32)
     product, power = eye - a.float(), a.float()

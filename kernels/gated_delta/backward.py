@@ -14,6 +14,8 @@ and the inputs' gradients through o = (q̃Γ)·S + M·v', S' = λS + K̃ᵀv', u
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -105,8 +107,7 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, decays_ptr, beta_ptr, do_ptr, state
     within = decay_within(log_decay, low, CHUNK, True)
     strictly = tl.where(rows[:, None] > rows[None, :], within, 0.0)  # the diagonal's exp(0) off: one exp, not two
     key_products = tl.dot(key, tl.trans(key), input_precision=PRECISION)
-    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, length - chunk * CHUNK, CHUNK,
-                                 INVERSE_PRECISION)
+    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, CHUNK, INVERSE_PRECISION)
     scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) * within
     d_out_states = tl.zeros([CHUNK, BLOCK_K], tl.float32)    # Σ_v dO·Sᵀ
     d_scores = tl.zeros([CHUNK, CHUNK], tl.float32)          # Σ_v dO·v'ᵀ
@@ -179,7 +180,11 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, decays_ptr, beta_ptr, do_ptr, state
 
 def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float):
     """(dq, dk, dv, dg, dbeta, dinitial_state) in the inputs' dtypes (dinitial_state float32)."""
+    # the chunk-start states in float32, the inverse's dots in tf32x3 (~float32) for 16-bit inputs: the gradients
+    # of float32 g and initial state are held to float32's tolerance
     shape = Geometry.of(q, v)
+    shape = dataclasses.replace(shape, state_dtype=torch.float32,
+                                inverse="ieee" if shape.precision == "ieee" else "tf32x3")
     device = q.device
     final = shape.scratch(shape.dk, shape.dv, device=device)
     w, written, states, decays = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
@@ -204,7 +209,7 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
            q, k, v, decays, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
            d_v, d_g, d_beta, *shape.common(), shape.n_chunks, scale, eps, *q.stride()[:3],
            *k.stride()[:3], *v.stride()[:3], *beta.stride(), *grad_out.stride()[:3],
-           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, INVERSE_PRECISION=shape.inverse_precision,
+           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, INVERSE_PRECISION=shape.inverse,
            **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
     d_q, d_k = (d.unflatten(2, (-1, shape.groups)).sum(3).to(x.dtype) for d, x in ((d_q, q), (d_k, k)))
     return d_q, d_k, d_v, d_g.to(g.dtype), d_beta.to(beta.dtype), d_initial

@@ -9,9 +9,9 @@ the state the chunk starts from, w = (I + A)⁻¹(β exp(G) k) (the WY form). Th
        u ← u − w·S (what each token really writes), S ← S·exp(G_last) + (k·exp(G_last − G))ᵀ·u,
        keeping the state each chunk starts from;
     3. `_output_kernel`, every chunk in parallel: o = (q·S)·exp(G) + tril(q·kᵀ·exp(G_i − G_j))·u.
-Everything is float32 (the dots take tf32 for 16-bit inputs, the inverse's tf32x3, full float32 for float32
-inputs; G is a float32 pair, see `log_decays`: kernel 1 stores it for the others); scratch: w and u
-[B, Hv, T, D], G [B, Hv, 2, T] and the chunk-start states [B, Hv, chunks, Dk, Dv], float32. The backward
+Everything is computed in float32 (the dots take tf32 for 16-bit inputs, full float32 for float32 inputs; G
+is a float32 pair, see `log_decays`: kernel 1 stores it for the others); scratch: w and u [B, Hv, T, D] and
+G [B, Hv, 2, T] float32, the chunk-start states [B, Hv, chunks, Dk, Dv] in `state_dtype`. The backward
 (backward.py) runs kernels 1 and 2 again.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..language import exp, to_dtype
-from ..runtime import cdiv, launch, next_pow2
+from ..runtime import cdiv, launch, next_pow2, program_slots
 
 
 @triton.jit
@@ -103,36 +103,28 @@ def decay_within(high, low, CHUNK: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(a, rows_in_chunk, CHUNK: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr = 16):
-    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A (rows past the sequence 0), in two steps:
-    1. the diagonal [BLOCK, BLOCK] blocks D by forward substitution, row r of every block in step r: a block's
-       row reads only its own block's columns, so one masked reduction serves CHUNK / BLOCK rows (BLOCK − 2
-       sequential steps, not CHUNK − 2);
-    2. with E = A − D and F = (I + D)⁻¹E, strictly block-lower so F^(CHUNK/BLOCK) = 0:
-       (I + A)⁻¹ = (I + F)⁻¹(I + D)⁻¹ = (I − F)(I + F²)…(I + D)⁻¹, [C, C] dots (4 at CHUNK 64).
-    Not the doubling product over the whole chunk, (I − A)(I + A²)…(I + A³²): its partial products reach
+def unit_lower_inverse(a, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)⁻¹ for a strictly lower-triangular [CHUNK, CHUNK] A (rows past the sequence 0), by doubling the
+    diagonal blocks it has inverted: a triangular matrix's inverse has the inverses of its diagonal blocks on
+    its own diagonal, so with X the s×s ones done,
+        [[X₁, 0], [−X₂·A₂₁·X₁, X₂]] = X − X·A_s·X,   A_s: A inside the 2s-blocks, outside the s-blocks,
+    gives the 2s×2s ones: X₂ = I − A₂ first, then log2(CHUNK) − 1 levels of two [C, C] dots and no sequential
+    row loop (forward substitution took a cross-warp reduction per row). Every X holds entries of the inverse
+    itself, so no partial result grows past the answer; the doubling product (I − A)(I + A²)…(I + A³²)'s reach
     C(62, 31) ~ 5e17 for near-equal keys and β 1 (I + A all ones below the diagonal, its inverse ±1), where
-    float32 keeps nothing; inside a block nothing cancels, between blocks at most CHUNK / BLOCK terms.
-    PRECISION: the dots' ("tf32x3" for 16-bit inputs: a chain of tf32 products loses bits the WY form keeps)."""
-    tl.static_assert(CHUNK % BLOCK == 0)
+    float32 keeps nothing. PRECISION: the dots' (for 16-bit inputs the forward's tf32, whose roundings are those
+    A's own tf32 products have: B8 T2048 H16 D128 on the H200, the intra-chunk kernel 373 µs, 769 with tf32x3;
+    the backward's tf32x3)."""
     i = tl.arange(0, CHUNK)
-    same_block = (i[:, None] // BLOCK) == (i[None, :] // BLOCK)
-    d = tl.where(same_block, a, 0.0)
-    n = -d  # rows 0 and 1 of every block are −D's already
-    for r in range(2, tl.minimum(rows_in_chunk, BLOCK)):
-        selected = (i % BLOCK) == r
-        d_row = tl.sum(tl.where(selected[:, None], d, 0.0), axis=0)  # column m: D[block(m)·BLOCK + r, m]
-        n_row = -d_row - tl.sum(d_row[:, None] * n, axis=0)         # n block-diagonal: each column its block's
-        n = tl.where(selected[:, None] & same_block, n_row[None, :], n)
-    eye = (i[:, None] == i[None, :]).to(tl.float32)
-    block_inverse = n + eye
-    f = tl.dot(block_inverse, tl.where(same_block, 0.0, a), input_precision=PRECISION)
-    inverse_f, power = eye - f, f  # Σ_{m<2} (−F)^m
+    inverse = (i[:, None] == i[None, :]).to(tl.float32) - tl.where(i[:, None] // 2 == i[None, :] // 2, a, 0.0)
     for level in tl.static_range(1, 8):
-        if (1 << level) < CHUNK // BLOCK:  # Σ_{m<2^(level+1)} (−F)^m = Σ_{m<2^level} (−F)^m · (I + F^(2^level))
-            power = tl.dot(power, power, input_precision=PRECISION)
-            inverse_f += tl.dot(inverse_f, power, input_precision=PRECISION)
-    return tl.dot(inverse_f, block_inverse, input_precision=PRECISION)
+        if (2 << level) <= CHUNK:  # blocks of s = 2^level rows inverted: join them in pairs
+            pair, block = i >> (level + 1), i >> level
+            between = (pair[:, None] == pair[None, :]) & (block[:, None] != block[None, :])
+            joined = tl.dot(tl.dot(inverse, tl.where(between, a, 0.0), input_precision=PRECISION), inverse,
+                            input_precision=PRECISION)
+            inverse -= joined
+    return inverse
 
 
 @triton.jit
@@ -146,16 +138,16 @@ def state_block(vblock, dk, dv, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
 @triton.jit
 def load_state(ptr, index, offsets, mask, dk, dv, PRESENT: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_V: tl.constexpr):
-    """A [Dk, BLOCK_V] block of state `index` of a [N, Dk, Dv] float32 tensor; zeros where there is none."""
+    """A [Dk, BLOCK_V] float32 block of state `index` of a [N, Dk, Dv] tensor; zeros where there is none."""
     block = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
     if PRESENT:
-        block = tl.load(ptr + index.to(tl.int64) * dk * dv + offsets, mask=mask, other=0.0)
+        block = tl.load(ptr + index.to(tl.int64) * dk * dv + offsets, mask=mask, other=0.0).to(tl.float32)
     return block
 
 
 @triton.jit
 def store_state(ptr, index, offsets, mask, dk, dv, block):
-    tl.store(ptr + index.to(tl.int64) * dk * dv + offsets, block, mask=mask)
+    tl.store(ptr + index.to(tl.int64) * dk * dv + offsets, to_dtype(block, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -176,7 +168,7 @@ def _intra_chunk_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, decays_ptr,
     beta = load_token_values(beta_ptr, batch, head, rows, row_ok, b_st, b_sb, b_sh)
     a = tl.dot(key, tl.trans(key), input_precision=PRECISION) * beta[:, None] * decay_within(log_decay, low, CHUNK,
                                                                                              False)
-    inverse = unit_lower_inverse(a, length - chunk * CHUNK, CHUNK, INVERSE_PRECISION)
+    inverse = unit_lower_inverse(a, CHUNK, INVERSE_PRECISION)
     out_rows = (bh.to(tl.int64) * length + rows)[:, None]
     w = tl.dot(inverse, key * (beta * exp(log_decay))[:, None], input_precision=PRECISION)
     tl.store(w_ptr + out_rows * dk + kcols[None, :], w, mask=row_ok[:, None] & (kcols < dk)[None, :])
@@ -227,7 +219,7 @@ def _output_kernel(q_ptr, k_ptr, decays_ptr, states_ptr, written_ptr, out_ptr, l
                         eps, L2NORM)
     log_decay, low, _, _ = stored_log_decays(decays_ptr, bh, chunk, length, CHUNK)
     state = tl.load(states_ptr + (bh.to(tl.int64) * n_chunks + chunk) * dk * dv + kcols[:, None] * dv + vcols[None, :],
-                    mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0)
+                    mask=(kcols < dk)[:, None] & (vcols < dv)[None, :], other=0.0).to(tl.float32)
     v_mask = row_ok[:, None] & (vcols < dv)[None, :]
     written = tl.load(written_ptr + (bh.to(tl.int64) * length + rows)[:, None] * dv + vcols[None, :], mask=v_mask,
                       other=0.0)
@@ -252,7 +244,31 @@ def value_block(head_dim_k: int, head_dim_v: int) -> int:
     return min(64 if next_pow2(head_dim_k) < 128 else 32, max(16, next_pow2(head_dim_v)))
 
 
+def forward_value_blocks(batch_heads: int, head_dim_k: int, head_dim_v: int, programs: int) -> tuple[int, int]:
+    """Value columns per program of the forward's (scan, output kernel): up to Dk 128, 64 for the output kernel
+    (it recomputes q·kᵀ per value block: B8 T2048 H16 D128 on the H200, 275 µs against 371 at 32 columns) and for
+    the scan where the (batch, head) pairs give the GPU's `programs` slots a program each at 64 columns (it reads w
+    and the keys once per value block: 267 against 329 µs), 32 where the latency-bound scan needs the value blocks
+    to fill the GPU (B1 T4096: 230 against 403 µs). Above Dk 128, `value_block`'s."""
+    narrow = value_block(head_dim_k, head_dim_v)
+    if next_pow2(head_dim_k) > 128:
+        return narrow, narrow
+    wide = min(64, max(16, next_pow2(head_dim_v)))
+    return (wide if batch_heads * cdiv(head_dim_v, wide) >= programs else narrow), wide
+
+
 SCAN_STAGES = 2  # pipeline depth of the scans' loops over chunks
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the forward keeps the chunk-start states in for the output kernel (the scan's own state is float32):
+    bfloat16 for bfloat16 inputs, whose output the rounding moves by about its own rounding (1.75e-3 against
+    1.70e-3 for near-equal keys with β 1), for half the bytes the scan writes and the output kernel reads;
+    float32 otherwise (float16's range would not hold a state), and in the backward, whose gradients of
+    float32 g and initial state are held to float32's tolerance. w, u and what tokens write stay float32: those
+    are small differences that the output sums over a chunk (rounded to bfloat16 they made that output's
+    error 6.5e-3)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -267,25 +283,27 @@ class Geometry:
     chunk: int
     n_chunks: int
     block_k: int
-    block_v: int
-    precision: str
+    block_v: int         # the backward's value block
+    scan_block_v: int
+    output_block_v: int
+    precision: str       # of the dots
+    inverse: str         # of (I + A)⁻¹'s dots
+    state_dtype: torch.dtype  # of the chunk-start states the output kernel reads
 
     @staticmethod
-    def of(q: torch.Tensor, v: torch.Tensor, chunk: int | None = None) -> "Geometry":
+    def of(q: torch.Tensor, v: torch.Tensor) -> "Geometry":
         batch, length, heads_k, dk = q.shape
         heads, dv = v.shape[2], v.shape[3]
-        chunk = chunk or chunk_size(dk)
+        chunk = chunk_size(dk)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
         return Geometry(batch, length, heads, heads // heads_k, dk, dv, chunk, cdiv(length, chunk),
-                        max(16, next_pow2(dk)), value_block(dk, dv), "ieee" if q.dtype == torch.float32 else "tf32")
+                        max(16, next_pow2(dk)), value_block(dk, dv),
+                        *forward_value_blocks(batch * heads, dk, dv, program_slots(q.device)), precision, precision,
+                        state_dtype(q.dtype))
 
-    @property
-    def inverse_precision(self) -> str:
-        """The (I + A)⁻¹ dots' precision: tf32x3 (~float32, 3 tensor-core products) for 16-bit inputs."""
-        return "ieee" if self.precision == "ieee" else "tf32x3"
-
-    def scratch(self, *trailing: int, device) -> torch.Tensor:
-        """A float32 [B, Hv, *trailing] buffer."""
-        return torch.empty(self.batch, self.heads, *trailing, dtype=torch.float32, device=device)
+    def scratch(self, *trailing: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A [B, Hv, *trailing] buffer."""
+        return torch.empty(self.batch, self.heads, *trailing, dtype=dtype, device=device)
 
     def common(self) -> tuple:
         return self.length, self.heads, self.groups, self.dk, self.dv
@@ -298,19 +316,18 @@ def chunk_states(shape: Geometry, k, v, g, beta, initial_state, l2norm: bool, ep
     """(w, written, states, decays): the intra-chunk kernel and the scan (the final state into `final`); `written`
     is what each token writes (u − w·S), `states` the state each chunk starts from, `decays` G
     (`stored_log_decays`)."""
-    w, written = shape.scratch(shape.length, shape.dk, device=k.device), shape.scratch(shape.length, shape.dv,
-                                                                                        device=k.device)
-    states = shape.scratch(shape.n_chunks, shape.dk, shape.dv, device=k.device)
+    w, written = (shape.scratch(shape.length, d, device=k.device) for d in (shape.dk, shape.dv))
+    states = shape.scratch(shape.n_chunks, shape.dk, shape.dv, device=k.device, dtype=shape.state_dtype)
     decays = shape.scratch(2, shape.length, device=k.device)
     bh = shape.batch * shape.heads
     launch(_intra_chunk_kernel, (shape.n_chunks, bh), ("gated_delta.intra",),
            k, v, g, beta, w, written, decays, *shape.common(), eps, *k.stride()[:3], *v.stride()[:3], *g.stride(),
-           *beta.stride(), BLOCK_V=max(16, next_pow2(shape.dv)), num_warps=4 if shape.block_k <= 64 else 8,
-           INVERSE_PRECISION=shape.inverse_precision,
+           *beta.stride(), BLOCK_V=max(16, next_pow2(shape.dv)), num_warps=4 if shape.block_k <= 128 else 8,
+           INVERSE_PRECISION=shape.inverse,
            **shape.constexprs(l2norm))
-    launch(_state_scan_kernel, (cdiv(shape.dv, shape.block_v), bh), ("gated_delta.scan",),
+    launch(_state_scan_kernel, (cdiv(shape.dv, shape.scan_block_v), bh), ("gated_delta.scan",),
            k, decays, w, written, states, initial_state, final, *shape.common(), shape.n_chunks, eps,
-           *k.stride()[:3], HAS_INITIAL=initial_state is not None, BLOCK_V=shape.block_v, num_warps=4,
+           *k.stride()[:3], HAS_INITIAL=initial_state is not None, BLOCK_V=shape.scan_block_v, num_warps=4,
            num_stages=SCAN_STAGES,
            **shape.constexprs(l2norm))
     return w, written, states, decays
@@ -321,7 +338,7 @@ def chunk_forward(q, k, v, g, beta, initial_state, scale: float, l2norm: bool, e
     """Write o into `out` ([B, T, Hv, Dv], contiguous) and the final state into `final` (float32)."""
     shape = Geometry.of(q, v)
     _, written, states, decays = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
-    launch(_output_kernel, (shape.n_chunks, cdiv(shape.dv, shape.block_v), shape.batch * shape.heads),
+    launch(_output_kernel, (shape.n_chunks, cdiv(shape.dv, shape.output_block_v), shape.batch * shape.heads),
            ("gated_delta.output",), q, k, decays, states, written, out, *shape.common(), shape.n_chunks, scale,
-           eps, *q.stride()[:3], *k.stride()[:3], BLOCK_V=shape.block_v, num_warps=4,
+           eps, *q.stride()[:3], *k.stride()[:3], BLOCK_V=shape.output_block_v, num_warps=4,
            **shape.constexprs(l2norm))
