@@ -90,8 +90,7 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, decays_ptr, beta_ptr, do_ptr, state
                         dwritten_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, length, heads, groups, dk, dv,
                         n_chunks, scale, eps, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh,
                         b_sb, b_st, b_sh, do_sb, do_st, do_sh, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr,
-                        INVERSE_PRECISION: tl.constexpr):
+                        BLOCK_V: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows, row_ok = chunk_rows(chunk, length, CHUNK)
@@ -107,7 +106,7 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, decays_ptr, beta_ptr, do_ptr, state
     within = decay_within(log_decay, low, CHUNK, True)
     strictly = tl.where(rows[:, None] > rows[None, :], within, 0.0)  # the diagonal's exp(0) off: one exp, not two
     key_products = tl.dot(key, tl.trans(key), input_precision=PRECISION)
-    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, CHUNK, INVERSE_PRECISION)
+    inverse = unit_lower_inverse(key_products * beta[:, None] * strictly, CHUNK, PRECISION)
     scores = tl.dot(query, tl.trans(key), input_precision=PRECISION) * within
     d_out_states = tl.zeros([CHUNK, BLOCK_K], tl.float32)    # Σ_v dO·Sᵀ
     d_scores = tl.zeros([CHUNK, CHUNK], tl.float32)          # Σ_v dO·v'ᵀ
@@ -180,11 +179,8 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, decays_ptr, beta_ptr, do_ptr, state
 
 def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale: float, l2norm: bool, eps: float):
     """(dq, dk, dv, dg, dbeta, dinitial_state) in the inputs' dtypes (dinitial_state float32)."""
-    # the chunk-start states in float32, the inverse's dots in tf32x3 (~float32) for 16-bit inputs: the gradients
-    # of float32 g and initial state are held to float32's tolerance
-    shape = Geometry.of(q, v)
-    shape = dataclasses.replace(shape, state_dtype=torch.float32,
-                                inverse="ieee" if shape.precision == "ieee" else "tf32x3")
+    # the chunk-start states in float32: the gradients of float32 g and initial state are held to float32's tolerance
+    shape = dataclasses.replace(Geometry.of(q, v), state_dtype=torch.float32)
     device = q.device
     final = shape.scratch(shape.dk, shape.dv, device=device)
     w, written, states, decays = chunk_states(shape, k, v, g, beta, initial_state, l2norm, eps, final)
@@ -209,7 +205,7 @@ def chunk_backward(grad_out, grad_state, q, k, v, g, beta, initial_state, scale:
            q, k, v, decays, beta, grad_out, states, d_states, written, d_written, d_q, d_k,
            d_v, d_g, d_beta, *shape.common(), shape.n_chunks, scale, eps, *q.stride()[:3],
            *k.stride()[:3], *v.stride()[:3], *beta.stride(), *grad_out.stride()[:3],
-           BLOCK_V=shape.block_v, num_warps=8, num_stages=1, INVERSE_PRECISION=shape.inverse,
+           BLOCK_V=shape.block_v, num_warps=8, num_stages=1,
            **shape.constexprs(l2norm))  # 2 stages: 221 KB at Dk 128
     d_q, d_k = (d.unflatten(2, (-1, shape.groups)).sum(3).to(x.dtype) for d, x in ((d_q, q), (d_k, k)))
     return d_q, d_k, d_v, d_g.to(g.dtype), d_beta.to(beta.dtype), d_initial
