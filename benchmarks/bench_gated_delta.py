@@ -18,9 +18,11 @@ Parts, in the order given, each started only while `--budget-s` allows (what was
   `--decode-sweep`: the recurrent kernel alone over value block widths 16-128 and 1-8 warps (each checked against
   the default tiling's output), TB/s against the same run's copy.
 - model: a Qwen3-Next-shaped model (4 layers, 3 gated delta net + 1 attention, hidden 2048, its real head counts,
-  16 experts instead of 512), prefill 4×2048 forward and a training step, through the public API: transformers
-  as it runs here (its torch fallback, or fla where transformers finds it) against `fuser.convert(model)`;
-  and a cached decode step under torch.compile, plain and backend="fuser" (counts of fused layers printed).
+  16 experts instead of 512), prefill 4×2048 forward and a training step, through the public API, side by side
+  (`--model-sides`): transformers as it runs here (its torch fallback, or fla where transformers finds it),
+  `fuser.convert(model)`, plain torch.compile of the model (the fallback's loops unrolled: its first call
+  is timed) and torch.compile(model, backend="fuser") (counts of fused layers printed); then a cached decode
+  step under torch.compile, plain and backend="fuser".
 - compiled: transformers' chunk fallback under plain torch.compile at B1 T4096 (its loop over chunks unrolls:
   compiling takes minutes; the compile time is printed).
 Times are triton.testing.do_bench medians (ms). A table comes last; the log goes to `--out` (default $OUT).
@@ -281,27 +283,52 @@ def qwen3_next_model() -> torch.nn.Module:
     return Qwen3NextForCausalLM(config).to(DEVICE, torch.float32 if SMOKE else torch.bfloat16)
 
 
-def model_part() -> None:
+MODEL_SIDES = ("transformers", "fuser.convert", "plain torch.compile", 'backend="fuser"')
+
+
+def prefill_side(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The model as one side of the prefill rows runs it: as it is, converted, or compiled (plain or fuser)."""
+    if name == "fuser.convert":
+        return fuser.convert(copy.deepcopy(model))
+    torch._dynamo.reset()
+    if name == "plain torch.compile":
+        return torch.compile(model)
+    if name == 'backend="fuser"':
+        return torch.compile(model, backend="fuser", options={"codegen": "eager"} if SMOKE else None)
+    return model
+
+
+def model_part(sides=MODEL_SIDES) -> None:
+    """Prefill forward and a training step for each side (the compiled sides' first calls timed, and with them
+    the fused layers counted), then a cached decode step under torch.compile, plain and backend="fuser"."""
     from transformers import DynamicCache
     model = qwen3_next_model()
     batch, length = MODEL_SIZE
     ids = torch.randint(3, model.config.vocab_size, (batch, length), device=DEVICE)
     log(f"model: fuser.convert fuses {fuser.convert(copy.deepcopy(model), dry_run=True).counts()}")
-    converted = fuser.convert(copy.deepcopy(model))
-    for name, m in (("transformers", model), ("fuser.convert", converted)):
+    with torch.no_grad():
+        exact = model(ids).logits.float()
+    for name in sides:
+        fuser.reset_reports()
+        m = prefill_side(name, model)
+        started = time.perf_counter()
         with torch.no_grad():
             logits = m(ids).logits
+        first_s = time.perf_counter() - started
+        counts = fuser.last_report().counts() if name == 'backend="fuser"' else ""
+        with torch.no_grad():
             forward = bench(lambda: m(ids))
+        log(f"  prefill {batch}x{length} {name}: forward {forward:.2f} ms (first call {first_s:.0f} s {counts}), "
+            f"logits vs transformers {numerics_error(logits.float(), exact):.1e}")
 
         def step():
             m.zero_grad(set_to_none=True)
             m(ids).logits.float().square().mean().backward()
+        started = time.perf_counter()
+        step()
+        first_s = time.perf_counter() - started
         train = bench(step)
-        if name == "transformers":
-            exact = logits.float()
-        error = numerics_error(logits.float(), exact)
-        log(f"  prefill {batch}x{length} {name}: forward {forward:.2f} ms, training step {train:.2f} ms, "
-            f"logits vs transformers {error:.1e}")
+        log(f"  prefill {batch}x{length} {name}: training step {train:.2f} ms (first call {first_s:.0f} s)")
         ROWS.append(f"| Qwen3-Next-shaped 4 layers prefill {batch}x{length} | {name} | {forward:.2f} | {train:.2f} |")
     step_ids = ids[:, -1:]
     for name, options in (("plain torch.compile", None), ('backend="fuser"', {})):
@@ -343,6 +370,8 @@ def main():
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no part after this many seconds")
     parser.add_argument("--full-checks", action="store_true", help="the long check set (> 200 s on an H200)")
     parser.add_argument("--decode-sweep", action="store_true", help="the recurrent kernel's tilings, after decode")
+    parser.add_argument("--model-sides", nargs="+", default=list(MODEL_SIDES), choices=MODEL_SIDES,
+                        help="the model part's prefill sides, in this order")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
     args = parser.parse_args()
@@ -351,7 +380,7 @@ def main():
         f"triton {triton.__version__}")
     fla = fla_functions() if {"ops", "decode"} & set(args.parts) else None
     parts = {"checks": lambda: checks(args.full_checks), "ops": lambda: ops_part(fla),
-             "decode": lambda: (decode_part(fla), args.decode_sweep and decode_sweep()), "model": model_part, "compiled": compiled_part}
+             "decode": lambda: (decode_part(fla), args.decode_sweep and decode_sweep()), "model": lambda: model_part(args.model_sides), "compiled": compiled_part}
     skipped = []
     for name in args.parts:
         if time.perf_counter() - started > args.budget_s:
