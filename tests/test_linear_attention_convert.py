@@ -84,11 +84,14 @@ def test_a_converted_layer_copies_and_pickles_converted(converted):
         assert torch.equal(again(hidden), layer(hidden))
 
 
-def test_a_cache_keeping_the_last_tokens_states_against_float64(converted):
+def test_a_cache_keeping_the_last_tokens_states_against_float64(converted, monkeypatch):
     """Where the cache records its past (speculative decoding), transformers 5.25 keeps the recurrent state after
     each of a call's last tokens: the chunk function takes the tokens before them (none, when each is kept) and
     the recurrent function each of them."""
     _, reference, model, _ = converted
+    lengths, fused_call = [], linear_attention.fused_call
+    monkeypatch.setattr(linear_attention, "fused_call",
+                        lambda arguments: lengths.append(arguments["query"].shape[1]) or fused_call(arguments))
     with torch.no_grad():
         ours, exact = model(token_ids(11), use_cache=True), reference(token_ids(11), use_cache=True)
         caches = [ours.past_key_values, exact.past_key_values]
@@ -96,10 +99,12 @@ def test_a_cache_keeping_the_last_tokens_states_against_float64(converted):
             pytest.skip("this transformers keeps no recurrent states of single tokens (5.25 does)")
         for cache in caches:
             cache.activate_past_recording(recurrent_states_to_keep=2)
+        lengths.clear()
         for length in (3, 2):  # 1 and 0 tokens chunked
             step = token_ids(length)
             ours, exact = model(step, cache=caches[0], use_cache=True), reference(step, cache=caches[1], use_cache=True)
             assert_close(ours.logits, exact.logits, torch.float32)
+    assert sorted(set(lengths)) == [0, 1], lengths  # by the fused op: no tokens chunked, then single tokens
 
 
 @pytest.mark.parametrize("name", [linear_attention.CHUNK, linear_attention.RECURRENT])
