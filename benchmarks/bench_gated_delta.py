@@ -45,12 +45,13 @@ import triton  # noqa: E402
 from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next  # noqa: E402
 
 import fuser  # noqa: E402
+from fuser.integrations.transformers import torch_fallback  # noqa: E402
 from fuser.kernels.gated_delta import chunked_reference  # noqa: E402
 from fuser.numerics.contract import numerics_error, tolerance  # noqa: E402
 
 DEVICE = "cpu" if SMOKE else "cuda"
-CHUNK = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__
-RECURRENT = qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__
+CHUNK = torch_fallback(qwen3_next.torch_chunk_gated_delta_rule)
+RECURRENT = torch_fallback(qwen3_next.torch_recurrent_gated_delta_rule)
 # (batch, length) of the op rows, decode batch, model (batch, length), head dim: toy sizes under --smoke
 OP_SIZES = ((1, 40), (2, 24)) if SMOKE else ((1, 4096), (1, 8192), (8, 2048))
 DECODE_BATCH, MODEL_SIZE, D = (2, (1, 24), 16) if SMOKE else (32, (4, 2048), 128)

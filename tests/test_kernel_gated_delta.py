@@ -12,6 +12,7 @@ import triton.language as tl
 import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
 from hypothesis import assume, given, settings
 
+from fuser.integrations.transformers import torch_fallback
 from fuser.kernels import gated_delta
 from fuser.kernels.gated_delta import RECURRENT_MAX_TOKENS, chunked_reference, recurrent_reference
 from fuser.patterns.linear_attention import DECAYS, gated_delta_arguments
@@ -101,6 +102,20 @@ def test_strided_inputs(length):
     assert_matches_recurrence((q2, k2, v2, g2, beta2, state, scale, l2norm))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernels; the reference
+@pytest.mark.parametrize("initial", [True, False])
+def test_no_tokens(dtype, initial):
+    """transformers 5.25 chunks no tokens where the cache keeps the state after each token: an empty output and
+    the initial state (zeros without one), in a tensor of its own."""
+    q, k, v, g, beta, state, scale, l2norm = make(length=0, initial=initial, dtype=dtype)
+    state = None if state is None else state.to(dtype)
+    out, final = torch.ops.fuser.gated_delta_rule(q, k, v, g.to(dtype), beta, state, scale, l2norm)
+    assert out.shape == v.shape and out.dtype == dtype
+    expected = torch.zeros(final.shape) if state is None else state
+    assert torch.equal(final, expected.to(final.dtype))
+    assert state is None or final.data_ptr() != state.data_ptr()
+
+
 @given(gated_delta_arguments(max_length=90, max_head_dim=33))
 def test_drawn_arguments(args):
     assert_matches_recurrence(args)
@@ -175,8 +190,8 @@ def test_recurrence_is_transformers(l2norm):
     q, k, v, g, beta, state, _, _ = float64(make(length=21, l2norm=l2norm))
     ours = recurrent_reference(q, k, v, g, beta, state, q.shape[-1] ** -0.5, l2norm)
     grouped_q, grouped_k = q.repeat_interleave(2, dim=2), k.repeat_interleave(2, dim=2)  # make's 2 value heads a key
-    chunked = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(grouped_q, grouped_k, v, g, beta, 8, state, True,
-                                                                  l2norm)
+    chunked = torch_fallback(qwen3_next.torch_chunk_gated_delta_rule)(grouped_q, grouped_k, v, g, beta, 8, state, True,
+                                                                      l2norm)
     recurrent = transformers_recurrent(q, k, v, g, beta, state, q.shape[-1] ** -0.5, l2norm)
     for theirs in (chunked, recurrent):
         assert rel_l2(theirs[0], ours[0]) < 1e-5 and rel_l2(theirs[1], ours[1]) < 1e-5
@@ -216,7 +231,7 @@ def transformers_recurrent(q, k, v, g, beta, initial_state, scale, l2norm):
     assert scale == q.shape[-1] ** -0.5
     groups = v.shape[2] // q.shape[2]
     q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
-    return qwen3_next.torch_recurrent_gated_delta_rule.__wrapped__(q, k, v, g, beta, initial_state, True, l2norm)
+    return torch_fallback(qwen3_next.torch_recurrent_gated_delta_rule)(q, k, v, g, beta, initial_state, True, l2norm)
 
 
 def assert_gradients_match(args, which="both", seed=1):

@@ -3,8 +3,6 @@
 `fuser::gated_delta_rule`: prologue, chunk steps and epilogue as one site. Shapes stay tiny (the interpreter)."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +10,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
 import fuser
 from fuser.fuzzing import run_example
+from fuser.integrations.transformers import torch_fallback
 from fuser.kernels.gated_delta import recurrent_reference
 from fuser.patterns.linear_attention import LINEAR_ATTENTION, gated_delta_arguments
 from fuser.patterns.linear_attention_chunks import chunk_epilogue, chunk_programs, chunk_prologue, chunk_step
@@ -20,7 +19,7 @@ from numerics import assert_close
 from test_linear_attention_convert import LINEAR_LAYERS, tiny_qwen3_next, token_ids
 from test_linear_attention_graphs import with_gradients
 
-CHUNK = inspect.unwrap(qwen3_next.torch_chunk_gated_delta_rule)
+CHUNK = torch_fallback(qwen3_next.torch_chunk_gated_delta_rule)
 ONLY = {"patterns": ("linear_attention",), "strict": True}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 import types
 
@@ -13,6 +14,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
 import fuser
 from fuser.integrations import linear_attention
+from fuser.integrations.transformers import torch_fallback
 from fuser.kernels.gated_delta import recurrent_reference
 from fuser.report import Report
 from helpers import float64_reference
@@ -80,6 +82,55 @@ def test_a_converted_layer_copies_and_pickles_converted(converted):
         assert type(again) is type(layer)
         hidden = torch.randn(1, 5, 64)
         assert torch.equal(again(hidden), layer(hidden))
+
+
+def test_a_cache_keeping_the_last_tokens_states_against_float64(converted, monkeypatch):
+    """Where the cache records its past (speculative decoding), transformers 5.25 keeps the recurrent state after
+    each of a call's last tokens: the chunk function takes the tokens before them (none, when each is kept) and
+    the recurrent function each of them."""
+    _, reference, model, _ = converted
+    lengths, fused_call = [], linear_attention.fused_call
+    monkeypatch.setattr(linear_attention, "fused_call",
+                        lambda arguments: lengths.append(arguments["query"].shape[1]) or fused_call(arguments))
+    with torch.no_grad():
+        ours, exact = model(token_ids(11), use_cache=True), reference(token_ids(11), use_cache=True)
+        caches = [ours.past_key_values, exact.past_key_values]
+        if "recurrent_states_to_keep" not in inspect.signature(caches[0].layers[0].activate_past_recording).parameters:
+            pytest.skip("this transformers keeps no recurrent states of single tokens (5.25 does)")
+        for cache in caches:
+            cache.activate_past_recording(recurrent_states_to_keep=2)
+        lengths.clear()
+        for length in (3, 2):  # 1 and 0 tokens chunked
+            step = token_ids(length)
+            ours, exact = model(step, cache=caches[0], use_cache=True), reference(step, cache=caches[1], use_cache=True)
+            assert_close(ours.logits, exact.logits, torch.float32)
+    assert sorted(set(lengths)) == [0, 1], lengths  # by the fused op: no tokens chunked, then single tokens
+
+
+@pytest.mark.parametrize("name", [linear_attention.CHUNK, linear_attention.RECURRENT])
+def test_the_torch_code_behind_transformers_kernel_functions(name):
+    """A functools.wraps wrapper without the kernels package, a kernels function module with it (transformers
+    5.25 requires it): both lead to the function written in transformers' module."""
+    function = torch_fallback(getattr(qwen3_next, name))
+    assert inspect.isfunction(function) and not hasattr(function, "__wrapped__")
+    assert (function.__name__, inspect.getsourcefile(function)) == (name, inspect.getsourcefile(qwen3_next))
+
+
+def test_a_kernel_function_it_cannot_see_through_stays_a_near_miss(monkeypatch):
+    """A kernels function module of a layout fuser does not know: the layer is left as it was, saying why."""
+
+    class Opaque(torch.nn.Module):
+        kernel_layer_name = "chunk_gated_delta_rule"
+
+        def forward(self, *args, **kwargs):
+            raise AssertionError("not called")
+    monkeypatch.setattr(qwen3_next, linear_attention.CHUNK, Opaque())
+    model, report = tiny_qwen3_next(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]), Report()
+    linear_attention.convert_linear_attention(model, report)
+    assert not report.matches and len(report.near_misses) == 1
+    assert "chunk_gated_delta_rule is a kernels function module whose forward calls no `func`" in \
+        report.near_misses[0].reason
+    assert not isinstance(model.model.layers[0].linear_attn, linear_attention.RebindsKernelFunctions)
 
 
 def test_a_call_it_does_not_implement_runs_transformers_function():

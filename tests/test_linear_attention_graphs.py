@@ -3,19 +3,18 @@
 Lengths stay small: Dynamo unrolls the loops."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from transformers import DynamicCache
 from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
 import fuser
+from fuser.integrations.transformers import torch_fallback
 from helpers import compile_and_run, float64_reference
 from numerics import assert_close
 from test_linear_attention_convert import LINEAR_LAYERS, tiny_qwen3_next, token_ids
 
-RECURRENT = inspect.unwrap(qwen3_next.torch_recurrent_gated_delta_rule)
+RECURRENT = torch_fallback(qwen3_next.torch_recurrent_gated_delta_rule)
 
 
 def _takes_key_head_groups() -> bool:

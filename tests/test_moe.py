@@ -125,7 +125,9 @@ def test_import_fuser_registers_nothing_and_register_registers_both_implementati
             "register(); "
             "assert ALL_EXPERTS_FUNCTIONS['fuser'] is fuser_experts_forward; "
             "assert ALL_ATTENTION_FUNCTIONS['fuser'] is fuser_attention")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # outside the clone: `python -c` puts the working directory first on sys.path, where the clone's kernels/
+    # would shadow the kernels package transformers 5.25 imports (fuser/source_tree.py)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
 def _experts_calls(model, *args, **kwargs) -> int:

@@ -3,9 +3,12 @@
 transformers' seam for these layers is the kernel functions their forward calls by name,
 `torch_chunk_gated_delta_rule` (prefill) and `torch_recurrent_gated_delta_rule` (cached decode):
 module functions wrapped by `use_kernel_func_from_hub_with_fallback` and listed on the layer class by
-`use_kernelized_func` so that a kernel may take their place. `convert_linear_attention` gives each layer
+`use_kernelized_func` so that a kernel may take their place. Where the `kernels` package is installed (transformers
+5.25 requires it) each name holds a `kernels` function module instead of a plain wrapper; the checks read the
+plain-torch code behind either (`torch_fallback`). `convert_linear_attention` gives each layer
 a subclass of its class whose forward is the same code with those two names bound to fuser's functions
-(transformers' source and module globals are left as they are; other instances are untouched). A layer
+(transformers' source and module globals are left as they are; other instances are untouched; a hub kernel that
+`kernelize` chose for those functions gives way to fuser's in a converted layer). A layer
 switches after its real calls, recorded on random hidden states (a prefill, a chunked prefill continuing
 from the cache, a cached decode step), agree with transformers' own functions run in float64; a layer
 whose calls pass an argument the fused functions do not implement stays as it was, a near miss naming it.
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from fuser.engine.capture import capture
+from fuser.integrations.transformers import torch_fallback
 from fuser.kernels.gated_delta import LIMITS
 from fuser.numerics.contract import numerics_error, numerics_problem, run_nodes, tolerance
 from fuser.report import MatchRecord, NearMiss, Report, Where
@@ -49,8 +53,13 @@ class Parameters:
 
     @staticmethod
     def of(original: Callable) -> "Parameters":
-        parameters = [p for p in inspect.signature(inspect.unwrap(original)).parameters.values()
-                      if p.kind is not p.VAR_KEYWORD]
+        """Raises TypeError where the plain-torch function cannot be found or lacks a parameter the fused call
+        reads."""
+        function = torch_fallback(original)
+        parameters = [p for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        absent = sorted(IMPLEMENTED - {"chunk_size"} - {p.name for p in parameters})
+        if absent:
+            raise TypeError(f"{function.__name__} takes no {', '.join(absent)}")
         return Parameters(tuple(p.name for p in parameters),
                           tuple((p.name, p.default) for p in parameters if p.default is not p.empty),
                           frozenset(p.name for p in parameters) | frozenset(WRAPPER_ARGUMENTS))
@@ -214,7 +223,7 @@ def _signature(arguments: dict[str, Any]) -> tuple:
 def _float64_graph(original: Callable, signature: tuple, arguments: "_Arguments"):
     """(nodes, the argument each placeholder reads) of Dynamo's graph of `original`'s function on arguments of
     this signature, its outputs packed into one tuple node (the layers of a model share a few)."""
-    (gm, example_inputs), = capture(inspect.unwrap(original), (), arguments.values, fullgraph=True)
+    (gm, example_inputs), = capture(torch_fallback(original), (), arguments.values, fullgraph=True)
     by_identity = {id(v): k for k, v in arguments.values.items() if isinstance(v, torch.Tensor)}
     graph = gm.graph
     output = next(n for n in graph.nodes if n.op == "output")
@@ -268,13 +277,17 @@ def call_problem(name: str, original: Callable, arguments: dict[str, Any]) -> st
 
 def layer_problem(model: nn.Module, layer: nn.Module) -> str | None:
     """Why `layer` cannot switch to the fused functions, or None."""
+    forward_globals = inspect.unwrap(type(layer).forward).__globals__
+    try:
+        parameters = {name: Parameters.of(forward_globals[name]) for name in kernel_function_names(type(layer))}
+    except TypeError as error:
+        return f"its gated delta functions are not as fuser knows them ({error}); kept the original"
     try:
         calls = recorded_calls(model, layer)
     except Exception as error:  # a layer this recipe cannot drive is left as it is
         return f"its forward could not be run on random hidden states with a cache ({type(error).__name__}: {error})"
-    forward_globals = inspect.unwrap(type(layer).forward).__globals__
     for name, arguments in calls:
-        missing = Parameters.of(forward_globals[name]).unimplemented(arguments)
+        missing = parameters[name].unimplemented(arguments)
         if missing:
             return f"its {name} call passes {', '.join(missing)}, which {OP} does not implement; kept the original"
         problem = call_problem(name, forward_globals[name], arguments)

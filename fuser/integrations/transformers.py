@@ -11,6 +11,9 @@
 - `fuser_experts_forward` runs `fuser::moe_experts` on transformers' 3-D expert weights and biases in place
   (stored transposed or not, gate and up rows concatenated or interleaved; SwiGLU or GPT-OSS's clamped SwiGLU);
   experts the kernel does not cover run transformers' `grouped_mm` experts, with a warning saying why.
+- `torch_fallback` finds the plain-torch function behind one of transformers' kernel functions (the module
+  functions a hub kernel may replace), whether a functools.wraps wrapper or, with the `kernels` package, a
+  `kernels` function module.
 - For `fuser.convert`: which modules dispatch to these interfaces, the arguments each attention layer
   passes in a run of the model (`attention_arguments`), the check of experts against their own code
   (`fused_experts_problem`), and the model-wide switches (`convert_attention`, `convert_experts`): one
@@ -59,6 +62,33 @@ def _warn_once(message: str) -> None:
     if message not in _warned and not torch.compiler.is_compiling():  # Dynamo cannot trace a warning
         _warned.add(message)
         warnings.warn(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel functions
+# ---------------------------------------------------------------------------------------------
+
+def torch_fallback(kernel_function: Callable) -> Callable:
+    """The plain-torch function behind one of transformers' kernel functions (module functions decorated with
+    `use_kernel_forward_from_hub` or `use_kernel_func_from_hub_with_fallback`, which a hub kernel may replace).
+
+    Without the `kernels` package (transformers ≤ 5.24 does not require it) the decorators leave functools.wraps
+    wrappers. With it (transformers 5.25 requires it) the name holds a `kernels` function module: an `nn.Module`
+    instance, marked by its `kernel_layer_name`, whose class's forward calls the decorated function, its free
+    variable `func`, unless a kernel was chosen for the calling layer. Raises TypeError saying what it found
+    where neither holds."""
+    name = getattr(kernel_function, "__name__", None) or getattr(kernel_function, "kernel_layer_name", "?")
+    function = kernel_function
+    if isinstance(function, nn.Module) and hasattr(function, "kernel_layer_name"):
+        function = inspect.getclosurevars(type(function).forward).nonlocals.get("func")
+        if not callable(function):
+            raise TypeError(f"{name} is a kernels function module whose forward calls no `func` (a kernels "
+                            "version fuser does not know), so its plain-torch function cannot be found")
+    function = inspect.unwrap(function)
+    if not inspect.isfunction(function):
+        raise TypeError(f"{name} is not one of transformers' kernel functions: a {type(function).__name__}, "
+                        "not a Python function, is behind it")
+    return function
 
 
 # ---------------------------------------------------------------------------------------------

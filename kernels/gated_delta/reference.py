@@ -63,6 +63,8 @@ def chunked_reference(q, k, v, g, beta, initial_state, scale: float, l2norm: boo
     out_dtype = out_dtype or q.dtype
     length = q.shape[1]
     state = _initial(initial_state, v, k.shape[-1], dtype)
+    if length == 0:  # transformers (5.25) passes no tokens where the cache keeps the state after each one
+        return v.new_zeros(v.shape, dtype=out_dtype), state.clone()  # never the caller's tensor
     q, k, v, g, beta = _heads_first(q, k, v, g, beta, scale, l2norm, dtype)
     pad = -length % chunk
     q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
